@@ -1,0 +1,337 @@
+"""Llama / Qwen2 / Qwen3 decoder with a static KV cache and a packed variable-length forward.
+
+One call processes the new tokens of several sequences packed back to back (prefill, AR decode
+and speculative verification are the same call with different ``num_new``). Projections and the
+MLP run on the packed ``[total_tokens, hidden]`` rows; only attention pads to ``[B, Lmax]`` and
+uses ``scaled_dot_product_attention`` with an explicit boolean mask.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import TransformerConfig
+from models.kv_cache import KVCache
+
+# RoPE tables are built up to this many positions at first and grown on demand.
+_INITIAL_ROPE_LEN = 8192
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # float32 [num_selected, vocab]
+    # layer index -> [total_tokens, hidden]: output of that decoder layer (residual stream);
+    # index num_layers is the output of the final norm (what the LM head reads).
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def rope_inv_freq(config: TransformerConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] (float32) and the attention scaling applied to cos/sin."""
+    dim = config.head_dim
+    base = config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        orig = float(scaling["original_max_position_embeddings"])
+        factor = scaling.get("factor")
+        factor = float(factor) if factor is not None else config.max_position_embeddings / orig
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attn = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+        beta_fast = scaling.get("beta_fast") or 32
+        beta_slow = scaling.get("beta_slow") or 1
+
+        def corr_dim(rot: float) -> float:
+            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+        lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo), 0, 1)
+        extrap = 1 - ramp
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
+        return inv, float(attn)
+    raise ValueError(f"unsupported rope scaling {scaling!r}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, cast back, then scaled (same rounding order as the HF models)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        c = config
+        self.eps = c.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self.attn_norm = nn.Parameter(torch.ones(c.hidden_size))
+        # q, k, v fused into one matmul; gate and up fused into another.
+        self.qkv_proj = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, c.hidden_size))
+        self.qkv_bias = nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size)) if c.attention_bias else None
+        self.o_proj = nn.Parameter(torch.empty(c.hidden_size, self.q_size))
+        self.o_bias = nn.Parameter(torch.zeros(c.hidden_size)) if c.o_proj_bias else None
+        self.q_norm = nn.Parameter(torch.ones(c.head_dim)) if c.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(c.head_dim)) if c.qk_norm else None
+        self.mlp_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * c.intermediate_size, c.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(c.hidden_size, c.intermediate_size))
+        self.intermediate_size = c.intermediate_size
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, meta: "_BatchMeta") -> torch.Tensor:
+        T = x.shape[0]
+        h = rms_norm(x, self.attn_norm, self.eps)
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q = apply_rope(q, meta.cos, meta.sin)
+        k = apply_rope(k, meta.cos, meta.sin)
+
+        kc, vc = cache.k[layer], cache.v[layer]
+        kc[meta.tok_slots, :, meta.positions] = k
+        vc[meta.tok_slots, :, meta.positions] = v
+        if meta.slot_range is not None:
+            s0, s1 = meta.slot_range
+            keys, values = kc[s0:s1, :, : meta.kv_len], vc[s0:s1, :, : meta.kv_len]
+        else:
+            keys = kc.index_select(0, meta.slots)[:, :, : meta.kv_len]
+            values = vc.index_select(0, meta.slots)[:, :, : meta.kv_len]
+
+        B, Lq = meta.batch, meta.q_len
+        if meta.pad_index is None:
+            qp = q.view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
+        else:
+            qp = q.new_zeros(B * Lq, self.num_heads, self.head_dim)
+            qp[meta.pad_index] = q
+            qp = qp.view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qp, keys, values, attn_mask=meta.mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        o = o.transpose(1, 2).reshape(B * Lq, self.q_size)
+        if meta.pad_index is not None:
+            o = o[meta.pad_index]
+        x = x + F.linear(o, self.o_proj, self.o_bias)
+
+        h = rms_norm(x, self.mlp_norm, self.eps)
+        gate, up = F.linear(h, self.gate_up_proj).split(self.intermediate_size, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down_proj)
+
+
+@dataclass
+class _BatchMeta:
+    batch: int
+    q_len: int  # longest number of new tokens
+    kv_len: int  # longest cached length after this call
+    slots: torch.Tensor  # [B] on the cache device
+    slots_cpu: torch.Tensor  # [B]
+    num_new_cpu: torch.Tensor  # [B]
+    slot_range: tuple[int, int] | None  # set when slots are consecutive ascending: slice instead of gather
+    tok_slots: torch.Tensor  # [T] slot of each packed token
+    positions: torch.Tensor  # [T] absolute position of each packed token
+    pad_index: torch.Tensor | None  # [T] row of each packed token in [B * q_len]; None when all num_new equal
+    mask: torch.Tensor | None  # bool [B, 1, q_len, kv_len]; None when every query sees every key
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size)
+        )
+        with torch.device("cpu"):  # also when the module is built on the meta device
+            self._inv_freq, self._attn_scaling = rope_inv_freq(config)
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        """A KV cache with the weights' dtype and device."""
+        self._rope_tables(max_len)
+        return KVCache(self.config, num_slots, max_len, dtype=self.dtype, device=self.device)
+
+    def _rope_tables(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self._cos
+        if cos is None or cos.shape[0] < needed or cos.dtype != self.dtype or cos.device != self.device:
+            n = max(needed, min(self.config.max_position_embeddings, _INITIAL_ROPE_LEN))
+            if cos is not None and cos.shape[0] < needed:
+                n = max(n, 2 * cos.shape[0])
+            pos = torch.arange(n, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(pos, self._inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos = (emb.cos() * self._attn_scaling).to(device=self.device, dtype=self.dtype)
+            self._sin = (emb.sin() * self._attn_scaling).to(device=self.device, dtype=self.dtype)
+        return self._cos, self._sin
+
+    def _batch_meta(self, slots: Sequence[int], num_new: Sequence[int], total: int, cache: KVCache) -> _BatchMeta:
+        B = len(slots)
+        if B == 0 or len(num_new) != B:
+            raise ValueError(f"need one num_new per slot, got slots={list(slots)} num_new={list(num_new)}")
+        slots_l = [int(s) for s in slots]
+        new_l = [int(n) for n in num_new]
+        if len(set(slots_l)) != B:
+            raise ValueError(f"duplicate slots in {slots_l}")
+        if min(new_l) < 1:
+            raise ValueError(f"every sequence needs at least one new token, got num_new={new_l}")
+        if sum(new_l) != total:
+            raise ValueError(f"input_ids has {total} tokens but sum(num_new) = {sum(new_l)}")
+        slots_cpu = torch.tensor(slots_l, dtype=torch.int64)
+        starts_l = cache.lengths.index_select(0, slots_cpu).tolist()
+        ends = [s + n for s, n in zip(starts_l, new_l)]
+        kv_len = max(ends)
+        if kv_len > cache.max_len:
+            raise ValueError(f"sequence would reach {kv_len} tokens; cache max_len is {cache.max_len}")
+        q_len = max(new_l)
+        uniform = min(new_l) == q_len
+
+        if uniform:
+            batch_of_tok = torch.arange(B).repeat_interleave(q_len) if q_len > 1 else torch.arange(B)
+            offset = torch.arange(q_len).repeat(B) if q_len > 1 else torch.zeros(B, dtype=torch.int64)
+            pad_index = None
+        else:
+            new_cpu = torch.tensor(new_l, dtype=torch.int64)
+            batch_of_tok = torch.arange(B).repeat_interleave(new_cpu)
+            first = torch.cumsum(new_cpu, 0) - new_cpu
+            offset = torch.arange(total) - first[batch_of_tok]
+            pad_index = batch_of_tok * q_len + offset
+        starts = torch.tensor(starts_l, dtype=torch.int64)
+        positions = starts[batch_of_tok] + offset
+        tok_slots = slots_cpu[batch_of_tok]
+
+        if q_len == 1 and min(ends) == kv_len:
+            mask = None
+        else:
+            # query i of sequence b sees keys 0 .. start_b + i (padded queries repeat the last real one)
+            new_t = torch.tensor(new_l, dtype=torch.int64)
+            q_off = torch.minimum(torch.arange(q_len)[None, :], (new_t - 1)[:, None])
+            q_pos = starts[:, None] + q_off  # [B, q_len]
+            mask = (torch.arange(kv_len)[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)
+
+        cos_t, sin_t = self._rope_tables(kv_len)
+        dev = self.device
+        positions_d = positions.to(dev)
+        slot_range = (slots_l[0], slots_l[0] + B) if slots_l == list(range(slots_l[0], slots_l[0] + B)) else None
+        return _BatchMeta(
+            batch=B,
+            q_len=q_len,
+            kv_len=kv_len,
+            slots=slots_cpu.to(dev),
+            slots_cpu=slots_cpu,
+            num_new_cpu=torch.tensor(new_l, dtype=torch.int64),
+            slot_range=slot_range,
+            tok_slots=tok_slots.to(dev),
+            positions=positions_d,
+            pad_index=None if pad_index is None else pad_index.to(dev),
+            mask=None if mask is None else mask.to(dev),
+            cos=cos_t[positions_d].unsqueeze(1),
+            sin=sin_t[positions_d].unsqueeze(1),
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        slots: Sequence[int],
+        num_new: Sequence[int],
+        cache: KVCache,
+        logits_indices: torch.Tensor | None = None,
+        tap_layers: Sequence[int] = (),
+    ) -> ForwardOutput:
+        """Run the new tokens of several cached sequences packed back to back.
+
+        input_ids: int64 [sum(num_new)]; the first num_new[0] tokens extend slot slots[0], and so on.
+        logits_indices: packed rows that get LM-head logits (None = all rows).
+        tap_layers: layer indices whose outputs are returned in ``hidden_states``
+        (``num_layers`` = after the final norm).
+        """
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be 1-D packed tokens, got shape {tuple(input_ids.shape)}")
+        n_layers = self.config.num_layers
+        taps = set(int(t) for t in tap_layers)
+        bad = [t for t in taps if not 0 <= t <= n_layers]
+        if bad:
+            raise ValueError(f"tap layers {bad} out of range 0..{n_layers}")
+        meta = self._batch_meta(slots, num_new, input_ids.shape[0], cache)
+
+        hidden: dict[int, torch.Tensor] = {}
+        x = F.embedding(input_ids.to(self.device), self.embed)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, cache, meta)
+            if i in taps:
+                hidden[i] = x
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+        if n_layers in taps:
+            hidden[n_layers] = x
+        cache.lengths.index_add_(0, meta.slots_cpu, meta.num_new_cpu)
+
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices.to(self.device))
+        logits = F.linear(x, self.lm_head_weight).float()
+        return ForwardOutput(logits=logits, hidden_states=hidden)
+
+    def last_token_indices(self, num_new: Sequence[int]) -> torch.Tensor:
+        """Packed row of each sequence's last new token (for logits_indices in prefill / AR decode)."""
+        return torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
