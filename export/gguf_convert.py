@@ -186,13 +186,16 @@ def write_tokenizer(gguf_path: Path, out_dir: Path, reader: GGUFReader, max_leng
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> None:
-    """Write config.json, model.safetensors, tokenizer and generation_config.json into `out_dir`."""
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", progress: bool = True) -> None:
+    """Write config.json, model.safetensors, tokenizer and generation_config.json into `out_dir`.
+
+    `dtype` names the torch dtype of the saved weights ("float32" or "bfloat16").
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     reader = GGUFReader(str(gguf_path))
     config = read_config(reader)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    tensors = dequantized_tensors(reader, config, dtype, progress)
+    config["dtype"] = dtype
+    tensors = dequantized_tensors(reader, config, getattr(torch, dtype), progress)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

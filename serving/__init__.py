@@ -1,0 +1,1 @@
+"""Starting and stopping the Triton server that serves our model repository."""

@@ -1,0 +1,358 @@
+"""Launch the tritonserver binary bundled in nvidia-pytriton, on CPU, on loopback only.
+
+The pytriton wheel carries a full tritonserver with the python backend, but starting it needs
+care (see the triton-on-cpu note): a backend directory with the stub for our Python, library
+paths so the stub finds the venv's libpython (else the model load hangs silently), the venv
+first on PATH, and a clean stop so /dev/shm regions do not pile up.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from export.fetch import cache_dir
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHM_PREFIX = "triton_python_backend_shm_region_"
+_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+_STUB = "triton_python_backend_stub"
+
+
+class TritonLaunchError(RuntimeError):
+    """The server could not be started; the message says why (port, library, or log tail)."""
+
+
+@dataclass
+class ServerConfig:
+    """How to run one tritonserver process."""
+
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_file: Path | None = None  # default: <cache>/triton/logs/tritonserver-<http_port>.log
+    pid_file: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_verbose: int = 0
+    ready_timeout_s: float = 300
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--model-control-mode=explicit"]
+
+
+def _pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def _pytriton_libs() -> Path:
+    """Shared libraries the bundled binaries link against (auditwheel's hashed names)."""
+    return _pytriton_root().parents[1] / "nvidia_pytriton.libs"
+
+
+def find_tritonserver() -> Path:
+    """The tritonserver binary shipped in the nvidia-pytriton wheel."""
+    path = _pytriton_root() / "bin" / "tritonserver"
+    if not path.is_file():
+        raise TritonLaunchError(f"tritonserver not found at {path}; is nvidia-pytriton==0.7.0 installed?")
+    return path
+
+
+def _copy_if_different(src: Path, dst: Path) -> None:
+    """Copy via temp file + rename: overwriting a .so in place kills servers that have it mapped."""
+    if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+        return
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    os.close(fd)
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def prepare_backend_dir(target: Path) -> Path:
+    """Fill `target/python/` with the python backend and the stub for this interpreter; returns `target`."""
+    root = _pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / _STUB
+    if not stub.is_file():
+        raise TritonLaunchError(f"no python backend stub for Python {version} in {stub.parent.parent}")
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in _PYTHON_BACKEND_FILES:
+        _copy_if_different(root / "backends" / "python" / name, python_dir / name)
+    _copy_if_different(stub, python_dir / _STUB)
+    return target
+
+
+def server_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver and its python stubs (library path, venv PATH, project on PYTHONPATH)."""
+    env = dict(os.environ)
+
+    def prepend(key: str, *values: str) -> None:
+        env[key] = os.pathsep.join([*values, *([env[key]] if env.get(key) else [])])
+
+    prepend("LD_LIBRARY_PATH", str(_pytriton_libs()), str(sysconfig.get_config_var("LIBDIR")))
+    prepend("PATH", str(Path(sys.executable).parent))
+    prepend("PYTHONPATH", str(PROJECT_ROOT))
+    env.update(extra_env or {})
+    return env
+
+
+def check_stub_libraries(backend_dir: Path, env: dict[str, str]) -> None:
+    """Fail fast if the stub cannot resolve a library: the model load would otherwise hang silently."""
+    stub = backend_dir / "python" / _STUB
+    try:
+        out = subprocess.run(["ldd", str(stub)], env=env, capture_output=True, text=True, timeout=30).stdout
+    except FileNotFoundError:
+        return  # no ldd on this system; nothing to check with
+    missing = [line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line]
+    if missing:
+        raise TritonLaunchError(
+            f"python backend stub {stub} cannot load {', '.join(missing)} "
+            f"(LD_LIBRARY_PATH={env.get('LD_LIBRARY_PATH', '')})"
+        )
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if nothing listens on host:port (TIME_WAIT leftovers of a stopped server do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (the python stubs are children of tritonserver)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def shm_regions(pid: int) -> set[Path]:
+    """The python-backend shared-memory files mapped by a server process or its stubs."""
+    regions: set[Path] = set()
+    for p in _process_tree(pid):
+        try:
+            maps = Path(f"/proc/{p}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            parts = line.split(maxsplit=5)  # address perms offset dev inode [path]
+            if len(parts) == 6 and Path(parts[5]).name.startswith(SHM_PREFIX):
+                regions.add(Path(parts[5].removesuffix(" (deleted)")))
+    return regions
+
+
+def _is_tritonserver(pid: int) -> bool:
+    try:
+        return b"tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _terminate(pid: int, timeout_s: float, popen: subprocess.Popen | None, known_regions: set[Path]) -> bool:
+    """SIGTERM, wait, SIGKILL the process group as a last resort; returns True if it exited cleanly."""
+    regions = known_regions | shm_regions(pid)
+    clean = True
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        clean = False  # it was already gone: it died on its own
+    deadline = time.monotonic() + timeout_s
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        if popen is not None and popen.poll() is not None:
+            break
+        time.sleep(0.1)
+    if _pid_alive(pid) and (popen is None or popen.poll() is None):
+        clean = False
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the server leads its own session; take the stubs too
+        except (ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if popen is not None:
+        rc = popen.wait()
+        clean = clean and rc == 0
+    else:
+        while _pid_alive(pid):
+            time.sleep(0.05)
+    if not clean:
+        for region in regions:
+            region.unlink(missing_ok=True)
+    return clean
+
+
+def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
+    """Stop the server whose PID the file holds; False if none was running (stale or missing file)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    stopped = False
+    if _pid_alive(pid) and _is_tritonserver(pid):
+        _terminate(pid, timeout_s, None, set())
+        stopped = True
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+class TritonServer:
+    """One tritonserver process serving a model repository on 127.0.0.1."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._proc: subprocess.Popen | None = None
+        self._regions: set[Path] = set()
+        self.log_file = config.log_file or cache_dir() / "triton" / "logs" / f"tritonserver-{config.http_port}.log"
+
+    @property
+    def url_http(self) -> str:
+        return f"127.0.0.1:{self.config.http_port}"
+
+    @property
+    def url_grpc(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    @property
+    def url_metrics(self) -> str:
+        return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def command(self, backend_dir: Path) -> list[str]:
+        """The tritonserver command line (flags from the triton-on-cpu note)."""
+        c = self.config
+        return [
+            str(find_tritonserver()),
+            f"--model-repository={Path(c.model_repository).resolve()}",
+            f"--backend-directory={backend_dir}",
+            "--http-address=127.0.0.1", f"--http-port={c.http_port}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={c.grpc_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={c.metrics_port}",
+            "--allow-metrics=true", "--allow-cpu-metrics=true", "--allow-gpu-metrics=false",
+            "--metrics-interval-ms=1000",
+            "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
+            "--exit-timeout-secs=5",
+            f"--log-verbose={c.log_verbose}",
+            *c.extra_args,
+        ]
+
+    def _check_ports(self) -> None:
+        ports = {"http": self.config.http_port, "grpc": self.config.grpc_port, "metrics": self.config.metrics_port}
+        if len(set(ports.values())) != len(ports):
+            raise TritonLaunchError(f"ports must differ: {ports}")
+        for kind, port in ports.items():
+            if not port_is_free(port):
+                raise TritonLaunchError(f"{kind} port {port} on 127.0.0.1 is already in use; pick another port")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server log, for error messages."""
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.url_http}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self) -> None:
+        """Spawn the server and block until /v2/health/ready answers 200."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise TritonLaunchError(f"server already running (pid {self._proc.pid})")
+        repo = Path(self.config.model_repository)
+        if not repo.is_dir():
+            raise TritonLaunchError(f"model repository {repo} is not a directory")
+        self._check_ports()
+        env = server_env(self.config.extra_env)
+        backend_dir = prepare_backend_dir(cache_dir() / "triton" / "backends")
+        check_stub_libraries(backend_dir, env)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "wb") as log:
+            self._proc = subprocess.Popen(self.command(backend_dir), env=env, stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if self.config.pid_file is not None:
+            self.config.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            self.config.pid_file.write_text(f"{self._proc.pid}\n")
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while not self._ready():
+            if self._proc.poll() is not None:
+                rc = self._proc.returncode
+                self._cleanup_after_failure()
+                raise TritonLaunchError(f"tritonserver exited with code {rc} before ready; log "
+                                        f"{self.log_file}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop(timeout_s=10)
+                raise TritonLaunchError(f"tritonserver not ready after {self.config.ready_timeout_s:.0f} s; log "
+                                        f"{self.log_file}:\n{self.log_tail()}")
+            time.sleep(0.2)
+        self._regions = shm_regions(self._proc.pid)
+
+    def _cleanup_after_failure(self) -> None:
+        if self._proc is not None:
+            _terminate(self._proc.pid, 5, self._proc, self._regions)
+        if self.config.pid_file is not None:
+            self.config.pid_file.unlink(missing_ok=True)
+        self._proc = None
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`; removes shm leftovers only if it died uncleanly."""
+        if self._proc is not None:
+            _terminate(self._proc.pid, timeout_s, self._proc, self._regions)
+            self._proc = None
+            self._regions = set()
+        if self.config.pid_file is not None:
+            self.config.pid_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

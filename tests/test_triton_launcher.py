@@ -1,0 +1,159 @@
+"""A real tritonserver (from the pytriton wheel) starts, serves a python model, and stops cleanly."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.triton_launcher import (
+    SHM_PREFIX,
+    ServerConfig,
+    TritonLaunchError,
+    TritonServer,
+    port_is_free,
+    prepare_backend_dir,
+    stop_from_pid_file,
+)
+
+ADD_ONE_CONFIG = """
+name: "add_one"
+backend: "python"
+max_batch_size: 8
+input [{ name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] }]
+output [{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] }]
+instance_group [{ kind: KIND_CPU, count: 1 }]
+"""
+
+ADD_ONE_MODEL = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+import serving  # proves the project root is on the stub's PYTHONPATH
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            out = pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses
+'''
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def shm_files() -> set[Path]:
+    return set(Path("/dev/shm").glob(f"{SHM_PREFIX}*"))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    model = tmp_path / "repo" / "add_one"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(textwrap.dedent(ADD_ONE_CONFIG))
+    (model / "1" / "model.py").write_text(textwrap.dedent(ADD_ONE_MODEL))
+    return tmp_path / "repo"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_serve_infer_stop(repo: Path, tmp_path: Path) -> None:
+    import tritonclient.http as httpclient
+
+    before = shm_files()
+    http, grpc, metrics = free_ports(3)
+    pid_file = tmp_path / "triton.pid"
+    config = ServerConfig(repo, http, grpc, metrics, log_file=tmp_path / "triton.log", pid_file=pid_file,
+                          extra_env={"OMP_NUM_THREADS": "1"}, ready_timeout_s=120)
+    with TritonServer(config) as server:
+        pid = server.pid
+        assert pid_file.read_text().strip() == str(pid)
+        client = httpclient.InferenceServerClient(server.url_http)
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("add_one", [inp])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
+        assert server.url_metrics.endswith("/metrics")
+    assert not Path(f"/proc/{pid}").exists()
+    assert not pid_file.exists()
+    assert all(port_is_free(p) for p in (http, grpc, metrics))
+    assert shm_files() - before == set()
+
+
+def test_taken_port_fails_fast_naming_it(repo: Path) -> None:
+    http, grpc, metrics = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", grpc))
+        taken.listen()
+        server = TritonServer(ServerConfig(repo, http, grpc, metrics))
+        with pytest.raises(TritonLaunchError, match=f"grpc port {grpc}"):
+            server.start()
+        assert server.pid is None
+
+
+def test_crashing_server_reports_log_tail(tmp_path: Path) -> None:
+    bad = tmp_path / "bad_repo" / "broken"
+    (bad / "1").mkdir(parents=True)
+    (bad / "config.pbtxt").write_text('name: "broken"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 1\n')
+    http, grpc, metrics = free_ports(3)
+    with pytest.raises(TritonLaunchError, match="exited with code"):
+        TritonServer(ServerConfig(tmp_path / "bad_repo", http, grpc, metrics, ready_timeout_s=60)).start()
+
+
+def test_stop_from_stale_pid_file(tmp_path: Path) -> None:
+    pid_file = tmp_path / "stale.pid"
+    pid_file.write_text("999999999\n")
+    assert stop_from_pid_file(pid_file) is False
+    assert not pid_file.exists()
+    assert stop_from_pid_file(tmp_path / "missing.pid") is False
+
+
+def test_backend_dir_is_not_rewritten_when_unchanged(tmp_path: Path) -> None:
+    target = prepare_backend_dir(tmp_path / "backends")
+    lib = target / "python" / "libtriton_python.so"
+    inode = lib.stat().st_ino
+    prepare_backend_dir(target)
+    assert lib.stat().st_ino == inode
+    assert (target / "python" / "triton_python_backend_stub").stat().st_mode & 0o111
+
+
+def test_stop_from_pid_file_stops_running_server(repo: Path, tmp_path: Path) -> None:
+    http, grpc, metrics = free_ports(3)
+    pid_file = tmp_path / "triton.pid"
+    server = TritonServer(ServerConfig(repo, http, grpc, metrics, pid_file=pid_file, ready_timeout_s=120))
+    server.start()
+    pid = server.pid
+    assert stop_from_pid_file(pid_file) is True
+    assert not pid_file.exists()
+    server.stop()  # reaps the child; nothing left to do
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_killed_server_shm_regions_are_removed(repo: Path) -> None:
+    before = shm_files()
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(ServerConfig(repo, http, grpc, metrics, ready_timeout_s=120))
+    server.start()
+    assert shm_files() - before, "the python backend should have created a shm region"
+    os.killpg(server.pid, signal.SIGKILL)
+    server.stop()
+    assert shm_files() - before == set()
