@@ -1,0 +1,45 @@
+"""Stop-string matching on streamed text, holding back only what could still become a stop string."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopStringMatcher:
+    """Feeds text deltas; releases text that can no longer be part of a stop string."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stop = tuple(s for s in stop if s)
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """Returns the text safe to emit now. Sets `stopped` once a stop string appears (it is not emitted)."""
+        if self.stopped:
+            return ""
+        if not self._stop:
+            return delta
+        self._held += delta
+        cut = min((i for i in (self._held.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            released, self._held = self._held[:cut], ""
+            return released
+        keep = self._longest_partial_suffix()
+        released = self._held[: len(self._held) - keep]
+        self._held = self._held[len(self._held) - keep:]
+        return released
+
+    def flush(self) -> str:
+        """At the end: the held-back text was not a stop string after all."""
+        released, self._held = ("" if self.stopped else self._held), ""
+        return released
+
+    def _longest_partial_suffix(self) -> int:
+        """Length of the longest suffix of the held text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(self._held)), best, -1):
+                if self._held.endswith(s[:n]):
+                    best = n
+                    break
+        return best
