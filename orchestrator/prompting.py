@@ -1,0 +1,83 @@
+"""Turning a client's text into prompt token ids: UTF-8 checks, chat template, length limits."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from orchestrator.errors import InvalidRequestError
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+
+
+def _raise_template_error(message: str) -> None:
+    raise InvalidRequestError(f"chat template: {message}")
+
+
+@dataclass
+class PromptEncoder:
+    """Validates and tokenizes prompts for one model; owns the model's chat template."""
+
+    tokenizer: Tokenizer
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    max_prompt_tokens: int
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, max_prompt_tokens: int) -> "PromptEncoder":
+        config_path = Path(model_dir) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+
+        def token_text(key: str) -> str:
+            value = config.get(key) or ""
+            return value.get("content", "") if isinstance(value, dict) else value
+
+        return cls(
+            tokenizer=load_tokenizer(model_dir),
+            chat_template=config.get("chat_template"),
+            bos_token=token_text("bos_token"),
+            eos_token=token_text("eos_token"),
+            max_prompt_tokens=max_prompt_tokens,
+        )
+
+    def render_chat(self, user_text: str) -> str:
+        """One user turn through the model's chat template, ready for the assistant's answer."""
+        if not self.chat_template:
+            raise InvalidRequestError("this model has no chat template; send apply_chat_template=false")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=[{"role": "user", "content": user_text}],
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidRequestError(f"chat template failed: {exc}") from exc
+
+    def encode(self, text: bytes | str, apply_chat_template: bool) -> list[int]:
+        """Prompt ids, or InvalidRequestError for empty, non-UTF-8 or over-long prompts."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidRequestError(f"text_input is not valid UTF-8 (byte {exc.start})") from exc
+        if not text.strip():
+            raise InvalidRequestError("text_input is empty")
+        if apply_chat_template:
+            text = self.render_chat(text)
+        ids = self.tokenizer.encode(text, add_special_tokens=not apply_chat_template).ids
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"prompt is {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}"
+            )
+        return ids
