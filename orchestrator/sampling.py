@@ -95,8 +95,10 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if params.greedy:
         return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
-    # Subtract the row max before dividing so tiny temperatures cannot overflow to inf - inf.
-    x = (x - x.amax(-1, keepdim=True)) / params.temperature
+    # Subtract the row max before dividing, and keep the divisor a normal float, so tiny
+    # temperatures give -inf and 0 (a one-hot after softmax) rather than inf - inf or 0 / 0.
+    temperature = max(params.temperature, torch.finfo(x.dtype).tiny)
+    x = (x - x.amax(-1, keepdim=True)) / temperature
     vocab = x.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
@@ -115,7 +117,7 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_from_uniform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from [..., V] (unnormalised) probabilities given uniforms in [0, 1) of shape [...].
+    """Inverse-CDF draw from [..., V] unnormalised probabilities, given [...] uniforms in [0, 1).
 
     Taking the uniforms from the caller lets it fix the order of random draws, which keeps
     results reproducible for a given generator state and independent of the tensor's device.
