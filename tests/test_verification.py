@@ -128,6 +128,8 @@ def _draft_rounds(
 
 
 class Check(NamedTuple):
+    """One TV comparison, kept with its bound and sample size so a failure prints all three."""
+
     label: str
     tv: float
     bound: float
