@@ -70,10 +70,12 @@ class _Request:
 
 @dataclass
 class EngineStats:
+    """Cumulative counters, read by the serving layer to export metrics."""
+
     steps: int = 0
-    requests_finished: int = 0
     tokens_generated: int = 0
     forward_seconds: float = 0.0
+    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
 
 
 class Engine:
@@ -278,6 +280,6 @@ class Engine:
         if request.slot is not None:
             self.cache.free(request.slot)
             request.slot = None
-        self.stats.requests_finished += 1
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if notify:
             self._send(request, GenerationChunk(token_ids or [], text, finish_reason=reason, error=error))

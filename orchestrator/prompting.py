@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from orchestrator.errors import InvalidRequestError
+from orchestrator.request_inputs import parse_bool, parse_text
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
@@ -39,9 +42,11 @@ class PromptEncoder:
             value = config.get(key) or ""
             return value.get("content", "") if isinstance(value, dict) else value
 
+        template_file = Path(model_dir) / "chat_template.jinja"  # where newer HF versions keep it
+        chat_template = template_file.read_text() if template_file.exists() else config.get("chat_template")
         return cls(
             tokenizer=load_tokenizer(model_dir),
-            chat_template=config.get("chat_template"),
+            chat_template=chat_template,
             bos_token=token_text("bos_token"),
             eos_token=token_text("eos_token"),
             max_prompt_tokens=max_prompt_tokens,
@@ -81,3 +86,7 @@ class PromptEncoder:
                 f"prompt is {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}"
             )
         return ids
+
+    def encode_request(self, inputs: Mapping[str, np.ndarray]) -> list[int]:
+        """Prompt ids from a request's `text_input` and optional `apply_chat_template` (default on)."""
+        return self.encode(parse_text(inputs), parse_bool(inputs, "apply_chat_template", True))
