@@ -1,0 +1,149 @@
+"""Triton adapter for the generation engine; the loop lives in orchestrator.engine."""
+import json
+import os
+import threading
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from export.fetch import model_dir_if_cached
+from models.loading import load_transformer
+from orchestrator.engine import Engine, EngineConfig, GenerationChunk
+from orchestrator.errors import InvalidRequestError
+from orchestrator.prompting import PromptEncoder
+from orchestrator.request_inputs import parse_bool, parse_prompt_ids, parse_sampling_params
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _response(token_ids, text, finish_reason, num_prompt, num_output):
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("output_ids", np.asarray(token_ids, dtype=np.int32)),
+        pb_utils.Tensor("finish_reason", np.array([(finish_reason or "").encode()], dtype=np.object_)),
+        pb_utils.Tensor("num_prompt_tokens", np.array([num_prompt], dtype=np.int32)),
+        pb_utils.Tensor("num_output_tokens", np.array([num_output], dtype=np.int32)),
+    ])
+
+
+def _error(message, code=None):
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(error=error)
+
+
+class _ResponseStream:
+    """Sends engine chunks to one client: each chunk when streaming, one response otherwise."""
+
+    def __init__(self, sender, stream: bool):
+        self.sender = sender
+        self.stream = stream
+        self.token_ids: list[int] = []
+        self.text = ""
+
+    def __call__(self, chunk: GenerationChunk) -> None:
+        if chunk.error is not None:
+            code = pb_utils.TritonError.CANCELLED if chunk.finish_reason == "cancelled" else None
+            self.sender.send(_error(chunk.error, code), flags=FINAL)
+            return
+        if chunk.finish_reason == "cancelled":
+            self.sender.send(_error("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
+            return
+        final = chunk.finish_reason is not None
+        if self.stream:
+            response = _response(chunk.token_ids, chunk.text, chunk.finish_reason,
+                                 chunk.num_prompt_tokens, chunk.num_output_tokens)
+            self.sender.send(response, flags=FINAL if final else 0)
+            return
+        self.token_ids += chunk.token_ids
+        self.text += chunk.text
+        if final:
+            response = _response(self.token_ids, self.text, chunk.finish_reason,
+                                 chunk.num_prompt_tokens, chunk.num_output_tokens)
+            self.sender.send(response, flags=FINAL)
+
+
+class _EngineMetrics:
+    """Publishes the engine's counters as Triton custom metrics (the /metrics endpoint), twice a second."""
+
+    PERIOD_S = 0.5
+    REASONS = ("length", "stop", "cancelled", "error")
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.families = {
+            "active": pb_utils.MetricFamily("dspark_active_requests", "Requests holding a cache slot", gauge),
+            "waiting": pb_utils.MetricFamily("dspark_waiting_requests", "Requests waiting for a slot", gauge),
+            "tokens": pb_utils.MetricFamily("dspark_generated_tokens_total", "Tokens streamed to clients", counter),
+            "steps": pb_utils.MetricFamily("dspark_engine_steps_total", "Batched target forwards", counter),
+            "finished": pb_utils.MetricFamily("dspark_finished_requests_total", "Finished requests by reason", counter),
+        }
+        self.active = self.families["active"].Metric(labels={})
+        self.waiting = self.families["waiting"].Metric(labels={})
+        self.tokens = self.families["tokens"].Metric(labels={})
+        self.steps = self.families["steps"].Metric(labels={})
+        self.finished = {r: self.families["finished"].Metric(labels={"reason": r}) for r in self.REASONS}
+        self._published: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dspark-metrics", daemon=True)
+        self._thread.start()
+
+    def _add(self, key, metric, total):
+        metric.increment(total - self._published.get(key, 0))
+        self._published[key] = total
+
+    def _run(self):
+        while not self._stop.wait(self.PERIOD_S):
+            stats = self.engine.stats
+            self.active.set(self.engine.num_active)
+            self.waiting.set(self.engine.num_waiting)
+            self._add("tokens", self.tokens, stats.tokens_generated)
+            self._add("steps", self.steps, stats.steps)
+            for reason, metric in self.finished.items():
+                self._add(reason, metric, stats.finished.get(reason, 0))
+
+    def close(self):
+        """Metrics must be deleted before their families, or the stub crashes at shutdown."""
+        self._stop.set()
+        self._thread.join()
+        del self.active, self.waiting, self.tokens, self.steps, self.finished
+        self.families.clear()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        name = os.environ.get("DSPARK_MODEL") or params["model"]
+        model_dir = model_dir_if_cached(name)
+        if model_dir is None:
+            raise pb_utils.TritonModelException(f"model '{name}' is not fetched; run: python cli.py fetch {name}")
+        threads = int(params["num_threads"]) or os.cpu_count()
+        torch.set_num_threads(threads)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params["dtype"]]
+        config = EngineConfig(
+            max_batch_size=int(params["max_batch_size"]),
+            max_context=int(params["max_context"]),
+            max_tokens_limit=int(params["max_tokens_limit"]),
+        )
+        self.encoder = PromptEncoder.from_model_dir(model_dir, config.max_context - 1)
+        self.engine = Engine(load_transformer(model_dir, dtype), self.encoder.tokenizer, config)
+        self.engine.start()
+        self.metrics = _EngineMetrics(self.engine)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+            try:
+                prompt_ids = parse_prompt_ids(inputs) if "input_ids" in inputs else self.encoder.encode_request(inputs)
+                params = parse_sampling_params(inputs)
+                stream = _ResponseStream(sender, parse_bool(inputs, "stream", False))
+                self.engine.submit(prompt_ids, params, emit=stream, is_cancelled=sender.is_cancelled)
+            except InvalidRequestError as exc:
+                sender.send(_error(str(exc)), flags=FINAL)
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()
+        self.metrics.close()
