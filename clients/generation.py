@@ -1,0 +1,198 @@
+"""Client library: send text to the served model over gRPC streaming or HTTP, get text back.
+
+gRPC uses tritonclient's bidirectional stream; HTTP uses Triton's generate extension
+(`/v2/models/<m>/generate` and `generate_stream`, server-sent events), which tritonclient
+does not wrap, so it is plain HTTP here.
+"""
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import requests
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+# The engine model takes text directly; its gRPC streams can be cancelled (an ensemble's cannot).
+DEFAULT_MODEL = "dspark"
+
+# Input name -> numpy dtype, as declared in the ensemble's config.pbtxt.
+_INPUT_DTYPES: dict[str, Any] = {
+    "apply_chat_template": np.bool_,
+    "max_tokens": np.int32,
+    "temperature": np.float32,
+    "top_p": np.float32,
+    "top_k": np.int32,
+    "seed": np.uint64,
+}
+
+
+class GenerationError(RuntimeError):
+    """The server refused or failed the request; the message is the server's."""
+
+
+@dataclass
+class GenerationChunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
+        self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens
+
+
+def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
+    result = GenerationResult()
+    for chunk in chunks:
+        result.add(chunk)
+    return result
+
+
+def _grpc_inputs(prompt: str | bytes, stop: list[str] | None, params: dict[str, Any]) -> list[grpcclient.InferInput]:
+    text = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8")
+    arrays = {"text_input": np.array([text], dtype=np.object_), "stream": np.array([True])}
+    for name, value in params.items():
+        if value is not None:
+            arrays[name] = np.array([value], dtype=_INPUT_DTYPES[name])
+    if stop:
+        arrays["stop"] = np.array([s.encode("utf-8") for s in stop], dtype=np.object_)
+    inputs = []
+    for name, array in arrays.items():
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
+
+
+def _chunk_from_result(result: Any) -> GenerationChunk:
+    def scalar(name: str) -> Any:
+        array = result.as_numpy(name)
+        return None if array is None or array.size == 0 else array.reshape(-1)[0]
+
+    finish = scalar("finish_reason")
+    ids = result.as_numpy("output_ids")
+    return GenerationChunk(
+        text=(scalar("text_output") or b"").decode("utf-8"),
+        token_ids=[] if ids is None else ids.astype(int).tolist(),
+        finish_reason=(finish.decode() if finish is not None else "") or None,
+        num_prompt_tokens=int(scalar("num_prompt_tokens") or 0),
+        num_output_tokens=int(scalar("num_output_tokens") or 0),
+    )
+
+
+def stream_grpc(
+    url: str,
+    prompt: str | bytes,
+    model: str = DEFAULT_MODEL,
+    stop: list[str] | None = None,
+    timeout_s: float = 300.0,
+    **params: Any,
+) -> Iterator[GenerationChunk]:
+    """Streams chunks over gRPC. Closing the iterator early cancels the request on the server."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    finished = False
+    try:
+        client.async_stream_infer(model, _grpc_inputs(prompt, stop, params), enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = responses.get(timeout=timeout_s)
+            except queue.Empty as exc:
+                raise GenerationError(f"no response within {timeout_s} s") from exc
+            if error is not None:
+                finished = True
+                raise GenerationError(error.message() if isinstance(error, InferenceServerException) else str(error))
+            response = result.get_response()
+            final = response.parameters.get("triton_final_response")
+            if response.outputs:
+                yield _chunk_from_result(result)
+            if final is not None and final.bool_param:
+                finished = True
+                return
+    finally:
+        client.stop_stream(cancel_requests=not finished)
+        client.close()
+
+
+def _http_payload(prompt: str, stop: list[str] | None, params: dict[str, Any], stream: bool) -> dict[str, Any]:
+    payload: dict[str, Any] = {"text_input": prompt, "stream": stream}
+    payload.update({k: v for k, v in params.items() if v is not None})
+    if stop:
+        payload["stop"] = stop
+    return payload
+
+
+def _chunk_from_json(data: dict[str, Any]) -> GenerationChunk:
+    if "error" in data:
+        raise GenerationError(data["error"])
+    ids = data.get("output_ids", [])
+    return GenerationChunk(
+        text=data.get("text_output", ""),
+        token_ids=[ids] if isinstance(ids, int) else list(ids),
+        finish_reason=data.get("finish_reason") or None,
+        num_prompt_tokens=int(data.get("num_prompt_tokens", 0)),
+        num_output_tokens=int(data.get("num_output_tokens", 0)),
+    )
+
+
+def stream_http(
+    url: str,
+    prompt: str,
+    model: str = DEFAULT_MODEL,
+    stop: list[str] | None = None,
+    timeout_s: float = 300.0,
+    **params: Any,
+) -> Iterator[GenerationChunk]:
+    """Streams chunks from `generate_stream` (server-sent events)."""
+    endpoint = f"http://{url}/v2/models/{model}/generate_stream"
+    with requests.post(endpoint, json=_http_payload(prompt, stop, params, True), stream=True, timeout=timeout_s) as r:
+        if r.status_code != 200:
+            raise GenerationError(_http_error(r))
+        for line in r.iter_lines(decode_unicode=False):
+            if line.startswith(b"data:"):
+                yield _chunk_from_json(json.loads(line[5:]))
+
+
+def generate_http(
+    url: str,
+    prompt: str,
+    model: str = DEFAULT_MODEL,
+    stop: list[str] | None = None,
+    timeout_s: float = 300.0,
+    **params: Any,
+) -> GenerationResult:
+    """One request, one answer, through `generate`."""
+    endpoint = f"http://{url}/v2/models/{model}/generate"
+    r = requests.post(endpoint, json=_http_payload(prompt, stop, params, False), timeout=timeout_s)
+    if r.status_code != 200:
+        raise GenerationError(_http_error(r))
+    result = GenerationResult()
+    result.add(_chunk_from_json(r.json()))
+    return result
+
+
+def _http_error(response: requests.Response) -> str:
+    try:
+        return f"HTTP {response.status_code}: {response.json()['error']}"
+    except (ValueError, KeyError):
+        return f"HTTP {response.status_code}: {response.text}"
