@@ -1,9 +1,15 @@
 """Shared fixtures: the real default model, fetched once per test session."""
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -14,3 +20,42 @@ def smollm2_dir() -> Path:
     from export.fetch import fetch_model
 
     return fetch_model(DEFAULT_MODEL)
+
+
+@dataclass(frozen=True)
+class TritonEndpoints:
+    http: str
+    grpc: str
+    metrics: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonEndpoints]:
+    """A real Triton serving the project's model repository with the default model.
+
+    Uses the server CI started (DSPARK_TRITON_* set) or starts one for this test session.
+    """
+    if os.environ.get("DSPARK_TRITON_HTTP"):
+        yield TritonEndpoints(
+            os.environ["DSPARK_TRITON_HTTP"], os.environ["DSPARK_TRITON_GRPC"], os.environ["DSPARK_TRITON_METRICS"]
+        )
+        return
+    from serving.triton_launcher import ServerConfig, TritonServer
+
+    config = ServerConfig(
+        model_repository=PROJECT_ROOT / "model_repository",
+        http_port=_free_port(),
+        grpc_port=_free_port(),
+        metrics_port=_free_port(),
+        log_file=tmp_path_factory.mktemp("triton") / "server.log",
+        pid_file=None,
+        extra_env={"DSPARK_MODEL": str(smollm2_dir)},
+    )
+    with TritonServer(config) as server:
+        yield TritonEndpoints(server.url_http, server.url_grpc, server.url_metrics)

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""dspark: fetch models, serve them with Triton, generate, benchmark.
+
+Every command is a thin wrapper over the project's packages; run `python cli.py COMMAND --help`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_PROMPT = "Explain in two sentences why speculative decoding makes LLM inference faster."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """DSpark on Triton: confidence-scheduled speculative decoding served by Triton Inference Server."""
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--list", "list_only", is_flag=True, help="List the models that can be fetched.")
+def fetch(names: tuple[str, ...], list_only: bool) -> None:
+    """Download and convert models (default: the embedded default model) into the cache."""
+    from export.fetch import KNOWN_MODELS, fetch_model
+
+    if list_only:
+        for name in KNOWN_MODELS:
+            click.echo(name)
+        return
+    for name in names or (DEFAULT_MODEL,):
+        click.echo(f"{name}: {fetch_model(name)}")
+
+
+def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None):
+    from export.fetch import cache_dir, fetch_model
+    from serving.triton_launcher import ServerConfig
+
+    model_dir = fetch_model(model)
+    return ServerConfig(
+        model_repository=PROJECT_ROOT / "model_repository",
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        log_file=cache_dir() / "triton" / f"server-{http_port}.log",
+        pid_file=pid_file,
+        extra_env={"DSPARK_MODEL": str(model_dir)},
+    )
+
+
+_port_options = [
+    click.option("--http-port", default=8000, show_default=True),
+    click.option("--grpc-port", default=8001, show_default=True),
+    click.option("--metrics-port", default=8002, show_default=True),
+]
+
+
+def port_options(func):
+    for option in reversed(_port_options):
+        func = option(func)
+    return func
+
+
+def _default_pid_file() -> Path:
+    from export.fetch import cache_dir
+
+    return cache_dir() / "triton" / "server.pid"
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Known model name or a local HF model directory.")
+@port_options
+@click.option("--detach", is_flag=True, help="Return once the server is ready; stop it with `cli.py stop`.")
+@click.option("--pid-file", type=click.Path(path_type=Path), default=None, help="Where the server PID is written.")
+def serve(model: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None) -> None:
+    """Start Triton with the DSpark model repository on loopback."""
+    import signal
+
+    from serving.triton_launcher import TritonServer
+
+    server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file or _default_pid_file()))
+    server.start()
+    click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  (pid {server.pid})")
+    if detach:
+        return
+    click.echo("Ctrl-C to stop.")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+
+
+@cli.command()
+@click.option("--pid-file", type=click.Path(path_type=Path), default=None)
+def stop(pid_file: Path | None) -> None:
+    """Stop a server started with `serve --detach`."""
+    from serving.triton_launcher import stop_from_pid_file
+
+    stopped = stop_from_pid_file(pid_file or _default_pid_file())
+    click.echo("stopped" if stopped else "no server was running")
+
+
+def _sampling_options(func):
+    options = [
+        click.option("--max-tokens", type=int, default=128, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-p", type=float, default=None),
+        click.option("--top-k", type=int, default=None),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable)."),
+        click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _stream_to_terminal(protocol: str, url: str, prompt: str, stop_strings, raw: bool, **params) -> None:
+    from clients.generation import GenerationError, stream_grpc, stream_http
+
+    stream = stream_grpc if protocol == "grpc" else stream_http
+    params["apply_chat_template"] = not raw
+    try:
+        finish = None
+        for chunk in stream(url, prompt, stop=list(stop_strings), **params):
+            click.echo(chunk.text, nl=False)
+            finish = chunk.finish_reason or finish
+        click.echo(f"\n[finish: {finish}]", err=True)
+    except GenerationError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--url", default=None, help="host:port (default: localhost gRPC 8001 / HTTP 8000).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@_sampling_options
+def generate(prompt: str, url: str | None, protocol: str, stop_strings, raw: bool, **params) -> None:
+    """Stream an answer from a running server."""
+    url = url or ("localhost:8001" if protocol == "grpc" else "localhost:8000")
+    _stream_to_terminal(protocol, url, prompt, stop_strings, raw, **params)
+
+
+@cli.command()
+@click.argument("prompt", default=DEFAULT_PROMPT)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@port_options
+@_sampling_options
+def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: int, stop_strings, raw: bool, **params) -> None:
+    """Fetch the model, start Triton, stream one answer over gRPC, stop Triton."""
+    from serving.triton_launcher import TritonServer
+
+    with TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None)) as server:
+        click.echo(f"Triton ready (pid {server.pid}); prompt: {prompt}\n", err=True)
+        _stream_to_terminal("grpc", server.url_grpc, prompt, stop_strings, raw, **params)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks, run side by side in one process."""
+
+
+@bench.command("ar-decode")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None, help="JSONL with a 'prompt' field.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None, prompts: Path | None, json_out: Path | None) -> None:
+    """Greedy AR decode tokens/s: our transformer vs transformers, same model and dtype."""
+    import torch
+
+    from benchmarks.ar_decode import format_ar_decode_table, run_ar_decode_benchmark
+    from export.fetch import fetch_model
+
+    prompt_file = prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "mixed.jsonl"
+    prompt_list = [json.loads(line)["prompt"] for line in prompt_file.read_text().splitlines() if line.strip()]
+    result = run_ar_decode_benchmark(fetch_model(model), getattr(torch, dtype), prompt_list, new_tokens, threads)
+    click.echo(format_ar_decode_table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,179 @@
+"""End to end through a real Triton server: ensemble (preprocessing -> dspark), gRPC and HTTP."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import tritonclient.grpc as grpcclient
+
+from clients.generation import GenerationError, collect, generate_http, stream_grpc, stream_http
+from models.loading import load_transformer
+from orchestrator.prompting import PromptEncoder
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "List three prime numbers.",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference_greedy(smollm2_dir: Path):
+    """Greedy tokens from our model called in-process, one prompt at a time (no server, no batching)."""
+    model = load_transformer(smollm2_dir, torch.float32)
+    encoder = PromptEncoder.from_model_dir(smollm2_dir, max_prompt_tokens=2047)
+    eos = set(model.config.eos_token_ids)
+
+    def run(prompt: str, new_tokens: int = NEW_TOKENS) -> list[int]:
+        ids = encoder.encode(prompt, apply_chat_template=True)
+        cache = model.new_cache(1, 512)
+        slot = cache.allocate()
+        out: list[int] = []
+        feed = ids
+        with torch.inference_mode():
+            while len(out) < new_tokens:
+                logits = model(torch.tensor(feed), [slot], [len(feed)], cache,
+                               logits_indices=torch.tensor([len(feed) - 1])).logits
+                token = int(logits[0].argmax())
+                if token in eos:
+                    break
+                out.append(token)
+                feed = [token]
+        return out
+
+    return run
+
+
+def test_grpc_stream_greedy_equals_in_process_model(triton, reference_greedy):
+    for prompt in PROMPTS[:3]:
+        chunks = list(stream_grpc(triton.grpc, prompt, max_tokens=NEW_TOKENS))
+        assert len(chunks) > 1, "expected a stream of several responses"
+        result = collect(iter(chunks))
+        assert result.token_ids == reference_greedy(prompt)
+        assert result.finish_reason in ("length", "stop")
+        assert result.num_output_tokens == len(result.token_ids)
+
+
+@pytest.mark.parametrize("model", ["dspark", "ensemble"])
+def test_http_generate_and_stream_match_grpc(triton, model):
+    prompt = PROMPTS[0]
+    reference = collect(stream_grpc(triton.grpc, prompt, max_tokens=16))
+    grpc_result = collect(stream_grpc(triton.grpc, prompt, model=model, max_tokens=16))
+    http_result = generate_http(triton.http, prompt, model=model, max_tokens=16)
+    sse_result = collect(stream_http(triton.http, prompt, model=model, max_tokens=16))
+    assert http_result.text == grpc_result.text == sse_result.text == reference.text
+    assert http_result.token_ids == grpc_result.token_ids == reference.token_ids
+    assert reference.text.strip()
+
+
+def test_streamed_text_equals_decoding_all_tokens(triton, smollm2_dir):
+    # A prompt that invites non-ASCII output: deltas must never split a UTF-8 character.
+    encoder = PromptEncoder.from_model_dir(smollm2_dir, max_prompt_tokens=2047)
+    result = collect(stream_grpc(triton.grpc, "Écris une phrase en français avec des accents: é, è, à.", max_tokens=40))
+    assert "\ufffd" not in result.text
+    assert result.text == encoder.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_stop_string_ends_generation_and_is_not_returned(triton):
+    full = generate_http(triton.http, PROMPTS[3], max_tokens=40).text
+    assert "," in full or "." in full, full
+    stop = "," if "," in full else "."
+    result = generate_http(triton.http, PROMPTS[3], max_tokens=40, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(triton):
+    a = generate_http(triton.http, PROMPTS[1], max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    b = generate_http(triton.http, PROMPTS[1], max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    c = generate_http(triton.http, PROMPTS[1], max_tokens=20, temperature=1.0, top_p=0.9, seed=8)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_sixteen_concurrent_clients_get_their_own_answers(triton, reference_greedy):
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} (#{i})" for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: collect(stream_grpc(triton.grpc, p, max_tokens=12)), prompts))
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == reference_greedy(prompt, 12), prompt
+
+
+# --- bad input: a clear error to that client, and the server keeps serving ----------------
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ("", {}, "text_input is empty"),
+        ("   ", {}, "text_input is empty"),
+        ("word " * 3000, {}, "accepts at most"),
+        ("hi", {"max_tokens": 0}, "max_tokens"),
+        ("hi", {"max_tokens": 10**7}, "max_tokens"),
+        ("hi", {"temperature": -0.5}, "temperature"),
+        ("hi", {"top_p": 0.0}, "top_p"),
+        ("hi", {"top_p": 1.5}, "top_p"),
+        ("hi", {"top_k": -1}, "top_k"),
+    ],
+)
+@pytest.mark.parametrize("model", ["dspark", "ensemble"])
+def test_bad_request_gets_clear_error_over_grpc_and_http(triton, model, prompt, params, message):
+    with pytest.raises(GenerationError, match=message):
+        collect(stream_grpc(triton.grpc, prompt, model=model, **params))
+    with pytest.raises(GenerationError, match=message):
+        generate_http(triton.http, prompt, model=model, **params)
+
+
+def test_invalid_utf8_prompt_is_rejected(triton):
+    for model in ("dspark", "ensemble"):
+        with pytest.raises(GenerationError, match="UTF-8"):
+            collect(stream_grpc(triton.grpc, b"caf\xc3(", model=model, max_tokens=4))
+
+
+def test_invalid_utf8_in_http_body_is_rejected(triton):
+    body = b'{"text_input": "caf\xc3(", "max_tokens": 4}'
+    r = requests.post(f"http://{triton.http}/v2/models/ensemble/generate", data=body,
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+
+
+def test_wrong_tensor_type_is_rejected(triton):
+    client = grpcclient.InferenceServerClient(triton.grpc)
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
+    max_tokens = grpcclient.InferInput("max_tokens", [1], "FP32")
+    max_tokens.set_data_from_numpy(np.array([4.0], dtype=np.float32))
+    errors = []
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    client.async_stream_infer("ensemble", [text, max_tokens])
+    client.stop_stream()
+    assert errors and errors[0] is not None
+    assert "max_tokens" in errors[0].message() and "FP32" in errors[0].message()
+
+
+def test_http_wrong_json_type_is_rejected(triton):
+    # Triton's HTTP frontend converts JSON to tensors itself and answers 500 for a type it cannot convert.
+    r = requests.post(f"http://{triton.http}/v2/models/ensemble/generate",
+                      json={"text_input": "hi", "max_tokens": "many"}, timeout=30)
+    assert r.status_code in (400, 500)
+    assert "Unable to parse" in r.json()["error"]
+    assert generate_http(triton.http, "hi", max_tokens=2).num_output_tokens == 2
+
+
+def test_cancelled_streams_free_their_slots(triton, reference_greedy):
+    # Abandon more streams than the engine has slots (16), mid-generation; if a cancelled
+    # request kept its slot, the requests after them would never be admitted.
+    for _ in range(18):
+        stream = stream_grpc(triton.grpc, PROMPTS[2], max_tokens=1000, timeout_s=60)
+        next(stream)
+        next(stream)
+        stream.close()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: collect(stream_grpc(triton.grpc, p, max_tokens=8, timeout_s=120)),
+                                [PROMPTS[0]] * 16))
+    assert all(r.token_ids == reference_greedy(PROMPTS[0], 8) for r in results)
