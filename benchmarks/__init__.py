@@ -1,0 +1,1 @@
+"""Benchmarks: measured figures for our runtimes against reference implementations."""
