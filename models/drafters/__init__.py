@@ -1,0 +1,66 @@
+"""Drafters for speculative decoding: DSpark and the DFlash / EAGLE-3 baselines, one protocol.
+
+Every drafter offers ``tap_layers``, ``new_state(num_slots, max_len)``,
+``extend_context(state, slots, num_new, target_hidden, input_ids)`` and
+``draft(state, slots, anchor_tokens, num_tokens, sample_fn) -> DraftBlock``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.drafters.common import DraftBlock, DrafterConfig, DrafterState, SampleFn, greedy_sample
+from models.drafters.dflash import DFlashDrafter
+from models.drafters.dspark import BlockDrafter, DSparkDrafter
+from models.drafters.eagle3 import Eagle3Drafter
+from models.transformer import Transformer
+
+Drafter = BlockDrafter | Eagle3Drafter
+_CLASSES = {"dspark": DSparkDrafter, "dflash": DFlashDrafter, "eagle3": Eagle3Drafter}
+
+
+def default_config(kind: str, target: Transformer, target_name: str = "", block_size: int = 7,
+                   num_layers: int = 1, intermediate_size: int = 1024, markov_rank: int = 32) -> DrafterConfig:
+    """A small drafter for a target: low/mid/high taps, the target's head geometry and RoPE base."""
+    t = target.config
+    n = t.num_layers
+    return DrafterConfig(
+        kind=kind, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+        num_layers=1 if kind == "eagle3" else num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+        head_dim=t.head_dim, intermediate_size=intermediate_size, tap_layers=(1, n // 2, n - 3),
+        block_size=block_size, markov_rank=markov_rank if kind == "dspark" else 0, confidence=kind == "dspark",
+        rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, target=target_name,
+    )
+
+
+def build_drafter(config: DrafterConfig, target: Transformer) -> Drafter:
+    """A fresh drafter sharing the target's (frozen) embeddings and LM head."""
+    return _CLASSES[config.kind](config, target.embed.detach(), target.lm_head_weight.detach())
+
+
+def save_drafter(drafter: nn.Module, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Weights (model.safetensors, without the shared target tensors) and config.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in drafter.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(drafter.config.to_json() + "\n")
+
+
+def load_drafter(directory: str | Path, target: Transformer) -> Drafter:
+    """A saved drafter attached to its target's embeddings and LM head, in the target's dtype, eval mode."""
+    directory = Path(directory)
+    config = DrafterConfig.from_json((directory / "config.json").read_text())
+    drafter = build_drafter(config, target)
+    drafter.load_state_dict(load_file(str(directory / "model.safetensors")))
+    return drafter.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
+
+
+__all__ = [
+    "BlockDrafter", "DFlashDrafter", "DSparkDrafter", "DraftBlock", "Drafter", "DrafterConfig", "DrafterState",
+    "Eagle3Drafter", "SampleFn", "build_drafter", "default_config", "greedy_sample", "load_drafter", "save_drafter",
+]

@@ -1,0 +1,185 @@
+"""Pieces every drafter shares: config, the per-slot context cache, one decoder layer, sampling hooks.
+
+The drafters never own the target's embedding matrix or LM head: they receive the target's
+frozen tensors at construction, so checkpoints hold only what training changed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.transformer import apply_rope, rms_norm
+
+# sample_fn(logits [B, V]) -> (tokens [B], probs [B, V]): the engine's own warping and draw.
+SampleFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+DRAFTER_KINDS = ("dspark", "dflash", "eagle3")
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Architecture of a drafter; saved next to its weights as config.json."""
+
+    kind: str  # "dspark" | "dflash" | "eagle3"
+    vocab_size: int
+    hidden_size: int  # equals the target's (shared embeddings and LM head)
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tap_layers: tuple[int, ...]  # target layers whose outputs are fused into the context features
+    block_size: int = 7
+    markov_rank: int = 0  # 0 = no Markov head
+    confidence: bool = False
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    target: str = ""  # name of the target this drafter was trained for
+    extra: dict = field(default_factory=dict)  # training provenance, not used by the model
+
+    def __post_init__(self) -> None:
+        if self.kind not in DRAFTER_KINDS:
+            raise ValueError(f"unknown drafter kind {self.kind!r}; expected one of {DRAFTER_KINDS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.kind == "dspark" and (self.markov_rank < 1 or not self.confidence):
+            raise ValueError("a dspark drafter needs markov_rank >= 1 and the confidence head")
+        if self.kind != "dspark" and (self.markov_rank or self.confidence):
+            raise ValueError(f"a {self.kind} drafter has no Markov or confidence head")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DrafterConfig":
+        data = json.loads(text)
+        data["tap_layers"] = tuple(data["tap_layers"])
+        return cls(**data)
+
+
+@dataclass
+class DraftBlock:
+    """What one draft call proposes for B requests."""
+
+    tokens: torch.Tensor  # int64 [B, k]
+    probs: torch.Tensor  # float32 [B, k, V]: the distribution each token was drawn from
+    confidences: torch.Tensor | None  # float32 [B, k] in (0, 1); None for the baselines
+
+
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax with one-hot probabilities: the T=0 sample_fn."""
+    tokens = logits.argmax(-1)
+    return tokens, torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, tokens.unsqueeze(-1), 1.0)
+
+
+class DrafterState:
+    """Per-slot cache of the drafter's context keys/values (and, for EAGLE-3, fused features).
+
+    ``lengths[slot]`` counts the committed tokens whose target features are cached; positions
+    beyond it are stale and masked, so ``truncate`` is just a length change.
+    """
+
+    def __init__(self, config: DrafterConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device, keep_features: bool) -> None:
+        c = config
+        shape = (c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.features = torch.zeros(num_slots, max_len, c.hidden_size, dtype=dtype, device=device) if keep_features else None
+        self.lengths = torch.zeros(num_slots, dtype=torch.int64)
+        self.max_len = max_len
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` committed tokens of a slot (rollback after verification)."""
+        current = int(self.lengths[slot])
+        if not 0 <= length <= current:
+            raise ValueError(f"cannot truncate slot {slot} of length {current} to {length}")
+        self.lengths[slot] = length
+
+    def free(self, slot: int) -> None:
+        """Forget a finished request's context."""
+        self.lengths[slot] = 0
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [..., head_dim] for integer positions of any shape."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def packed_positions(lengths: torch.Tensor, slots: Sequence[int], num_new: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot and absolute position of each packed new token (the target's packing order)."""
+    counts = torch.tensor([int(n) for n in num_new], dtype=torch.int64)
+    slot_t = torch.tensor([int(s) for s in slots], dtype=torch.int64)
+    tok_slot = slot_t.repeat_interleave(counts)
+    first = torch.cumsum(counts, 0) - counts
+    offset = torch.arange(int(counts.sum())) - first.repeat_interleave(counts)
+    return tok_slot, lengths[tok_slot] + offset
+
+
+class DrafterLayer(nn.Module):
+    """Pre-norm decoder layer whose attention also sees precomputed context keys/values."""
+
+    def __init__(self, config: DrafterConfig, attn_in: int | None = None) -> None:
+        super().__init__()
+        c = config
+        attn_in = attn_in or c.hidden_size
+        self.eps, self.theta = c.rms_norm_eps, c.rope_theta
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.attn_norm = nn.Parameter(torch.ones(attn_in))
+        self.q_proj = nn.Linear(attn_in, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(attn_in, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(attn_in, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.mlp_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def key_values(self, a: torch.Tensor, positions: torch.Tensor, normed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (RoPE applied) and values [..., kv_heads, D] for inputs a [..., attn_in] at positions [...]."""
+        if not normed:
+            a = rms_norm(a, self.attn_norm, self.eps)
+        k = self.k_proj(a).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(a).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        cos, sin = rope_tables(positions, self.head_dim, self.theta, a.dtype)
+        return apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), v
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
+                ctx_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: residual [B, Q, H]; a: attention input [B, Q, attn_in]; ctx_k/v: [B, kv_heads, S, D];
+        mask: bool [B, 1, Q, S + Q] over context then these queries' own keys.
+        Returns the new residual and this call's own keys/values [B, kv_heads, Q, D]."""
+        a = rms_norm(a, self.attn_norm, self.eps)
+        B, Q = x.shape[:2]
+        q = self.q_proj(a).unflatten(-1, (self.num_heads, self.head_dim))
+        cos, sin = rope_tables(positions, self.head_dim, self.theta, a.dtype)
+        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        k, v = self.key_values(a, positions)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        keys = torch.cat([ctx_k, k], dim=2)
+        values = torch.cat([ctx_v, v], dim=2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        x = x + self.o_proj(o.transpose(1, 2).reshape(B, Q, -1))
+        gate, up = self.gate_up(rms_norm(x, self.mlp_norm, self.eps)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up), k, v
+
+
+def fused_features(target_hidden: dict[int, torch.Tensor], tap_layers: Sequence[int]) -> torch.Tensor:
+    """Concatenate the tapped target layers [..., len(taps) * H] in tap order."""
+    missing = [t for t in tap_layers if t not in target_hidden]
+    if missing:
+        raise KeyError(f"target hidden states lack tapped layers {missing}")
+    return torch.cat([target_hidden[t] for t in tap_layers], dim=-1)
+
+
+def gather_context(state: DrafterState, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context keys/values [B, kv_heads, length, D] of the given slots."""
+    return state.k[layer].index_select(0, slots)[:, :, :length], state.v[layer].index_select(0, slots)[:, :, :length]
