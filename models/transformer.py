@@ -85,19 +85,22 @@ def rope_inv_freq(config: TransformerConfig) -> tuple[torch.Tensor, float]:
     raise ValueError(f"unsupported rope scaling {scaling!r}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, cast back, then scaled (same rounding order as the HF models)."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm normalised in float32, cast back, then scaled (same rounding order as the HF models)."""
+    if x.dtype == torch.float32:
+        if weight is None or weight.dim() == 1:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return y if weight is None else weight * y
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos / sin_signed: [T, 1, D], sin_signed = cat(-sin, sin) over the two halves.
+
+    Same as x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) = roll(x) * sign.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed  # products rounded as in HF (matters in bf16)
 
 
 class DecoderLayer(nn.Module):
@@ -123,17 +126,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, meta: "_BatchMeta") -> torch.Tensor:
         T = x.shape[0]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         h = rms_norm(x, self.attn_norm, self.eps)
         qkv = F.linear(h, self.qkv_proj, self.qkv_bias)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        # q and k heads side by side: one norm and one RoPE for both
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
         if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        q = apply_rope(q, meta.cos, meta.sin)
-        k = apply_rope(k, meta.cos, meta.sin)
+            w = torch.cat((self.q_norm.expand(H, D), self.k_norm.expand(Hkv, D)))
+            qk = rms_norm(qk, w, self.eps)
+        qk = apply_rope(qk, meta.cos, meta.sin)
+        q, k = qk[:, :H], qk[:, H:]
 
         kc, vc = cache.k[layer], cache.v[layer]
         kc[meta.tok_slots, :, meta.positions] = k
@@ -145,17 +148,22 @@ class DecoderLayer(nn.Module):
             keys = kc.index_select(0, meta.slots)[:, :, : meta.kv_len]
             values = vc.index_select(0, meta.slots)[:, :, : meta.kv_len]
 
-        B, Lq = meta.batch, meta.q_len
-        if meta.pad_index is None:
-            qp = q.view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
-        else:
-            qp = q.new_zeros(B * Lq, self.num_heads, self.head_dim)
+        # GQA without repeating K/V: the G query heads sharing a KV head are folded into the query
+        # length, giving SDPA [B, Hkv, G*Lq, D] queries against [B, Hkv, Lk, D] keys.
+        B, Lq, G = meta.batch, meta.q_len, H // Hkv
+        if meta.pad_index is not None:
+            qp = q.new_zeros(B * Lq, H, D)
             qp[meta.pad_index] = q
-            qp = qp.view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qp, keys, values, attn_mask=meta.mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
-        o = o.transpose(1, 2).reshape(B * Lq, self.q_size)
+            q = qp
+        if Lq == 1:
+            qg = q.view(B, Hkv, G, D)
+        else:
+            qg = q.view(B, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lq, D)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.mask)
+        if Lq == 1:
+            o = o.reshape(B, self.q_size)
+        else:
+            o = o.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B * Lq, self.q_size)
         if meta.pad_index is not None:
             o = o[meta.pad_index]
         x = x + F.linear(o, self.o_proj, self.o_bias)
@@ -177,9 +185,9 @@ class _BatchMeta:
     tok_slots: torch.Tensor  # [T] slot of each packed token
     positions: torch.Tensor  # [T] absolute position of each packed token
     pad_index: torch.Tensor | None  # [T] row of each packed token in [B * q_len]; None when all num_new equal
-    mask: torch.Tensor | None  # bool [B, 1, q_len, kv_len]; None when every query sees every key
+    mask: torch.Tensor | None  # bool [B, 1, G * q_len, kv_len]; None when every query sees every key
     cos: torch.Tensor  # [T, 1, D]
-    sin: torch.Tensor
+    sin: torch.Tensor  # [T, 1, D], first half negated (see apply_rope)
 
 
 class Transformer(nn.Module):
@@ -224,7 +232,8 @@ class Transformer(nn.Module):
             freqs = torch.outer(pos, self._inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cos = (emb.cos() * self._attn_scaling).to(device=self.device, dtype=self.dtype)
-            self._sin = (emb.sin() * self._attn_scaling).to(device=self.device, dtype=self.dtype)
+            sin = freqs.sin() * self._attn_scaling
+            self._sin = torch.cat((-sin, sin), dim=-1).to(device=self.device, dtype=self.dtype)
         return self._cos, self._sin
 
     def _batch_meta(self, slots: Sequence[int], num_new: Sequence[int], total: int, cache: KVCache) -> _BatchMeta:
@@ -269,7 +278,10 @@ class Transformer(nn.Module):
             new_t = torch.tensor(new_l, dtype=torch.int64)
             q_off = torch.minimum(torch.arange(q_len)[None, :], (new_t - 1)[:, None])
             q_pos = starts[:, None] + q_off  # [B, q_len]
-            mask = (torch.arange(kv_len)[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)
+            mask = torch.arange(kv_len)[None, None, :] <= q_pos[:, :, None]  # [B, q_len, kv_len]
+            # queries are laid out [G * q_len] per KV head (see DecoderLayer.forward)
+            g = self.config.num_queries_per_kv
+            mask = mask[:, None, None].expand(B, 1, g, q_len, kv_len).reshape(B, 1, g * q_len, kv_len)
 
         cos_t, sin_t = self._rope_tables(kv_len)
         dev = self.device
