@@ -122,6 +122,10 @@ class _GraphRunner:
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.config, num_slots, max_len, dtype=self.dtype, device=self.device)
 
+    def last_token_indices(self, num_new: Sequence[int]) -> torch.Tensor:
+        """Packed row of each sequence's last new token (as Transformer.last_token_indices)."""
+        return torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
+
     def _past(self, cache: KVCache, batch: PaddedBatch) -> list[torch.Tensor]:
         """[B, kv_heads, P, D] per layer, K then V, contiguous (a copy: the graph reads dense tensors)."""
         slots = batch.slots.to(self.device)

@@ -2,13 +2,14 @@
 import json
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from export.fetch import model_dir_if_cached
-from models.loading import load_transformer
+from export.runners import load_runner
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
@@ -120,14 +121,22 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"model '{name}' is not fetched; run: python cli.py fetch {name}")
         threads = int(params["num_threads"]) or os.cpu_count()
         torch.set_num_threads(threads)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params["dtype"]]
         config = EngineConfig(
             max_batch_size=int(params["max_batch_size"]),
             max_context=int(params["max_context"]),
             max_tokens_limit=int(params["max_tokens_limit"]),
         )
         self.encoder = PromptEncoder.from_model_dir(model_dir, config.max_context - 1)
-        self.engine = Engine(load_transformer(model_dir, dtype), self.encoder.tokenizer, config)
+        # runtime: torch | onnxruntime | tensorrt; onnx_model: a graph shipped in this version dir
+        # (written by `cli.py build`), else the export is taken from or made into the cache.
+        onnx_model = params.get("onnx_model", "")
+        runner = load_runner(
+            model_dir, params.get("runtime", "torch"), params["dtype"],
+            onnx_path=Path(args["model_repository"]) / args["model_version"] / onnx_model if onnx_model else None,
+            num_threads=threads, max_batch=config.max_batch_size, max_new=config.max_context,
+            max_context=config.max_context,
+        )
+        self.engine = Engine(runner, self.encoder.tokenizer, config)
         self.engine.start()
         self.metrics = _EngineMetrics(self.engine)
 
