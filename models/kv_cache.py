@@ -31,11 +31,14 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (config.num_layers, self.num_slots, config.num_kv_heads, self.max_len, config.head_dim)
-        self.k_all = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_all = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.k: list[torch.Tensor] = list(self.k_all.unbind(0))
-        self.v: list[torch.Tensor] = list(self.v_all.unbind(0))
-        self.lengths = torch.zeros(self.num_slots, dtype=torch.int64)
+        # Ordinary (non-inference) tensors even when built under torch.inference_mode(), so the
+        # cache can be updated in place whether or not the forward runs in inference mode.
+        with torch.inference_mode(False):
+            self.k_all = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.v_all = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.k: list[torch.Tensor] = list(self.k_all.unbind(0))
+            self.v: list[torch.Tensor] = list(self.v_all.unbind(0))
+            self.lengths = torch.zeros(self.num_slots, dtype=torch.int64)
         self._free: list[int] = list(range(self.num_slots))
         self._in_use: set[int] = set()
 

@@ -215,10 +215,18 @@ def test_hidden_state_taps(smol, smol_hf, smol_prompts) -> None:
         smol(ids[:1], [0], [1], cache, tap_layers=(n_layers + 1,))
 
 
-def test_runs_without_inference_mode_and_no_grad(smol, smol_prompts) -> None:
+def test_runs_with_and_without_inference_mode(smol, smol_prompts) -> None:
+    ids = smol_prompts[0]
     cache = smol.new_cache(1, 32)
-    out = smol(torch.tensor(smol_prompts[0]), [0], [len(smol_prompts[0])], cache)
+    out = smol(torch.tensor(ids), [0], [len(ids)], cache)
     assert out.logits.dtype == torch.float32 and not out.logits.requires_grad
+    with torch.inference_mode():  # a cache built in inference mode stays usable outside it
+        cache2 = smol.new_cache(1, 32)
+        cache2.allocate()
+        inside = smol(torch.tensor(ids[:3]), [0], [3], cache2).logits
+    outside = smol(torch.tensor(ids[3:]), [0], [len(ids) - 3], cache2).logits
+    cache2.truncate(0, 3)
+    assert_logits_close(torch.cat([inside, outside]), out.logits)
 
 
 @torch.inference_mode()
