@@ -36,13 +36,14 @@ def fetch(names: tuple[str, ...], list_only: bool) -> None:
         click.echo(f"{name}: {fetch_model(name)}")
 
 
-def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None):
+def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,
+                   model_repository: Path | None = None):
     from export.fetch import cache_dir, fetch_model
     from serving.triton_launcher import ServerConfig
 
     model_dir = fetch_model(model)
     return ServerConfig(
-        model_repository=PROJECT_ROOT / "model_repository",
+        model_repository=model_repository or PROJECT_ROOT / "model_repository",
         http_port=http_port,
         grpc_port=grpc_port,
         metrics_port=metrics_port,
@@ -76,13 +77,17 @@ def _default_pid_file() -> Path:
 @port_options
 @click.option("--detach", is_flag=True, help="Return once the server is ready; stop it with `cli.py stop`.")
 @click.option("--pid-file", type=click.Path(path_type=Path), default=None, help="Where the server PID is written.")
-def serve(model: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None) -> None:
+@click.option("--model-repository", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Repository to serve, e.g. one written by `cli.py build` (default: ./model_repository).")
+def serve(model: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None,
+          model_repository: Path | None) -> None:
     """Start Triton with the DSpark model repository on loopback."""
     import signal
 
     from serving.triton_launcher import TritonServer
 
-    server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file or _default_pid_file()))
+    server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file or _default_pid_file(),
+                                         model_repository))
     server.start()
     click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  (pid {server.pid})")
     if detach:
@@ -159,6 +164,55 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
         _stream_to_terminal("grpc", server.url_grpc, prompt, stop_strings, raw, **params)
 
 
+@cli.command("export")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Known model name or a local HF model directory.")
+@click.option("--to", "target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Default: float32 for onnx, float16 for tensorrt.")
+@click.option("--tap-layers", default="", help="Comma-separated layer indices whose hidden states become outputs.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for model.onnx (default: the cache, keyed by content hash).")
+@click.option("--max-batch-size", default=16, show_default=True, help="TensorRT profile: largest batch.")
+@click.option("--max-context", default=2048, show_default=True, help="TensorRT profile: longest sequence.")
+def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out: Path | None,
+               max_batch_size: int, max_context: int) -> None:
+    """Export the target to ONNX (checked), and for --to tensorrt build its engine on this GPU."""
+    from export.fetch import fetch_model
+    from export.onnx_export import cached_onnx, export_onnx
+    from export.runners import build_engine, import_tensorrt, trt_profile
+
+    if target == "tensorrt":
+        try:
+            import_tensorrt()  # fail before a long export when TensorRT is absent
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+    dtype = dtype or ("float16" if target == "tensorrt" else "float32")
+    taps = [int(t) for t in tap_layers.split(",") if t.strip()]
+    model_dir = fetch_model(model)
+    onnx_path = export_onnx(model_dir, out, dtype, taps) if out else cached_onnx(model_dir, dtype, taps)
+    click.echo(f"onnx: {onnx_path}")
+    if target == "tensorrt":
+        plan = build_engine(onnx_path, trt_profile(max_batch_size, max_context, max_context))
+        click.echo(f"tensorrt engine: {plan}")
+
+
+@cli.command()
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Default: float32 (torch, onnxruntime), float16 (tensorrt).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output repository (replaced). Default: build/model_repository_<runtime>.")
+def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None:
+    """Write a model repository for one runtime (config.pbtxt + exported model files); serve it with
+    `cli.py serve --model-repository DIR`."""
+    from export.fetch import fetch_model
+    from export.repository import build_repository
+
+    out = out or PROJECT_ROOT / "build" / f"model_repository_{runtime}"
+    click.echo(f"model repository ({runtime}): {build_repository(out, runtime, model, fetch_model(model), dtype)}")
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks, run side by side in one process."""
@@ -182,6 +236,30 @@ def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None
     prompt_list = [json.loads(line)["prompt"] for line in prompt_file.read_text().splitlines() if line.strip()]
     result = run_ar_decode_benchmark(fetch_model(model), getattr(torch, dtype), prompt_list, new_tokens, threads)
     click.echo(format_ar_decode_table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@bench.command("runtimes")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+              help="Repeatable; the first is the reference (default: torch, onnxruntime).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None, help="JSONL with a 'prompt' field.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens: int, threads: int | None,
+                   prompts: Path | None, json_out: Path | None) -> None:
+    """Greedy decode tokens/s of one model on several runtimes, side by side (ratio to the first)."""
+    from benchmarks.runtimes import format_runtimes_table, run_runtimes_benchmark
+    from export.fetch import fetch_model
+
+    prompt_file = prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "mixed.jsonl"
+    prompt_list = [json.loads(line)["prompt"] for line in prompt_file.read_text().splitlines() if line.strip()]
+    result = run_runtimes_benchmark(fetch_model(model), list(runtimes or ("torch", "onnxruntime")), dtype,
+                                    prompt_list, new_tokens, threads)
+    click.echo(format_runtimes_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
 

@@ -199,8 +199,7 @@ class TensorRTRunner(_GraphRunner):
         self.dtype = DTYPES[meta.get("dtype", "float16")]
         self.device = torch.device("cuda")
         self.tap_layers = tuple(meta.get("tap_layers", ()))
-        self.profile = {"batch": (1, max(1, max_batch // 2), max_batch), "new": (1, 1, max_new),
-                        "past": (1, max(1, max_context // 2), max_context)}
+        self.profile = trt_profile(max_batch, max_new, max_context)
         plan = build_engine(onnx_path, self.profile, engine_dir)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan.read_bytes())
@@ -254,6 +253,12 @@ def import_tensorrt():
             "--runtime onnxruntime / torch on CPU hosts"
         ) from exc
     return tensorrt
+
+
+def trt_profile(max_batch: int, max_new: int, max_context: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each dynamic dim: tuned for decode (one new token), half-full batch and context."""
+    return {"batch": (1, max(1, max_batch // 2), max_batch), "new": (1, 1, max_new),
+            "past": (1, max(1, max_context // 2), max_context)}
 
 
 def engine_key(onnx_path: Path, profile: dict[str, tuple[int, int, int]]) -> str:

@@ -1,0 +1,76 @@
+"""Write a servable model repository for one runtime: our repository plus the exported model files.
+
+The copy keeps every model (preprocessing, dspark, ensemble, ...) and sets the dspark model's
+parameters (runtime, dtype, model, sizes) in its config.pbtxt. For onnxruntime / tensorrt the
+ONNX graph is exported (or taken from the cache) and shipped in ``dspark/1/onnx/``, so the
+server never exports at start; TensorRT engines are GPU-specific and are built from that graph
+on the serving machine at first load (cached by content hash).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
+from export.runners import RUNTIMES
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ENGINE_MODEL = "dspark"
+ONNX_SUBDIR = "onnx"
+# What each runtime runs in by default: ONNX Runtime's CPU kernels want float32; TensorRT fp16.
+DEFAULT_DTYPE = {"torch": "float32", "onnxruntime": "float32", "tensorrt": "float16"}
+
+
+def set_parameters(config_text: str, values: dict[str, str]) -> str:
+    """Set ``parameters`` entries of a config.pbtxt (replace the value, or append the entry)."""
+    for key, value in values.items():
+        line = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        pattern = re.compile(rf'^parameters\s*\{{\s*key:\s*"{re.escape(key)}".*$', re.MULTILINE)
+        config_text, n = pattern.subn(line.replace("\\", "\\\\"), config_text)
+        if n == 0:
+            config_text = config_text.rstrip("\n") + "\n" + line + "\n"
+    return config_text
+
+
+def read_parameters(config_text: str) -> dict[str, str]:
+    """The string parameters of a config.pbtxt."""
+    pattern = r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}'
+    return dict(re.findall(pattern, config_text))
+
+
+def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, dtype: str | None = None,
+                     parameters: dict[str, str] | None = None, source: Path | None = None) -> Path:
+    """Write the repository for ``runtime`` into ``out_dir`` (replacing what was there); returns it.
+
+    model: the name (or path) written into config.pbtxt; model_dir: its fetched HF directory.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    source = source or PROJECT_ROOT / "model_repository"
+    dtype = dtype or DEFAULT_DTYPE[runtime]
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == source.resolve():
+        raise ValueError("the output directory must differ from the source repository")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", **(parameters or {})}
+    if runtime != "torch":
+        exported = cached_onnx(model_dir, dtype)
+        target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR
+        target.mkdir(parents=True)
+        for name in (ONNX_FILE, ONNX_DATA_FILE, META_FILE):
+            _link_or_copy(exported.parent / name, target / name)
+        values["onnx_model"] = f"{ONNX_SUBDIR}/{ONNX_FILE}"
+    config = out_dir / ENGINE_MODEL / "config.pbtxt"
+    config.write_text(set_parameters(config.read_text(), values))
+    return out_dir
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when on the same filesystem (exports are hundreds of MB), else copy."""
+    try:
+        dst.hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
