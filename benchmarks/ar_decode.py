@@ -76,6 +76,18 @@ def greedy_transformers(hf_model, prompt_ids: list[int], new_tokens: int, pad_id
     return seq[0, len(prompt_ids):].tolist(), elapsed
 
 
+@torch.inference_mode()
+def top2_margin(model: Transformer, ids: list[int], suppress: list[int]) -> float:
+    """Gap between the two best next-token logits after `ids` (small = a near-tie, where bf16
+    rounding differences between two implementations may legitimately pick different tokens)."""
+    cache = model.new_cache(1, len(ids))
+    logits = model(torch.tensor(ids), [0], [len(ids)], cache, logits_indices=torch.tensor([len(ids) - 1])).logits[0]
+    if suppress:
+        logits[suppress] = float("-inf")
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
 def run_ar_decode_benchmark(
     model_dir: Path, dtype: torch.dtype, prompts: list[str], new_tokens: int, threads: int | None
 ) -> dict:
@@ -114,6 +126,7 @@ def run_ar_decode_benchmark(
             mismatch = next((k for k, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b), None)
             if mismatch is None and len(ours_tokens) != len(hf_tokens):
                 mismatch = min(len(ours_tokens), len(hf_tokens))
+            margin = None if mismatch is None else top2_margin(ours, ids + ours_tokens[:mismatch], suppress)
             rows.append(
                 {
                     "prompt": text,
@@ -124,6 +137,7 @@ def run_ar_decode_benchmark(
                     "transformers_tok_s": new_tokens / hf_s,
                     "match": mismatch is None,
                     "first_mismatch": mismatch,
+                    "mismatch_top2_margin": margin,  # our logit gap at the first departure
                     "ours_tokens": ours_tokens,
                     "transformers_tokens": hf_tokens,
                 }
@@ -160,7 +174,9 @@ def format_ar_decode_table(result: dict) -> str:
     for r in result["per_prompt"]:
         text = r["prompt"].replace("\n", " ")
         text = text if len(text) <= 40 else text[:39] + "…"
-        match = "yes" if r["match"] else f"no (from token {r['first_mismatch']})"
+        match = "yes" if r["match"] else (
+            f"no: from token {r['first_mismatch']}, top-2 logit gap {r['mismatch_top2_margin']:.3f}"
+        )
         lines.append(
             f"{text:<42} {r['prompt_tokens']:>4} {r['ours_tok_s']:>11.1f} {r['transformers_tok_s']:>9.1f} "
             f"{r['ours_tok_s'] / r['transformers_tok_s']:>6.2f}  {match}"

@@ -366,3 +366,16 @@ def test_synthetic_family_matches_transformers(tmp_path, kind, tie, rope) -> Non
         for _ in range(steps):  # plain argmax loop: random weights emit EOS, which generate() would treat specially
             seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
         assert tokens == seq[len(s):]
+
+
+def test_ar_decode_benchmark_runs_and_matches(smollm2_dir) -> None:
+    from benchmarks.ar_decode import format_ar_decode_table, run_ar_decode_benchmark
+
+    result = run_ar_decode_benchmark(smollm2_dir, torch.float32, PROMPTS[:2], new_tokens=6, threads=1)
+    assert result["num_prompts"] == 2 and result["threads"] == 1 and result["dtype"] == "float32"
+    assert result["ours_tok_s"] > 0 and result["transformers_tok_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_tok_s"] / result["transformers_tok_s"])
+    assert result["all_match"], [r["first_mismatch"] for r in result["per_prompt"]]
+    assert all(len(r["ours_tokens"]) == 6 for r in result["per_prompt"])
+    table = format_ar_decode_table(result)
+    assert "ours tok/s" in table and "all match" in table
