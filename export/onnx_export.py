@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -192,7 +193,10 @@ def export_transformer(model: Transformer, out_dir: Path, tap_layers: Sequence[i
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "raw"
     raw.mkdir(exist_ok=True)
-    with torch.no_grad():
+    # The TorchScript exporter (dynamo=False): it needs no onnxscript, and its opset-17 graphs
+    # parse in TensorRT 10; its deprecation notice is expected.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             step,
             example_inputs(model.config, model.dtype),

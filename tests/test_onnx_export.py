@@ -1,0 +1,192 @@
+"""ONNX export and the graph runtimes against our torch Transformer.
+
+Tolerance: ONNX Runtime runs the same float32 maths in a different order (its own GEMMs, fused
+softmax, attention over a padded batch), so logits differ by float32 rounding accumulated over
+the layers. Measured on SmolLM2 (30 layers, logits up to ~35): ~1e-4 absolute (~4e-6 of the
+logit scale). We allow 1e-4 of the largest logit magnitude, as the transformer-vs-transformers
+tests do; a real bug (mask, position, cache layout) moves logits by O(0.1-10).
+
+TensorRT runs only on a GPU with the tensorrt package (the image in docker/): those tests skip
+elsewhere, saying which of the two is missing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.onnx_export import check_onnx, export_transformer, read_metadata
+from export.runners import OnnxRuntimeRunner, load_runner
+from models.loading import load_config, load_transformer
+from models.transformer import Transformer
+from test_transformer import PROMPTS, assert_logits_close, tiny_config
+
+REL_TOL = 1e-4
+GREEDY_STEPS = 32
+
+
+def _tiny_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**overrides))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval().requires_grad_(False)
+
+
+def _run_varlen(runner, vocab: int, taps=()) -> list:
+    """A prefill of three sequences, then a mixed step: one decode, one 4-token verify, one 2-token append,
+    in a slot order that is neither ascending nor contiguous."""
+    gen = torch.Generator().manual_seed(1)
+    cache = runner.new_cache(5, 48)
+    for _ in range(5):
+        cache.allocate()
+    slots = [3, 1, 2]
+    first = torch.randint(0, vocab, (5 + 3 + 7,), generator=gen)
+    second = torch.randint(0, vocab, (1 + 4 + 2,), generator=gen)
+    a = runner(first, slots, [5, 3, 7], cache, tap_layers=taps)
+    b = runner(second, [slots[1], slots[2], slots[0]], [1, 4, 2], cache, tap_layers=taps,
+               logits_indices=torch.tensor([0, 2, 4, 6]))
+    return [a, b, cache]
+
+
+def test_export_passes_checker_with_dynamic_shapes(tmp_path) -> None:
+    model = _tiny_model()
+    path = export_transformer(model, tmp_path, tap_layers=(0, 2), metadata={"dtype": "float32"})
+    shapes = check_onnx(path)
+    assert shapes["logits"] == ["rows", model.config.vocab_size]
+    assert shapes["new_key_1"] == ["batch", model.config.num_kv_heads, "new", model.config.head_dim]
+    assert shapes["hidden_2"] == ["batch", "new", model.config.hidden_size]
+    assert read_metadata(path)["tap_layers"] == [0, 2]
+    assert (tmp_path / "model.onnx.data").is_file()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_tiny_families_varlen_and_taps_match_torch(tmp_path, family) -> None:
+    extra = {"qwen2": {"model_type": "qwen2", "attention_bias": True},
+             "qwen3": {"model_type": "qwen3", "qk_norm": True, "num_heads": 6, "num_kv_heads": 2}}.get(family, {})
+    model = _tiny_model(**extra)
+    path = export_transformer(model, tmp_path, tap_layers=(1, 2), metadata={"dtype": "float32"})
+    runner = OnnxRuntimeRunner(path, model.config, num_threads=1)
+    ours_a, ours_b, ours_cache = _run_varlen(runner, model.config.vocab_size, taps=(1, 2))
+    ref_a, ref_b, ref_cache = _run_varlen(model, model.config.vocab_size, taps=(1, 2))
+    for ours, ref in ((ours_a, ref_a), (ours_b, ref_b)):
+        assert_logits_close(ours.logits, ref.logits, REL_TOL)
+        for t in (1, 2):
+            assert_logits_close(ours.hidden_states[t], ref.hidden_states[t], REL_TOL)
+    assert torch.equal(ours_cache.lengths, ref_cache.lengths)
+    n = int(ref_cache.lengths.max())
+    assert_logits_close(ours_cache.k_all[..., :n, :], ref_cache.k_all[..., :n, :], REL_TOL)
+    assert_logits_close(ours_cache.v_all[..., :n, :], ref_cache.v_all[..., :n, :], REL_TOL)
+
+
+def test_unexported_tap_and_bad_runtime_raise(tmp_path) -> None:
+    model = _tiny_model()
+    runner = OnnxRuntimeRunner(export_transformer(model, tmp_path), model.config, num_threads=1)
+    cache = runner.new_cache(1, 8)
+    with pytest.raises(ValueError, match="were not exported"):
+        runner(torch.tensor([1, 2]), [cache.allocate()], [2], cache, tap_layers=(1,))
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        load_runner(tmp_path, "tensorflow")
+    with pytest.raises(ValueError, match="float32"):
+        load_runner(tmp_path, "onnxruntime", "bfloat16")
+
+
+# ------------------------------------------------------------------ SmolLM2 on ONNX Runtime
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir: Path) -> Transformer:
+    return load_transformer(smollm2_dir, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def smol_ort(smollm2_dir: Path):
+    """The cached float32 export (the one `cli.py build --runtime onnxruntime` ships)."""
+    return load_runner(smollm2_dir, "onnxruntime", "float32")
+
+
+@pytest.fixture(scope="module")
+def smol_prompts(smollm2_dir: Path) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    return [tok.encode(p).ids for p in PROMPTS[:3]]
+
+
+def _prefill_logits(runner, prompts: list[list[int]]) -> torch.Tensor:
+    cache = runner.new_cache(len(prompts), 64)
+    slots = [cache.allocate() for _ in prompts]
+    ids = torch.tensor([t for p in prompts for t in p])
+    with torch.inference_mode():
+        return runner(ids, slots, [len(p) for p in prompts], cache).logits
+
+
+def _batched_greedy(runner, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy tokens of all prompts decoded together (varlen prefill, then B=len(prompts) decode steps)."""
+    cache = runner.new_cache(len(prompts), max(map(len, prompts)) + steps)
+    slots = [cache.allocate() for _ in prompts]
+    num_new = [len(p) for p in prompts]
+    ids = torch.tensor([t for p in prompts for t in p])
+    out: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = runner(ids, slots, num_new, cache, logits_indices=runner.last_token_indices(num_new)).logits
+            ids = logits.argmax(-1)
+            for seq, token in zip(out, ids.tolist()):
+                seq.append(token)
+            num_new = [1] * len(prompts)
+    return out
+
+
+def test_smollm2_prefill_logits_match_torch(smol, smol_ort, smol_prompts) -> None:
+    assert_logits_close(_prefill_logits(smol_ort, smol_prompts), _prefill_logits(smol, smol_prompts), REL_TOL)
+
+
+def test_smollm2_greedy_tokens_identical(smol, smol_ort, smol_prompts) -> None:
+    assert _batched_greedy(smol_ort, smol_prompts, GREEDY_STEPS) == _batched_greedy(smol, smol_prompts, GREEDY_STEPS)
+
+
+def test_smollm2_varlen_step_matches_torch(smol, smol_ort) -> None:
+    ours_a, ours_b, ours_cache = _run_varlen(smol_ort, smol.config.vocab_size)
+    ref_a, ref_b, ref_cache = _run_varlen(smol, smol.config.vocab_size)
+    assert_logits_close(ours_a.logits, ref_a.logits, REL_TOL)
+    assert_logits_close(ours_b.logits, ref_b.logits, REL_TOL)
+    assert torch.equal(ours_cache.lengths, ref_cache.lengths)
+
+
+# ------------------------------------------------------------------ TensorRT (GPU only)
+
+def _require_tensorrt() -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pytest.skip("TensorRT is not installed (pip install tensorrt-cu12 on a CUDA host, or use the docker/ image)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT is installed but no CUDA GPU is visible")
+
+
+@pytest.fixture(scope="module")
+def smol_trt32(smollm2_dir: Path):
+    _require_tensorrt()
+    return load_runner(smollm2_dir, "tensorrt", "float32", max_batch=4, max_new=128, max_context=256)
+
+
+def test_tensorrt_fp32_prefill_logits_match_torch(smol, smol_trt32, smol_prompts) -> None:
+    # TF32 tensor-core GEMMs round inputs to 10-bit mantissas: allow 1e-2 of the logit scale.
+    assert_logits_close(_prefill_logits(smol_trt32, smol_prompts).cpu(), _prefill_logits(smol, smol_prompts), 1e-2)
+
+
+def test_tensorrt_fp32_greedy_and_varlen(smol, smol_trt32, smol_prompts) -> None:
+    assert _batched_greedy(smol_trt32, smol_prompts, GREEDY_STEPS) == _batched_greedy(smol, smol_prompts, GREEDY_STEPS)
+    ours, ref = _run_varlen(smol_trt32, smol.config.vocab_size), _run_varlen(smol, smol.config.vocab_size)
+    for step in (0, 1):
+        assert_logits_close(ours[step].logits.cpu(), ref[step].logits, 1e-2)
+
+
+def test_tensorrt_fp16_agrees_with_torch_top1(smollm2_dir: Path, smol, smol_prompts) -> None:
+    """fp16 cannot match fp32 logits to rounding; its next-token choice should almost always agree."""
+    _require_tensorrt()
+    runner = load_runner(smollm2_dir, "tensorrt", "float16", max_batch=4, max_new=128, max_context=256)
+    ours = _prefill_logits(runner, smol_prompts).cpu().argmax(-1)
+    ref = _prefill_logits(smol, smol_prompts).argmax(-1)
+    assert (ours == ref).float().mean().item() >= 0.95
