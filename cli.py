@@ -247,10 +247,11 @@ def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--threads", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True, help="Where the torch runtime runs (cpu, cuda).")
 @click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None, help="JSONL with a 'prompt' field.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens: int, threads: int | None,
-                   prompts: Path | None, json_out: Path | None) -> None:
+                   device: str, prompts: Path | None, json_out: Path | None) -> None:
     """Greedy decode tokens/s of one model on several runtimes, side by side (ratio to the first)."""
     from benchmarks.runtimes import format_runtimes_table, run_runtimes_benchmark
     from export.fetch import fetch_model
@@ -258,7 +259,7 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
     prompt_file = prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "mixed.jsonl"
     prompt_list = [json.loads(line)["prompt"] for line in prompt_file.read_text().splitlines() if line.strip()]
     result = run_runtimes_benchmark(fetch_model(model), list(runtimes or ("torch", "onnxruntime")), dtype,
-                                    prompt_list, new_tokens, threads)
+                                    prompt_list, new_tokens, threads, device)
     click.echo(format_runtimes_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

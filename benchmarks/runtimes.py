@@ -17,7 +17,7 @@ from export.runners import load_runner
 
 
 def run_runtimes_benchmark(model_dir: Path, runtimes: Sequence[str], dtype: str, prompts: list[str],
-                           new_tokens: int, threads: int | None) -> dict:
+                           new_tokens: int, threads: int | None, device: str = "cpu") -> dict:
     """Per-runtime tokens/s, ratio to the first runtime, and greedy-token agreement with it."""
     from tokenizers import Tokenizer
 
@@ -28,11 +28,10 @@ def run_runtimes_benchmark(model_dir: Path, runtimes: Sequence[str], dtype: str,
     encoded = [tokenizer.encode(p).ids for p in prompts]
     if any(not ids for ids in encoded):
         raise ValueError("a prompt tokenized to nothing")
-    max_context = max(len(ids) for ids in encoded) + new_tokens
 
     with _num_threads(threads) as n_threads:
-        runners = {rt: load_runner(model_dir, rt, dtype, num_threads=n_threads, max_batch=1,
-                                   max_new=max_context, max_context=max_context) for rt in runtimes}
+        # TensorRT: load_runner's default profile, the one `cli.py export --to tensorrt` builds (reused).
+        runners = {rt: load_runner(model_dir, rt, dtype, num_threads=n_threads, device=device) for rt in runtimes}
         suppress = _eos_ids(model_dir, next(iter(runners.values())))
         for runner in runners.values():  # warm-up: allocations, kernel selection, lazy init
             greedy_ours(runner, encoded[0], min(new_tokens, 8), suppress)
@@ -53,6 +52,7 @@ def run_runtimes_benchmark(model_dir: Path, runtimes: Sequence[str], dtype: str,
     return {
         "model": model_dir.name,
         "dtype": dtype,
+        "torch_device": device,
         "threads": n_threads,
         "new_tokens": new_tokens,
         "num_prompts": len(rows),
@@ -69,7 +69,8 @@ def format_runtimes_table(result: dict) -> str:
     """Plain-text side-by-side table of a `run_runtimes_benchmark` result."""
     rts = result["runtimes"]
     lines = [
-        f"greedy decode, {result['model']} {result['dtype']}, {result['threads']} thread(s), "
+        f"greedy decode, {result['model']} {result['dtype']}, {result['threads']} thread(s), torch on "
+        f"{result['torch_device']}, "
         f"{result['new_tokens']} new tokens per prompt; ratio = tok/s relative to {rts[0]}",
         f"{'prompt':<34} {'len':>4} " + " ".join(f"{rt + ' tok/s':>17}" for rt in rts) + "  greedy match",
     ]

@@ -326,12 +326,12 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[int, int, int]], engi
 
 def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32", onnx_path: Path | None = None,
                 tap_layers: Sequence[int] = (), num_threads: int | None = None, max_batch: int = 16,
-                max_new: int = 2048, max_context: int = 2048) -> ModelRunner:
+                max_new: int = 2048, max_context: int = 2048, device: str = "cpu") -> ModelRunner:
     """A runner for a model directory on the chosen runtime.
 
     onnx_path: an exported graph to use (e.g. one shipped in a built model repository); by
     default the export is taken from, or made into, the cache. The TensorRT sizes bound the
-    engine's optimization profile.
+    engine's optimization profile. device: where the torch runtime runs (the others fix theirs).
     """
     model_dir = Path(model_dir)
     if runtime not in RUNTIMES:
@@ -339,7 +339,7 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if runtime == "torch":
-        return load_transformer(model_dir, DTYPES[dtype])
+        return load_transformer(model_dir, DTYPES[dtype]).to(device)
     if runtime == "onnxruntime" and dtype != "float32":
         raise ValueError("the onnxruntime runtime runs float32 (ONNX Runtime's CPU kernels lack bf16/fp16 matmuls)")
     if runtime == "tensorrt":
