@@ -1,0 +1,1 @@
+"""DeepSpec-style drafter training: target-regenerated data, losses, training loop, calibration."""

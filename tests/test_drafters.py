@@ -1,0 +1,130 @@
+"""Drafter maths and protocol on a tiny random target: exact per-token softmax, confidences,
+batch-vs-single equivalence, rollback, and greedy losslessness of the speculative loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.acceptance import simulate
+from models.config import TransformerConfig
+from models.drafters import DrafterConfig, build_drafter, default_config, greedy_sample, load_drafter, save_drafter
+from models.transformer import Transformer
+
+
+def tiny_target(seed: int = 0) -> Transformer:
+    config = TransformerConfig(
+        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=8, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=False, qk_norm=False, max_position_embeddings=256,
+        bos_token_id=1, eos_token_ids=(2,),
+    )
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * 0.3)
+    return model.eval().requires_grad_(False)
+
+
+def drafter_for(kind: str, target: Transformer, seed: int = 1):
+    torch.manual_seed(seed)
+    d = build_drafter(default_config(kind, target, intermediate_size=48, markov_rank=8), target)
+    with torch.no_grad():  # the Markov head starts at zero; give it something to do
+        for name, p in d.named_parameters():
+            if "markov_w2" in name:
+                p.normal_(0, 0.5)
+    return d.eval()
+
+
+def context(target: Transformer, drafter, seqs: list[list[int]], slots: list[int], state, cache):
+    ids = torch.tensor([t for s in seqs for t in s])
+    lens = [len(s) for s in seqs]
+    out = target(ids, slots, lens, cache, tap_layers=drafter.tap_layers)
+    drafter.extend_context(state, slots, lens, out.hidden_states, ids)
+    return out
+
+
+@pytest.fixture(scope="module")
+def target() -> Transformer:
+    return tiny_target()
+
+
+def test_markov_probabilities_exact_and_depend_on_previous_token(target) -> None:
+    d = drafter_for("dspark", target)
+    hidden = torch.randn(3, 32)
+    logits_a = d.block_logits(hidden, torch.tensor([5, 5, 5]))
+    logits_b = d.block_logits(hidden, torch.tensor([9, 9, 9]))
+    p = torch.softmax(logits_a, -1)
+    assert torch.allclose(p.sum(-1), torch.ones(3), atol=1e-6)
+    assert not torch.allclose(logits_a, logits_b)
+
+
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3"])
+def test_draft_shapes_and_batch_equals_single(target, kind) -> None:
+    d = drafter_for(kind, target)
+    seqs = [[3, 4, 5, 6, 7, 8], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]
+    state, cache = d.new_state(4, 64), target.new_cache(4, 64)
+    context(target, d, seqs, [0, 1, 3], state, cache)
+    anchors = torch.tensor([30, 31, 32])
+    blk = d.draft(state, [0, 1, 3], anchors, 5, greedy_sample)
+    assert blk.tokens.shape == (3, 5) and blk.probs.shape == (3, 5, 64)
+    assert torch.allclose(blk.probs.sum(-1), torch.ones(3, 5))
+    if kind == "dspark":
+        assert blk.confidences.shape == (3, 5)
+        assert bool(((blk.confidences > 0) & (blk.confidences < 1)).all())
+    else:
+        assert blk.confidences is None
+    for i, (seq, slot) in enumerate(zip(seqs, [0, 1, 3])):
+        s1, c1 = d.new_state(1, 64), target.new_cache(1, 64)
+        context(target, d, [seq], [0], s1, c1)
+        single = d.draft(s1, [0], anchors[i:i + 1], 5, greedy_sample)
+        assert torch.equal(single.tokens[0], blk.tokens[i])
+        assert torch.allclose(single.probs[0], blk.probs[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_extend_then_truncate_equals_fresh_state(target, kind) -> None:
+    d = drafter_for(kind, target)
+    prefix, extra = [3, 4, 5, 6, 7], [40, 41, 42, 43]
+    state, cache = d.new_state(1, 64), target.new_cache(1, 64)
+    context(target, d, [prefix], [0], state, cache)
+    context(target, d, [extra], [0], state, cache)  # verified tokens, then two are rejected
+    state.truncate(0, len(prefix) + 2)
+    cache.truncate(0, len(prefix) + 2)
+    context(target, d, [[50]], [0], state, cache)
+    fresh, fresh_cache = d.new_state(1, 64), target.new_cache(1, 64)
+    context(target, d, [prefix + extra[:2] + [50]], [0], fresh, fresh_cache)
+    a = d.draft(state, [0], torch.tensor([9]), 4, greedy_sample)
+    b = d.draft(fresh, [0], torch.tensor([9]), 4, greedy_sample)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.probs, b.probs, atol=1e-5)
+
+
+def test_speculative_greedy_is_lossless(target) -> None:
+    """The simulated engine loop emits the target's own greedy tokens, whatever the drafter proposes."""
+    d = drafter_for("dspark", target)
+    prompt = [3, 4, 5, 6]
+    cache = target.new_cache(1, 64)
+    ids, ar = torch.tensor(prompt), []
+    out = target(ids, [0], [len(prompt)], cache, logits_indices=torch.tensor([len(prompt) - 1]))
+    for _ in range(24):
+        tok = int(out.logits[-1].argmax())
+        ar.append(tok)
+        out = target(torch.tensor([tok]), [0], [1], cache)
+    result = simulate(target, d, [prompt], 0.0, 4, 16)
+    assert result["rounds"] >= 1
+    out = result["outputs"][0]
+    assert len(out) >= 16 and out == ar[: len(out)]
+
+
+def test_checkpoint_roundtrip_excludes_shared_tensors(target, tmp_path) -> None:
+    d = drafter_for("dspark", target)
+    save_drafter(d, tmp_path)
+    from safetensors.torch import load_file
+
+    names = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert not any("embed" == n or "lm_head" == n for n in names)
+    loaded = load_drafter(tmp_path, target)
+    assert isinstance(loaded.config, DrafterConfig) and loaded.config == d.config
+    for (n1, p1), (n2, p2) in zip(d.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
