@@ -1,8 +1,10 @@
-"""The generation engine: continuous batching over one target model, Triton-free.
+"""The generation engine: speculative decoding with continuous batching, Triton-free.
 
-Each step runs ONE batched forward over every active request: newly admitted requests bring
-their whole prompt (prefill), running ones their last sampled token (decode). Requests join and
-leave between steps; a cancelled request frees its cache slot before the next step.
+Each step: the drafter proposes tokens for every running request that speculates; then ONE
+batched target forward covers every active request: newly admitted ones bring their whole prompt
+(prefill), running ones their last emitted token plus their draft (verification). Accepted tokens
+are streamed, the target and drafter caches are rolled back to what was accepted. Requests join
+and leave between steps; a cancelled request frees its slots before the next step.
 """
 from __future__ import annotations
 
@@ -21,9 +23,12 @@ from tokenizers import Tokenizer
 from models.kv_cache import KVCache
 from models.transformer import Transformer
 from orchestrator.detokenizer import IncrementalDetokenizer
+from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
-from orchestrator.sampling import SamplingParams, make_generator, next_token
+from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams
+from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
 from orchestrator.stop_strings import StopStringMatcher
+from orchestrator.verification import VerifyResult, verify_greedy, verify_sampling
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ class GenerationChunk:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_draft_rounds: int = 0     # verification rounds with at least one draft token
+    num_draft_tokens: int = 0     # draft tokens the target verified
+    num_accepted_tokens: int = 0  # draft tokens it accepted
 
 
 EmitFn = Callable[[GenerationChunk], None]
@@ -50,6 +58,28 @@ class EngineConfig:
     max_batch_size: int = 16      # cache slots = requests decoded together
     max_context: int = 2048       # prompt + generated tokens per request
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    default_spec: SpeculationParams = field(default_factory=lambda: SpeculationParams(mode="off"))
+
+
+@dataclass
+class SpeculationStats:
+    """Draft/accept counters; mean tokens per round = 1 + accepted / rounds."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_TOKENS)   # verified at position k
+    accepted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_TOKENS)  # accepted at position k
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        if num_drafted == 0:
+            return
+        self.rounds += 1
+        self.drafted += num_drafted
+        self.accepted += num_accepted
+        for k in range(num_drafted):
+            self.drafted_at[k] += 1
+            self.accepted_at[k] += k < num_accepted
 
 
 @dataclass
@@ -57,6 +87,7 @@ class _Request:
     request_id: int
     prompt_ids: list[int]
     params: SamplingParams
+    spec: SpeculationParams
     emit: EmitFn
     is_cancelled: Callable[[], bool]
     generator: torch.Generator
@@ -64,8 +95,13 @@ class _Request:
     stop: StopStringMatcher
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
-    pending_token: int | None = None  # sampled, streamed, not yet in the KV cache
     cancel_checked_at: float = 0.0
+    spec_stats: SpeculationStats = field(default_factory=SpeculationStats)
+
+    @property
+    def context(self) -> list[int]:
+        """Prompt and output so far; the last output token is not yet in the target's cache."""
+        return self.prompt_ids + self.output_ids
 
 
 @dataclass
@@ -76,13 +112,17 @@ class EngineStats:
     tokens_generated: int = 0
     forward_seconds: float = 0.0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
 
 
 class Engine:
     """Owns the model, its KV cache and the request lifecycle. Thread-safe `submit`/`cancel`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig, drafter: Drafter | None = None
+    ) -> None:
         self.model = model
+        self.drafter = drafter
         self.tokenizer = tokenizer
         self.config = config
         self.cache: KVCache = model.new_cache(config.max_batch_size, config.max_context)
@@ -105,9 +145,14 @@ class Engine:
         params: SamplingParams,
         emit: EmitFn,
         is_cancelled: Callable[[], bool] = lambda: False,
+        spec: SpeculationParams | None = None,
     ) -> int:
         """Queues a request; raises InvalidRequestError at once for bad input."""
         params.validate(self.config.max_tokens_limit)
+        spec = spec or self.config.default_spec
+        spec.validate()
+        if spec.mode != "off" and self.drafter is None:
+            raise InvalidRequestError(f"spec_mode {spec.mode!r} needs a drafter; this server has none (use 'off')")
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty")
         if len(prompt_ids) >= self.config.max_context:
@@ -122,6 +167,7 @@ class Engine:
             request_id=next(self._ids),
             prompt_ids=list(prompt_ids),
             params=params,
+            spec=spec,
             emit=emit,
             is_cancelled=is_cancelled,
             generator=make_generator(params.seed),
@@ -207,22 +253,80 @@ class Engine:
         while self._waiting and self.cache.num_free() > 0:
             request = self._waiting.popleft()
             request.slot = self.cache.allocate()
+            if self.drafter is not None:
+                self.drafter.admit(request.request_id)
             self._running.append(request)
             admitted.append(request)
         return admitted
 
+    def _draft_length(self, request: _Request) -> int:
+        """The request's draft length, cut so the accepted tokens fit max_tokens and the context."""
+        room_tokens = request.params.max_tokens - len(request.output_ids) - 1
+        room_context = self.config.max_context - len(request.context)
+        return max(0, min(request.spec.draft_length(), room_tokens, room_context))
+
+    def _propose(self, requests: list[_Request]) -> dict[int, Draft]:
+        asks = [
+            DraftRequest(r.request_id, r.context, k, r.params, r.generator)
+            for r in requests
+            if (k := self._draft_length(r)) > 0
+        ]
+        if not asks:
+            return {}
+        return {ask.key: draft for ask, draft in zip(asks, self.drafter.propose(asks))}
+
     def _decode_step(self, admitted: list[_Request]) -> None:
-        """One forward: prompts of newly admitted requests, the pending token of the others."""
-        new_tokens = [r.prompt_ids if r in admitted else [r.pending_token] for r in self._running]
-        num_new = [len(t) for t in new_tokens]
-        input_ids = torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long)
-        last_rows = torch.tensor(list(itertools.accumulate(num_new)), dtype=torch.long) - 1
+        """Draft, then one target forward: prompts of new requests, pending token + draft of the others."""
+        drafts = self._propose([r for r in self._running if r not in admitted])
+        new_tokens, logits_rows, offset = [], [], 0
+        for r in self._running:
+            tokens = r.prompt_ids if r in admitted else [r.output_ids[-1]] + drafts.get(r.request_id, Draft([])).tokens
+            first_row = offset + len(tokens) - (1 if r in admitted else len(tokens))
+            logits_rows.extend(range(first_row, offset + len(tokens)))
+            new_tokens.append(tokens)
+            offset += len(tokens)
         started = time.perf_counter()
-        out = self.model(input_ids, [r.slot for r in self._running], num_new, self.cache, logits_indices=last_rows)
+        out = self.model(
+            torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long),
+            [r.slot for r in self._running],
+            [len(t) for t in new_tokens],
+            self.cache,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        )
         self.stats.forward_seconds += time.perf_counter() - started
-        for request, logits in zip(list(self._running), out.logits):
-            token = next_token(logits, request.params, request.generator)
-            self._append_tokens(request, [token])
+        row = 0
+        for request, tokens in zip(list(self._running), new_tokens):
+            draft = drafts.get(request.request_id) if request not in admitted else None
+            num_rows = 1 + (len(draft.tokens) if draft else 0)
+            logits = out.logits[row:row + num_rows]
+            row += num_rows
+            if draft is None or not draft.tokens:
+                self._append_tokens(request, [next_token(logits[0], request.params, request.generator)])
+                continue
+            result = self._verify(request, draft, logits)
+            self._roll_back(request, len(draft.tokens), result.num_accepted)
+            request.spec_stats.record(len(draft.tokens), result.num_accepted)
+            self.stats.speculation.record(len(draft.tokens), result.num_accepted)
+            self._append_tokens(request, result.tokens)
+
+    @staticmethod
+    def _verify(request: _Request, draft: Draft, logits: torch.Tensor) -> VerifyResult:
+        if request.params.greedy:
+            return verify_greedy(draft.tokens, logits)
+        target_probs = warp_logits(logits, request.params)
+        draft_probs = draft.probs
+        if draft_probs is None:  # a deterministic proposal is a one-hot q
+            draft_probs = torch.zeros(len(draft.tokens), logits.shape[-1]).scatter_(
+                1, torch.tensor(draft.tokens).unsqueeze(1), 1.0
+            )
+        return verify_sampling(draft.tokens, draft_probs, target_probs, request.generator)
+
+    def _roll_back(self, request: _Request, num_drafted: int, num_accepted: int) -> None:
+        """Drop rejected draft tokens from the target cache; tell the drafter what is final."""
+        committed = len(request.context) + num_accepted  # context (pending included) + accepted drafts
+        if num_accepted < num_drafted:
+            self.cache.truncate(request.slot, committed)
+        self.drafter.commit(request.request_id, committed)
 
     def _append_tokens(self, request: _Request, tokens: list[int]) -> None:
         """Streams accepted tokens to the client and finishes the request when it is done."""
@@ -249,12 +353,14 @@ class Engine:
                 text += request.stop.flush()
             self._finish(request, reason, token_ids=emitted, text=text)
             return
-        request.pending_token = emitted[-1]
         self._send(request, GenerationChunk(emitted, text))
 
     def _send(self, request: _Request, chunk: GenerationChunk) -> bool:
         chunk.num_prompt_tokens = len(request.prompt_ids)
         chunk.num_output_tokens = len(request.output_ids)
+        chunk.num_draft_rounds = request.spec_stats.rounds
+        chunk.num_draft_tokens = request.spec_stats.drafted
+        chunk.num_accepted_tokens = request.spec_stats.accepted
         try:
             request.emit(chunk)
             return True
@@ -280,6 +386,8 @@ class Engine:
         if request.slot is not None:
             self.cache.free(request.slot)
             request.slot = None
+            if self.drafter is not None:
+                self.drafter.release(request.request_id)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if notify:
             self._send(request, GenerationChunk(token_ids or [], text, finish_reason=reason, error=error))

@@ -1,0 +1,172 @@
+"""Speculative decoding in the engine, on the real default model in fp32: lossless, rolls back, isolates requests."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.loading import load_transformer
+from models.transformer import Transformer
+from orchestrator.drafting import ModelDrafter, PromptLookupDrafter
+from orchestrator.engine import Engine, EngineConfig
+from orchestrator.policies import SpeculationParams
+from orchestrator.prompting import PromptEncoder
+from orchestrator.sampling import SamplingParams
+
+TOPICS = ["the sea", "a cat", "Paris", "winter", "coffee", "robots", "music", "rivers", "the moon", "bread"]
+PROMPTS = (
+    [f"Write one sentence about {t}." for t in TOPICS[:7]]
+    + [f"def {name}(xs):" for name in ("total", "reverse_list", "max_value", "is_sorted", "mean")]
+    + ["Repeat exactly: red green blue red green blue red green blue",
+       "List the numbers 1, 2, 3, 4, 5, 6, 7, 8.",
+       "What is 12 times 12?",
+       "Name three planets.",
+       "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):",
+       "Translate 'thank you' into French.",
+       "Spell the word banana letter by letter.",
+       "Write the alphabet in capitals."]
+)
+NEW_TOKENS = 16
+SLOTS = 8
+
+
+@pytest.fixture(scope="module")
+def target(smollm2_dir):
+    return load_transformer(smollm2_dir, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def encoder(smollm2_dir):
+    return PromptEncoder.from_model_dir(smollm2_dir, max_prompt_tokens=1024)
+
+
+def shallow_copy(target: Transformer, num_layers: int) -> Transformer:
+    """A cheap drafter with the target's tokenizer: its first layers, embeddings and head."""
+    drafter = Transformer(dataclasses.replace(target.config, num_layers=num_layers))
+    drafter.embed = target.embed
+    drafter.norm = target.norm
+    drafter.lm_head = target.lm_head
+    drafter.layers = torch.nn.ModuleList(target.layers[:num_layers])
+    return drafter.eval()
+
+
+def run(target, encoder, drafter, spec, params=None, prompts=PROMPTS, arrive_every=2):
+    """All prompts through one engine, newcomers arriving while others are mid-generation."""
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, max_context=256, max_tokens_limit=64), drafter)
+    outputs: dict[int, list] = {}
+    pending = list(enumerate(prompts))
+    step = 0
+    while pending or engine.num_active or engine.num_waiting:
+        if pending and step % arrive_every == 0:
+            i, prompt = pending.pop(0)
+            outputs[i] = []
+            engine.submit(encoder.encode(prompt, True), params or SamplingParams(max_tokens=NEW_TOKENS),
+                          outputs[i].append, spec=spec)
+        engine.step()
+        step += 1
+    assert engine.cache.num_free() == SLOTS
+    return engine, [[t for chunk in outputs[i] for t in chunk.token_ids] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def reference(target, encoder):
+    return run(target, encoder, None, SpeculationParams("off"))[1]
+
+
+@pytest.fixture(scope="module", params=["prompt_lookup", "shallow_model"])
+def drafter(request, target):
+    if request.param == "prompt_lookup":
+        return PromptLookupDrafter()
+    return ModelDrafter(shallow_copy(target, 6), SLOTS, 256)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_greedy_speculation_equals_target_alone(target, encoder, reference, drafter, k):
+    engine, outputs = run(target, encoder, drafter, SpeculationParams("static", k))
+    for prompt, got, want in zip(PROMPTS, outputs, reference):
+        assert got == want, prompt
+    stats = engine.stats.speculation
+    assert stats.rounds > 0 and stats.drafted >= stats.rounds
+    assert 0 < stats.accepted < stats.drafted, "the test must see both acceptances and rejections"
+
+
+def test_full_acceptance_with_the_target_as_its_own_drafter(target, encoder, reference):
+    engine, outputs = run(target, encoder, ModelDrafter(target, SLOTS, 256), SpeculationParams("static", 3),
+                          prompts=PROMPTS[:6])
+    assert outputs == reference[:6]
+    stats = engine.stats.speculation
+    assert stats.accepted == stats.drafted  # identical models: every draft survives, bonus tokens included
+
+
+def test_speculative_and_plain_requests_share_a_batch(target, encoder, reference):
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, 256, 64), PromptLookupDrafter())
+    outs = {i: [] for i in range(4)}
+    for i in range(4):
+        spec = SpeculationParams("static", 3) if i % 2 else SpeculationParams("off")
+        engine.submit(encoder.encode(PROMPTS[i], True), SamplingParams(max_tokens=NEW_TOKENS), outs[i].append, spec=spec)
+    while engine.step():
+        pass
+    assert [[t for c in outs[i] for t in c.token_ids] for i in range(4)] == reference[:4]
+    assert outs[0][-1].num_draft_rounds == 0 and outs[1][-1].num_draft_rounds > 0
+
+
+def test_rollback_leaves_the_cache_as_a_fresh_prefill_would(target, encoder):
+    drafter = ModelDrafter(shallow_copy(target, 4), 2, 256)
+    engine = Engine(target, encoder.tokenizer, EngineConfig(2, 256, 64), drafter)
+    engine.submit(encoder.encode(PROMPTS[0], True), SamplingParams(max_tokens=40), lambda c: None,
+                  spec=SpeculationParams("static", 5))
+    rejected = 0
+    for _ in range(6):
+        engine.step()
+        rejected = engine.stats.speculation.drafted - engine.stats.speculation.accepted
+    assert rejected > 0
+    request = engine._running[0]
+    context = request.context
+    assert int(engine.cache.lengths[request.slot]) == len(context) - 1
+    with torch.inference_mode():
+        last = torch.tensor([len(context) - 1])
+        after_rollback = target(torch.tensor(context[-1:]), [request.slot], [1], engine.cache,
+                                logits_indices=torch.tensor([0])).logits
+        fresh_cache = target.new_cache(1, 256)
+        fresh = target(torch.tensor(context), [fresh_cache.allocate()], [len(context)], fresh_cache,
+                       logits_indices=last).logits
+    torch.testing.assert_close(after_rollback, fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_speculative_sampling_is_reproducible(target, encoder):
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_k=50, seed=11)
+    spec = SpeculationParams("static", 3)
+    drafter = ModelDrafter(shallow_copy(target, 6), SLOTS, 256)
+    _, a = run(target, encoder, drafter, spec, params, prompts=PROMPTS[:3])
+    _, b = run(target, encoder, drafter, spec, params, prompts=PROMPTS[:3])
+    assert a == b
+    assert all(len(x) > 0 for x in a)
+
+
+def test_cancelling_a_speculating_request_leaves_others_unchanged(target, encoder, reference):
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, 256, 64), PromptLookupDrafter())
+    outs = {i: [] for i in range(3)}
+    ids = [engine.submit(encoder.encode(PROMPTS[i], True), SamplingParams(max_tokens=NEW_TOKENS), outs[i].append,
+                         spec=SpeculationParams("static", 3)) for i in range(3)]
+    engine.step()
+    engine.step()
+    engine.cancel(ids[1])
+    while engine.step():
+        pass
+    assert outs[1][-1].finish_reason == "cancelled"
+    for i in (0, 2):
+        assert [t for c in outs[i] for t in c.token_ids] == reference[i]
+    assert engine.cache.num_free() == SLOTS
+
+
+def test_spec_params_are_validated(target, encoder):
+    from orchestrator.errors import InvalidRequestError
+
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, 256, 64))
+    with pytest.raises(InvalidRequestError, match="needs a drafter"):
+        engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("static", 3))
+    with pytest.raises(InvalidRequestError, match="spec_mode"):
+        engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("turbo", 3))
+    with pytest.raises(InvalidRequestError, match="num_draft_tokens"):
+        engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("off", 99))
