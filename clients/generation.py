@@ -28,7 +28,12 @@ _INPUT_DTYPES: dict[str, Any] = {
     "top_p": np.float32,
     "top_k": np.int32,
     "seed": np.uint64,
+    "num_draft_tokens": np.int32,
+    "spec_mode": np.object_,
 }
+
+
+_COUNTERS = ("num_prompt_tokens", "num_output_tokens", "draft_rounds", "draft_tokens", "accepted_tokens")
 
 
 class GenerationError(RuntimeError):
@@ -42,6 +47,9 @@ class GenerationChunk:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    draft_rounds: int = 0       # running totals for the request
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -51,13 +59,21 @@ class GenerationResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    draft_rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     def add(self, chunk: GenerationChunk) -> None:
         self.text += chunk.text
         self.token_ids += chunk.token_ids
         self.finish_reason = chunk.finish_reason or self.finish_reason
-        self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
-        self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens
+        for name in _COUNTERS:
+            setattr(self, name, getattr(chunk, name))
+
+    @property
+    def tokens_per_round(self) -> float | None:
+        """Mean tokens emitted per verification round (accepted drafts + the target's own token)."""
+        return 1 + self.accepted_tokens / self.draft_rounds if self.draft_rounds else None
 
 
 def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
@@ -72,6 +88,7 @@ def _grpc_inputs(prompt: str | bytes, stop: list[str] | None, params: dict[str, 
     arrays = {"text_input": np.array([text], dtype=np.object_), "stream": np.array([True])}
     for name, value in params.items():
         if value is not None:
+            value = value.encode() if isinstance(value, str) else value
             arrays[name] = np.array([value], dtype=_INPUT_DTYPES[name])
     if stop:
         arrays["stop"] = np.array([s.encode("utf-8") for s in stop], dtype=np.object_)
@@ -94,8 +111,7 @@ def _chunk_from_result(result: Any) -> GenerationChunk:
         text=(scalar("text_output") or b"").decode("utf-8"),
         token_ids=[] if ids is None else ids.astype(int).tolist(),
         finish_reason=(finish.decode() if finish is not None else "") or None,
-        num_prompt_tokens=int(scalar("num_prompt_tokens") or 0),
-        num_output_tokens=int(scalar("num_output_tokens") or 0),
+        **{name: int(scalar(name) or 0) for name in _COUNTERS},
     )
 
 
@@ -150,8 +166,7 @@ def _chunk_from_json(data: dict[str, Any]) -> GenerationChunk:
         text=data.get("text_output", ""),
         token_ids=[ids] if isinstance(ids, int) else list(ids),
         finish_reason=data.get("finish_reason") or None,
-        num_prompt_tokens=int(data.get("num_prompt_tokens", 0)),
-        num_output_tokens=int(data.get("num_output_tokens", 0)),
+        **{name: int(data.get(name, 0)) for name in _COUNTERS},
     )
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from orchestrator.errors import InvalidRequestError
+from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
 
 
@@ -51,6 +52,18 @@ def parse_sampling_params(inputs: Mapping[str, np.ndarray]) -> SamplingParams:
     }
     params = {k: v for k, v in values.items() if v is not None}
     return SamplingParams(**params, stop=_strings(inputs, "stop"))
+
+
+def parse_speculation(inputs: Mapping[str, np.ndarray], default: SpeculationParams) -> SpeculationParams:
+    """Optional inputs spec_mode and num_draft_tokens, falling back to the server's default."""
+    modes = _strings(inputs, "spec_mode")
+    if len(modes) > 1:
+        raise InvalidRequestError(f"spec_mode must hold exactly one value, got {len(modes)}")
+    k = _scalar(inputs, "num_draft_tokens", "i")
+    return SpeculationParams(
+        mode=modes[0] if modes else default.mode,
+        num_draft_tokens=default.num_draft_tokens if k is None else k,
+    )
 
 
 def parse_bool(inputs: Mapping[str, np.ndarray], name: str, default: bool) -> bool:

@@ -24,9 +24,9 @@ def smollm2_dir() -> Path:
 
 @dataclass(frozen=True)
 class TritonEndpoints:
-    http: str
-    grpc: str
-    metrics: str
+    http: str  # host:port
+    grpc: str  # host:port
+    metrics: str  # full URL of the Prometheus endpoint
 
 
 def _free_port() -> int:
@@ -43,7 +43,9 @@ def triton(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """
     if os.environ.get("DSPARK_TRITON_HTTP"):
         yield TritonEndpoints(
-            os.environ["DSPARK_TRITON_HTTP"], os.environ["DSPARK_TRITON_GRPC"], os.environ["DSPARK_TRITON_METRICS"]
+            os.environ["DSPARK_TRITON_HTTP"],
+            os.environ["DSPARK_TRITON_GRPC"],
+            f"http://{os.environ['DSPARK_TRITON_METRICS']}/metrics",
         )
         return
     from serving.triton_launcher import ServerConfig, TritonServer

@@ -1,6 +1,7 @@
 """End to end through a real Triton server: ensemble (preprocessing -> dspark), gRPC and HTTP."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -177,3 +178,36 @@ def test_cancelled_streams_free_their_slots(triton, reference_greedy):
         results = list(pool.map(lambda p: collect(stream_grpc(triton.grpc, p, max_tokens=8, timeout_s=120)),
                                 [PROMPTS[0]] * 16))
     assert all(r.token_ids == reference_greedy(PROMPTS[0], 8) for r in results)
+
+
+# --- speculation through the server ----------------------------------------------------------
+
+CODE_PROMPT = "Repeat this list twice: apple, banana, cherry, apple, banana, cherry."
+
+
+def test_speculative_and_plain_requests_stream_the_same_greedy_tokens(triton, reference_greedy):
+    off = collect(stream_grpc(triton.grpc, CODE_PROMPT, max_tokens=32, spec_mode="off"))
+    spec = collect(stream_grpc(triton.grpc, CODE_PROMPT, max_tokens=32, spec_mode="static", num_draft_tokens=5))
+    assert off.token_ids == spec.token_ids == reference_greedy(CODE_PROMPT, 32)
+    assert off.draft_rounds == 0 and off.tokens_per_round is None
+    assert spec.draft_rounds > 0 and spec.draft_tokens >= spec.draft_rounds
+    assert spec.tokens_per_round > 1.0, "prompt lookup must accept some tokens on a repetitive answer"
+
+
+def test_speculation_counters_are_exported_as_metrics(triton):
+    collect(stream_grpc(triton.grpc, CODE_PROMPT, max_tokens=16, spec_mode="static", num_draft_tokens=3))
+    time.sleep(2 * 0.5)  # the model publishes its counters every 0.5 s
+    metrics = requests.get(triton.metrics, timeout=10).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+              if line.startswith("dspark_")}
+    assert values['dspark_draft_tokens_total{position="1"}'] >= values['dspark_accepted_tokens_total{position="1"}']
+    assert values["dspark_draft_rounds_total"] > 0
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"spec_mode": "turbo"}, "spec_mode"),
+    ({"num_draft_tokens": 99}, "num_draft_tokens"),
+])
+def test_bad_speculation_parameters_are_refused(triton, params, message):
+    with pytest.raises(GenerationError, match=message):
+        collect(stream_grpc(triton.grpc, "hi", **params))

@@ -10,22 +10,31 @@ import triton_python_backend_utils as pb_utils
 
 from export.fetch import model_dir_if_cached
 from export.runners import load_runner
+from models.loading import load_transformer
+from orchestrator.drafting import ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
+from orchestrator.policies import SpeculationParams
 from orchestrator.prompting import PromptEncoder
-from orchestrator.request_inputs import parse_bool, parse_prompt_ids, parse_sampling_params
+from orchestrator.request_inputs import parse_bool, parse_prompt_ids, parse_sampling_params, parse_speculation
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _response(token_ids, text, finish_reason, num_prompt, num_output):
+def _response(token_ids, text, chunk: GenerationChunk):
+    """Token ids and text (one chunk's, or a whole answer's) with the chunk's running counters."""
+    counters = {
+        "num_prompt_tokens": chunk.num_prompt_tokens,
+        "num_output_tokens": chunk.num_output_tokens,
+        "draft_rounds": chunk.num_draft_rounds,
+        "draft_tokens": chunk.num_draft_tokens,
+        "accepted_tokens": chunk.num_accepted_tokens,
+    }
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("output_ids", np.asarray(token_ids, dtype=np.int32)),
-        pb_utils.Tensor("finish_reason", np.array([(finish_reason or "").encode()], dtype=np.object_)),
-        pb_utils.Tensor("num_prompt_tokens", np.array([num_prompt], dtype=np.int32)),
-        pb_utils.Tensor("num_output_tokens", np.array([num_output], dtype=np.int32)),
-    ])
+        pb_utils.Tensor("finish_reason", np.array([(chunk.finish_reason or "").encode()], dtype=np.object_)),
+    ] + [pb_utils.Tensor(name, np.array([value], dtype=np.int32)) for name, value in counters.items()])
 
 
 def _error(message, code=None):
@@ -52,16 +61,12 @@ class _ResponseStream:
             return
         final = chunk.finish_reason is not None
         if self.stream:
-            response = _response(chunk.token_ids, chunk.text, chunk.finish_reason,
-                                 chunk.num_prompt_tokens, chunk.num_output_tokens)
-            self.sender.send(response, flags=FINAL if final else 0)
+            self.sender.send(_response(chunk.token_ids, chunk.text, chunk), flags=FINAL if final else 0)
             return
         self.token_ids += chunk.token_ids
         self.text += chunk.text
         if final:
-            response = _response(self.token_ids, self.text, chunk.finish_reason,
-                                 chunk.num_prompt_tokens, chunk.num_output_tokens)
-            self.sender.send(response, flags=FINAL)
+            self.sender.send(_response(self.token_ids, self.text, chunk), flags=FINAL)
 
 
 class _EngineMetrics:
@@ -79,12 +84,21 @@ class _EngineMetrics:
             "tokens": pb_utils.MetricFamily("dspark_generated_tokens_total", "Tokens streamed to clients", counter),
             "steps": pb_utils.MetricFamily("dspark_engine_steps_total", "Batched target forwards", counter),
             "finished": pb_utils.MetricFamily("dspark_finished_requests_total", "Finished requests by reason", counter),
+            "rounds": pb_utils.MetricFamily("dspark_draft_rounds_total", "Verification rounds with drafts", counter),
+            "drafted": pb_utils.MetricFamily(
+                "dspark_draft_tokens_total", "Draft tokens verified, by draft position", counter),
+            "accepted": pb_utils.MetricFamily(
+                "dspark_accepted_tokens_total", "Draft tokens accepted, by draft position", counter),
         }
         self.active = self.families["active"].Metric(labels={})
         self.waiting = self.families["waiting"].Metric(labels={})
         self.tokens = self.families["tokens"].Metric(labels={})
         self.steps = self.families["steps"].Metric(labels={})
         self.finished = {r: self.families["finished"].Metric(labels={"reason": r}) for r in self.REASONS}
+        self.rounds = self.families["rounds"].Metric(labels={})
+        positions = range(len(engine.stats.speculation.drafted_at))
+        self.drafted = [self.families["drafted"].Metric(labels={"position": str(k + 1)}) for k in positions]
+        self.accepted = [self.families["accepted"].Metric(labels={"position": str(k + 1)}) for k in positions]
         self._published: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dspark-metrics", daemon=True)
@@ -103,28 +117,50 @@ class _EngineMetrics:
             self._add("steps", self.steps, stats.steps)
             for reason, metric in self.finished.items():
                 self._add(reason, metric, stats.finished.get(reason, 0))
+            spec = stats.speculation
+            self._add("rounds", self.rounds, spec.rounds)
+            for k, (drafted, accepted) in enumerate(zip(self.drafted, self.accepted)):
+                self._add(f"drafted{k}", drafted, spec.drafted_at[k])
+                self._add(f"accepted{k}", accepted, spec.accepted_at[k])
 
     def close(self):
         """Metrics must be deleted before their families, or the stub crashes at shutdown."""
         self._stop.set()
         self._thread.join()
-        del self.active, self.waiting, self.tokens, self.steps, self.finished
+        del self.active, self.waiting, self.tokens, self.steps, self.finished, self.rounds, self.drafted, self.accepted
         self.families.clear()
+
+
+def _resolve_model_dir(name: str) -> Path:
+    model_dir = model_dir_if_cached(name)
+    if model_dir is None:
+        raise pb_utils.TritonModelException(f"model '{name}' is not fetched; run: python cli.py fetch {name}")
+    return model_dir
+
+
+def _make_drafter(choice: str, dtype: str, config: EngineConfig):
+    """none | prompt_lookup | model:<name or dir> -> a drafter (or None)."""
+    if choice == "none":
+        return None
+    if choice == "prompt_lookup":
+        return PromptLookupDrafter()
+    if choice.startswith("model:"):
+        model = load_transformer(_resolve_model_dir(choice[len("model:"):]), getattr(torch, dtype))
+        return ModelDrafter(model, config.max_batch_size, config.max_context)
+    raise pb_utils.TritonModelException(f"unknown drafter '{choice}' (none | prompt_lookup | model:<name>)")
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        name = os.environ.get("DSPARK_MODEL") or params["model"]
-        model_dir = model_dir_if_cached(name)
-        if model_dir is None:
-            raise pb_utils.TritonModelException(f"model '{name}' is not fetched; run: python cli.py fetch {name}")
+        model_dir = _resolve_model_dir(os.environ.get("DSPARK_MODEL") or params["model"])
         threads = int(params["num_threads"]) or os.cpu_count()
         torch.set_num_threads(threads)
         config = EngineConfig(
             max_batch_size=int(params["max_batch_size"]),
             max_context=int(params["max_context"]),
             max_tokens_limit=int(params["max_tokens_limit"]),
+            default_spec=SpeculationParams(params["spec_mode"], int(params["num_draft_tokens"])),
         )
         self.encoder = PromptEncoder.from_model_dir(model_dir, config.max_context - 1)
         # runtime: torch | onnxruntime | tensorrt; onnx_model: a graph shipped in this version dir
@@ -136,7 +172,8 @@ class TritonPythonModel:
             num_threads=threads, max_batch=config.max_batch_size, max_new=config.max_context,
             max_context=config.max_context,
         )
-        self.engine = Engine(runner, self.encoder.tokenizer, config)
+        drafter = _make_drafter(os.environ.get("DSPARK_DRAFTER") or params["drafter"], params["dtype"], config)
+        self.engine = Engine(runner, self.encoder.tokenizer, config, drafter)
         self.engine.start()
         self.metrics = _EngineMetrics(self.engine)
 
@@ -147,8 +184,9 @@ class TritonPythonModel:
             try:
                 prompt_ids = parse_prompt_ids(inputs) if "input_ids" in inputs else self.encoder.encode_request(inputs)
                 params = parse_sampling_params(inputs)
+                spec = parse_speculation(inputs, self.engine.config.default_spec)
                 stream = _ResponseStream(sender, parse_bool(inputs, "stream", False))
-                self.engine.submit(prompt_ids, params, emit=stream, is_cancelled=sender.is_cancelled)
+                self.engine.submit(prompt_ids, params, emit=stream, is_cancelled=sender.is_cancelled, spec=spec)
             except InvalidRequestError as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
         return None
