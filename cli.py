@@ -376,5 +376,46 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
     click.echo(write_outputs(results, out_dir))
 
 
+@cli.command()
+@click.option("--url", default=None, help="gRPC host:port of a running server (default: localhost:8001).")
+@click.option("--start-server", is_flag=True, help="Start Triton on the port options for the run, stop it after.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Target the started server loads.")
+@port_options
+@click.option("--policy", "policies", multiple=True, help="mode[:K], e.g. off, static:4 (repeatable; default: off, static:4).")
+@click.option("--concurrency", default="1,2,4,8,16", show_default=True, help="Closed-loop levels.")
+@click.option("--rate", default="", help="Open-loop Poisson request rates per second, e.g. 0.5,1,2.")
+@click.option("--requests", default=16, show_default=True, help="Requests per (policy, load) cell.")
+@click.option("--duration", default=120.0, show_default=True, help="Time limit per cell in seconds.")
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None,
+              help="JSONL with a 'prompt' field (default: the code prompt set).")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/loadtest"), show_default=True)
+def loadtest(url: str | None, start_server: bool, model: str, http_port: int, grpc_port: int, metrics_port: int,
+             policies: tuple[str, ...], concurrency: str, rate: str, requests: int, duration: float, max_tokens: int,
+             temperature: float, prompts: Path | None, out_dir: Path) -> None:
+    """Streaming load test: per-user vs total tokens/s per policy and load (CSV, JSON, PNG, ratio table)."""
+    import contextlib
+
+    from clients.loadgen import Policy, SweepConfig, comparison_table, parse_list, read_prompts, run_sweep, write_results
+    from serving.triton_launcher import TritonServer
+
+    config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
+                         parse_list(rate, float), requests, duration,
+                         params={"max_tokens": max_tokens, "temperature": temperature})
+    prompt_list = read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "code.jsonl")
+    with contextlib.ExitStack() as stack:
+        if start_server:
+            server = stack.enter_context(TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None)))
+            url = server.url_grpc
+        url = url or "localhost:8001"
+        cells = run_sweep(url, prompt_list, config, log=lambda m: click.echo(m, err=True))
+    click.echo(comparison_table(cells))
+    meta = {"url": url, "model": model if start_server else None, "requests_per_cell": requests,
+            "max_tokens": max_tokens, "temperature": temperature, "prompts": len(prompt_list)}
+    for kind, path in write_results(cells, out_dir, meta).items():
+        click.echo(f"{kind}: {path}")
+
+
 if __name__ == "__main__":
     sys.exit(cli())

@@ -1,0 +1,400 @@
+"""Streaming load generator for the `dspark` model over tritonclient gRPC.
+
+Two load shapes, both bounded by a request count and a wall-clock budget:
+
+* closed loop: `concurrency` workers, each sends its next request as soon as the previous one ends;
+* open loop: requests arrive as a Poisson process at `rate` requests/s; a request's clock starts at
+  its scheduled arrival, so waiting for a free client worker counts in its latency (no coordinated
+  omission).
+
+Each worker keeps one gRPC stream open for all its requests, so connection setup stays out of the
+measured times. Only loopback servers are accepted: this is a local benchmark, not a load tool to
+aim at other hosts.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from clients.generation import DEFAULT_MODEL, _chunk_from_result, _grpc_inputs
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A speculation policy as the request inputs express it: `spec_mode` and optionally `num_draft_tokens`."""
+
+    spec_mode: str
+    num_draft_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        """'mode[:K]', e.g. 'off', 'static:4', 'dspark'. Any mode string is passed to the server as is."""
+        mode, _, k = text.strip().partition(":")
+        if not mode:
+            raise ValueError(f"empty policy in {text!r}")
+        return cls(mode, int(k) if k else None)
+
+    @property
+    def name(self) -> str:
+        return self.spec_mode if self.num_draft_tokens is None else f"{self.spec_mode}:{self.num_draft_tokens}"
+
+    def request_params(self) -> dict[str, Any]:
+        return {"spec_mode": self.spec_mode, "num_draft_tokens": self.num_draft_tokens}
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, times in seconds on the monotonic clock."""
+
+    prompt_index: int
+    start: float                       # sent (closed loop) or scheduled arrival (open loop)
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    end: float | None = None           # final response received
+    draft_rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.end is not None and self.error is None
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.chunk_tokens)
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] - self.start if self.chunk_times else None
+
+    @property
+    def e2e(self) -> float | None:
+        return self.end - self.start if self.end is not None else None
+
+    def inter_token_latencies(self) -> list[float]:
+        """One value per token after the first response: the gap since the previous response, spread
+        evenly over the tokens it carried (a speculative round delivers several tokens at once)."""
+        itl: list[float] = []
+        for i in range(1, len(self.chunk_times)):
+            n = self.chunk_tokens[i]
+            if n:
+                itl += [(self.chunk_times[i] - self.chunk_times[i - 1]) / n] * n
+        return itl
+
+
+@dataclass
+class CellStats:
+    """Aggregate of one (policy, load) cell.
+
+    user_tps: mean over completed requests of tokens / e2e, where e2e runs from the request's start
+        (send, or scheduled arrival in open loop) to its last response: the rate one user sees,
+        queueing and prefill included.
+    decode_tps: mean over requests of (tokens after the first response) / (last - first response):
+        the streaming rate once output has started, which speculation is meant to raise.
+    total_tps: all completed tokens / the measured window (first start to last end).
+    tokens_per_round: 1 + accepted / rounds over all requests' speculative rounds; None without any.
+    """
+
+    policy: str
+    mode: str                          # "closed" or "open"
+    concurrency: int | None
+    rate: float | None
+    requests: int
+    errors: int
+    tokens: int
+    window_s: float
+    ttft_p50: float | None
+    ttft_p90: float | None
+    itl_p50: float | None
+    itl_p90: float | None
+    e2e_p50: float | None
+    user_tps: float | None
+    decode_tps: float | None
+    total_tps: float
+    tokens_per_round: float | None
+    acceptance_rate: float | None
+    draft_rounds: int
+
+    @property
+    def load(self) -> str:
+        return f"c={self.concurrency}" if self.mode == "closed" else f"r={self.rate:g}/s"
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def aggregate(records: Iterable[RequestRecord], policy: str, mode: str, concurrency: int | None = None,
+              rate: float | None = None) -> CellStats:
+    """Stats over the completed requests of one cell (errors and cancelled requests are only counted)."""
+    records = list(records)
+    done = [r for r in records if r.completed and r.tokens > 0]
+    window = (max(r.end for r in done) - min(r.start for r in done)) if done else 0.0
+    tokens = sum(r.tokens for r in done)
+    itl = [x for r in done for x in r.inter_token_latencies()]
+    decode = [(r.tokens - r.chunk_tokens[0]) / (r.chunk_times[-1] - r.chunk_times[0])
+              for r in done if r.chunk_times[-1] > r.chunk_times[0]]
+    rounds = sum(r.draft_rounds for r in done)
+    drafted = sum(r.draft_tokens for r in done)
+    accepted = sum(r.accepted_tokens for r in done)
+    return CellStats(
+        policy=policy, mode=mode, concurrency=concurrency, rate=rate,
+        requests=len(done), errors=len(records) - len(done), tokens=tokens, window_s=window,
+        ttft_p50=_percentile([r.ttft for r in done], 50), ttft_p90=_percentile([r.ttft for r in done], 90),
+        itl_p50=_percentile(itl, 50), itl_p90=_percentile(itl, 90),
+        e2e_p50=_percentile([r.e2e for r in done], 50),
+        user_tps=_mean([r.tokens / r.e2e for r in done]),
+        decode_tps=_mean(decode),
+        total_tps=tokens / window if window > 0 else 0.0,
+        tokens_per_round=1 + accepted / rounds if rounds else None,
+        acceptance_rate=accepted / drafted if drafted else None,
+        draft_rounds=rounds,
+    )
+
+
+def check_loopback(url: str) -> None:
+    """Refuse anything but a server on this machine."""
+    host = url.rsplit(":", 1)[0] if url.count(":") == 1 or url.startswith("[") else url
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(f"load tests only target loopback servers (127.0.0.1, localhost, ::1), not {url!r}")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The 'prompt' field of each line of a JSONL file."""
+    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+class _StreamWorker:
+    """One client with one open gRPC stream, sending requests one after another."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.model = model
+        self.responses: queue.Queue = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=lambda result, error: self.responses.put((time.monotonic(), result, error)))
+
+    def run(self, record: RequestRecord, prompt: str, params: dict[str, Any], deadline: float) -> bool:
+        """Fills `record`; returns False if the deadline cut the request (the stream is then unusable)."""
+        self.client.async_stream_infer(self.model, _grpc_inputs(prompt, None, params),
+                                       enable_empty_final_response=True)
+        while True:
+            try:
+                now, result, error = self.responses.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                record.error = "cancelled at the time limit"
+                return False
+            if error is not None:
+                record.error = error.message() if isinstance(error, InferenceServerException) else str(error)
+                record.end = now
+                return True
+            response = result.get_response()
+            if response.outputs:
+                chunk = _chunk_from_result(result)
+                if chunk.token_ids:
+                    record.chunk_times.append(now)
+                    record.chunk_tokens.append(len(chunk.token_ids))
+                record.draft_rounds = chunk.draft_rounds
+                record.draft_tokens = chunk.draft_tokens
+                record.accepted_tokens = chunk.accepted_tokens
+            final = response.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                record.end = now
+                return True
+
+    def close(self, cancel: bool) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+@dataclass
+class LoadSpec:
+    """One cell's load: closed loop at `concurrency`, or open loop at `rate` (requests/s) when set."""
+
+    num_requests: int
+    duration_s: float
+    concurrency: int = 1
+    rate: float | None = None
+    max_workers: int = 64              # open loop: client streams available to arriving requests
+    seed: int = 0
+
+
+def run_load(url: str, prompts: Sequence[str], policy: Policy, spec: LoadSpec, model: str = DEFAULT_MODEL,
+             **params: Any) -> list[RequestRecord]:
+    """Runs one cell and returns a record per issued request. `params` are extra request inputs
+    (max_tokens, temperature, ...); prompts are used round robin."""
+    check_loopback(url)
+    params = {**params, **policy.request_params()}
+    rng = random.Random(spec.seed)
+    begin = time.monotonic()
+    deadline = begin + spec.duration_s
+    arrivals: queue.Queue = queue.Queue()
+    t = 0.0
+    for i in range(spec.num_requests):
+        if spec.rate is not None:
+            t += rng.expovariate(spec.rate)
+        arrivals.put((i, begin + t if spec.rate is not None else None))
+    records: list[RequestRecord] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        stream: _StreamWorker | None = None
+        try:
+            while True:
+                try:
+                    index, arrival = arrivals.get_nowait()
+                except queue.Empty:
+                    return
+                if arrival is not None:
+                    time.sleep(max(arrival - time.monotonic(), 0.0))
+                if time.monotonic() >= deadline:
+                    return
+                stream = stream or _StreamWorker(url, model)
+                record = RequestRecord(index, arrival if arrival is not None else time.monotonic())
+                with lock:
+                    records.append(record)
+                if not stream.run(record, prompts[index % len(prompts)], params, deadline):
+                    stream.close(cancel=True)
+                    stream = None
+                    return
+        finally:
+            if stream is not None:
+                stream.close(cancel=False)
+
+    workers = spec.concurrency if spec.rate is None else min(spec.max_workers, spec.num_requests)
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(records, key=lambda r: r.prompt_index)
+
+
+@dataclass
+class SweepConfig:
+    policies: list[Policy]
+    concurrencies: list[int]
+    rates: list[float] = field(default_factory=list)
+    requests_per_cell: int = 16
+    cell_duration_s: float = 120.0
+    warmup_requests: int = 1
+    model: str = DEFAULT_MODEL
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def run_sweep(url: str, prompts: Sequence[str], config: SweepConfig,
+              log: Any = None) -> list[CellStats]:
+    """Every load level x every policy; policies are interleaved within a load level so drift of a
+    shared machine hits them alike. A few warm-up requests first, not measured."""
+    if config.warmup_requests:
+        run_load(url, prompts, config.policies[0],
+                 LoadSpec(config.warmup_requests, config.cell_duration_s), config.model, **config.params)
+    loads = [LoadSpec(config.requests_per_cell, config.cell_duration_s, concurrency=c) for c in config.concurrencies]
+    loads += [LoadSpec(config.requests_per_cell, config.cell_duration_s, rate=r) for r in config.rates]
+    cells = []
+    for load in loads:
+        for policy in config.policies:
+            records = run_load(url, prompts, policy, load, config.model, **config.params)
+            if load.rate is None:
+                cell = aggregate(records, policy.name, "closed", concurrency=load.concurrency)
+            else:
+                cell = aggregate(records, policy.name, "open", rate=load.rate)
+            if log:
+                log(f"{cell.policy:>10} {cell.load:>8}: {cell.requests} ok, {cell.errors} failed, "
+                    f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total")
+            cells.append(cell)
+    return cells
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def comparison_table(cells: Sequence[CellStats], baseline: str = "off") -> str:
+    """Text table per cell, with per-user and total tokens/s as ratios to the baseline policy at the same load."""
+    base = {c.load: c for c in cells if c.policy == baseline}
+    header = (f"{'policy':>10} {'load':>8} {'n':>3} {'TTFT p50/p90 ms':>16} {'ITL p50/p90 ms':>15} "
+              f"{'user tok/s':>10} {'total tok/s':>11} {'tok/round':>9} {'user x':>7} {'total x':>7}")
+    lines = [header, "-" * len(header)]
+    for c in cells:
+        b = base.get(c.load)
+        user_ratio = c.user_tps / b.user_tps if b and c.user_tps and b.user_tps else None
+        total_ratio = c.total_tps / b.total_tps if b and b.total_tps else None
+        ms = lambda v: _fmt(None if v is None else v * 1e3, ".0f")  # noqa: E731
+        lines.append(
+            f"{c.policy:>10} {c.load:>8} {c.requests:>3} {ms(c.ttft_p50) + '/' + ms(c.ttft_p90):>16} "
+            f"{ms(c.itl_p50) + '/' + ms(c.itl_p90):>15} {_fmt(c.user_tps):>10} {c.total_tps:>11.1f} "
+            f"{_fmt(c.tokens_per_round, '.2f'):>9} {_fmt(user_ratio, '.2f'):>7} {_fmt(total_ratio, '.2f'):>7}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(cells: Sequence[CellStats], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """loadtest.csv, loadtest.json (cells + run settings) and loadtest.png in `out_dir`."""
+    import csv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(c) for c in cells]
+    paths = {"csv": out_dir / "loadtest.csv", "json": out_dir / "loadtest.json", "png": out_dir / "loadtest.png"}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(json.dumps({"meta": meta, "cells": rows}, indent=2))
+    plot_tradeoff(cells, paths["png"])
+    return paths
+
+
+def plot_tradeoff(cells: Sequence[CellStats], path: Path) -> None:
+    """Per-user tokens/s against total tokens/s, one curve per policy and load shape, points labelled by load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    curves: dict[tuple[str, str], list[CellStats]] = {}
+    for c in cells:
+        curves.setdefault((c.policy, c.mode), []).append(c)
+    for (policy, mode), points in curves.items():
+        points = [p for p in points if p.user_tps is not None]
+        label = policy if mode == "closed" else f"{policy} (Poisson)"
+        ax.plot([p.total_tps for p in points], [p.user_tps for p in points], "o-" if mode == "closed" else "s--",
+                label=label)
+        for p in points:
+            ax.annotate(p.load, (p.total_tps, p.user_tps), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("total tokens/s")
+    ax.set_ylabel("per-user tokens/s")
+    ax.set_title("Per-user vs total throughput")
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_list(text: str, kind: type) -> list:
+    """'1,2,4' -> [1, 2, 4]; empty -> []."""
+    return [kind(x) for x in text.split(",") if x.strip()]
+
