@@ -417,5 +417,35 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
         click.echo(f"{kind}: {path}")
 
 
+@cli.command("perf-analyzer")
+@click.option("--url", default="localhost:8001", show_default=True, help="gRPC host:port of a running server.")
+@click.option("--policy", default="off", show_default=True, help="mode[:K], e.g. off, static:4.")
+@click.option("--concurrency-range", default="1:4", show_default=True, help="A:B[:step], perf_analyzer's syntax.")
+@click.option("--requests", default=8, show_default=True, help="--measurement-request-count per window.")
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None,
+              help="JSONL with a 'prompt' field (default: the code prompt set).")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/perf_analyzer"), show_default=True)
+def perf_analyzer_cmd(url: str, policy: str, concurrency_range: str, requests: int, max_tokens: int,
+                      prompts: Path | None, out_dir: Path) -> None:
+    """Run Triton's perf_analyzer (streaming gRPC) on the dspark model with one policy."""
+    from clients.loadgen import Policy, read_prompts
+    from clients.perf_analyzer import PerfAnalyzerUnavailable, run_perf_analyzer
+
+    prompt_list = read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "code.jsonl")
+    try:
+        result = run_perf_analyzer(url, prompt_list, Policy.parse(policy), out_dir, concurrency_range, requests,
+                                   max_tokens)
+    except (PerfAnalyzerUnavailable, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(" ".join(result.command), err=True)
+    click.echo(f"{'conc':>4} {'req/s':>7} {'p50 lat ms':>10} {'TTFT p50 ms':>11} {'tok/req':>7} {'tok/s':>7}")
+    for row in result.rows:
+        click.echo(f"{row['Concurrency']:>4} {row['Inferences/Second']:>7.2f} {row['p50 latency'] / 1e3:>10.0f} "
+                   f"{row.get('ttft_p50', float('nan')) * 1e3:>11.0f} {row.get('tokens_per_request', float('nan')):>7.1f} "
+                   f"{row.get('total_tps', float('nan')):>7.1f}")
+    click.echo(f"csv: {out_dir / 'perf_analyzer.csv'}")
+
+
 if __name__ == "__main__":
     sys.exit(cli())
