@@ -1,6 +1,11 @@
-"""Draft-length policies: how many draft tokens each request verifies this step.
+"""Draft-length policies: how many draft tokens each request drafts and verifies this step.
 
-Interchangeable so they can be compared in one server (per request `spec_mode`).
+Interchangeable per request (`spec_mode`), so they can be compared in one server:
+- off: plain autoregressive decoding;
+- static: always K;
+- batch_limited: K while the batch is small, none above a batch-size threshold (vLLM's rule);
+- adaptive: per request, +2 after a fully accepted draft, -1 otherwise (Hugging Face's heuristic);
+- dspark: draft K, then the load-aware scheduler picks how many to verify across all requests.
 """
 from __future__ import annotations
 
@@ -8,13 +13,13 @@ from dataclasses import dataclass
 
 from orchestrator.errors import InvalidRequestError
 
-SPEC_MODES = ("off", "static")
+SPEC_MODES = ("off", "static", "batch_limited", "adaptive", "dspark")
 MAX_DRAFT_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class SpeculationParams:
-    """Per-request speculation choice: mode and the draft length it may use."""
+    """Per-request speculation choice: mode and the (maximum) draft length it may use."""
 
     mode: str = "static"
     num_draft_tokens: int = 4
@@ -27,6 +32,22 @@ class SpeculationParams:
                 f"num_draft_tokens must be in [0, {MAX_DRAFT_TOKENS}], got {self.num_draft_tokens}"
             )
 
-    def draft_length(self) -> int:
-        """Tokens to draft (and verify) this step, before the engine's room limits."""
-        return 0 if self.mode == "off" else self.num_draft_tokens
+
+def draft_length(spec: SpeculationParams, adaptive_length: int, batch_size: int, batch_limit: int) -> int:
+    """Tokens to draft this step, before the engine's room limits and the DSpark scheduler's cut."""
+    if spec.mode == "off":
+        return 0
+    if spec.mode == "batch_limited" and batch_size > batch_limit:
+        return 0
+    if spec.mode == "adaptive":
+        return adaptive_length
+    return spec.num_draft_tokens
+
+
+def next_adaptive_length(length: int, num_drafted: int, num_accepted: int, max_length: int) -> int:
+    """Hugging Face's schedule: grow by 2 after a fully accepted draft, shrink by 1 otherwise."""
+    if num_drafted == 0:
+        return length
+    if num_accepted == num_drafted:
+        return min(length + 2, max_length)
+    return max(length - 1, 1)

@@ -1,0 +1,109 @@
+"""The target's measured verify-step cost: seconds for one forward over N tokens (SPS(N) = 1/that).
+
+The load-aware scheduler needs the real curve of this model, runtime, dtype and machine: on a
+memory-bound CPU verifying 8 tokens costs little more than 1, on a compute-bound kernel it grows
+almost linearly, and the right number of draft tokens to verify differs accordingly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models.transformer import Transformer
+
+DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending token plus a few drafts
+
+
+@dataclass(frozen=True)
+class StepCostProfile:
+    tokens: tuple[int, ...]     # N: tokens in one target forward, increasing
+    seconds: tuple[float, ...]  # median wall time of that forward
+
+    def step_seconds(self, n: int) -> float:
+        """Piecewise-linear in N; extrapolated from the last segment beyond the measured range."""
+        xs, ys = self.tokens, self.seconds
+        n = max(n, xs[0])
+        for i in range(1, len(xs)):
+            if n <= xs[i] or i == len(xs) - 1:
+                slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+                return max(ys[i - 1] + slope * (n - xs[i - 1]), 1e-9)
+        return ys[0]
+
+    def steps_per_second(self, n: int) -> float:
+        return 1.0 / self.step_seconds(n)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "StepCostProfile":
+        data = json.loads(path.read_text())
+        return cls(tuple(data["tokens"]), tuple(data["seconds"]))
+
+
+@torch.inference_mode()
+def measure_step_cost(
+    model: Transformer,
+    token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
+    context: int = 128,
+    repeats: int = 3,
+) -> StepCostProfile:
+    """Times real forwards: N tokens spread over ceil(N / 4) sequences with `context` cached tokens each."""
+    max_seqs = -(-max(token_counts) // TOKENS_PER_SEQUENCE)
+    cache = model.new_cache(max_seqs, context + TOKENS_PER_SEQUENCE)
+    slots = [cache.allocate() for _ in range(max_seqs)]
+    vocab = model.config.vocab_size
+    model(torch.randint(0, vocab, (context * max_seqs,)), slots, [context] * max_seqs, cache)
+    medians = []
+    for n in token_counts:
+        num_new = [TOKENS_PER_SEQUENCE] * (n // TOKENS_PER_SEQUENCE) + ([n % TOKENS_PER_SEQUENCE] if n % TOKENS_PER_SEQUENCE else [])
+        used = slots[: len(num_new)]
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up this shape
+            started = time.perf_counter()
+            model(torch.randint(0, vocab, (n,)), used, num_new, cache)
+            times.append(time.perf_counter() - started)
+            for slot in used:
+                cache.truncate(slot, context)
+        medians.append(sorted(times[1:])[len(times[1:]) // 2])
+    # Measurement noise can make a larger batch look cheaper; cost never falls with more tokens.
+    monotone = [max(medians[: i + 1]) for i in range(len(medians))]
+    return StepCostProfile(tuple(token_counts), tuple(monotone))
+
+
+def _machine_id() -> str:
+    """CPU model and count: a profile measured on one machine does not hold on another."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}|{os.cpu_count()}"
+
+
+def profile_path(root: Path, model_dir: Path, runtime: str, dtype: str, threads: int) -> Path:
+    """Where the profile of this model, runtime, dtype, thread count and machine is kept."""
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{_machine_id()}".encode()).hexdigest()[:12]
+    return root / "profiles" / f"{Path(model_dir).name}-{runtime}-{dtype}-{threads}t-{key}.json"
+
+
+def load_or_measure(path: Path, model: Transformer) -> StepCostProfile:
+    """The saved profile, or a fresh measurement saved for next time."""
+    if path.exists():
+        return StepCostProfile.load(path)
+    profile = measure_step_cost(model)
+    profile.save(path)
+    return profile

@@ -1,0 +1,149 @@
+"""Draft-length policies, the step-cost profile and DSpark's load-aware scheduler."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.config import TransformerConfig
+from models.transformer import Transformer
+from orchestrator.drafting import Draft
+from orchestrator.engine import Engine, EngineConfig
+from orchestrator.policies import SpeculationParams, draft_length, next_adaptive_length
+from orchestrator.sampling import SamplingParams
+from orchestrator.scheduler import plan_verification, survival_probabilities
+from orchestrator.step_cost import StepCostProfile, measure_step_cost
+
+FLAT = StepCostProfile((1, 64), (0.050, 0.052))      # memory-bound: 64 tokens cost ~ 1
+STEEP = StepCostProfile((1, 64), (0.010, 0.640))     # compute-bound: cost grows with every token
+
+
+def test_survival_is_the_running_product_of_confidences():
+    assert survival_probabilities([0.9, 0.5, 1.2, -1]) == pytest.approx([0.9, 0.45, 0.45, 0.0])
+
+
+def test_flat_cost_curve_verifies_more_than_a_steep_one():
+    survival = [survival_probabilities([0.8] * 7) for _ in range(4)]
+    flat = plan_verification(survival, base_tokens=4, base_expected_tokens=4, cost=FLAT)
+    steep = plan_verification(survival, base_tokens=4, base_expected_tokens=4, cost=STEEP)
+    assert sum(flat) > sum(steep)
+    assert flat == [7, 7, 7, 7]
+
+
+def test_low_survival_under_heavy_load_verifies_nothing():
+    survival = [survival_probabilities([0.2, 0.2, 0.2]) for _ in range(16)]
+    linear = StepCostProfile((1, 64), (0.01, 0.64))
+    assert plan_verification(survival, base_tokens=48, base_expected_tokens=48, cost=linear) == [0] * 16
+
+
+def test_light_load_verifies_likely_tokens_first_and_keeps_prefixes():
+    survival = [survival_probabilities([0.95, 0.9, 0.9]), survival_probabilities([0.3, 0.3, 0.3])]
+    mild = StepCostProfile((1, 8), (0.010, 0.016))
+    plan = plan_verification(survival, base_tokens=2, base_expected_tokens=2, cost=mild)
+    assert plan[0] >= plan[1]
+    assert plan[0] == 3
+
+
+def test_waiting_requests_make_the_plan_more_conservative():
+    survival = [survival_probabilities([0.6] * 5) for _ in range(2)]
+    curve = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.090))
+    idle = plan_verification(survival, base_tokens=2, base_expected_tokens=2, cost=curve)
+    busy = plan_verification(survival, base_tokens=2 + 40, base_expected_tokens=2 + 40, cost=curve)
+    assert sum(busy) < sum(idle)
+
+
+def test_step_cost_interpolates_and_extrapolates():
+    profile = StepCostProfile((1, 4, 8), (0.010, 0.013, 0.021))
+    assert profile.step_seconds(2) == pytest.approx(0.011)
+    assert profile.step_seconds(16) == pytest.approx(0.037)
+    assert profile.steps_per_second(4) == pytest.approx(1 / 0.013)
+
+
+def test_measured_step_cost_of_a_real_forward_is_positive_and_monotone(tmp_path):
+    config = TransformerConfig(
+        model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, attention_bias=False, qk_norm=False, max_position_embeddings=512,
+        bos_token_id=None, eos_token_ids=(0,),
+    )
+    model = Transformer(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    profile = measure_step_cost(model.eval(), token_counts=(1, 4, 16), context=16, repeats=2)
+    assert all(s > 0 for s in profile.seconds)
+    assert list(profile.seconds) == sorted(profile.seconds)
+    profile.save(tmp_path / "p.json")
+    assert StepCostProfile.load(tmp_path / "p.json") == profile
+
+
+def test_baseline_policies():
+    static = SpeculationParams("static", 5)
+    assert draft_length(SpeculationParams("off", 5), 3, 1, 4) == 0
+    assert draft_length(static, 3, 16, 4) == 5
+    assert draft_length(SpeculationParams("batch_limited", 5), 3, 4, 4) == 5
+    assert draft_length(SpeculationParams("batch_limited", 5), 3, 5, 4) == 0
+    assert draft_length(SpeculationParams("adaptive", 5), 3, 1, 4) == 3
+    assert next_adaptive_length(3, 3, 3, 16) == 5
+    assert next_adaptive_length(3, 3, 1, 16) == 2
+    assert next_adaptive_length(1, 1, 0, 16) == 1
+    assert next_adaptive_length(15, 15, 15, 16) == 16
+
+
+class FixedDrafter:
+    """Proposes given tokens with given confidences: the scheduler must not look at the tokens."""
+
+    name = "fixed"
+    tap_layers = ()
+
+    def __init__(self, tokens, confidences):
+        self.tokens, self.confidences = tokens, confidences
+
+    def admit(self, key):
+        pass
+
+    def release(self, key):
+        pass
+
+    def commit(self, key, n):
+        pass
+
+    def observe(self, key, token_ids, hidden):
+        pass
+
+    def propose(self, requests):
+        return [Draft(self.tokens[: r.num_tokens], None, self.confidences[: r.num_tokens]) for r in requests]
+
+
+def _tiny_model():
+    config = TransformerConfig(
+        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+        num_kv_heads=1, head_dim=16, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, attention_bias=False, qk_norm=False, max_position_embeddings=256,
+        bos_token_id=None, eos_token_ids=(0,),
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("cost", [FLAT, STEEP])
+def test_engine_plan_does_not_depend_on_draft_token_identities(cost):
+    model = _tiny_model()
+    verified = []
+    for tokens in ([5, 6, 7, 8, 9, 10], [40, 41, 42, 43, 44, 45]):
+        engine = Engine(model, _Tok(), EngineConfig(4, 128, 32), FixedDrafter(tokens, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]), cost)
+        for i in range(3):
+            engine.submit([1 + i, 2, 3], SamplingParams(max_tokens=20), lambda c: None, spec=SpeculationParams("dspark", 6))
+        engine.step()  # prefill
+        engine.step()  # first drafted step
+        verified.append(engine.stats.speculation.drafted)
+    assert verified[0] == verified[1]
+    assert (verified[0] > 3) == (cost is FLAT)
