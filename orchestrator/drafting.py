@@ -6,12 +6,13 @@ verification, so it can roll back what the target rejected.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from models.drafters import Drafter as DrafterModule
 from models.kv_cache import KVCache
 from models.transformer import Transformer
 from orchestrator.prompt_lookup import propose_ngram_draft
@@ -40,6 +41,7 @@ class Draft:
 
 class Drafter(Protocol):
     name: str
+    tap_layers: tuple[int, ...]  # target layers whose hidden states `observe` needs (empty: none)
 
     def admit(self, key: int) -> None: ...
 
@@ -50,8 +52,20 @@ class Drafter(Protocol):
     def commit(self, key: int, num_committed: int) -> None:
         """The first num_committed tokens of the request's context are final: drop any state beyond."""
 
+    def observe(self, key: int, token_ids: Sequence[int], hidden: dict[int, torch.Tensor]) -> None:
+        """Newly committed tokens and the target's tapped hidden states for them ([n, H] per layer)."""
 
-class PromptLookupDrafter:
+
+class _NoFeatures:
+    """For drafters that do not look at the target's hidden states."""
+
+    tap_layers: tuple[int, ...] = ()
+
+    def observe(self, key: int, token_ids: Sequence[int], hidden: dict[int, torch.Tensor]) -> None:
+        pass
+
+
+class PromptLookupDrafter(_NoFeatures):
     """Copies the continuation of the latest earlier match of the context's last n-gram."""
 
     name = "prompt_lookup"
@@ -76,7 +90,7 @@ class PromptLookupDrafter:
         ]
 
 
-class ModelDrafter:
+class ModelDrafter(_NoFeatures):
     """A small LM with the target's tokenizer, drafting autoregressively, batched over requests."""
 
     name = "model"
@@ -125,3 +139,75 @@ class ModelDrafter:
                 feeds[i] = [token]
             active = [i for i in active if len(tokens[i]) < requests[i].num_tokens]
         return [Draft(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
+
+
+def _row_sampler(requests: Sequence[DraftRequest]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """sample_fn for a group sharing params: warp like the target, draw each row with its request's RNG."""
+    params = requests[0].params
+
+    def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = warp_logits(logits, params)
+        if params.greedy:
+            return probs.argmax(-1), probs
+        uniforms = torch.stack([torch.rand((), generator=r.generator, dtype=torch.float64) for r in requests])
+        return sample_from_uniform(probs, uniforms), probs
+
+    return sample
+
+
+class FeatureDrafter:
+    """Drafters conditioned on the target's hidden states (DSpark, DFlash- and EAGLE-3-style).
+
+    The drafter module keeps projected target features of each request's committed tokens; the
+    block is anchored at the last token the target emitted (not yet committed).
+    """
+
+    def __init__(self, module: DrafterModule, max_batch_size: int, max_context: int) -> None:
+        self.module = module
+        self.name = module.config.kind
+        self.tap_layers = tuple(module.tap_layers)
+        self.block_size = module.config.block_size
+        self.state = module.new_state(max_batch_size, max_context)
+        self._free = list(range(max_batch_size))
+        self._slots: dict[int, int] = {}
+
+    def admit(self, key: int) -> None:
+        self._slots[key] = self._free.pop()
+
+    def release(self, key: int) -> None:
+        slot = self._slots.pop(key)
+        self.state.free(slot)
+        self._free.append(slot)
+
+    def commit(self, key: int, num_committed: int) -> None:
+        slot = self._slots[key]
+        if int(self.state.lengths[slot]) > num_committed:
+            self.state.truncate(slot, num_committed)
+
+    def observe(self, key: int, token_ids: Sequence[int], hidden: dict[int, torch.Tensor]) -> None:
+        self.module.extend_context(
+            self.state, [self._slots[key]], [len(token_ids)], hidden, torch.tensor(list(token_ids), dtype=torch.long)
+        )
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        """One batched draft call per group of requests sharing draft length and sampling params."""
+        drafts: list[Draft | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((min(r.num_tokens, self.block_size), r.params), []).append(i)
+        for (k, _), members in groups.items():
+            group = [requests[i] for i in members]
+            block = self.module.draft(
+                self.state,
+                [self._slots[r.key] for r in group],
+                torch.tensor([r.context[-1] for r in group], dtype=torch.long),
+                k,
+                _row_sampler(group),
+            )
+            for row, i in enumerate(members):
+                drafts[i] = Draft(
+                    block.tokens[row].tolist(),
+                    block.probs[row],
+                    block.confidences[row].tolist() if block.confidences is not None else None,
+                )
+        return drafts

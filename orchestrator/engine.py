@@ -25,8 +25,10 @@ from models.transformer import Transformer
 from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
-from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams
+from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
+from orchestrator.scheduler import plan_verification, survival_probabilities
+from orchestrator.step_cost import StepCostProfile
 from orchestrator.stop_strings import StopStringMatcher
 from orchestrator.verification import VerifyResult, verify_greedy, verify_sampling
 
@@ -59,6 +61,7 @@ class EngineConfig:
     max_context: int = 2048       # prompt + generated tokens per request
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     default_spec: SpeculationParams = field(default_factory=lambda: SpeculationParams(mode="off"))
+    spec_batch_limit: int = 4     # batch_limited mode: no drafts above this many running requests
 
 
 @dataclass
@@ -97,6 +100,7 @@ class _Request:
     output_ids: list[int] = field(default_factory=list)
     cancel_checked_at: float = 0.0
     spec_stats: SpeculationStats = field(default_factory=SpeculationStats)
+    adaptive_length: int = 1  # adaptive mode's current draft length
 
     @property
     def context(self) -> list[int]:
@@ -119,10 +123,17 @@ class Engine:
     """Owns the model, its KV cache and the request lifecycle. Thread-safe `submit`/`cancel`."""
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig, drafter: Drafter | None = None
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        drafter: Drafter | None = None,
+        step_cost: StepCostProfile | None = None,
     ) -> None:
         self.model = model
         self.drafter = drafter
+        self.step_cost = step_cost
+        self.external_waiting = 0  # requests queued in front of the engine (e.g. Triton's pending count)
         self.tokenizer = tokenizer
         self.config = config
         self.cache: KVCache = model.new_cache(config.max_batch_size, config.max_context)
@@ -153,6 +164,8 @@ class Engine:
         spec.validate()
         if spec.mode != "off" and self.drafter is None:
             raise InvalidRequestError(f"spec_mode {spec.mode!r} needs a drafter; this server has none (use 'off')")
+        if spec.mode == "dspark" and self.step_cost is None:
+            raise InvalidRequestError("spec_mode 'dspark' needs the step-cost profile, which this server lacks")
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty")
         if len(prompt_ids) >= self.config.max_context:
@@ -173,6 +186,7 @@ class Engine:
             generator=make_generator(params.seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop=StopStringMatcher(params.stop),
+            adaptive_length=max(spec.num_draft_tokens, 1),
         )
         self._incoming.put(request)
         self._wakeup.set()
@@ -207,12 +221,12 @@ class Engine:
         self._waiting.clear()
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
         while not self._stopping:
             if not self.step():
                 self._wakeup.wait(timeout=0.1)
                 self._wakeup.clear()
 
+    @torch.inference_mode()
     def step(self) -> bool:
         """One engine step; returns False when there was nothing to do."""
         self._take_incoming()
@@ -263,7 +277,8 @@ class Engine:
         """The request's draft length, cut so the accepted tokens fit max_tokens and the context."""
         room_tokens = request.params.max_tokens - len(request.output_ids) - 1
         room_context = self.config.max_context - len(request.context)
-        return max(0, min(request.spec.draft_length(), room_tokens, room_context))
+        wanted = draft_length(request.spec, request.adaptive_length, len(self._running), self.config.spec_batch_limit)
+        return max(0, min(wanted, room_tokens, room_context))
 
     def _propose(self, requests: list[_Request]) -> dict[int, Draft]:
         asks = [
@@ -275,9 +290,40 @@ class Engine:
             return {}
         return {ask.key: draft for ask, draft in zip(asks, self.drafter.propose(asks))}
 
+    def _acceptance_rates(self) -> list[float]:
+        """Per-position conditional acceptance seen so far (Laplace-smoothed): the survival estimate
+        for drafters without a confidence head."""
+        spec = self.stats.speculation
+        return [(a + 1) / (d + 2) for a, d in zip(spec.accepted_at, spec.drafted_at)]
+
+    def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft]) -> None:
+        """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits."""
+        planned = [r for r in self._running if r.spec.mode == "dspark" and r.request_id in drafts]
+        if not planned:
+            return
+        rates = self._acceptance_rates()
+        survival = []
+        for r in planned:
+            draft = drafts[r.request_id]
+            survival.append(survival_probabilities(draft.confidences or rates[: len(draft.tokens)]))
+        others = [r for r in self._running if r not in planned]
+        waiting = self.num_waiting + self.external_waiting
+        base_tokens = (
+            len(planned) + waiting
+            + sum(len(r.prompt_ids) if r in admitted else 1 + len(drafts.get(r.request_id, Draft([])).tokens)
+                  for r in others)
+        )
+        counts = plan_verification(survival, base_tokens, len(self._running) + waiting, self.step_cost)
+        for r, count in zip(planned, counts):
+            draft = drafts[r.request_id]
+            draft.tokens = draft.tokens[:count]
+            draft.probs = draft.probs[:count] if draft.probs is not None else None
+            draft.confidences = draft.confidences[:count] if draft.confidences is not None else None
+
     def _decode_step(self, admitted: list[_Request]) -> None:
-        """Draft, then one target forward: prompts of new requests, pending token + draft of the others."""
+        """Draft, schedule, then one target forward: prompts of new requests, pending token + draft of the others."""
         drafts = self._propose([r for r in self._running if r not in admitted])
+        self._schedule(admitted, drafts)
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
             tokens = r.prompt_ids if r in admitted else [r.output_ids[-1]] + drafts.get(r.request_id, Draft([])).tokens
@@ -292,22 +338,39 @@ class Engine:
             [len(t) for t in new_tokens],
             self.cache,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+            tap_layers=self.drafter.tap_layers if self.drafter is not None else (),
         )
         self.stats.forward_seconds += time.perf_counter() - started
         row = 0
+        packed_offset = 0
         for request, tokens in zip(list(self._running), new_tokens):
+            first_packed, packed_offset = packed_offset, packed_offset + len(tokens)
             draft = drafts.get(request.request_id) if request not in admitted else None
             num_rows = 1 + (len(draft.tokens) if draft else 0)
             logits = out.logits[row:row + num_rows]
             row += num_rows
             if draft is None or not draft.tokens:
+                if draft is not None:  # drafted, but the scheduler verified none: drop the drafter's lookahead
+                    self.drafter.commit(request.request_id, len(request.context))
+                self._observe(request, tokens, out.hidden_states, first_packed)
                 self._append_tokens(request, [next_token(logits[0], request.params, request.generator)])
                 continue
             result = self._verify(request, draft, logits)
             self._roll_back(request, len(draft.tokens), result.num_accepted)
+            self._observe(request, tokens[: 1 + result.num_accepted], out.hidden_states, first_packed)
             request.spec_stats.record(len(draft.tokens), result.num_accepted)
+            request.adaptive_length = next_adaptive_length(
+                request.adaptive_length, len(draft.tokens), result.num_accepted, MAX_DRAFT_TOKENS
+            )
             self.stats.speculation.record(len(draft.tokens), result.num_accepted)
             self._append_tokens(request, result.tokens)
+
+    def _observe(self, request: _Request, committed: list[int], hidden: dict[int, torch.Tensor], first: int) -> None:
+        """Hands the drafter the target's hidden states of the tokens this forward committed."""
+        if self.drafter is None or not self.drafter.tap_layers:
+            return
+        rows = slice(first, first + len(committed))
+        self.drafter.observe(request.request_id, committed, {layer: h[rows] for layer, h in hidden.items()})
 
     @staticmethod
     def _verify(request: _Request, draft: Draft, logits: torch.Tensor) -> VerifyResult:
