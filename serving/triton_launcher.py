@@ -309,7 +309,8 @@ class TritonServer:
         if not repo.is_dir():
             raise TritonLaunchError(f"model repository {repo} is not a directory")
         self._check_ports()
-        env = server_env(self.config.extra_env)
+        # Models read their own server's load from the metrics endpoint (see serving.load_monitor).
+        env = server_env({"DSPARK_METRICS_URL": self.url_metrics, **self.config.extra_env})
         backend_dir = prepare_backend_dir(cache_dir() / "triton" / "backends")
         check_stub_libraries(backend_dir, env)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

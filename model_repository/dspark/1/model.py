@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.fetch import model_dir_if_cached
+from export.fetch import cache_dir, model_dir_if_cached
 from export.runners import load_runner
 from models.loading import load_transformer
 from orchestrator.drafting import ModelDrafter, PromptLookupDrafter
@@ -17,6 +17,8 @@ from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import SpeculationParams
 from orchestrator.prompting import PromptEncoder
 from orchestrator.request_inputs import parse_bool, parse_prompt_ids, parse_sampling_params, parse_speculation
+from orchestrator.step_cost import load_or_measure, profile_path
+from serving.load_monitor import LoadMonitor
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -80,6 +82,8 @@ class _EngineMetrics:
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         self.families = {
             "active": pb_utils.MetricFamily("dspark_active_requests", "Requests holding a cache slot", gauge),
+            "external": pb_utils.MetricFamily(
+                "dspark_load_pending_requests", "Requests pending in Triton, as the scheduler last read them", gauge),
             "waiting": pb_utils.MetricFamily("dspark_waiting_requests", "Requests waiting for a slot", gauge),
             "tokens": pb_utils.MetricFamily("dspark_generated_tokens_total", "Tokens streamed to clients", counter),
             "steps": pb_utils.MetricFamily("dspark_engine_steps_total", "Batched target forwards", counter),
@@ -91,6 +95,7 @@ class _EngineMetrics:
                 "dspark_accepted_tokens_total", "Draft tokens accepted, by draft position", counter),
         }
         self.active = self.families["active"].Metric(labels={})
+        self.external = self.families["external"].Metric(labels={})
         self.waiting = self.families["waiting"].Metric(labels={})
         self.tokens = self.families["tokens"].Metric(labels={})
         self.steps = self.families["steps"].Metric(labels={})
@@ -112,6 +117,7 @@ class _EngineMetrics:
         while not self._stop.wait(self.PERIOD_S):
             stats = self.engine.stats
             self.active.set(self.engine.num_active)
+            self.external.set(self.engine.external_waiting)
             self.waiting.set(self.engine.num_waiting)
             self._add("tokens", self.tokens, stats.tokens_generated)
             self._add("steps", self.steps, stats.steps)
@@ -127,7 +133,7 @@ class _EngineMetrics:
         """Metrics must be deleted before their families, or the stub crashes at shutdown."""
         self._stop.set()
         self._thread.join()
-        del self.active, self.waiting, self.tokens, self.steps, self.finished, self.rounds, self.drafted, self.accepted
+        del self.active, self.external, self.waiting, self.tokens, self.steps, self.finished, self.rounds, self.drafted, self.accepted
         self.families.clear()
 
 
@@ -173,9 +179,17 @@ class TritonPythonModel:
             max_context=config.max_context,
         )
         drafter = _make_drafter(os.environ.get("DSPARK_DRAFTER") or params["drafter"], params["dtype"], config)
-        self.engine = Engine(runner, self.encoder.tokenizer, config, drafter)
+        runtime = params.get("runtime", "torch")
+        step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, params["dtype"], threads), runner)
+        self.engine = Engine(runner, self.encoder.tokenizer, config, drafter, step_cost)
         self.engine.start()
         self.metrics = _EngineMetrics(self.engine)
+        self.load_monitor = None
+        if os.environ.get("DSPARK_METRICS_URL"):
+            self.load_monitor = LoadMonitor(
+                os.environ["DSPARK_METRICS_URL"],
+                lambda reading: setattr(self.engine, "external_waiting", reading.pending_requests),
+            ).start()
 
     def execute(self, requests):
         for request in requests:
@@ -192,5 +206,7 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        if self.load_monitor is not None:
+            self.load_monitor.stop()
         self.engine.shutdown()
         self.metrics.close()
