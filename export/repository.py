@@ -55,7 +55,9 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", **(parameters or {})}
+    # Trained drafters read the target's hidden states, which the exported graphs leave out by default.
+    drafter = {} if runtime == "torch" else {"drafter": "prompt_lookup"}
+    values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", **drafter, **(parameters or {})}
     if runtime != "torch":
         exported = cached_onnx(model_dir, dtype)
         target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR

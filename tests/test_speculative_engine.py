@@ -6,13 +6,18 @@ import dataclasses
 import pytest
 import torch
 
+from models.drafters import load_drafter
 from models.loading import load_transformer
 from models.transformer import Transformer
-from orchestrator.drafting import ModelDrafter, PromptLookupDrafter
+from orchestrator.drafting import FeatureDrafter, ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.prompting import PromptEncoder
 from orchestrator.sampling import SamplingParams
+from orchestrator.step_cost import StepCostProfile
+from tests.conftest import PROJECT_ROOT
+
+DSPARK_CHECKPOINT = PROJECT_ROOT / "models" / "checkpoints" / "smollm2-135m-instruct-dspark"
 
 TOPICS = ["the sea", "a cat", "Paris", "winter", "coffee", "robots", "music", "rivers", "the moon", "bread"]
 PROMPTS = (
@@ -51,9 +56,10 @@ def shallow_copy(target: Transformer, num_layers: int) -> Transformer:
     return drafter.eval()
 
 
-def run(target, encoder, drafter, spec, params=None, prompts=PROMPTS, arrive_every=2):
+def run(target, encoder, drafter, spec, params=None, prompts=PROMPTS, arrive_every=2, step_cost=None):
     """All prompts through one engine, newcomers arriving while others are mid-generation."""
-    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, max_context=256, max_tokens_limit=64), drafter)
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, max_context=256, max_tokens_limit=64), drafter,
+                    step_cost)
     outputs: dict[int, list] = {}
     pending = list(enumerate(prompts))
     step = 0
@@ -74,10 +80,17 @@ def reference(target, encoder):
     return run(target, encoder, None, SpeculationParams("off"))[1]
 
 
-@pytest.fixture(scope="module", params=["prompt_lookup", "shallow_model"])
+def dspark_drafter(target):
+    """The trained DSpark drafter shipped for the default target."""
+    return FeatureDrafter(load_drafter(DSPARK_CHECKPOINT, target), SLOTS, 256)
+
+
+@pytest.fixture(scope="module", params=["prompt_lookup", "shallow_model", "dspark"])
 def drafter(request, target):
     if request.param == "prompt_lookup":
         return PromptLookupDrafter()
+    if request.param == "dspark":
+        return dspark_drafter(target)
     return ModelDrafter(shallow_copy(target, 6), SLOTS, 256)
 
 
@@ -89,6 +102,17 @@ def test_greedy_speculation_equals_target_alone(target, encoder, reference, draf
     stats = engine.stats.speculation
     assert stats.rounds > 0 and stats.drafted >= stats.rounds
     assert 0 < stats.accepted < stats.drafted, "the test must see both acceptances and rejections"
+
+
+def test_dspark_scheduler_stays_lossless_and_follows_the_cost_curve(target, encoder, reference):
+    verified_per_round = {}
+    for name, cost in [("flat", StepCostProfile((1, 64), (0.05, 0.052))), ("steep", StepCostProfile((1, 64), (0.01, 0.64)))]:
+        engine, outputs = run(target, encoder, dspark_drafter(target), SpeculationParams("dspark", 7), step_cost=cost)
+        assert outputs == reference, name
+        stats = engine.stats.speculation
+        verified_per_round[name] = stats.drafted / max(stats.rounds, 1)
+    # Nearly free verification admits longer drafts than a cost that grows with every token.
+    assert verified_per_round["flat"] > verified_per_round["steep"]
 
 
 def test_full_acceptance_with_the_target_as_its_own_drafter(target, encoder, reference):

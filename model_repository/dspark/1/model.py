@@ -8,10 +8,13 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+import models
 from export.fetch import cache_dir, model_dir_if_cached
 from export.runners import load_runner
+from models.drafters import load_drafter
 from models.loading import load_transformer
-from orchestrator.drafting import ModelDrafter, PromptLookupDrafter
+from models.transformer import Transformer
+from orchestrator.drafting import FeatureDrafter, ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import SpeculationParams
@@ -144,8 +147,11 @@ def _resolve_model_dir(name: str) -> Path:
     return model_dir
 
 
-def _make_drafter(choice: str, dtype: str, config: EngineConfig):
-    """none | prompt_lookup | model:<name or dir> -> a drafter (or None)."""
+PROJECT_ROOT = Path(models.__file__).resolve().parents[1]  # also right for a copied repository
+
+
+def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
+    """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None)."""
     if choice == "none":
         return None
     if choice == "prompt_lookup":
@@ -153,7 +159,13 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig):
     if choice.startswith("model:"):
         model = load_transformer(_resolve_model_dir(choice[len("model:"):]), getattr(torch, dtype))
         return ModelDrafter(model, config.max_batch_size, config.max_context)
-    raise pb_utils.TritonModelException(f"unknown drafter '{choice}' (none | prompt_lookup | model:<name>)")
+    if choice.startswith("checkpoint:"):
+        if not isinstance(target, Transformer):
+            raise pb_utils.TritonModelException("trained drafters read the target's hidden states: use runtime torch")
+        module = load_drafter(PROJECT_ROOT / choice[len("checkpoint:"):], target)
+        return FeatureDrafter(module, config.max_batch_size, config.max_context)
+    raise pb_utils.TritonModelException(
+        f"unknown drafter '{choice}' (none | prompt_lookup | model:<name> | checkpoint:<dir>)")
 
 
 class TritonPythonModel:
@@ -178,7 +190,7 @@ class TritonPythonModel:
             num_threads=threads, max_batch=config.max_batch_size, max_new=config.max_context,
             max_context=config.max_context,
         )
-        drafter = _make_drafter(os.environ.get("DSPARK_DRAFTER") or params["drafter"], params["dtype"], config)
+        drafter = _make_drafter(os.environ.get("DSPARK_DRAFTER") or params["drafter"], params["dtype"], config, runner)
         runtime = params.get("runtime", "torch")
         step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, params["dtype"], threads), runner)
         self.engine = Engine(runner, self.encoder.tokenizer, config, drafter, step_cost)
