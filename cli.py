@@ -246,6 +246,55 @@ def train(kind: str, target: str, steps: int, batch_size: int, anchors: int, lr:
     click.echo(f"checkpoint: {out}")
 
 
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores, as the server uses).")
+def profile(model: str, dtype: str, threads: int | None) -> None:
+    """Measure the target's verify-step cost SPS(N) for the DSpark scheduler (saved for the server)."""
+    import os
+
+    import torch
+
+    from export.fetch import cache_dir, fetch_model
+    from models.loading import load_transformer
+    from orchestrator.step_cost import measure_step_cost, profile_path
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model_dir = fetch_model(model)
+    result = measure_step_cost(load_transformer(model_dir, getattr(torch, dtype)))
+    path = profile_path(cache_dir(), model_dir, "torch", dtype, threads)
+    result.save(path)
+    click.echo(f"{'tokens':>8}{'ms/step':>10}{'steps/s':>10}{'vs 1 token':>12}")
+    for n, seconds in zip(result.tokens, result.seconds):
+        click.echo(f"{n:>8}{seconds * 1e3:>10.1f}{1 / seconds:>10.1f}{seconds / result.seconds[0]:>11.2f}x")
+    click.echo(f"saved {path}")
+
+
+@cli.command()
+@click.option("--url", default="localhost:8000", show_default=True, help="HTTP host:port.")
+@click.option("--metrics-url", default="http://localhost:8002/metrics", show_default=True)
+def status(url: str, metrics_url: str) -> None:
+    """Server health, the engine's load and speculation counters, and what the scheduler reads."""
+    import requests
+
+    from serving.load_monitor import parse_metrics
+
+    try:
+        ready = requests.get(f"http://{url}/v2/health/ready", timeout=5).status_code == 200
+        text = requests.get(metrics_url, timeout=5).text
+    except requests.RequestException as exc:
+        raise click.ClickException(f"server not reachable: {exc}") from exc
+    click.echo(f"ready: {ready}")
+    reading = parse_metrics(text)
+    click.echo(f"triton pending requests: {reading.pending_requests}   cpu utilization: {reading.cpu_utilization:.2f}"
+               f"   queue time total: {reading.queue_seconds_total:.3f} s")
+    for line in text.splitlines():
+        if line.startswith("dspark_"):
+            click.echo(line)
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks, run side by side in one process."""
