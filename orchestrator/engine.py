@@ -27,7 +27,7 @@ from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
-from orchestrator.scheduler import plan_verification, survival_probabilities
+from orchestrator.scheduler import expected_throughput, plan_verification, survival_probabilities
 from orchestrator.step_cost import StepCostProfile
 from orchestrator.stop_strings import StopStringMatcher
 from orchestrator.verification import VerifyResult, verify_greedy, verify_sampling
@@ -35,6 +35,7 @@ from orchestrator.verification import VerifyResult, verify_greedy, verify_sampli
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_INTERVAL_S = 0.05  # asking the frontend whether a client left costs an IPC round trip
+DRAFT_BACKOFF_STEPS = 8  # dspark mode: steps without drafting after a step where drafting did not pay
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Engine:
         self.drafter = drafter
         self.step_cost = step_cost
         self.external_waiting = 0  # requests queued in front of the engine (e.g. Triton's pending count)
+        self._draft_backoff = 0  # dspark mode: steps left before drafting is tried again
         self.tokenizer = tokenizer
         self.config = config
         self.cache: KVCache = model.new_cache(config.max_batch_size, config.max_context)
@@ -278,6 +280,8 @@ class Engine:
         room_tokens = request.params.max_tokens - len(request.output_ids) - 1
         room_context = self.config.max_context - len(request.context)
         wanted = draft_length(request.spec, request.adaptive_length, len(self._running), self.config.spec_batch_limit)
+        if request.spec.mode == "dspark" and self._draft_backoff > 0:
+            wanted = 0
         return max(0, min(wanted, room_tokens, room_context))
 
     def _propose(self, requests: list[_Request]) -> dict[int, Draft]:
@@ -296,8 +300,14 @@ class Engine:
         spec = self.stats.speculation
         return [(a + 1) / (d + 2) for a, d in zip(spec.accepted_at, spec.drafted_at)]
 
-    def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft]) -> None:
-        """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits."""
+    def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft], draft_seconds: float) -> None:
+        """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits.
+
+        Drafting itself costs time: when even the best plan, counting that cost, is slower than a
+        plain AR step, dspark requests stop drafting for a few steps before trying again.
+        """
+        if self._draft_backoff > 0:
+            self._draft_backoff -= 1
         planned = [r for r in self._running if r.spec.mode == "dspark" and r.request_id in drafts]
         if not planned:
             return
@@ -313,7 +323,12 @@ class Engine:
             + sum(len(r.prompt_ids) if r in admitted else 1 + len(drafts.get(r.request_id, Draft([])).tokens)
                   for r in others)
         )
-        counts = plan_verification(survival, base_tokens, len(self._running) + waiting, self.step_cost)
+        base_expected = len(self._running) + waiting
+        counts = plan_verification(survival, base_tokens, base_expected, self.step_cost, draft_seconds)
+        planned_expected = base_expected + sum(sum(row[:c]) for row, c in zip(survival, counts))
+        speculative = expected_throughput(planned_expected, base_tokens + sum(counts), self.step_cost, draft_seconds)
+        if speculative <= expected_throughput(base_expected, base_tokens, self.step_cost):
+            self._draft_backoff = DRAFT_BACKOFF_STEPS
         for r, count in zip(planned, counts):
             draft = drafts[r.request_id]
             draft.tokens = draft.tokens[:count]
@@ -322,8 +337,9 @@ class Engine:
 
     def _decode_step(self, admitted: list[_Request]) -> None:
         """Draft, schedule, then one target forward: prompts of new requests, pending token + draft of the others."""
+        started = time.perf_counter()
         drafts = self._propose([r for r in self._running if r not in admitted])
-        self._schedule(admitted, drafts)
+        self._schedule(admitted, drafts, time.perf_counter() - started)
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
             tokens = r.prompt_ids if r in admitted else [r.output_ids[-1]] + drafts.get(r.request_id, Draft([])).tokens

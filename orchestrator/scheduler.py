@@ -23,17 +23,24 @@ def survival_probabilities(confidences: Sequence[float]) -> list[float]:
     return out
 
 
+def expected_throughput(expected_tokens: float, tokens: int, cost: StepCostProfile, overhead_s: float = 0.0) -> float:
+    """Tokens per second of a step that verifies `tokens` tokens and is expected to emit `expected_tokens`."""
+    return expected_tokens / (cost.step_seconds(tokens) + overhead_s)
+
+
 def plan_verification(
     survival: Sequence[Sequence[float]],
     base_tokens: int,
     base_expected_tokens: float,
     cost: StepCostProfile,
+    overhead_s: float = 0.0,
 ) -> list[int]:
     """How many draft tokens each request verifies this step.
 
     survival[r][k]: probability that request r's draft tokens 1..k+1 all survive (non-increasing in k).
     base_tokens: tokens in the forward regardless of drafts (one per running request, prefills, and the
     planned load of waiting requests); base_expected_tokens: tokens those yield for sure.
+    overhead_s: time the step spends besides the target forward (drafting), already paid.
     The plan depends only on these probabilities and the load, never on the draft tokens themselves,
     which keeps verification lossless.
     """
@@ -43,11 +50,11 @@ def plan_verification(
     )
     chosen = [0] * len(survival)
     n, expected = base_tokens, base_expected_tokens
-    best = expected * cost.steps_per_second(n)
+    best = expected_throughput(expected, n, cost, overhead_s)
     for p, k, r in slots:
         if k != chosen[r]:
             continue  # a later position can only follow its prefix
-        gain = (expected + p) * cost.steps_per_second(n + 1)
+        gain = expected_throughput(expected + p, n + 1, cost, overhead_s)
         if gain <= best:
             break
         chosen[r] += 1

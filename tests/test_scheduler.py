@@ -1,7 +1,7 @@
 """Draft-length policies, the step-cost profile and DSpark's load-aware scheduler."""
 from __future__ import annotations
 
-import dataclasses
+import time
 
 import pytest
 import torch
@@ -147,3 +147,39 @@ def test_engine_plan_does_not_depend_on_draft_token_identities(cost):
         verified.append(engine.stats.speculation.drafted)
     assert verified[0] == verified[1]
     assert (verified[0] > 3) == (cost is FLAT)
+
+
+def test_drafting_overhead_is_counted_in_the_plan():
+    survival = [survival_probabilities([0.5] * 4)]
+    curve = StepCostProfile((1, 8), (0.010, 0.014))
+    free = plan_verification(survival, base_tokens=1, base_expected_tokens=1, cost=curve)
+    paid = plan_verification(survival, base_tokens=1, base_expected_tokens=1, cost=curve, overhead_s=0.5)
+    assert sum(free) < sum(paid)  # once drafting is paid for, verifying more of it is worth more
+    assert free[0] >= 1
+
+
+class SlowDrafter(FixedDrafter):
+    """A drafter whose proposals cost more than they can return."""
+
+    def __init__(self):
+        super().__init__([5, 6, 7], [0.1, 0.1, 0.1])
+        self.calls = 0
+
+    def propose(self, requests):
+        self.calls += 1
+        time.sleep(0.05)
+        return super().propose(requests)
+
+
+def test_dspark_mode_backs_off_drafting_when_it_does_not_pay():
+    from orchestrator.engine import DRAFT_BACKOFF_STEPS
+
+    drafter = SlowDrafter()
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(2, 128, 64), drafter, StepCostProfile((1, 8), (0.001, 0.002)))
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=2 + 2 * (DRAFT_BACKOFF_STEPS + 1)), lambda c: None,
+                  spec=SpeculationParams("dspark", 3))
+    steps = 0
+    while engine.step():
+        steps += 1
+    assert steps > 2 * (DRAFT_BACKOFF_STEPS + 1)
+    assert drafter.calls <= 3  # one try, then a pause of DRAFT_BACKOFF_STEPS steps, and so on
