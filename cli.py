@@ -309,7 +309,7 @@ def _read_prompts(path: Path) -> list[str]:
 @click.option("--target", default=DEFAULT_MODEL, show_default=True, help="Target model (name or HF dir).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--config", "configs", multiple=True,
-              help="off | prompt_lookup:K | model=NAME:K (repeatable; AR is always the baseline). "
+              help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K (repeatable; AR is always the baseline). "
                    "Default: prompt_lookup:4.")
 @click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None,
               help="JSONL with a 'prompt' field (default: the code prompt set).")
@@ -336,7 +336,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: Pat
     prompt_ids = [encoder.encode(p, apply_chat_template=not raw)
                   for p in _read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "code.jsonl")]
     columns = parse_configs(list(configs or ("prompt_lookup:4",)),
-                            lambda name: load_transformer(fetch_model(name), torch_dtype), max_context=2048)
+                            lambda name: load_transformer(fetch_model(name), torch_dtype), model, max_context=2048)
     summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens))
     summary.update(target=target, dtype=dtype, new_tokens=new_tokens, prompts=len(prompt_ids),
                    threads=torch.get_num_threads())

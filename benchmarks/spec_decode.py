@@ -14,7 +14,8 @@ import torch
 from tokenizers import Tokenizer
 
 from models.transformer import Transformer
-from orchestrator.drafting import Drafter, ModelDrafter, PromptLookupDrafter
+from models.drafters import load_drafter
+from orchestrator.drafting import Drafter, FeatureDrafter, ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
@@ -49,9 +50,9 @@ class DecodeResult:
 
 
 def parse_configs(
-    specs: list[str], load_drafter_model: Callable[[str], Transformer], max_context: int
+    specs: list[str], load_drafter_model: Callable[[str], Transformer], target: Transformer, max_context: int
 ) -> list[DecodeConfig]:
-    """'off', 'prompt_lookup:K', 'model=NAME:K' -> configurations (drafter models loaded once)."""
+    """'off', 'prompt_lookup:K', 'model=NAME:K', 'checkpoint=DIR:K' -> configurations (drafters loaded once)."""
     configs = [DecodeConfig("off", None, SpeculationParams("off"))]
     models: dict[str, Drafter] = {}
     for spec in specs:
@@ -65,8 +66,13 @@ def parse_configs(
             if name not in models:
                 models[name] = ModelDrafter(load_drafter_model(name), 1, max_context)
             drafter = models[name]
+        elif kind.startswith("checkpoint="):
+            directory = kind[len("checkpoint="):]
+            if directory not in models:
+                models[directory] = FeatureDrafter(load_drafter(directory, target), 1, max_context)
+            drafter = models[directory]
         else:
-            raise ValueError(f"unknown configuration {spec!r} (off | prompt_lookup:K | model=NAME:K)")
+            raise ValueError(f"unknown configuration {spec!r} (off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K)")
         configs.append(DecodeConfig(spec, drafter, SpeculationParams("static", int(k))))
     return configs
 
