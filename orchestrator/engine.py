@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_POLL_INTERVAL_S = 0.05  # asking the frontend whether a client left costs an IPC round trip
 DRAFT_BACKOFF_STEPS = 8  # dspark mode: steps without drafting after a step where drafting did not pay
+DRAFT_COST_SAMPLES = 8  # drafting steps timed before the drafting cost is fixed (keeps decisions repeatable)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Engine:
         self.step_cost = step_cost
         self.external_waiting = 0  # requests queued in front of the engine (e.g. Triton's pending count)
         self._draft_backoff = 0  # dspark mode: steps left before drafting is tried again
+        self._draft_timings: list[float] = []
         self.tokenizer = tokenizer
         self.config = config
         self.cache: KVCache = model.new_cache(config.max_batch_size, config.max_context)
@@ -300,6 +302,15 @@ class Engine:
         spec = self.stats.speculation
         return [(a + 1) / (d + 2) for a, d in zip(spec.accepted_at, spec.drafted_at)]
 
+    def _draft_cost(self, seconds: float, drafted: bool) -> float:
+        """The drafting time the scheduler plans with: the median of the first drafting steps, then fixed,
+        so that the same requests on the same server get the same decisions (and seeded samples)."""
+        if drafted and len(self._draft_timings) < DRAFT_COST_SAMPLES:
+            self._draft_timings.append(seconds)
+        if not self._draft_timings:
+            return seconds
+        return sorted(self._draft_timings)[len(self._draft_timings) // 2]
+
     def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft], draft_seconds: float) -> None:
         """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits.
 
@@ -339,7 +350,7 @@ class Engine:
         """Draft, schedule, then one target forward: prompts of new requests, pending token + draft of the others."""
         started = time.perf_counter()
         drafts = self._propose([r for r in self._running if r not in admitted])
-        self._schedule(admitted, drafts, time.perf_counter() - started)
+        self._schedule(admitted, drafts, self._draft_cost(time.perf_counter() - started, bool(drafts)))
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
             tokens = r.prompt_ids if r in admitted else [r.output_ids[-1]] + drafts.get(r.request_id, Draft([])).tokens
