@@ -88,21 +88,28 @@ def top2_margin(model: Transformer, ids: list[int], suppress: list[int]) -> floa
     return float(top[0] - top[1])
 
 
+def encode_prompts(model_dir: Path, prompts: list[str]) -> list[list[int]]:
+    """Raw prompt ids with the model's own tokenizer; a prompt that encodes to nothing is an error."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ValueError("a prompt tokenized to nothing")
+    return encoded
+
+
 def run_ar_decode_benchmark(
     model_dir: Path, dtype: torch.dtype, prompts: list[str], new_tokens: int, threads: int | None
 ) -> dict:
     """Greedy AR decode of each prompt by ours and by transformers; tokens/s, ratio, token match."""
     import transformers
-    from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     if not prompts or new_tokens < 1:
         raise ValueError("need at least one prompt and new_tokens >= 1")
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    encoded = [tokenizer.encode(p).ids for p in prompts]
-    if any(not ids for ids in encoded):
-        raise ValueError("a prompt tokenized to nothing")
+    encoded = encode_prompts(model_dir, prompts)
 
     with _num_threads(threads) as n_threads:
         ours = load_transformer(model_dir, dtype)

@@ -12,22 +12,17 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.ar_decode import _eos_ids, _num_threads, greedy_ours
+from benchmarks.ar_decode import _eos_ids, _num_threads, encode_prompts, greedy_ours
 from export.runners import load_runner
 
 
 def run_runtimes_benchmark(model_dir: Path, runtimes: Sequence[str], dtype: str, prompts: list[str],
                            new_tokens: int, threads: int | None, device: str = "cpu") -> dict:
     """Per-runtime tokens/s, ratio to the first runtime, and greedy-token agreement with it."""
-    from tokenizers import Tokenizer
-
     model_dir = Path(model_dir)
     if not prompts or new_tokens < 1 or not runtimes:
         raise ValueError("need at least one prompt, one runtime and new_tokens >= 1")
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    encoded = [tokenizer.encode(p).ids for p in prompts]
-    if any(not ids for ids in encoded):
-        raise ValueError("a prompt tokenized to nothing")
+    encoded = encode_prompts(model_dir, prompts)
 
     with _num_threads(threads) as n_threads:
         # TensorRT: load_runner's default profile, the one `cli.py export --to tensorrt` builds (reused).
