@@ -38,6 +38,12 @@ class Draft:
     probs: torch.Tensor | None = None
     confidences: list[float] | None = None
 
+    def truncate(self, count: int) -> None:
+        """Keep the first `count` proposals (what the scheduler chose to verify)."""
+        self.tokens = self.tokens[:count]
+        self.probs = self.probs[:count] if self.probs is not None else None
+        self.confidences = self.confidences[:count] if self.confidences is not None else None
+
 
 class Drafter(Protocol):
     name: str

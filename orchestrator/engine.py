@@ -329,11 +329,7 @@ class Engine:
             survival.append(survival_probabilities(draft.confidences or rates[: len(draft.tokens)]))
         others = [r for r in self._running if r not in planned]
         waiting = self.num_waiting + self.external_waiting
-        base_tokens = (
-            len(planned) + waiting
-            + sum(len(r.prompt_ids) if r in admitted else 1 + len(drafts.get(r.request_id, Draft([])).tokens)
-                  for r in others)
-        )
+        base_tokens = len(planned) + waiting + sum(len(self._step_tokens(r, admitted, drafts)) for r in others)
         base_expected = len(self._running) + waiting
         counts = plan_verification(survival, base_tokens, base_expected, self.step_cost, draft_seconds)
         planned_expected = base_expected + sum(sum(row[:c]) for row, c in zip(survival, counts))
@@ -341,10 +337,15 @@ class Engine:
         if speculative <= expected_throughput(base_expected, base_tokens, self.step_cost):
             self._draft_backoff = DRAFT_BACKOFF_STEPS
         for r, count in zip(planned, counts):
-            draft = drafts[r.request_id]
-            draft.tokens = draft.tokens[:count]
-            draft.probs = draft.probs[:count] if draft.probs is not None else None
-            draft.confidences = draft.confidences[:count] if draft.confidences is not None else None
+            drafts[r.request_id].truncate(count)
+
+    @staticmethod
+    def _step_tokens(request: _Request, admitted: list[_Request], drafts: dict[int, Draft]) -> list[int]:
+        """What the request feeds this step's target forward: its prompt, or its pending token and draft."""
+        if request in admitted:
+            return request.prompt_ids
+        draft = drafts.get(request.request_id)
+        return [request.output_ids[-1]] + (draft.tokens if draft else [])
 
     def _decode_step(self, admitted: list[_Request]) -> None:
         """Draft, schedule, then one target forward: prompts of new requests, pending token + draft of the others."""
@@ -353,7 +354,7 @@ class Engine:
         self._schedule(admitted, drafts, self._draft_cost(time.perf_counter() - started, bool(drafts)))
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
-            tokens = r.prompt_ids if r in admitted else [r.output_ids[-1]] + drafts.get(r.request_id, Draft([])).tokens
+            tokens = self._step_tokens(r, admitted, drafts)
             first_row = offset + len(tokens) - (1 if r in admitted else len(tokens))
             logits_rows.extend(range(first_row, offset + len(tokens)))
             new_tokens.append(tokens)
