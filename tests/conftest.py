@@ -22,6 +22,23 @@ def smollm2_dir() -> Path:
     return fetch_model(DEFAULT_MODEL)
 
 
+@pytest.fixture(scope="session")
+def smollm2_fp32(smollm2_dir: Path):
+    """The default model in fp32 (token-exact comparisons), loaded once for the in-process engine tests."""
+    import torch
+
+    from models.loading import load_transformer
+
+    return load_transformer(smollm2_dir, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_encoder(smollm2_dir: Path):
+    from orchestrator.prompting import PromptEncoder
+
+    return PromptEncoder.from_model_dir(smollm2_dir, max_prompt_tokens=1024)
+
+
 @dataclass(frozen=True)
 class TritonEndpoints:
     http: str  # host:port

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from models.loading import load_transformer
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
-from orchestrator.prompting import PromptEncoder
 from orchestrator.sampling import SamplingParams
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "def fibonacci(n):",
@@ -15,13 +12,13 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "de
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_dir):
-    return load_transformer(smollm2_dir, torch.float32)
+def model(smollm2_fp32):
+    return smollm2_fp32
 
 
 @pytest.fixture(scope="module")
-def encoder(smollm2_dir):
-    return PromptEncoder.from_model_dir(smollm2_dir, max_prompt_tokens=1024)
+def encoder(smollm2_encoder):
+    return smollm2_encoder
 
 
 def make_engine(model, encoder, slots=4):

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from models.drafters import load_drafter
-from models.loading import load_transformer
 from models.transformer import Transformer
 from orchestrator.drafting import FeatureDrafter, ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
-from orchestrator.prompting import PromptEncoder
 from orchestrator.sampling import SamplingParams
 from orchestrator.step_cost import StepCostProfile
 from tests.conftest import PROJECT_ROOT
@@ -37,13 +35,13 @@ SLOTS = 8
 
 
 @pytest.fixture(scope="module")
-def target(smollm2_dir):
-    return load_transformer(smollm2_dir, torch.float32)
+def target(smollm2_fp32):
+    return smollm2_fp32
 
 
 @pytest.fixture(scope="module")
-def encoder(smollm2_dir):
-    return PromptEncoder.from_model_dir(smollm2_dir, max_prompt_tokens=1024)
+def encoder(smollm2_encoder):
+    return smollm2_encoder
 
 
 def shallow_copy(target: Transformer, num_layers: int) -> Transformer:
