@@ -17,6 +17,7 @@ from torch import nn
 
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
+from models.projection import project
 
 # RoPE tables are built up to this many positions at first and grown on demand.
 _INITIAL_ROPE_LEN = 8192
@@ -128,7 +129,7 @@ class DecoderLayer(nn.Module):
         T = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         h = rms_norm(x, self.attn_norm, self.eps)
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)
+        qkv = project(h, self.qkv_proj, self.qkv_bias)
         # q and k heads side by side: one norm and one RoPE for both
         qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
@@ -166,11 +167,11 @@ class DecoderLayer(nn.Module):
             o = o.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B * Lq, self.q_size)
         if meta.pad_index is not None:
             o = o[meta.pad_index]
-        x = x + F.linear(o, self.o_proj, self.o_bias)
+        x = x + project(o, self.o_proj, self.o_bias)
 
         h = rms_norm(x, self.mlp_norm, self.eps)
-        gate, up = F.linear(h, self.gate_up_proj).split(self.intermediate_size, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = project(h, self.gate_up_proj).split(self.intermediate_size, dim=-1)
+        return x + project(F.silu(gate) * up, self.down_proj)
 
 
 @dataclass
@@ -341,7 +342,7 @@ class Transformer(nn.Module):
 
         if logits_indices is not None:
             x = x.index_select(0, logits_indices.to(self.device))
-        logits = F.linear(x, self.lm_head_weight).float()
+        logits = project(x, self.lm_head_weight).float()
         return ForwardOutput(logits=logits, hidden_states=hidden)
 
     def last_token_indices(self, num_new: Sequence[int]) -> torch.Tensor:

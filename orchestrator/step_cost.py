@@ -21,6 +21,9 @@ from models.transformer import Transformer
 
 DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending token plus a few drafts
+# Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections),
+# so profiles measured with the old ones are not reused.
+FORWARD_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def _machine_id() -> str:
 
 def profile_path(root: Path, model_dir: Path, runtime: str, dtype: str, threads: int) -> Path:
     """Where the profile of this model, runtime, dtype, thread count and machine is kept."""
-    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{_machine_id()}".encode()).hexdigest()[:12]
+    ident = f"{Path(model_dir).resolve()}|{_machine_id()}|torch {torch.__version__}|rev {FORWARD_REVISION}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return root / "profiles" / f"{Path(model_dir).name}-{runtime}-{dtype}-{threads}t-{key}.json"
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.loading import load_transformer
+from models.projection import project
 from models.transformer import Transformer
 
 REL_TOL = 1e-4
@@ -203,7 +203,7 @@ def test_hidden_state_taps(smol, smol_hf, smol_prompts) -> None:
     for t in taps:
         assert out.hidden_states[t].shape == (sum(lens), smol.config.hidden_size)
     # the last tap is exactly what the LM head reads
-    head = F.linear(out.hidden_states[n_layers][idx], smol.lm_head_weight).float()
+    head = project(out.hidden_states[n_layers][idx], smol.lm_head_weight).float()
     torch.testing.assert_close(head, out.logits, rtol=0, atol=0)
     # and taps agree with transformers' hidden_states (index i+1 = output of layer i; last one is normed)
     ref = smol_hf(torch.tensor([smol_prompts[1]]), output_hidden_states=True).hidden_states

@@ -25,6 +25,7 @@ from models.drafters.common import (
     gather_context,
     packed_positions,
 )
+from models.projection import project
 from models.transformer import rms_norm
 
 
@@ -150,7 +151,7 @@ class BlockDrafter(nn.Module):
         ctx_mask = (torch.arange(S, device=dev)[None, :] < lengths_d[:, None]).unsqueeze(1)
         anchors = anchor_tokens.to(dev, torch.int64)
         hidden = self.backbone(anchors.unsqueeze(1), lengths_d.unsqueeze(1), ctx_kv, ctx_mask)[:, 0, :num_tokens]
-        base = F.linear(hidden, self.lm_head.to(hidden.dtype)).float()
+        base = project(hidden, self.lm_head.to(hidden.dtype)).float()
         tokens, probs, confs = [], [], []
         prev = anchors
         for j in range(num_tokens):

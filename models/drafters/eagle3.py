@@ -23,6 +23,7 @@ from models.drafters.common import (
     gather_context,
     packed_positions,
 )
+from models.projection import project
 from models.transformer import rms_norm
 
 
@@ -53,7 +54,7 @@ class Eagle3Drafter(nn.Module):
         return torch.cat([rms_norm(e, self.embed_norm, eps), rms_norm(h, self.feature_norm, eps)], dim=-1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head.to(h.dtype)).float()
+        return project(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head.to(h.dtype)).float()
 
     @torch.no_grad()
     def extend_context(self, state: DrafterState, slots: Sequence[int], num_new: Sequence[int],
