@@ -1,12 +1,13 @@
 """Training pieces: STS calibration lowers ECE on held-out data; the loss falls on a tiny run."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.drafters import default_config, load_drafter
 from training.calibration import expected_calibration_error, sequential_temperature_scaling
 from training.data import build_prompts, generate_with_features
-from training.train import TrainConfig, train_drafter
+from training.train import TrainConfig, learning_rate, train_drafter
 from tests.test_drafters import tiny_target
 
 
@@ -43,3 +44,14 @@ def test_training_loss_falls_and_checkpoint_resumes(tmp_path) -> None:
     resumed = train_drafter(target, config, seqs, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 45}), progress=False)
     assert resumed["steps"] == 45
     assert load_drafter(tmp_path, target).config == config
+
+
+def test_learning_rate_warms_up_then_anneals_by_steps_or_time() -> None:
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(1e-4, rel=0.01)
+    assert learning_rate(cfg, 9, 0.0) == pytest.approx(1e-3, rel=0.03)  # warm, barely decayed
+    assert learning_rate(cfg, 50, 0.0) == pytest.approx(5e-4, rel=0.01)
+    assert learning_rate(cfg, 100, 0.0) == pytest.approx(0.0, abs=1e-12)
+    timed = TrainConfig(steps=10_000, warmup=10, lr=1e-3, max_minutes=2.0)
+    assert learning_rate(timed, 50, 60.0) == pytest.approx(5e-4, rel=0.01)  # half the time = half-way down
+    assert learning_rate(timed, 50, 120.0) == pytest.approx(0.0, abs=1e-12)

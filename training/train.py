@@ -72,6 +72,15 @@ def _labels_and_target_logits(tokens, finals, anchors, block: int, lm_head: torc
     return labels, tlogits
 
 
+def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """Linear warmup, then cosine decay to zero over the run; with a wall-clock budget the decay
+    follows whichever of steps or time runs out first, so a timed run still ends annealed."""
+    done = step / cfg.steps
+    if cfg.max_minutes:
+        done = max(done, elapsed_s / (60 * cfg.max_minutes))
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
 def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequence], out_dir: Path,
                   cfg: TrainConfig, resume: bool = True, progress: bool = True) -> dict:
     """Train (or resume) a drafter; returns the final metrics. Checkpoints: model.safetensors,
@@ -81,8 +90,6 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     drafter = build_drafter(config, target).float().train()
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     history: list[dict] = []
@@ -91,13 +98,12 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
         drafter.load_state_dict(load_file(str(out_dir / "model.safetensors")))
         saved = torch.load(state_file, weights_only=False)
         opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
         gen.set_state(saved["generator"])
         step, history = saved["step"], saved["history"]
 
     def checkpoint() -> None:
         save_drafter(drafter, out_dir)
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+        torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(),
                     "step": step, "history": history}, state_file)
 
     block = config.block_size
@@ -106,6 +112,8 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {config.kind}", disable=not progress)
     ema = None
     while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step, time.monotonic() - started)
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen).tolist()
         tokens, feats, finals, anchors = _batch([train[i] for i in idx], cfg, block, gen)
         labels, tlogits = _labels_and_target_logits(tokens, finals, anchors, block, lm_head)
@@ -116,7 +124,6 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         step += 1
         ema = out.tau if ema is None else 0.95 * ema + 0.05 * out.tau
         history.append({"step": step, "loss": float(out.loss), "ce": out.ce, "tv": out.tv, "conf": out.confidence, "tau": out.tau})
