@@ -52,6 +52,6 @@ def test_learning_rate_warms_up_then_anneals_by_steps_or_time() -> None:
     assert learning_rate(cfg, 9, 0.0) == pytest.approx(1e-3, rel=0.03)  # warm, barely decayed
     assert learning_rate(cfg, 50, 0.0) == pytest.approx(5e-4, rel=0.01)
     assert learning_rate(cfg, 100, 0.0) == pytest.approx(0.0, abs=1e-12)
-    timed = TrainConfig(steps=10_000, warmup=10, lr=1e-3, max_minutes=2.0)
+    timed = TrainConfig(steps=None, warmup=10, lr=1e-3, max_minutes=2.0)
     assert learning_rate(timed, 50, 60.0) == pytest.approx(5e-4, rel=0.01)  # half the time = half-way down
     assert learning_rate(timed, 50, 120.0) == pytest.approx(0.0, abs=1e-12)

@@ -21,7 +21,7 @@ from training.losses import LossWeights, drafter_loss
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int | None = 300  # None: until max_minutes runs out
     batch_size: int = 4  # sequences per step
     anchors: int = 8  # blocks per sequence per step
     lr: float = 1e-3
@@ -75,7 +75,7 @@ def _labels_and_target_logits(tokens, finals, anchors, block: int, lm_head: torc
 def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     """Linear warmup, then cosine decay to zero over the run; with a wall-clock budget the decay
     follows whichever of steps or time runs out first, so a timed run still ends annealed."""
-    done = step / cfg.steps
+    done = 0.0 if cfg.steps is None else step / cfg.steps
     if cfg.max_minutes:
         done = max(done, elapsed_s / (60 * cfg.max_minutes))
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
@@ -111,7 +111,9 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     started = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {config.kind}", disable=not progress)
     ema = None
-    while step < cfg.steps:
+    if cfg.steps is None and not cfg.max_minutes:
+        raise ValueError("an unbounded run needs max_minutes")
+    while cfg.steps is None or step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step, time.monotonic() - started)
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen).tolist()
