@@ -128,3 +128,47 @@ def test_checkpoint_roundtrip_excludes_shared_tensors(target, tmp_path) -> None:
     assert isinstance(loaded.config, DrafterConfig) and loaded.config == d.config
     for (n1, p1), (n2, p2) in zip(d.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3"])
+def test_draft_vocabulary_proposes_only_its_tokens_with_exact_probabilities(target, kind, tmp_path) -> None:
+    vocab = torch.tensor([2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47])
+    full, sub = drafter_for(kind, target), drafter_for(kind, target)
+    sub.set_draft_vocab(vocab)
+    anchors = torch.tensor([6, 9])
+    blocks = {}
+    for name, d in (("full", full), ("sub", sub)):
+        state, cache = d.new_state(2, 64), target.new_cache(2, 64)
+        context(target, d, [[3, 4, 5, 6], [7, 8, 9]], [0, 1], state, cache)
+        g = torch.Generator().manual_seed(0)
+
+        def sample(logits):
+            p = torch.softmax(logits, -1)
+            return torch.multinomial(p, 1, generator=g).squeeze(-1), p
+
+        blocks[name] = d.draft(state, [0, 1], anchors, 4, sample)
+        blocks[name + "_greedy"] = d.draft(state, [0, 1], anchors, 4, greedy_sample)
+    b = blocks["sub"]
+    assert set(b.tokens.flatten().tolist()) <= set(vocab.tolist())
+    assert b.probs.shape == (2, 4, 64)
+    torch.testing.assert_close(b.probs.sum(-1), torch.ones(2, 4))
+    outside = torch.ones(64, dtype=torch.bool)
+    outside[vocab] = False
+    assert (b.probs[..., outside] == 0).all()
+    assert (b.probs.gather(-1, b.tokens.unsqueeze(-1)) > 0).all()
+    # The first position sees the same context either way: the subset's greedy pick is the full
+    # distribution's best token inside the subset, and its probabilities are the renormalized full ones.
+    first = blocks["full"].probs[:, 0, vocab]
+    assert torch.equal(blocks["sub_greedy"].tokens[:, 0], vocab[first.argmax(-1)])
+    torch.testing.assert_close(b.probs[:, 0, vocab], first / first.sum(-1, keepdim=True))
+
+    save_drafter(sub, tmp_path)
+    assert torch.equal(load_drafter(tmp_path, target).draft_vocab, vocab)
+    save_drafter(full, tmp_path)  # saving a full-vocabulary drafter over it removes the subset
+    assert load_drafter(tmp_path, target).draft_vocab is None
+
+
+def test_draft_vocabulary_rejects_out_of_range_ids(target) -> None:
+    d = drafter_for("dspark", target)
+    with pytest.raises(ValueError, match="draft vocabulary"):
+        d.set_draft_vocab(torch.tensor([1, 64]))

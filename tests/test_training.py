@@ -55,3 +55,21 @@ def test_learning_rate_warms_up_then_anneals_by_steps_or_time() -> None:
     timed = TrainConfig(steps=None, warmup=10, lr=1e-3, max_minutes=2.0)
     assert learning_rate(timed, 50, 60.0) == pytest.approx(5e-4, rel=0.01)  # half the time = half-way down
     assert learning_rate(timed, 50, 120.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_draft_vocabulary_keeps_the_most_frequent_answer_tokens() -> None:
+    from training.data import Sequence
+    from training.vocab import coverage, draft_vocabulary
+
+    def seq(prompt: list[int], answer: list[int]) -> Sequence:
+        tokens = torch.tensor(prompt + answer)
+        return Sequence(tokens, len(prompt), torch.zeros(len(tokens) - 1, 4), torch.zeros(len(tokens) - 1, 2))
+
+    train = [seq([9, 9, 9, 9], [1, 1, 1, 2, 2, 3]), seq([9, 9], [1, 2, 4])]  # prompt tokens do not count
+    vocab = draft_vocabulary(train, vocab_size=10, size=2)
+    assert vocab.tolist() == [1, 2]
+    assert coverage(vocab, train, vocab_size=10) == pytest.approx(7 / 9)
+    assert draft_vocabulary(train, 10, 3).tolist() == [1, 2, 3]  # ties (3 and 4, once each) go to the lower id
+    assert draft_vocabulary(train, 10, 5).tolist() == [1, 2, 3, 4, 9]  # then prompt tokens, the answers' source
+    with pytest.raises(ValueError):
+        draft_vocabulary(train, 10, 0)

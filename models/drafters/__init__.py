@@ -20,6 +20,7 @@ from models.transformer import Transformer
 
 Drafter = BlockDrafter | Eagle3Drafter
 _CLASSES = {"dspark": DSparkDrafter, "dflash": DFlashDrafter, "eagle3": Eagle3Drafter}
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: the token ids drafting scores (see DraftVocabMixin)
 
 
 def default_config(kind: str, target: Transformer, target_name: str = "", block_size: int = 7,
@@ -49,6 +50,11 @@ def save_drafter(drafter: nn.Module, directory: str | Path, dtype: torch.dtype |
              for k, v in drafter.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(drafter.config.to_json() + "\n")
+    vocab_file = directory / DRAFT_VOCAB_FILE
+    if drafter.draft_vocab is not None:
+        save_file({"token_ids": drafter.draft_vocab.contiguous()}, str(vocab_file))
+    elif vocab_file.exists():
+        vocab_file.unlink()
 
 
 def load_drafter(directory: str | Path, target: Transformer) -> Drafter:
@@ -57,6 +63,8 @@ def load_drafter(directory: str | Path, target: Transformer) -> Drafter:
     config = DrafterConfig.from_json((directory / "config.json").read_text())
     drafter = build_drafter(config, target)
     drafter.load_state_dict(load_file(str(directory / "model.safetensors")))
+    if (directory / DRAFT_VOCAB_FILE).exists():
+        drafter.set_draft_vocab(load_file(str(directory / DRAFT_VOCAB_FILE))["token_ids"])
     return drafter.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from models.drafters.common import (
     DraftBlock,
+    DraftVocabMixin,
     DrafterConfig,
     DrafterLayer,
     DrafterState,
@@ -29,7 +30,7 @@ from models.projection import project
 from models.transformer import rms_norm
 
 
-class BlockDrafter(nn.Module):
+class BlockDrafter(DraftVocabMixin, nn.Module):
     """The parallel backbone; DSpark switches on the Markov and confidence heads, DFlash does not."""
 
     def __init__(self, config: DrafterConfig, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
@@ -151,14 +152,17 @@ class BlockDrafter(nn.Module):
         ctx_mask = (torch.arange(S, device=dev)[None, :] < lengths_d[:, None]).unsqueeze(1)
         anchors = anchor_tokens.to(dev, torch.int64)
         hidden = self.backbone(anchors.unsqueeze(1), lengths_d.unsqueeze(1), ctx_kv, ctx_mask)[:, 0, :num_tokens]
-        base = project(hidden, self.lm_head.to(hidden.dtype)).float()
+        base = project(hidden, self.draft_head().to(hidden.dtype)).float()
+        markov_w2 = self.draft_rows(self.markov_w2.weight) if self.config.markov_rank else None
         tokens, probs, confs = [], [], []
         prev = anchors
         for j in range(num_tokens):
-            logits = base[:, j] + self.markov_bias(prev).float() if self.config.markov_rank else base[:, j]
+            logits = base[:, j]
+            if markov_w2 is not None:
+                logits = logits + F.linear(self.markov_w1(prev), markov_w2).float()
             if self.config.confidence:
                 confs.append(torch.sigmoid(self.confidence_logits(hidden[:, j], prev) / self.confidence_temperature[j]))
-            prev, p = sample_fn(logits)
+            prev, p = self.sample_draft(logits, sample_fn)
             tokens.append(prev)
             probs.append(p)
         return DraftBlock(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1).float(),

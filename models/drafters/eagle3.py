@@ -15,6 +15,7 @@ from torch import nn
 
 from models.drafters.common import (
     DraftBlock,
+    DraftVocabMixin,
     DrafterConfig,
     DrafterLayer,
     DrafterState,
@@ -27,7 +28,7 @@ from models.projection import project
 from models.transformer import rms_norm
 
 
-class Eagle3Drafter(nn.Module):
+class Eagle3Drafter(DraftVocabMixin, nn.Module):
     def __init__(self, config: DrafterConfig, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
         super().__init__()
         if config.kind != "eagle3" or config.num_layers != 1:
@@ -53,8 +54,10 @@ class Eagle3Drafter(nn.Module):
         e = F.embedding(next_tokens, self.embed).to(h.dtype)
         return torch.cat([rms_norm(e, self.embed_norm, eps), rms_norm(h, self.feature_norm, eps)], dim=-1)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return project(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head.to(h.dtype)).float()
+    def logits(self, h: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the full vocabulary, or over the rows of ``head`` (the draft vocabulary)."""
+        head = self.lm_head if head is None else head
+        return project(rms_norm(h, self.norm, self.config.rms_norm_eps), head.to(h.dtype)).float()
 
     @torch.no_grad()
     def extend_context(self, state: DrafterState, slots: Sequence[int], num_new: Sequence[int],
@@ -102,7 +105,7 @@ class Eagle3Drafter(nn.Module):
             h, k, v = self.layer(h, self.pair_input(h, prev.unsqueeze(1)), positions, ctx_k, ctx_v, mask)
             ctx_k, ctx_v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)
             ctx_mask = torch.cat([ctx_mask, ctx_mask.new_ones(B, 1)], dim=1)
-            prev, p = sample_fn(self.logits(h[:, 0]))
+            prev, p = self.sample_draft(self.logits(h[:, 0], self.draft_head()), sample_fn)
             tokens.append(prev)
             probs.append(p)
         return DraftBlock(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1).float(), confidences=None)
