@@ -35,7 +35,10 @@ from orchestrator.verification import VerifyResult, verify_greedy, verify_sampli
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_INTERVAL_S = 0.05  # asking the frontend whether a client left costs an IPC round trip
-DRAFT_BACKOFF_STEPS = 8  # dspark mode: steps without drafting after a step where drafting did not pay
+# dspark mode: steps without drafting after a step where drafting did not pay; doubled after each
+# further such step (up to the maximum), back to the minimum once drafting pays again.
+DRAFT_BACKOFF_STEPS = 8
+MAX_DRAFT_BACKOFF_STEPS = 256
 DRAFT_COST_SAMPLES = 8  # drafting steps timed before the drafting cost is fixed (keeps decisions repeatable)
 
 
@@ -137,6 +140,7 @@ class Engine:
         self.step_cost = step_cost
         self.external_waiting = 0  # requests queued in front of the engine (e.g. Triton's pending count)
         self._draft_backoff = 0  # dspark mode: steps left before drafting is tried again
+        self._next_backoff = DRAFT_BACKOFF_STEPS  # the pause after the next step where drafting does not pay
         self._draft_timings: list[float] = []
         self.tokenizer = tokenizer
         self.config = config
@@ -315,7 +319,8 @@ class Engine:
         """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits.
 
         Drafting itself costs time: when even the best plan, counting that cost, is slower than a
-        plain AR step, dspark requests stop drafting for a few steps before trying again.
+        plain AR step, dspark requests stop drafting for a pause that doubles each time drafting
+        still does not pay when tried again (a weak drafter then costs ~1% of steps, not ~10%).
         """
         if self._draft_backoff > 0:
             self._draft_backoff -= 1
@@ -335,7 +340,10 @@ class Engine:
         planned_expected = base_expected + sum(sum(row[:c]) for row, c in zip(survival, counts))
         speculative = expected_throughput(planned_expected, base_tokens + sum(counts), self.step_cost, draft_seconds)
         if speculative <= expected_throughput(base_expected, base_tokens, self.step_cost):
-            self._draft_backoff = DRAFT_BACKOFF_STEPS
+            self._draft_backoff = self._next_backoff
+            self._next_backoff = min(2 * self._next_backoff, MAX_DRAFT_BACKOFF_STEPS)
+        else:
+            self._next_backoff = DRAFT_BACKOFF_STEPS
         for r, count in zip(planned, counts):
             drafts[r.request_id].truncate(count)
 

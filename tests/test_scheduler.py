@@ -171,15 +171,18 @@ class SlowDrafter(FixedDrafter):
         return super().propose(requests)
 
 
-def test_dspark_mode_backs_off_drafting_when_it_does_not_pay():
+def test_dspark_mode_backs_off_drafting_exponentially_when_it_does_not_pay():
     from orchestrator.engine import DRAFT_BACKOFF_STEPS
 
     drafter = SlowDrafter()
-    engine = Engine(_tiny_model(), _Tok(), EngineConfig(2, 128, 64), drafter, StepCostProfile((1, 8), (0.001, 0.002)))
-    engine.submit([1, 2, 3], SamplingParams(max_tokens=2 + 2 * (DRAFT_BACKOFF_STEPS + 1)), lambda c: None,
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(2, 128, 100), drafter, StepCostProfile((1, 8), (0.001, 0.002)))
+    b = DRAFT_BACKOFF_STEPS
+    # Tries at steps 0, b+1, 3b+2, 7b+3: pauses of b, 2b, 4b; a fixed pause would have tried 8 times.
+    steps_wanted = 7 * b + 4 + b // 2
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=steps_wanted + 1), lambda c: None,
                   spec=SpeculationParams("dspark", 3))
     steps = 0
     while engine.step():
         steps += 1
-    assert steps > 2 * (DRAFT_BACKOFF_STEPS + 1)
-    assert drafter.calls <= 3  # one try, then a pause of DRAFT_BACKOFF_STEPS steps, and so on
+    assert steps >= steps_wanted
+    assert drafter.calls == 4
