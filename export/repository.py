@@ -4,7 +4,8 @@ The copy keeps every model (preprocessing, dspark, ensemble, ...) and sets the d
 parameters (runtime, dtype, model, sizes) in its config.pbtxt. For onnxruntime / tensorrt the
 ONNX graph is exported (or taken from the cache) and shipped in ``dspark/1/onnx/``, so the
 server never exports at start; TensorRT engines are GPU-specific and are built from that graph
-on the serving machine at first load (cached by content hash).
+on the serving machine at first load (cached by content hash). The graph outputs the hidden
+states the configured drafter taps, so a trained DSpark drafter serves on every runtime.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
 from export.runners import RUNTIMES
+from models.drafters import DrafterConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
@@ -55,19 +57,27 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    # Trained drafters read the target's hidden states, which the exported graphs leave out by default.
-    drafter = {} if runtime == "torch" else {"drafter": "prompt_lookup"}
-    values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", **drafter, **(parameters or {})}
+    config = out_dir / ENGINE_MODEL / "config.pbtxt"
+    values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", **(parameters or {})}
     if runtime != "torch":
-        exported = cached_onnx(model_dir, dtype)
+        # A trained drafter reads the target's hidden states: the graph exports the layers it taps.
+        drafter = values.get("drafter") or read_parameters(config.read_text()).get("drafter", "none")
+        exported = cached_onnx(model_dir, dtype, drafter_tap_layers(drafter))
         target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR
         target.mkdir(parents=True)
         for name in (ONNX_FILE, ONNX_DATA_FILE, META_FILE):
             _link_or_copy(exported.parent / name, target / name)
         values["onnx_model"] = f"{ONNX_SUBDIR}/{ONNX_FILE}"
-    config = out_dir / ENGINE_MODEL / "config.pbtxt"
     config.write_text(set_parameters(config.read_text(), values))
     return out_dir
+
+
+def drafter_tap_layers(drafter: str) -> tuple[int, ...]:
+    """The target layers a server's drafter setting (``checkpoint:<dir>``, relative to the project) reads."""
+    if not drafter.startswith("checkpoint:"):
+        return ()
+    directory = PROJECT_ROOT / drafter[len("checkpoint:"):]
+    return DrafterConfig.from_json((directory / "config.json").read_text()).tap_layers
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx, io_names, read_metadata
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
-from models.loading import load_config, load_transformer
+from models.loading import load_config, load_token_matrices, load_transformer
 from models.transformer import ForwardOutput
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
@@ -118,6 +118,25 @@ class _GraphRunner:
     dtype: torch.dtype
     device: torch.device
     tap_layers: tuple[int, ...]
+    model_dir: Path | None = None  # set by load_runner; where the shared token matrices are read from
+    _token_matrices: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _shared(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._token_matrices is None:
+            if self.model_dir is None:
+                raise RuntimeError("this runner was not loaded from a model directory")
+            embed, head = load_token_matrices(self.model_dir, self.dtype)
+            self._token_matrices = embed.to(self.device), head.to(self.device)
+        return self._token_matrices
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The target's input embedding (read on first use): trained drafters share it, as with the torch runtime."""
+        return self._shared()[0]
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._shared()[1]
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.config, num_slots, max_len, dtype=self.dtype, device=self.device)
@@ -349,5 +368,8 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
         path = path / ONNX_FILE
     config = load_config(model_dir)
     if runtime == "onnxruntime":
-        return OnnxRuntimeRunner(path, config, num_threads)
-    return TensorRTRunner(path, config, max_batch, max_new, max_context)
+        runner: _GraphRunner = OnnxRuntimeRunner(path, config, num_threads)
+    else:
+        runner = TensorRTRunner(path, config, max_batch, max_new, max_context)
+    runner.model_dir = model_dir
+    return runner

@@ -91,3 +91,20 @@ def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32) 
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     return transformer_from_hf_state_dict(config, read_hf_state_dict(model_dir), dtype=dtype)
+
+
+def load_token_matrices(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the input embedding and the LM head (the same tensor when tied): what a drafter shares
+    with a target that runs as an exported graph."""
+    config = load_config(model_dir)
+    wanted = {"model.embed_tokens.weight"} | (set() if config.tie_word_embeddings else {"lm_head.weight"})
+    found: dict[str, torch.Tensor] = {}
+    for path in _safetensors_files(Path(model_dir)):
+        with safe_open(str(path), framework="pt") as f:
+            for name in wanted & set(f.keys()):
+                found[name] = f.get_tensor(name).to(dtype)
+    missing = wanted - found.keys()
+    if missing:
+        raise KeyError(f"checkpoint lacks tensors {sorted(missing)}")
+    embed = found["model.embed_tokens.weight"]
+    return embed, embed if config.tie_word_embeddings else found["lm_head.weight"]

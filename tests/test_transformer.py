@@ -16,7 +16,7 @@ import torch
 
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
-from models.loading import load_transformer
+from models.loading import load_token_matrices, load_transformer
 from models.projection import project
 from models.transformer import Transformer
 
@@ -379,3 +379,8 @@ def test_ar_decode_benchmark_runs_and_matches(smollm2_dir) -> None:
     assert all(len(r["ours_tokens"]) == 6 for r in result["per_prompt"])
     table = format_ar_decode_table(result)
     assert "ours tok/s" in table and "all match" in table
+
+
+def test_token_matrices_alone_equal_the_full_load(smol, smollm2_dir: Path) -> None:
+    embed, head = load_token_matrices(smollm2_dir)
+    assert torch.equal(embed, smol.embed) and torch.equal(head, smol.lm_head_weight)

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from clients.generation import collect, stream_grpc
-from export.repository import ENGINE_MODEL, PROJECT_ROOT, build_repository, read_parameters, set_parameters
+from export.onnx_export import read_metadata
+from export.repository import (
+    ENGINE_MODEL,
+    PROJECT_ROOT,
+    build_repository,
+    drafter_tap_layers,
+    read_parameters,
+    set_parameters,
+)
 
 PROMPTS = ["What is the capital of France?", "def fibonacci(n):"]
 NEW_TOKENS = 24
@@ -51,6 +59,11 @@ def ort_repository(tmp_path_factory, smollm2_dir: Path) -> Path:
     params = read_parameters((out / ENGINE_MODEL / "config.pbtxt").read_text())
     assert params["runtime"] == "onnxruntime"
     assert (out / ENGINE_MODEL / "1" / params["onnx_model"]).is_file()
+    # The shipped DSpark drafter stays, and the graph exports the target layers it taps.
+    source = read_parameters((PROJECT_ROOT / "model_repository" / ENGINE_MODEL / "config.pbtxt").read_text())
+    assert params["drafter"] == source["drafter"] and source["drafter"].startswith("checkpoint:")
+    meta = read_metadata(out / ENGINE_MODEL / "1" / params["onnx_model"])
+    assert set(drafter_tap_layers(params["drafter"])) <= set(meta["tap_layers"])
     return out
 
 
@@ -72,3 +85,9 @@ def test_onnxruntime_server_greedy_equals_torch_server(triton, ort_repository, s
             ref = collect(stream_grpc(triton.grpc, prompt, max_tokens=NEW_TOKENS))
             assert ours.token_ids == ref.token_ids
             assert ours.text == ref.text and len(ours.token_ids) > 0
+        # Speculation with the trained drafter on the ONNX Runtime target: still the target's greedy tokens.
+        plain = collect(stream_grpc(ort_server.url_grpc, PROMPTS[1], max_tokens=NEW_TOKENS, spec_mode="off"))
+        spec = collect(stream_grpc(ort_server.url_grpc, PROMPTS[1], max_tokens=NEW_TOKENS, spec_mode="static",
+                                   num_draft_tokens=4))
+        assert spec.draft_rounds > 0 and spec.draft_tokens >= spec.draft_rounds
+        assert spec.token_ids == plain.token_ids

@@ -7,6 +7,7 @@ Every drafter offers ``tap_layers``, ``new_state(num_slots, max_len)``,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +20,15 @@ from models.drafters.eagle3 import Eagle3Drafter
 from models.transformer import Transformer
 
 Drafter = BlockDrafter | Eagle3Drafter
+
+
+class DrafterTarget(Protocol):
+    """What a drafter takes from its target: our Transformer, or a graph runner (ONNX Runtime, TensorRT)."""
+
+    embed: torch.Tensor
+    lm_head_weight: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
 _CLASSES = {"dspark": DSparkDrafter, "dflash": DFlashDrafter, "eagle3": Eagle3Drafter}
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: the token ids drafting scores (see DraftVocabMixin)
 
@@ -37,7 +47,7 @@ def default_config(kind: str, target: Transformer, target_name: str = "", block_
     )
 
 
-def build_drafter(config: DrafterConfig, target: Transformer) -> Drafter:
+def build_drafter(config: DrafterConfig, target: DrafterTarget) -> Drafter:
     """A fresh drafter sharing the target's (frozen) embeddings and LM head."""
     return _CLASSES[config.kind](config, target.embed.detach(), target.lm_head_weight.detach())
 
@@ -57,7 +67,7 @@ def save_drafter(drafter: nn.Module, directory: str | Path, dtype: torch.dtype |
         vocab_file.unlink()
 
 
-def load_drafter(directory: str | Path, target: Transformer) -> Drafter:
+def load_drafter(directory: str | Path, target: DrafterTarget) -> Drafter:
     """A saved drafter attached to its target's embeddings and LM head, in the target's dtype, eval mode."""
     directory = Path(directory)
     config = DrafterConfig.from_json((directory / "config.json").read_text())

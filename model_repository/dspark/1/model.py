@@ -10,10 +10,10 @@ import triton_python_backend_utils as pb_utils
 
 import models
 from export.fetch import cache_dir, model_dir_if_cached
+from export.repository import drafter_tap_layers
 from export.runners import load_runner
 from models.drafters import load_drafter
 from models.loading import load_transformer
-from models.transformer import Transformer
 from orchestrator.drafting import FeatureDrafter, ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
@@ -160,8 +160,6 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
         model = load_transformer(_resolve_model_dir(choice[len("model:"):]), getattr(torch, dtype))
         return ModelDrafter(model, config.max_batch_size, config.max_context)
     if choice.startswith("checkpoint:"):
-        if not isinstance(target, Transformer):
-            raise pb_utils.TritonModelException("trained drafters read the target's hidden states: use runtime torch")
         module = load_drafter(PROJECT_ROOT / choice[len("checkpoint:"):], target)
         return FeatureDrafter(module, config.max_batch_size, config.max_context)
     raise pb_utils.TritonModelException(
@@ -183,14 +181,16 @@ class TritonPythonModel:
         self.encoder = PromptEncoder.from_model_dir(model_dir, config.max_context - 1)
         # runtime: torch | onnxruntime | tensorrt; onnx_model: a graph shipped in this version dir
         # (written by `cli.py build`), else the export is taken from or made into the cache.
+        # An export made here outputs the hidden states the drafter taps.
         onnx_model = params.get("onnx_model", "")
+        drafter_choice = os.environ.get("DSPARK_DRAFTER") or params["drafter"]
         runner = load_runner(
             model_dir, params.get("runtime", "torch"), params["dtype"],
             onnx_path=Path(args["model_repository"]) / args["model_version"] / onnx_model if onnx_model else None,
-            num_threads=threads, max_batch=config.max_batch_size, max_new=config.max_context,
-            max_context=config.max_context,
+            tap_layers=drafter_tap_layers(drafter_choice), num_threads=threads, max_batch=config.max_batch_size,
+            max_new=config.max_context, max_context=config.max_context,
         )
-        drafter = _make_drafter(os.environ.get("DSPARK_DRAFTER") or params["drafter"], params["dtype"], config, runner)
+        drafter = _make_drafter(drafter_choice, params["dtype"], config, runner)
         runtime = params.get("runtime", "torch")
         step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, params["dtype"], threads), runner)
         self.engine = Engine(runner, self.encoder.tokenizer, config, drafter, step_cost)
