@@ -128,7 +128,7 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
         opt.step()
         step += 1
         ema = out.tau if ema is None else 0.95 * ema + 0.05 * out.tau
-        history.append({"step": step, "loss": float(out.loss), "ce": out.ce, "tv": out.tv, "conf": out.confidence, "tau": out.tau})
+        history.append({"step": step, "loss": float(out.loss.detach()), "ce": out.ce, "tv": out.tv, "conf": out.confidence, "tau": out.tau})
         bar.set_postfix(loss=f"{float(out.loss):.3f}", tv=f"{out.tv:.3f}", tau=f"{ema:.2f}")
         bar.update(1)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes
