@@ -128,8 +128,9 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
         opt.step()
         step += 1
         ema = out.tau if ema is None else 0.95 * ema + 0.05 * out.tau
-        history.append({"step": step, "loss": float(out.loss.detach()), "ce": out.ce, "tv": out.tv, "conf": out.confidence, "tau": out.tau})
-        bar.set_postfix(loss=f"{float(out.loss):.3f}", tv=f"{out.tv:.3f}", tau=f"{ema:.2f}")
+        loss = float(out.loss.detach())
+        history.append({"step": step, "loss": loss, "ce": out.ce, "tv": out.tv, "conf": out.confidence, "tau": out.tau})
+        bar.set_postfix(loss=f"{loss:.3f}", tv=f"{out.tv:.3f}", tau=f"{ema:.2f}")
         bar.update(1)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
