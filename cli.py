@@ -267,7 +267,7 @@ def train(kind: str, target: str, steps: int | None, batch_size: int, anchors: i
 
     out = out or cache_dir() / "drafters" / f"{target}-{kind}"
     if steps is None and max_minutes is None:
-        steps = 300
+        steps = TrainConfig.steps
     cfg = TrainConfig(steps=steps, batch_size=batch_size, anchors=anchors, lr=lr, max_minutes=max_minutes)
     result = run_training(kind, target, out, cfg, _domain_counts(train_prompts), _domain_counts(heldout_prompts),
                           max_new_tokens, torch.bfloat16 if export_bf16 else None, draft_vocab)

@@ -72,11 +72,16 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
     return out_dir
 
 
+def drafter_checkpoint(drafter: str) -> Path | None:
+    """The directory of a server's ``checkpoint:<dir>`` drafter setting (relative to the project), else None."""
+    return PROJECT_ROOT / drafter[len("checkpoint:"):] if drafter.startswith("checkpoint:") else None
+
+
 def drafter_tap_layers(drafter: str) -> tuple[int, ...]:
-    """The target layers a server's drafter setting (``checkpoint:<dir>``, relative to the project) reads."""
-    if not drafter.startswith("checkpoint:"):
+    """The target layers a server's drafter setting reads (none but for a trained checkpoint)."""
+    directory = drafter_checkpoint(drafter)
+    if directory is None:
         return ()
-    directory = PROJECT_ROOT / drafter[len("checkpoint:"):]
     return DrafterConfig.from_json((directory / "config.json").read_text()).tap_layers
 
 

@@ -25,13 +25,14 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_hf_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF safetensors checkpoint, by their HF names."""
+def read_hf_state_dict(model_dir: str | Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of an HF safetensors checkpoint (all, or only ``names``), by their HF names."""
     tensors: dict[str, torch.Tensor] = {}
     for path in _safetensors_files(Path(model_dir)):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+                if names is None or name in names:
+                    tensors[name] = f.get_tensor(name)
     return tensors
 
 
@@ -98,13 +99,9 @@ def load_token_matrices(model_dir: str | Path, dtype: torch.dtype = torch.float3
     with a target that runs as an exported graph."""
     config = load_config(model_dir)
     wanted = {"model.embed_tokens.weight"} | (set() if config.tie_word_embeddings else {"lm_head.weight"})
-    found: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(Path(model_dir)):
-        with safe_open(str(path), framework="pt") as f:
-            for name in wanted & set(f.keys()):
-                found[name] = f.get_tensor(name).to(dtype)
+    found = read_hf_state_dict(model_dir, wanted)
     missing = wanted - found.keys()
     if missing:
         raise KeyError(f"checkpoint lacks tensors {sorted(missing)}")
-    embed = found["model.embed_tokens.weight"]
-    return embed, embed if config.tie_word_embeddings else found["lm_head.weight"]
+    embed = found["model.embed_tokens.weight"].to(dtype)
+    return embed, embed if config.tie_word_embeddings else found["lm_head.weight"].to(dtype)

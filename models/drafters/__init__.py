@@ -29,6 +29,8 @@ class DrafterTarget(Protocol):
     lm_head_weight: torch.Tensor
     dtype: torch.dtype
     device: torch.device
+
+
 _CLASSES = {"dspark": DSparkDrafter, "dflash": DFlashDrafter, "eagle3": Eagle3Drafter}
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: the token ids drafting scores (see DraftVocabMixin)
 

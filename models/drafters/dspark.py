@@ -103,8 +103,9 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             x, _, _ = layer(x, x, positions, k, v, mask)
         return rms_norm(x, self.norm, self.config.rms_norm_eps).view(B, A, W, H)
 
-    def markov_bias(self, prev_tokens: torch.Tensor) -> torch.Tensor:
-        return self.markov_w2(self.markov_w1(prev_tokens))
+    def markov_bias(self, prev_tokens: torch.Tensor, w2_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Low-rank bias W2·W1[x_{k-1}] over the vocabulary, or over the given rows of W2 (the draft vocabulary's)."""
+        return F.linear(self.markov_w1(prev_tokens), self.markov_w2.weight if w2_rows is None else w2_rows)
 
     def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
         """Uncalibrated confidence logits from [h_k ; W1[x_{k-1}]]."""
@@ -159,7 +160,7 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         for j in range(num_tokens):
             logits = base[:, j]
             if markov_w2 is not None:
-                logits = logits + F.linear(self.markov_w1(prev), markov_w2).float()
+                logits = logits + self.markov_bias(prev, markov_w2).float()
             if self.config.confidence:
                 confs.append(torch.sigmoid(self.confidence_logits(hidden[:, j], prev) / self.confidence_temperature[j]))
             prev, p = self.sample_draft(logits, sample_fn)

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-import models
 from export.fetch import cache_dir, model_dir_if_cached
-from export.repository import drafter_tap_layers
+from export.repository import drafter_checkpoint, drafter_tap_layers
 from export.runners import load_runner
 from models.drafters import load_drafter
 from models.loading import load_transformer
@@ -147,9 +146,6 @@ def _resolve_model_dir(name: str) -> Path:
     return model_dir
 
 
-PROJECT_ROOT = Path(models.__file__).resolve().parents[1]  # also right for a copied repository
-
-
 def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
     """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None)."""
     if choice == "none":
@@ -159,9 +155,9 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
     if choice.startswith("model:"):
         model = load_transformer(_resolve_model_dir(choice[len("model:"):]), getattr(torch, dtype))
         return ModelDrafter(model, config.max_batch_size, config.max_context)
-    if choice.startswith("checkpoint:"):
-        module = load_drafter(PROJECT_ROOT / choice[len("checkpoint:"):], target)
-        return FeatureDrafter(module, config.max_batch_size, config.max_context)
+    checkpoint = drafter_checkpoint(choice)
+    if checkpoint is not None:
+        return FeatureDrafter(load_drafter(checkpoint, target), config.max_batch_size, config.max_context)
     raise pb_utils.TritonModelException(
         f"unknown drafter '{choice}' (none | prompt_lookup | model:<name> | checkpoint:<dir>)")
 
