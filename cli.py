@@ -275,26 +275,47 @@ def train(kind: str, target: str, steps: int | None, batch_size: int, anchors: i
     click.echo(f"checkpoint: {out}")
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 @cli.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores, as the server uses).")
-def profile(model: str, dtype: str, threads: int | None) -> None:
-    """Measure the target's verify-step cost SPS(N) for the DSpark scheduler (saved for the server)."""
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["auto", "float32", "bfloat16"]),
+              help="Repeatable (default: float32 and bfloat16). auto = the server's choice for this CPU.")
+@click.option("--threads", "thread_counts", default=None, help="Comma-separated torch thread counts (default: 1 and all cores).")
+@click.option("--tokens", default="1,2,3,4,6,8,12,16", show_default=True, help="N: new tokens per forward.")
+@click.option("--contexts", default="128,512,2048", show_default=True, help="Cached tokens before them.")
+@click.option("--repeats", default=7, show_default=True)
+@click.option("--save/--no-save", default=True, show_default=True,
+              help="Also measure and save SPS(N) for the server (its dtype, all cores).")
+def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, tokens: str, contexts: str, repeats: int,
+            save: bool) -> None:
+    """Verify-step cost by N, context, dtype and threads (ratio to N=1, memory floor); saves SPS(N) for the scheduler."""
     import os
 
     import torch
 
+    from benchmarks.verify_step import format_grids, profile_verify_step
     from export.fetch import cache_dir, fetch_model
-    from models.loading import load_transformer
+    from export.runners import load_runner
+    from models.hardware import resolve_dtype
     from orchestrator.step_cost import measure_step_cost, profile_path
 
-    threads = threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    cores = os.cpu_count() or 1
+    threads = _int_list(thread_counts) if thread_counts else sorted({1, cores})
     model_dir = fetch_model(model)
-    result = measure_step_cost(load_transformer(model_dir, getattr(torch, dtype)))
-    path = profile_path(cache_dir(), model_dir, "torch", dtype, threads)
+    names = list(dict.fromkeys(resolve_dtype(d) for d in (dtypes or ("float32", "bfloat16"))))
+    grids = profile_verify_step(model_dir, names, threads, _int_list(tokens), _int_list(contexts), repeats)
+    click.echo(format_grids(grids))
+    if not save:
+        return
+    dtype = resolve_dtype("auto")
+    torch.set_num_threads(cores)
+    result = measure_step_cost(load_runner(model_dir, "torch", dtype))
+    path = profile_path(cache_dir(), model_dir, "torch", dtype, cores)
     result.save(path)
+    click.echo(f"\nserver step-cost profile ({dtype}, {cores} threads, requests of 4 tokens):")
     click.echo(f"{'tokens':>8}{'ms/step':>10}{'steps/s':>10}{'vs 1 token':>12}")
     for n, seconds in zip(result.tokens, result.seconds):
         click.echo(f"{n:>8}{seconds * 1e3:>10.1f}{1 / seconds:>10.1f}{seconds / result.seconds[0]:>11.2f}x")

@@ -21,9 +21,11 @@ import torch
 
 from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx, io_names, read_metadata
 from models.config import TransformerConfig
+from models.hardware import machine_id, resolve_dtype
 from models.kv_cache import KVCache
 from models.loading import load_config, load_token_matrices, load_transformer
-from models.transformer import ForwardOutput
+from models.projection import KernelPlan
+from models.transformer import ForwardOutput, Transformer
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 
@@ -343,6 +345,23 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[int, int, int]], engi
     return plan
 
 
+def cached_kernel_plan(model: Transformer, model_dir: Path) -> KernelPlan:
+    """The projection kernels for this model, dtype, thread count and machine: measured once, then read."""
+    from export.fetch import cache_dir
+
+    threads = torch.get_num_threads()
+    dtype = str(model.dtype).removeprefix("torch.")
+    ident = f"{Path(model_dir).resolve()}|{machine_id()}|torch {torch.__version__}|{dtype}|{threads}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    path = cache_dir() / "profiles" / f"{Path(model_dir).name}-kernels-{dtype}-{threads}t-{key}.json"
+    if path.exists():
+        return KernelPlan.from_json(json.loads(path.read_text()))
+    plan = model.measure_kernel_plan()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan.to_json()))
+    return plan
+
+
 def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32", onnx_path: Path | None = None,
                 tap_layers: Sequence[int] = (), num_threads: int | None = None, max_batch: int = 16,
                 max_new: int = 2048, max_context: int = 2048, device: str = "cpu") -> ModelRunner:
@@ -350,15 +369,21 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
 
     onnx_path: an exported graph to use (e.g. one shipped in a built model repository); by
     default the export is taken from, or made into, the cache. The TensorRT sizes bound the
-    engine's optimization profile. device: where the torch runtime runs (the others fix theirs).
+    engine's optimization profile. device: where the torch runtime runs (the others fix theirs);
+    on the CPU its projections use the kernel plan measured for this machine (cached).
+    dtype: ``auto`` is the CPU's default (models.hardware.default_dtype).
     """
     model_dir = Path(model_dir)
+    dtype = resolve_dtype(dtype)
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if runtime == "torch":
-        return load_transformer(model_dir, DTYPES[dtype]).to(device)
+        model = load_transformer(model_dir, DTYPES[dtype]).to(device)
+        if model.device.type == "cpu":
+            model.use_kernel_plan(cached_kernel_plan(model, model_dir))
+        return model
     if runtime == "onnxruntime" and dtype != "float32":
         raise ValueError("the onnxruntime runtime runs float32 (ONNX Runtime's CPU kernels lack bf16/fp16 matmuls)")
     if runtime == "tensorrt":

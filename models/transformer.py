@@ -17,7 +17,7 @@ from torch import nn
 
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
-from models.projection import project
+from models.projection import KernelPlan, Linear, measure_kernel_plan
 
 # RoPE tables are built up to this many positions at first and grown on demand.
 _INITIAL_ROPE_LEN = 8192
@@ -124,12 +124,24 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(2 * c.intermediate_size, c.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(c.hidden_size, c.intermediate_size))
         self.intermediate_size = c.intermediate_size
+        self.linears: dict[str, Linear] | None = None  # set by Transformer.use_kernel_plan
+
+    def use_kernel_plan(self, plan: KernelPlan | None) -> None:
+        self.linears = None if plan is None else {
+            "qkv": Linear(self.qkv_proj, self.qkv_bias, plan),
+            "o": Linear(self.o_proj, self.o_bias, plan),
+            "gate_up": Linear(self.gate_up_proj, None, plan),
+            "down": Linear(self.down_proj, None, plan),
+        }
+
+    def _project(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, weight, bias) if self.linears is None else self.linears[name](x)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, meta: "_BatchMeta") -> torch.Tensor:
         T = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         h = rms_norm(x, self.attn_norm, self.eps)
-        qkv = project(h, self.qkv_proj, self.qkv_bias)
+        qkv = self._project("qkv", h, self.qkv_proj, self.qkv_bias)
         # q and k heads side by side: one norm and one RoPE for both
         qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
@@ -167,11 +179,11 @@ class DecoderLayer(nn.Module):
             o = o.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B * Lq, self.q_size)
         if meta.pad_index is not None:
             o = o[meta.pad_index]
-        x = x + project(o, self.o_proj, self.o_bias)
+        x = x + self._project("o", o, self.o_proj, self.o_bias)
 
         h = rms_norm(x, self.mlp_norm, self.eps)
-        gate, up = project(h, self.gate_up_proj).split(self.intermediate_size, dim=-1)
-        return x + project(F.silu(gate) * up, self.down_proj)
+        gate, up = self._project("gate_up", h, self.gate_up_proj).split(self.intermediate_size, dim=-1)
+        return x + self._project("down", F.silu(gate) * up, self.down_proj)
 
 
 @dataclass
@@ -205,6 +217,25 @@ class Transformer(nn.Module):
             self._inv_freq, self._attn_scaling = rope_inv_freq(config)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        self._lm_head: Linear | None = None
+
+    def weight_matrices(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Every (weight, bias) a step multiplies, in forward order: what a kernel plan is measured on."""
+        out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for layer in self.layers:
+            out += [(layer.qkv_proj, layer.qkv_bias), (layer.o_proj, layer.o_bias),
+                    (layer.gate_up_proj, None), (layer.down_proj, None)]
+        return [(w.detach(), None if b is None else b.detach()) for w, b in out] + [(self.lm_head_weight.detach(), None)]
+
+    def use_kernel_plan(self, plan: KernelPlan | None) -> None:
+        """Serve the projections through `plan` (inference only: kernels hold detached, possibly
+        repacked copies, so call it again after the weights change); None = plain F.linear."""
+        for layer in self.layers:
+            layer.use_kernel_plan(plan)
+        self._lm_head = None if plan is None else Linear(self.lm_head_weight, None, plan)
+
+    def measure_kernel_plan(self) -> KernelPlan:
+        return measure_kernel_plan(self.weight_matrices())
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -342,7 +373,7 @@ class Transformer(nn.Module):
 
         if logits_indices is not None:
             x = x.index_select(0, logits_indices.to(self.device))
-        logits = project(x, self.lm_head_weight).float()
+        logits = (F.linear(x, self.lm_head_weight) if self._lm_head is None else self._lm_head(x)).float()
         return ForwardOutput(logits=logits, hidden_states=hidden)
 
     def last_token_indices(self, num_new: Sequence[int]) -> torch.Tensor:

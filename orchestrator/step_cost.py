@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from models.hardware import machine_id
 from models.transformer import Transformer
 
 DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending token plus a few drafts
-# Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections),
-# so profiles measured with the old ones are not reused.
-FORWARD_REVISION = 2
+# Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections,
+# 3: measured kernel plans), so profiles measured with the old ones are not reused.
+FORWARD_REVISION = 3
 
 
 @dataclass(frozen=True)
@@ -84,22 +83,9 @@ def measure_step_cost(
     return StepCostProfile(tuple(token_counts), tuple(monotone))
 
 
-def _machine_id() -> str:
-    """CPU model and count: a profile measured on one machine does not hold on another."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}|{os.cpu_count()}"
-
-
 def profile_path(root: Path, model_dir: Path, runtime: str, dtype: str, threads: int) -> Path:
     """Where the profile of this model, runtime, dtype, thread count and machine is kept."""
-    ident = f"{Path(model_dir).resolve()}|{_machine_id()}|torch {torch.__version__}|rev {FORWARD_REVISION}"
+    ident = f"{Path(model_dir).resolve()}|{machine_id()}|torch {torch.__version__}|rev {FORWARD_REVISION}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return root / "profiles" / f"{Path(model_dir).name}-{runtime}-{dtype}-{threads}t-{key}.json"
 

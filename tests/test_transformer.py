@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.loading import load_token_matrices, load_transformer
-from models.projection import project
+from models.projection import KernelPlan, packed_supported
 from models.transformer import Transformer
 
 REL_TOL = 1e-4
@@ -203,7 +204,7 @@ def test_hidden_state_taps(smol, smol_hf, smol_prompts) -> None:
     for t in taps:
         assert out.hidden_states[t].shape == (sum(lens), smol.config.hidden_size)
     # the last tap is exactly what the LM head reads
-    head = project(out.hidden_states[n_layers][idx], smol.lm_head_weight).float()
+    head = F.linear(out.hidden_states[n_layers][idx], smol.lm_head_weight).float()
     torch.testing.assert_close(head, out.logits, rtol=0, atol=0)
     # and taps agree with transformers' hidden_states (index i+1 = output of layer i; last one is normed)
     ref = smol_hf(torch.tensor([smol_prompts[1]]), output_hidden_states=True).hidden_states
@@ -243,6 +244,32 @@ def test_bf16_close_to_fp32(smollm2_dir, smol, smol_prompts) -> None:
     assert (got - want).abs().max() < 0.1 * want.abs().max()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree > 0.8
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_plan_keeps_the_models_outputs(smollm2_dir, smol_prompts, dtype) -> None:
+    """Decode and verify steps through every kernel a plan can pick give F.linear's logits and greedy tokens."""
+    model = load_transformer(smollm2_dir, dtype)
+    ids = smol_prompts[2]
+    cache = model.new_cache(1, 64)
+
+    def steps() -> list[torch.Tensor]:
+        cache.truncate(0, 0)
+        out = [prefill(model, cache, 0, ids)]
+        for n in (1, 3, 8):  # a decode step, then verify-sized steps
+            out.append(model(torch.tensor(ids[:n]), [0], [n], cache).logits)
+        return out
+
+    model.use_kernel_plan(None)
+    want = steps()
+    names = ("linear", "weight_left") + (("packed",) if packed_supported(dtype) else ())
+    for name in names:
+        model.use_kernel_plan(KernelPlan((64,), (name,)))
+        for got, ref in zip(steps(), want):
+            scale = ref.abs().max()
+            assert (got - ref).abs().max() < (1e-4 if dtype == torch.float32 else 0.05) * scale, name
+            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= (1.0 if dtype == torch.float32 else 0.9), name
 
 
 @torch.inference_mode()

@@ -1,0 +1,116 @@
+"""The verify step's cost: one target forward of N new tokens of one sequence, by N, context and dtype.
+
+Speculative decoding pays only where verifying N tokens costs about what one costs; on a CPU a
+decode step streams every weight from memory, so the floor for any N is weight bytes / read
+bandwidth. Configurations (dtype x thread count) are measured interleaved, repeat by repeat,
+so a noisy neighbour slows them alike; each figure is a median.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from export.runners import load_runner
+from models.hardware import cpu_flags, machine_id
+from models.transformer import Transformer
+
+
+@dataclass
+class StepGrid:
+    dtype: str
+    threads: int
+    kernels: str                 # the kernel plan the model ran with
+    weight_bytes: int
+    read_gb_per_s: float         # measured streaming read bandwidth at this thread count
+    ms: dict[tuple[int, int], float] = field(default_factory=dict)  # (context, N) -> median ms
+
+    @property
+    def floor_ms(self) -> float:
+        """Memory floor of a step: every weight read once."""
+        return self.weight_bytes / (self.read_gb_per_s * 1e9) * 1e3
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of summing a tensor far larger than the caches, at `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(int(gib * 2**30) // 4)
+        x.sum()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - started)
+        return x.numel() * 4 / sorted(times)[repeats // 2] / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
+def _weight_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads: every weight, and the token embedding only where it is the LM head."""
+    return sum(w.numel() * w.element_size() for w, _ in model.weight_matrices())
+
+
+@torch.inference_mode()
+def profile_verify_step(
+    model_dir: Path,
+    dtypes: Sequence[str],
+    threads: Sequence[int],
+    token_counts: Sequence[int],
+    contexts: Sequence[int],
+    repeats: int = 7,
+) -> list[StepGrid]:
+    """Median ms of a forward of N new tokens after `context` cached ones, for every dtype x threads."""
+    models = {dtype: load_runner(model_dir, "torch", dtype) for dtype in dtypes}
+    grids = {(d, t): StepGrid(d, t, " ".join(models[d].layers[0].linears["qkv"].plan.kernels)
+                               if models[d].layers[0].linears else "F.linear",
+                               _weight_bytes(models[d]), read_bandwidth(t))
+             for d in dtypes for t in threads}
+    vocab = next(iter(models.values())).config.vocab_size
+    caches = {}
+    for dtype, model in models.items():
+        cache = model.new_cache(1, max(contexts) + max(token_counts))
+        caches[dtype] = (cache, cache.allocate())
+    for context in contexts:
+        prompt = torch.randint(0, vocab, (context,))
+        for dtype, model in models.items():
+            cache, slot = caches[dtype]
+            cache.truncate(slot, 0)
+            model(prompt, [slot], [context], cache, logits_indices=torch.tensor([context - 1]))
+        samples: dict[tuple[str, int, int], list[float]] = {}
+        for rep in range(repeats + 1):  # the first round warms every shape up
+            for (dtype, t), n in ((key, n) for key in grids for n in token_counts):
+                torch.set_num_threads(t)
+                model, (cache, slot) = models[dtype], caches[dtype]
+                ids = torch.randint(0, vocab, (n,))
+                started = time.perf_counter()
+                model(ids, [slot], [n], cache, logits_indices=torch.arange(n))
+                elapsed = time.perf_counter() - started
+                cache.truncate(slot, context)
+                if rep:
+                    samples.setdefault((dtype, t, n), []).append(elapsed)
+        for (dtype, t, n), times in samples.items():
+            grids[(dtype, t)].ms[(context, n)] = sorted(times)[len(times) // 2] * 1e3
+    return list(grids.values())
+
+
+def format_grids(grids: Sequence[StepGrid]) -> str:
+    lines = [f"machine: {machine_id()}   cpu flags: {cpu_flags()}   torch {torch.__version__}"]
+    for g in grids:
+        contexts = sorted({c for c, _ in g.ms})
+        counts = sorted({n for _, n in g.ms})
+        lines.append("")
+        lines.append(f"{g.dtype}, {g.threads} thread(s), kernels by rows {g.kernels}: weights {g.weight_bytes / 2**20:.0f} MiB, "
+                     f"read {g.read_gb_per_s:.1f} GB/s, memory floor {g.floor_ms:.1f} ms")
+        lines.append(f"{'context':>8} {'N=1 ms':>8} {'/floor':>7}  " + " ".join(f"{'N=' + str(n):>6}" for n in counts[1:])
+                     + "   (cost / cost at N=1)")
+        for c in contexts:
+            base = g.ms[(c, counts[0])]
+            lines.append(f"{c:>8} {base:>8.1f} {base / g.floor_ms:>6.2f}x  "
+                         + " ".join(f"{g.ms[(c, n)] / base:>6.2f}" for n in counts[1:]))
+    return "\n".join(lines)

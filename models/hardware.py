@@ -1,0 +1,45 @@
+"""What the CPU offers: native bf16, an identity for measurements, the default serving dtype."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it, slowly."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def default_dtype() -> str:
+    """The serving dtype: bf16 where native (measured: half the bytes per step and a flat verify curve
+    with prepacked weights), fp32 elsewhere (bf16 emulation is slower than fp32)."""
+    return "bfloat16" if native_bf16() and torch.backends.mkldnn.is_available() else "float32"
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto`` -> the CPU's default dtype; any other name unchanged."""
+    return default_dtype() if name == "auto" else name
+
+
+def machine_id() -> str:
+    """CPU model and count: a kernel choice or cost profile measured on one machine does not hold on another."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}|{os.cpu_count()}"
+
+
+def cpu_flags() -> str:
+    """The instruction sets that decide which kernels are fast, for reports next to every figure."""
+    flags = [name for name, ok in (("avx2", torch.cpu._is_avx2_supported()), ("avx512", torch.cpu._is_avx512_supported()),
+                                    ("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+                                    ("amx", torch.cpu._is_amx_tile_supported())) if ok]
+    return " ".join(flags) or "none"
