@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from orchestrator.step_cost import StepCostProfile
+from orchestrator.step_cost import StepCost
 
 
 def survival_probabilities(confidences: Sequence[float]) -> list[float]:
@@ -23,7 +23,31 @@ def survival_probabilities(confidences: Sequence[float]) -> list[float]:
     return out
 
 
-def expected_throughput(expected_tokens: float, tokens: int, cost: StepCostProfile, overhead_s: float = 0.0) -> float:
+class PrefixAcceptance:
+    """Survival estimate for drafters without a confidence head, from the verify rounds seen so far.
+
+    Position k's conditional rate P(token k accepted | tokens before k accepted) is counted only over
+    rounds that drafted position k *and* reached it (every earlier token accepted); survival of a
+    prefix is the product of those rates. Laplace-smoothed (an unseen position counts as 1/2).
+    """
+
+    def __init__(self, max_positions: int) -> None:
+        self.reached = [0] * max_positions
+        self.accepted = [0] * max_positions
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        for k in range(min(num_drafted, num_accepted + 1)):
+            self.reached[k] += 1
+            self.accepted[k] += k < num_accepted
+
+    def conditional(self, positions: int) -> list[float]:
+        return [(a + 1) / (r + 2) for a, r in zip(self.accepted[:positions], self.reached[:positions])]
+
+    def survival(self, positions: int) -> list[float]:
+        return survival_probabilities(self.conditional(positions))
+
+
+def expected_throughput(expected_tokens: float, tokens: int, cost: StepCost, overhead_s: float = 0.0) -> float:
     """Tokens per second of a step that verifies `tokens` tokens and is expected to emit `expected_tokens`."""
     return expected_tokens / (cost.step_seconds(tokens) + overhead_s)
 
@@ -32,7 +56,7 @@ def plan_verification(
     survival: Sequence[Sequence[float]],
     base_tokens: int,
     base_expected_tokens: float,
-    cost: StepCostProfile,
+    cost: StepCost,
     overhead_s: float = 0.0,
 ) -> list[int]:
     """How many draft tokens each request verifies this step.
@@ -62,3 +86,26 @@ def plan_verification(
         expected += p
         best = gain
     return chosen
+
+
+def plan_drafting(
+    predicted: Sequence[Sequence[float]],
+    base_tokens: int,
+    base_expected_tokens: float,
+    cost: StepCost,
+    draft_seconds: float,
+) -> list[bool]:
+    """Which requests draft this step, decided before drafting from predicted survival probabilities.
+
+    predicted[r]: request r's survival estimate per draft position (e.g. its previous block's
+    calibrated confidences, or the measured prefix acceptance). Drafting is worth its cost only if the
+    best verification plan, paying `draft_seconds` for the drafting, beats a plain step; then the
+    requests that plan gives at least one token draft. Taken every step, so speculation returns as
+    soon as the load (base_tokens) drops or predictions improve.
+    """
+    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds)
+    expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, counts))
+    speculative = expected_throughput(expected, base_tokens + sum(counts), cost, draft_seconds)
+    if speculative <= expected_throughput(base_expected_tokens, base_tokens, cost):
+        return [False] * len(predicted)
+    return [c > 0 for c in counts]

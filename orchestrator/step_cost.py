@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -23,6 +24,12 @@ TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending to
 # Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections,
 # 3: measured kernel plans), so profiles measured with the old ones are not reused.
 FORWARD_REVISION = 3
+
+
+class StepCost(Protocol):
+    """What the scheduler reads: seconds of one target forward over N tokens."""
+
+    def step_seconds(self, n: int) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,43 @@ class StepCostProfile:
     def load(cls, path: Path) -> "StepCostProfile":
         data = json.loads(path.read_text())
         return cls(tuple(data["tokens"]), tuple(data["seconds"]))
+
+
+class OnlineStepCost:
+    """The profiled curve, corrected by the engine's measured forward times.
+
+    Other models or processes on the same machine, longer contexts than the profile's, or a warm
+    or cold cache make real steps slower or faster than profiled, and not uniformly in N. Each
+    measured step updates a moving average of measured / profiled time at the profile's nearest
+    measured token count; predictions scale the profile by that bucket's ratio (the overall ratio
+    where a bucket has no samples yet).
+    """
+
+    def __init__(self, profile: StepCostProfile, weight: float = 0.1) -> None:
+        self.profile = profile
+        self.weight = weight
+        self.ratio = 1.0
+        self._bucket_ratio: dict[int, float] = {}
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.profile.tokens
+
+    def _bucket(self, n: int) -> int:
+        return min(self.profile.tokens, key=lambda t: abs(t - n))
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        ratio = min(max(seconds / self.profile.step_seconds(tokens), 0.1), 10.0)  # one outlier cannot run away
+        self.ratio += self.weight * (ratio - self.ratio)
+        bucket = self._bucket(tokens)
+        old = self._bucket_ratio.get(bucket, self.ratio)
+        self._bucket_ratio[bucket] = old + self.weight * (ratio - old)
+
+    def step_seconds(self, n: int) -> float:
+        return self.profile.step_seconds(n) * self._bucket_ratio.get(self._bucket(n), self.ratio)
+
+    def steps_per_second(self, n: int) -> float:
+        return 1.0 / self.step_seconds(n)
 
 
 @torch.inference_mode()

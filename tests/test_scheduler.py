@@ -186,3 +186,62 @@ def test_dspark_mode_backs_off_drafting_exponentially_when_it_does_not_pay():
         steps += 1
     assert steps >= steps_wanted
     assert drafter.calls == 4
+
+
+def test_prefix_acceptance_estimates_the_true_prefix_survival():
+    """Synthetic verify rounds: position k is accepted with conditional rate q[k] once reached, drafts of
+    random lengths (the scheduler truncates them). The estimate must match the true survival products;
+    multiplying per-position rates that are already cumulative (the old estimate) does not."""
+    import random
+
+    from orchestrator.scheduler import PrefixAcceptance
+
+    q = [0.8, 0.6, 0.5, 0.4, 0.3]
+    truth = survival_probabilities(q)
+    rng = random.Random(0)
+    estimate = PrefixAcceptance(len(q))
+    cumulative_drafted, cumulative_accepted = [0] * len(q), [0] * len(q)
+    for _ in range(20000):
+        drafted = rng.randint(1, len(q))
+        accepted = 0
+        while accepted < drafted and rng.random() < q[accepted]:
+            accepted += 1
+        estimate.record(drafted, accepted)
+        for k in range(drafted):
+            cumulative_drafted[k] += 1
+            cumulative_accepted[k] += k < accepted
+    assert estimate.survival(len(q)) == pytest.approx(truth, abs=0.02)
+    old = survival_probabilities([a / d for a, d in zip(cumulative_accepted, cumulative_drafted)])
+    assert abs(old[2] - truth[2]) > 0.1  # the double product underestimates badly
+
+
+def test_drafting_is_decided_per_step_and_returns_when_load_drops():
+    from orchestrator.scheduler import plan_drafting
+
+    curve = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080))
+    good = [0.9, 0.8, 0.7, 0.6]
+    assert plan_drafting([good], base_tokens=1, base_expected_tokens=1, cost=curve, draft_seconds=0.002) == [True]
+    # heavy load: 60 other tokens in the forward make every extra token expensive
+    busy = plan_drafting([good] * 2, base_tokens=60, base_expected_tokens=60, cost=curve, draft_seconds=0.002)
+    assert busy == [False, False]
+    # drafting that costs more than it can return is skipped even when idle
+    assert plan_drafting([[0.1, 0.01]], 1, 1, curve, draft_seconds=0.05) == [False]
+    # and comes back at the next step where the load is light again
+    assert plan_drafting([good], 1, 1, curve, draft_seconds=0.002) == [True]
+
+
+def test_online_step_cost_follows_measured_steps():
+    from orchestrator.step_cost import OnlineStepCost
+
+    profile = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080))
+    online = OnlineStepCost(profile, weight=0.5)
+    assert online.step_seconds(8) == pytest.approx(0.012)
+    for _ in range(20):  # a neighbour process doubles every step's time
+        online.observe(1, 0.020)
+        online.observe(8, 0.024)
+    assert online.step_seconds(1) == pytest.approx(0.020, rel=0.01)
+    assert online.step_seconds(8) == pytest.approx(0.024, rel=0.01)
+    assert online.step_seconds(64) == pytest.approx(0.160, rel=0.05)  # unseen bucket: the overall ratio
+    for _ in range(20):  # the neighbour leaves
+        online.observe(1, 0.010)
+    assert online.step_seconds(1) == pytest.approx(0.010, rel=0.01)
