@@ -58,8 +58,9 @@ class Drafter(Protocol):
     def commit(self, key: int, num_committed: int) -> None:
         """The first num_committed tokens of the request's context are final: drop any state beyond."""
 
-    def observe(self, key: int, token_ids: Sequence[int], hidden: dict[int, torch.Tensor]) -> None:
-        """Newly committed tokens and the target's tapped hidden states for them ([n, H] per layer)."""
+    def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
+        """Newly committed tokens of several requests (one list per key) and the target's tapped hidden
+        states for them, rows packed in the same order ([sum of lengths, H] per layer): one call per step."""
 
 
 class _NoFeatures:
@@ -67,7 +68,7 @@ class _NoFeatures:
 
     tap_layers: tuple[int, ...] = ()
 
-    def observe(self, key: int, token_ids: Sequence[int], hidden: dict[int, torch.Tensor]) -> None:
+    def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         pass
 
 
@@ -190,17 +191,20 @@ class FeatureDrafter:
         if int(self.state.lengths[slot]) > num_committed:
             self.state.truncate(slot, num_committed)
 
-    def observe(self, key: int, token_ids: Sequence[int], hidden: dict[int, torch.Tensor]) -> None:
+    def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         self.module.extend_context(
-            self.state, [self._slots[key]], [len(token_ids)], hidden, torch.tensor(list(token_ids), dtype=torch.long)
+            self.state, [self._slots[k] for k in keys], [len(t) for t in token_ids], hidden,
+            torch.tensor([t for tokens in token_ids for t in tokens], dtype=torch.long),
         )
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        """One batched draft call per group of requests sharing draft length and sampling params."""
+        """One batched draft call per group of requests sharing draft length and warping (temperature,
+        top-p, top-k): the only things that change the maths; seeds, stops and limits do not split groups."""
         drafts: list[Draft | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((min(r.num_tokens, self.block_size), r.params), []).append(i)
+            warping = (r.params.temperature, r.params.top_p, r.params.top_k)
+            groups.setdefault((min(r.num_tokens, self.block_size), warping), []).append(i)
         for (k, _), members in groups.items():
             group = [requests[i] for i in members]
             block = self.module.draft(

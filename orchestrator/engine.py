@@ -27,18 +27,14 @@ from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
-from orchestrator.scheduler import expected_throughput, plan_verification, survival_probabilities
-from orchestrator.step_cost import StepCostProfile
+from orchestrator.scheduler import PrefixAcceptance, plan_drafting, plan_verification, survival_probabilities
+from orchestrator.step_cost import OnlineStepCost, StepCostProfile
 from orchestrator.stop_strings import StopStringMatcher
 from orchestrator.verification import VerifyResult, verify_greedy, verify_sampling
 
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_INTERVAL_S = 0.05  # asking the frontend whether a client left costs an IPC round trip
-# dspark mode: steps without drafting after a step where drafting did not pay; doubled after each
-# further such step (up to the maximum), back to the minimum once drafting pays again.
-DRAFT_BACKOFF_STEPS = 8
-MAX_DRAFT_BACKOFF_STEPS = 256
 DRAFT_COST_SAMPLES = 8  # drafting steps timed before the drafting cost is fixed (keeps decisions repeatable)
 
 
@@ -106,6 +102,7 @@ class _Request:
     cancel_checked_at: float = 0.0
     spec_stats: SpeculationStats = field(default_factory=SpeculationStats)
     adaptive_length: int = 1  # adaptive mode's current draft length
+    predicted: list[float] | None = None  # survival of its last block's positions (dspark mode's next decision)
 
     @property
     def context(self) -> list[int]:
@@ -119,7 +116,8 @@ class EngineStats:
 
     steps: int = 0
     tokens_generated: int = 0
-    forward_seconds: float = 0.0
+    forward_seconds: float = 0.0  # target forwards
+    draft_seconds: float = 0.0    # drafter proposals and context updates
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
 
@@ -137,10 +135,10 @@ class Engine:
     ) -> None:
         self.model = model
         self.drafter = drafter
-        self.step_cost = step_cost
-        self.external_waiting = 0  # requests queued in front of the engine (e.g. Triton's pending count)
-        self._draft_backoff = 0  # dspark mode: steps left before drafting is tried again
-        self._next_backoff = DRAFT_BACKOFF_STEPS  # the pause after the next step where drafting does not pay
+        # SPS(N) as profiled, corrected online by the measured forwards (dspark mode plans on it)
+        self.step_cost = OnlineStepCost(step_cost) if step_cost is not None else None
+        self.external_waiting = 0  # requests queued in front of the engine (Triton's pending count): shown, not planned
+        self._acceptance = PrefixAcceptance(MAX_DRAFT_TOKENS)  # survival estimate without a confidence head
         self._draft_timings: list[float] = []
         self.tokenizer = tokenizer
         self.config = config
@@ -286,64 +284,72 @@ class Engine:
         room_tokens = request.params.max_tokens - len(request.output_ids) - 1
         room_context = self.config.max_context - len(request.context)
         wanted = draft_length(request.spec, request.adaptive_length, len(self._running), self.config.spec_batch_limit)
-        if request.spec.mode == "dspark" and self._draft_backoff > 0:
-            wanted = 0
         return max(0, min(wanted, room_tokens, room_context))
 
-    def _propose(self, requests: list[_Request]) -> dict[int, Draft]:
+    def _propose(self, admitted: list[_Request]) -> dict[int, Draft]:
+        lengths = {r.request_id: self._draft_length(r) for r in self._running if r not in admitted}
+        self._decide_drafting(admitted, lengths)
         asks = [
-            DraftRequest(r.request_id, r.context, k, r.params, r.generator)
-            for r in requests
-            if (k := self._draft_length(r)) > 0
+            DraftRequest(r.request_id, r.context, lengths[r.request_id], r.params, r.generator)
+            for r in self._running
+            if lengths.get(r.request_id, 0) > 0
         ]
         if not asks:
             return {}
         return {ask.key: draft for ask, draft in zip(asks, self.drafter.propose(asks))}
 
-    def _acceptance_rates(self) -> list[float]:
-        """Per-position conditional acceptance seen so far (Laplace-smoothed): the survival estimate
-        for drafters without a confidence head."""
-        spec = self.stats.speculation
-        return [(a + 1) / (d + 2) for a, d in zip(spec.accepted_at, spec.drafted_at)]
+    def _survival(self, request: _Request, draft: Draft) -> list[float]:
+        """P(draft tokens 1..k all accepted): the drafter's calibrated confidences, else the measured rates."""
+        if draft.confidences:
+            return survival_probabilities(draft.confidences)
+        return self._acceptance.survival(len(draft.tokens))
 
-    def _draft_cost(self, seconds: float, drafted: bool) -> float:
+    def _decide_drafting(self, admitted: list[_Request], lengths: dict[int, int]) -> None:
+        """dspark mode: draft this step only where it is expected to pay (sets the others' lengths to 0).
+
+        Decided before drafting, from what is known already: each request's last block's survival (else
+        the measured prefix acceptance), this step's active batch, and the measured drafting cost.
+        """
+        dspark = [r for r in self._running if r.spec.mode == "dspark" and lengths.get(r.request_id, 0) > 0]
+        if not dspark or self.step_cost is None:
+            return
+        predicted = []
+        for r in dspark:
+            k = lengths[r.request_id]
+            known = r.predicted if r.predicted is not None and len(r.predicted) >= k else None
+            predicted.append(known[:k] if known else self._acceptance.survival(k))
+        base_tokens = len(dspark) + sum(
+            len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0) for r in self._running if r not in dspark
+        )
+        decisions = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, self._draft_cost())
+        for r, draft in zip(dspark, decisions):
+            if not draft:
+                lengths[r.request_id] = 0
+
+    def _draft_cost(self, seconds: float | None = None) -> float:
         """The drafting time the scheduler plans with: the median of the first drafting steps, then fixed,
         so that the same requests on the same server get the same decisions (and seeded samples)."""
-        if drafted and len(self._draft_timings) < DRAFT_COST_SAMPLES:
+        if seconds is not None and len(self._draft_timings) < DRAFT_COST_SAMPLES:
             self._draft_timings.append(seconds)
         if not self._draft_timings:
-            return seconds
+            return 0.0 if seconds is None else seconds
         return sorted(self._draft_timings)[len(self._draft_timings) // 2]
 
     def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft], draft_seconds: float) -> None:
-        """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits.
+        """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits (Algorithm 1).
 
-        Drafting itself costs time: when even the best plan, counting that cost, is slower than a
-        plain AR step, dspark requests stop drafting for a pause that doubles each time drafting
-        still does not pay when tried again (a weak drafter then costs ~1% of steps, not ~10%).
+        The load is this step's active batch: every running request's tokens in the forward (prefills,
+        pending tokens, other modes' drafts). Requests still queued are not tokens of this forward.
         """
-        if self._draft_backoff > 0:
-            self._draft_backoff -= 1
         planned = [r for r in self._running if r.spec.mode == "dspark" and r.request_id in drafts]
         if not planned:
             return
-        rates = self._acceptance_rates()
-        survival = []
-        for r in planned:
-            draft = drafts[r.request_id]
-            survival.append(survival_probabilities(draft.confidences or rates[: len(draft.tokens)]))
+        survival = [self._survival(r, drafts[r.request_id]) for r in planned]
+        for r, row in zip(planned, survival):
+            r.predicted = row
         others = [r for r in self._running if r not in planned]
-        waiting = self.num_waiting + self.external_waiting
-        base_tokens = len(planned) + waiting + sum(len(self._step_tokens(r, admitted, drafts)) for r in others)
-        base_expected = len(self._running) + waiting
-        counts = plan_verification(survival, base_tokens, base_expected, self.step_cost, draft_seconds)
-        planned_expected = base_expected + sum(sum(row[:c]) for row, c in zip(survival, counts))
-        speculative = expected_throughput(planned_expected, base_tokens + sum(counts), self.step_cost, draft_seconds)
-        if speculative <= expected_throughput(base_expected, base_tokens, self.step_cost):
-            self._draft_backoff = self._next_backoff
-            self._next_backoff = min(2 * self._next_backoff, MAX_DRAFT_BACKOFF_STEPS)
-        else:
-            self._next_backoff = DRAFT_BACKOFF_STEPS
+        base_tokens = len(planned) + sum(len(self._step_tokens(r, admitted, drafts)) for r in others)
+        counts = plan_verification(survival, base_tokens, len(self._running), self.step_cost, draft_seconds)
         for r, count in zip(planned, counts):
             drafts[r.request_id].truncate(count)
 
@@ -358,8 +364,10 @@ class Engine:
     def _decode_step(self, admitted: list[_Request]) -> None:
         """Draft, schedule, then one target forward: prompts of new requests, pending token + draft of the others."""
         started = time.perf_counter()
-        drafts = self._propose([r for r in self._running if r not in admitted])
-        self._schedule(admitted, drafts, self._draft_cost(time.perf_counter() - started, bool(drafts)))
+        drafts = self._propose(admitted)
+        draft_seconds = time.perf_counter() - started
+        self.stats.draft_seconds += draft_seconds
+        self._schedule(admitted, drafts, self._draft_cost(draft_seconds) if drafts else 0.0)
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
             tokens = self._step_tokens(r, admitted, drafts)
@@ -376,7 +384,11 @@ class Engine:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long),
             tap_layers=self.drafter.tap_layers if self.drafter is not None else (),
         )
-        self.stats.forward_seconds += time.perf_counter() - started
+        forward_seconds = time.perf_counter() - started
+        self.stats.forward_seconds += forward_seconds
+        if self.step_cost is not None:
+            self.step_cost.observe(offset, forward_seconds)
+        observed: list[tuple[_Request, list[int], int]] = []  # (request, committed tokens, first packed row)
         row = 0
         packed_offset = 0
         for request, tokens in zip(list(self._running), new_tokens):
@@ -388,25 +400,33 @@ class Engine:
             if draft is None or not draft.tokens:
                 if draft is not None:  # drafted, but the scheduler verified none: drop the drafter's lookahead
                     self.drafter.commit(request.request_id, len(request.context))
-                self._observe(request, tokens, out.hidden_states, first_packed)
+                observed.append((request, tokens, first_packed))
                 self._append_tokens(request, [next_token(logits[0], request.params, request.generator)])
                 continue
             result = self._verify(request, draft, logits)
             self._roll_back(request, len(draft.tokens), result.num_accepted)
-            self._observe(request, tokens[: 1 + result.num_accepted], out.hidden_states, first_packed)
+            observed.append((request, tokens[: 1 + result.num_accepted], first_packed))
             request.spec_stats.record(len(draft.tokens), result.num_accepted)
+            self._acceptance.record(len(draft.tokens), result.num_accepted)
             request.adaptive_length = next_adaptive_length(
                 request.adaptive_length, len(draft.tokens), result.num_accepted, MAX_DRAFT_TOKENS
             )
             self.stats.speculation.record(len(draft.tokens), result.num_accepted)
             self._append_tokens(request, result.tokens)
+        self._observe(observed, out.hidden_states)
 
-    def _observe(self, request: _Request, committed: list[int], hidden: dict[int, torch.Tensor], first: int) -> None:
-        """Hands the drafter the target's hidden states of the tokens this forward committed."""
+    def _observe(self, observed: list[tuple[_Request, list[int], int]], hidden: dict[int, torch.Tensor]) -> None:
+        """Hands the drafter the target's hidden states of the tokens this forward committed: one batched call."""
         if self.drafter is None or not self.drafter.tap_layers:
             return
-        rows = slice(first, first + len(committed))
-        self.drafter.observe(request.request_id, committed, {layer: h[rows] for layer, h in hidden.items()})
+        live = [(r, tokens, first) for r, tokens, first in observed if r.slot is not None]  # finished ones are released
+        if not live:
+            return
+        started = time.perf_counter()
+        rows = torch.cat([torch.arange(first, first + len(tokens)) for _, tokens, first in live])
+        self.drafter.observe([r.request_id for r, _, _ in live], [tokens for _, tokens, _ in live],
+                             {layer: h.index_select(0, rows.to(h.device)) for layer, h in hidden.items()})
+        self.stats.draft_seconds += time.perf_counter() - started
 
     @staticmethod
     def _verify(request: _Request, draft: Draft, logits: torch.Tensor) -> VerifyResult:

@@ -45,7 +45,7 @@ def test_light_load_verifies_likely_tokens_first_and_keeps_prefixes():
     assert plan[0] == 3
 
 
-def test_waiting_requests_make_the_plan_more_conservative():
+def test_more_tokens_in_the_forward_make_the_plan_more_conservative():
     survival = [survival_probabilities([0.6] * 5) for _ in range(2)]
     curve = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.090))
     idle = plan_verification(survival, base_tokens=2, base_expected_tokens=2, cost=curve)
@@ -108,7 +108,7 @@ class FixedDrafter:
     def commit(self, key, n):
         pass
 
-    def observe(self, key, token_ids, hidden):
+    def observe(self, keys, token_ids, hidden):
         pass
 
     def propose(self, requests):
@@ -134,19 +134,47 @@ class _Tok:
         return "".join(chr(65 + i % 26) for i in ids)
 
 
-@pytest.mark.parametrize("cost", [FLAT, STEEP])
-def test_engine_plan_does_not_depend_on_draft_token_identities(cost):
-    model = _tiny_model()
-    verified = []
-    for tokens in ([5, 6, 7, 8, 9, 10], [40, 41, 42, 43, 44, 45]):
-        engine = Engine(model, _Tok(), EngineConfig(4, 128, 32), FixedDrafter(tokens, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]), cost)
-        for i in range(3):
-            engine.submit([1 + i, 2, 3], SamplingParams(max_tokens=20), lambda c: None, spec=SpeculationParams("dspark", 6))
-        engine.step()  # prefill
-        engine.step()  # first drafted step
-        verified.append(engine.stats.speculation.drafted)
-    assert verified[0] == verified[1]
-    assert (verified[0] > 3) == (cost is FLAT)
+class PrefixConfidenceDrafter(FixedDrafter):
+    """Confidence at position j depends on the draft tokens before j (as DSpark's head does, through
+    W1[x_{j-1}]): high after an even token, low after an odd one."""
+
+    def propose(self, requests):
+        out = []
+        for r in requests:
+            tokens = self.tokens[: r.num_tokens]
+            prev = [r.context[-1]] + tokens[:-1]
+            out.append(Draft(tokens, None, [0.95 if p % 2 == 0 else 0.4 for p in prev]))
+        return out
+
+
+def _verified_per_request(tokens, cost, requests=3):
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(4, 128, 32), PrefixConfidenceDrafter(tokens, None), cost)
+    for i in range(requests):
+        engine.submit([2 + i, 2, 4], SamplingParams(max_tokens=20), lambda c: None, spec=SpeculationParams("dspark", 6))
+    engine.step()  # prefill
+    engine.step()  # the first drafted step
+    return engine.stats.speculation.drafted / requests
+
+
+@pytest.mark.parametrize("cost", [FLAT, StepCostProfile((1, 4, 8, 64), (0.010, 0.0105, 0.016, 0.2))])
+def test_plan_for_a_draft_token_never_depends_on_that_token(cost):
+    """Changing draft token j (and so the confidences after it) may change the plan for tokens after j,
+    never whether token j itself is verified."""
+    base = [2, 4, 6, 8, 10, 12]
+    for j in range(6):
+        changed = list(base)
+        changed[j] = 7  # odd: every confidence after j drops
+        a, b = _verified_per_request(base, cost), _verified_per_request(changed, cost)
+        assert (a >= j + 1) == (b >= j + 1), (j, a, b)
+
+
+def test_flat_curve_verifies_more_than_steep_in_the_engine():
+    """Both curves must leave drafting worth doing (the steep one for a token or two), so the comparison
+    can fail either way."""
+    steep = StepCostProfile((1, 4, 8, 64), (0.010, 0.0102, 0.030, 0.300))
+    flat_verified = _verified_per_request([2, 4, 6, 8, 10, 12], FLAT)
+    steep_verified = _verified_per_request([2, 4, 6, 8, 10, 12], steep)
+    assert 0 < steep_verified < flat_verified
 
 
 def test_drafting_overhead_is_counted_in_the_plan():
@@ -158,34 +186,32 @@ def test_drafting_overhead_is_counted_in_the_plan():
     assert free[0] >= 1
 
 
-class SlowDrafter(FixedDrafter):
-    """A drafter whose proposals cost more than they can return."""
-
+class CountingDrafter(FixedDrafter):
     def __init__(self):
-        super().__init__([5, 6, 7], [0.1, 0.1, 0.1])
-        self.calls = 0
+        super().__init__([5, 6, 7, 8], None)
+        self.calls = []
 
     def propose(self, requests):
-        self.calls += 1
-        time.sleep(0.05)
+        self.calls.append(len(requests))
         return super().propose(requests)
 
 
-def test_dspark_mode_backs_off_drafting_exponentially_when_it_does_not_pay():
-    from orchestrator.engine import DRAFT_BACKOFF_STEPS
-
-    drafter = SlowDrafter()
-    engine = Engine(_tiny_model(), _Tok(), EngineConfig(2, 128, 100), drafter, StepCostProfile((1, 8), (0.001, 0.002)))
-    b = DRAFT_BACKOFF_STEPS
-    # Tries at steps 0, b+1, 3b+2, 7b+3: pauses of b, 2b, 4b; a fixed pause would have tried 8 times.
-    steps_wanted = 7 * b + 4 + b // 2
-    engine.submit([1, 2, 3], SamplingParams(max_tokens=steps_wanted + 1), lambda c: None,
-                  spec=SpeculationParams("dspark", 3))
-    steps = 0
-    while engine.step():
-        steps += 1
-    assert steps >= steps_wanted
-    assert drafter.calls == 4
+def test_dspark_drafting_stops_under_load_and_resumes_within_a_step_when_it_drops():
+    """Seven plain requests make the batch too big for drafting to pay on this curve; when they finish,
+    the dspark request drafts again at once (no back-off pause)."""
+    drafter = CountingDrafter()
+    curve = StepCostProfile((1, 2, 8, 64), (0.010, 0.0105, 0.080, 0.640))
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(8, 128, 100), drafter, curve)
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=30), lambda c: None, spec=SpeculationParams("dspark", 3))
+    for i in range(7):
+        engine.submit([4 + i, 5], SamplingParams(max_tokens=4), lambda c: None, spec=SpeculationParams("off"))
+    busy_steps = 0
+    while engine.num_active + engine.num_waiting > 1 or busy_steps == 0:
+        engine.step()
+        busy_steps += 1
+    assert drafter.calls == []  # 8 running: no drafting
+    engine.step()
+    assert drafter.calls == [1]  # alone again: drafts in the very next step
 
 
 def test_prefix_acceptance_estimates_the_true_prefix_survival():
