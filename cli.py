@@ -357,10 +357,11 @@ def _read_prompts(path: Path) -> list[str]:
 
 @bench.command("decode")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True, help="Target model (name or HF dir).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="auto: the server's choice for this CPU (bf16 where it is native).")
 @click.option("--config", "configs", multiple=True,
-              help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K (repeatable; AR is always the baseline). "
-                   "Default: prompt_lookup:4.")
+              help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K] (repeatable; "
+                   "AR is always the baseline). Default: prompt_lookup:4.")
 @click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None,
               help="JSONL with a 'prompt' field (default: the code prompt set).")
 @click.option("--new-tokens", default=64, show_default=True)
@@ -374,22 +375,33 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: Pat
 
     from benchmarks.spec_decode import format_table, parse_configs, run_spec_decode_benchmark, summarize
     from export.fetch import fetch_model
-    from models.loading import load_transformer
+    from export.runners import load_runner
+    from models.hardware import cpu_flags, resolve_dtype
     from orchestrator.prompting import PromptEncoder
 
     if threads:
         torch.set_num_threads(threads)
-    torch_dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype)
     target_dir = fetch_model(target)
-    model = load_transformer(target_dir, torch_dtype)
+    model = load_runner(target_dir, "torch", dtype)
     encoder = PromptEncoder.from_model_dir(target_dir, max_prompt_tokens=1024)
     prompt_ids = [encoder.encode(p, apply_chat_template=not raw)
                   for p in _read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "code.jsonl")]
+
+    def load_hf(name: str | None):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(target_dir if name is None else fetch_model(name),
+                                                    dtype=getattr(torch, dtype)).eval()
+
     columns = parse_configs(list(configs or ("prompt_lookup:4",)),
-                            lambda name: load_transformer(fetch_model(name), torch_dtype), model, max_context=2048)
+                            lambda name: load_runner(fetch_model(name), "torch", dtype), model, max_context=2048,
+                            load_hf_model=load_hf)
     summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens))
     summary.update(target=target, dtype=dtype, new_tokens=new_tokens, prompts=len(prompt_ids),
-                   threads=torch.get_num_threads())
+                   threads=torch.get_num_threads(), cpu_flags=cpu_flags())
+    click.echo(f"{target}, {dtype}, {summary['threads']} thread(s), {len(prompt_ids)} prompts x {new_tokens} tokens, "
+               f"cpu: {summary['cpu_flags']}")
     click.echo(format_table(summary))
     if json_out:
         json_out.write_text(json.dumps(summary, indent=2))

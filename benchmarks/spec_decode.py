@@ -2,7 +2,11 @@
 
 Every configuration runs every prompt one request at a time (per-user latency), interleaved
 per prompt with the order rotating, so that machine noise falls on all of them alike.
-Tokens/s counts generated tokens over wall time including prefill.
+Tokens/s counts generated tokens over wall time including prefill. The wall time of our engine is
+split into the target forward, drafting (proposals and the drafter's context updates) and the rest.
+``hf_assisted=NAME[:K]`` adds Hugging Face ``transformers`` assisted generation with the same target
+and drafter model (same dtype and threads) as a column: its own greedy loop, its own draft-length
+rule (HF's defaults, or a constant K).
 """
 from __future__ import annotations
 
@@ -31,6 +35,16 @@ class DecodeConfig:
 
 
 @dataclass
+class HFAssistedConfig:
+    """A column run by transformers' assisted generation instead of our engine."""
+
+    label: str
+    target: object      # transformers PreTrainedModel
+    assistant: object   # transformers PreTrainedModel
+    num_draft_tokens: int | None  # None: transformers' defaults (20, cut by its confidence threshold)
+
+
+@dataclass
 class DecodeResult:
     label: str
     tokens: int = 0
@@ -39,6 +53,8 @@ class DecodeResult:
     accepted: int = 0
     drafted: int = 0
     outputs: list[list[int]] = field(default_factory=list)
+    forward_seconds: float = 0.0  # target forwards (our engine only)
+    draft_seconds: float = 0.0    # drafting (our engine only)
 
     @property
     def tokens_per_s(self) -> float:
@@ -50,13 +66,25 @@ class DecodeResult:
 
 
 def parse_configs(
-    specs: list[str], load_drafter_model: Callable[[str], Transformer], target: Transformer, max_context: int
-) -> list[DecodeConfig]:
-    """'off', 'prompt_lookup:K', 'model=NAME:K', 'checkpoint=DIR:K' -> configurations (drafters loaded once)."""
-    configs = [DecodeConfig("off", None, SpeculationParams("off"))]
+    specs: list[str], load_drafter_model: Callable[[str], Transformer], target: Transformer, max_context: int,
+    load_hf_model: Callable[[str | None], object] | None = None,
+) -> list[DecodeConfig | HFAssistedConfig]:
+    """'off', 'prompt_lookup:K', 'model=NAME:K', 'checkpoint=DIR:K', 'hf_assisted=NAME[:K]' -> configurations
+    (drafters loaded once). load_hf_model(None) loads the target in transformers, (NAME) a drafter."""
+    configs: list[DecodeConfig | HFAssistedConfig] = [DecodeConfig("off", None, SpeculationParams("off"))]
     models: dict[str, Drafter] = {}
+    hf: dict[str | None, object] = {}
     for spec in specs:
         if spec == "off":
+            continue
+        if spec.startswith("hf_assisted="):
+            if load_hf_model is None:
+                raise ValueError("hf_assisted needs a transformers loader")
+            name, _, k = spec[len("hf_assisted="):].partition(":")
+            for key in (None, name):
+                if key not in hf:
+                    hf[key] = load_hf_model(key)
+            configs.append(HFAssistedConfig(spec, hf[None], hf[name], int(k) if k else None))
             continue
         kind, _, k = spec.rpartition(":")
         if kind == "prompt_lookup":
@@ -72,7 +100,8 @@ def parse_configs(
                 models[directory] = FeatureDrafter(load_drafter(directory, target), 1, max_context)
             drafter = models[directory]
         else:
-            raise ValueError(f"unknown configuration {spec!r} (off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K)")
+            raise ValueError(f"unknown configuration {spec!r} "
+                             "(off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K])")
         configs.append(DecodeConfig(spec, drafter, SpeculationParams("static", int(k))))
     return configs
 
@@ -87,6 +116,38 @@ def _run_one(engine: Engine, prompt_ids: list[int], params: SamplingParams, spec
     return [t for c in chunks for t in c.token_ids], seconds, chunks[-1]
 
 
+@torch.inference_mode()
+def _run_hf_assisted(config: HFAssistedConfig, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float, int, int]:
+    """Greedy assisted generation; tokens, seconds, and (rounds, accepted) read from its own counters."""
+    ids = torch.tensor([prompt_ids])
+    kwargs = {}
+    if config.num_draft_tokens is not None:
+        kwargs = dict(num_assistant_tokens=config.num_draft_tokens, num_assistant_tokens_schedule="constant",
+                      assistant_confidence_threshold=0.0)
+    calls = {"n": 0}
+    forward = config.target.forward
+
+    def counted(*args, **kw):
+        calls["n"] += 1
+        return forward(*args, **kw)
+
+    config.target.forward = counted
+    try:
+        start = time.perf_counter()
+        seq = config.target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=config.assistant,
+                                     do_sample=False, max_new_tokens=new_tokens, **kwargs)
+        seconds = time.perf_counter() - start
+    finally:
+        del config.target.forward
+    tokens = seq[0, len(prompt_ids):].tolist()
+    eos = config.target.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    while tokens and tokens[-1] in eos:  # our engine does not count the end token as output
+        tokens.pop()
+    rounds = calls["n"]  # each target forward verifies candidates (the first one with the prompt)
+    return tokens, seconds, rounds, max(len(tokens) - rounds, 0)
+
+
 def run_spec_decode_benchmark(
     target: Transformer,
     tokenizer: Tokenizer,
@@ -96,23 +157,35 @@ def run_spec_decode_benchmark(
     max_context: int = 2048,
 ) -> list[DecodeResult]:
     params = SamplingParams(max_tokens=new_tokens)
-    engines = [Engine(target, tokenizer, EngineConfig(1, max_context, new_tokens), c.drafter) for c in configs]
+    engines = [Engine(target, tokenizer, EngineConfig(1, max_context, new_tokens), c.drafter)
+               if isinstance(c, DecodeConfig) else None for c in configs]
     results = [DecodeResult(c.label) for c in configs]
     warmup = prompts[0][:16]
     for engine, config in zip(engines, configs):
-        _run_one(engine, warmup, SamplingParams(max_tokens=8), config.spec)
+        if engine is None:
+            _run_hf_assisted(config, warmup, 8)
+        else:
+            _run_one(engine, warmup, SamplingParams(max_tokens=8), config.spec)
     with torch.inference_mode():
         for p, prompt_ids in enumerate(prompts):
             order = list(range(len(configs)))
             order = order[p % len(order):] + order[: p % len(order)]
             for i in order:
-                tokens, seconds, last = _run_one(engines[i], prompt_ids, params, configs[i].spec)
-                r = results[i]
+                engine, r = engines[i], results[i]
+                if engine is None:
+                    tokens, seconds, rounds, accepted = _run_hf_assisted(configs[i], prompt_ids, new_tokens)
+                    r.rounds += rounds
+                    r.accepted += accepted
+                else:
+                    forward_before, draft_before = engine.stats.forward_seconds, engine.stats.draft_seconds
+                    tokens, seconds, last = _run_one(engine, prompt_ids, params, configs[i].spec)
+                    r.rounds += last.num_draft_rounds
+                    r.drafted += last.num_draft_tokens
+                    r.accepted += last.num_accepted_tokens
+                    r.forward_seconds += engine.stats.forward_seconds - forward_before
+                    r.draft_seconds += engine.stats.draft_seconds - draft_before
                 r.tokens += len(tokens)
                 r.seconds += seconds
-                r.rounds += last.num_draft_rounds
-                r.drafted += last.num_draft_tokens
-                r.accepted += last.num_accepted_tokens
                 r.outputs.append(tokens)
     return results
 
@@ -130,18 +203,24 @@ def summarize(results: list[DecodeResult]) -> dict:
             "tokens_per_round": round(r.tokens_per_round, 3) if r.tokens_per_round else None,
             "acceptance_rate": round(r.accepted / r.drafted, 3) if r.drafted else None,
             "identical_to_ar": r.outputs == base.outputs,
+            "forward_share": round(r.forward_seconds / r.seconds, 3) if r.forward_seconds else None,
+            "draft_share": round(r.draft_seconds / r.seconds, 3) if r.forward_seconds else None,
         })
     return {"rows": rows}
 
 
 def format_table(summary: dict) -> str:
-    header = f"{'config':<28}{'tok/s':>9}{'vs AR':>8}{'tok/round':>11}{'accept':>8}{'same as AR':>12}"
+    header = (f"{'config':<34}{'tok/s':>9}{'vs AR':>8}{'tok/round':>11}{'accept':>8}{'same as AR':>12}"
+              f"{'forward':>9}{'draft':>7}{'rest':>6}")
     lines = [header, "-" * len(header)]
     for row in summary["rows"]:
         tpr = f"{row['tokens_per_round']:.2f}" if row["tokens_per_round"] else "-"
         acc = f"{row['acceptance_rate']:.2f}" if row["acceptance_rate"] is not None else "-"
+        split = "" if row["forward_share"] is None else (
+            f"{row['forward_share']:>8.0%}{row['draft_share']:>7.0%}{1 - row['forward_share'] - row['draft_share']:>6.0%}")
         lines.append(
-            f"{row['config']:<28}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{tpr:>11}{acc:>8}"
-            f"{str(row['identical_to_ar']):>12}"
+            f"{row['config']:<34}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{tpr:>11}{acc:>8}"
+            f"{str(row['identical_to_ar']):>12}{split}"
         )
+    lines.append("(forward / draft / rest: shares of our engine's wall time; hf_assisted rows: transformers' own loop)")
     return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""`bench decode`'s maths: our engine's columns and transformers' assisted generation side by side."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.spec_decode import parse_configs, run_spec_decode_benchmark, summarize
+
+PROMPTS = ["def add(a, b):", "List three colors."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_columns_are_lossless_and_report_where_time_goes(smollm2_dir, smollm2_fp32, smollm2_encoder):
+    from transformers import AutoModelForCausalLM
+
+    def load_hf(name):
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+    prompts = [smollm2_encoder.encode(p, apply_chat_template=True) for p in PROMPTS]
+    columns = parse_configs(["prompt_lookup:3", "hf_assisted=self:3"], lambda name: smollm2_fp32, smollm2_fp32,
+                            max_context=512, load_hf_model=load_hf)
+    summary = summarize(run_spec_decode_benchmark(smollm2_fp32, smollm2_encoder.tokenizer, prompts, columns, 16))
+    ar, lookup, hf = summary["rows"]
+    assert [r["config"] for r in summary["rows"]] == ["off", "prompt_lookup:3", "hf_assisted=self:3"]
+    assert ar["tokens"] == lookup["tokens"] == hf["tokens"] > 0
+    assert lookup["identical_to_ar"] and hf["identical_to_ar"]  # fp32 greedy: same tokens in all three
+    # the target drafting for itself is always right: more than one token per verification round
+    # (transformers 5.x proposes fewer than K after its first round, so not K + 1)
+    assert hf["tokens_per_round"] > 1.5
+    assert 0 < ar["forward_share"] <= 1 and ar["draft_share"] == 0
+    assert lookup["draft_share"] > 0 and lookup["forward_share"] + lookup["draft_share"] <= 1
+    assert hf["forward_share"] is None  # transformers' loop is not split
