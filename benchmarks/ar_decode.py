@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from models.loading import load_transformer
+from export.runners import load_runner
 from models.transformer import Transformer
 
 
@@ -112,7 +112,7 @@ def run_ar_decode_benchmark(
     encoded = encode_prompts(model_dir, prompts)
 
     with _num_threads(threads) as n_threads:
-        ours = load_transformer(model_dir, dtype)
+        ours = load_runner(model_dir, "torch", str(dtype).removeprefix("torch."))  # with this machine's kernel plan
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         suppress = _eos_ids(model_dir, ours)
         pad_id = suppress[0] if suppress else 0
