@@ -374,9 +374,11 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: Pat
     import torch
 
     from benchmarks.spec_decode import format_table, parse_configs, run_spec_decode_benchmark, summarize
-    from export.fetch import fetch_model
+    from export.fetch import cache_dir, fetch_model
     from export.runners import load_runner
     from models.hardware import cpu_flags, resolve_dtype
+    from orchestrator.draft_vocab import cached_draft_vocab
+    from orchestrator.drafting import ModelDrafter
     from orchestrator.prompting import PromptEncoder
 
     if threads:
@@ -394,8 +396,14 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: Pat
         return AutoModelForCausalLM.from_pretrained(target_dir if name is None else fetch_model(name),
                                                     dtype=getattr(torch, dtype)).eval()
 
-    columns = parse_configs(list(configs or ("prompt_lookup:4",)),
-                            lambda name: load_runner(fetch_model(name), "torch", dtype), model, max_context=2048,
+    def model_drafter(name: str):
+        drafter_dir = fetch_model(name)
+        drafter = load_runner(drafter_dir, "torch", dtype)
+        vocab = cached_draft_vocab(cache_dir(), drafter_dir, drafter.config.vocab_size,
+                                   always=drafter.config.eos_token_ids)
+        return ModelDrafter(drafter, 1, 2048, vocab)
+
+    columns = parse_configs(list(configs or ("prompt_lookup:4",)), model_drafter, model, max_context=2048,
                             load_hf_model=load_hf)
     summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens))
     summary.update(target=target, dtype=dtype, new_tokens=new_tokens, prompts=len(prompt_ids),

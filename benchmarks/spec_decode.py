@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from models.transformer import Transformer
 from models.drafters import load_drafter
-from orchestrator.drafting import Drafter, FeatureDrafter, ModelDrafter, PromptLookupDrafter
+from orchestrator.drafting import Drafter, FeatureDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
@@ -66,7 +66,7 @@ class DecodeResult:
 
 
 def parse_configs(
-    specs: list[str], load_drafter_model: Callable[[str], Transformer], target: Transformer, max_context: int,
+    specs: list[str], load_model_drafter: Callable[[str], Drafter], target: Transformer, max_context: int,
     load_hf_model: Callable[[str | None], object] | None = None,
 ) -> list[DecodeConfig | HFAssistedConfig]:
     """'off', 'prompt_lookup:K', 'model=NAME:K', 'checkpoint=DIR:K', 'hf_assisted=NAME[:K]' -> configurations
@@ -92,7 +92,7 @@ def parse_configs(
         elif kind.startswith("model="):
             name = kind[len("model="):]
             if name not in models:
-                models[name] = ModelDrafter(load_drafter_model(name), 1, max_context)
+                models[name] = load_model_drafter(name)
             drafter = models[name]
         elif kind.startswith("checkpoint="):
             directory = kind[len("checkpoint="):]

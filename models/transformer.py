@@ -234,6 +234,10 @@ class Transformer(nn.Module):
             layer.use_kernel_plan(plan)
         self._lm_head = None if plan is None else Linear(self.lm_head_weight, None, plan)
 
+    @property
+    def kernel_plan(self) -> KernelPlan | None:
+        return None if self._lm_head is None else self._lm_head.plan
+
     def measure_kernel_plan(self) -> KernelPlan:
         return measure_kernel_plan(self.weight_matrices())
 

@@ -14,6 +14,7 @@ import torch
 
 from models.drafters import Drafter as DrafterModule
 from models.kv_cache import KVCache
+from models.projection import KernelPlan, Linear
 from models.transformer import Transformer
 from orchestrator.prompt_lookup import propose_ngram_draft
 from orchestrator.sampling import SamplingParams, sample_from_uniform, warp_logits
@@ -98,14 +99,23 @@ class PromptLookupDrafter(_NoFeatures):
 
 
 class ModelDrafter(_NoFeatures):
-    """A small LM with the target's tokenizer, drafting autoregressively, batched over requests."""
+    """A small LM with the target's tokenizer, drafting autoregressively, batched over requests.
+
+    draft_vocab: token ids the drafter may propose (int64 [V']); its LM head then scores only those
+    rows (see orchestrator.draft_vocab). None = the whole vocabulary.
+    """
 
     name = "model"
 
-    def __init__(self, model: Transformer, max_batch_size: int, max_context: int) -> None:
+    def __init__(self, model: Transformer, max_batch_size: int, max_context: int,
+                 draft_vocab: torch.Tensor | None = None) -> None:
         self.model = model
         self.cache: KVCache = model.new_cache(max_batch_size, max_context)
         self._slots: dict[int, int] = {}
+        self.draft_vocab = draft_vocab
+        self._head = None if draft_vocab is None else Linear(
+            model.lm_head_weight.index_select(0, draft_vocab.to(model.device)), None,
+            model.kernel_plan or KernelPlan((), ()))
 
     def admit(self, key: int) -> None:
         self._slots[key] = self.cache.allocate()
@@ -118,6 +128,17 @@ class ModelDrafter(_NoFeatures):
         if int(self.cache.lengths[slot]) > num_committed:
             self.cache.truncate(slot, num_committed)
 
+    def _logits(self, ids: torch.Tensor, slots: list[int], num_new: list[int]) -> torch.Tensor:
+        """[len(slots), vocab] float32 logits of each sequence's last new token (-inf outside the draft vocabulary)."""
+        last = self.model.last_token_indices(num_new)
+        if self._head is None:
+            return self.model(ids, slots, num_new, self.cache, logits_indices=last).logits
+        final = self.model.config.num_layers
+        out = self.model(ids, slots, num_new, self.cache, logits_indices=last[:0], tap_layers=(final,))
+        sub = self._head(out.hidden_states[final].index_select(0, last.to(self.model.device))).float()
+        logits = torch.full((len(slots), self.model.config.vocab_size), float("-inf"), device=sub.device)
+        return logits.index_copy_(1, self.draft_vocab.to(sub.device), sub)
+
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         """k rounds of one batched forward each; round 1 also catches up on uncached context."""
         tokens: list[list[int]] = [[] for _ in requests]
@@ -125,14 +146,11 @@ class ModelDrafter(_NoFeatures):
         feeds = [r.context[int(self.cache.lengths[self._slots[r.key]]):] for r in requests]
         active = [i for i, r in enumerate(requests) if r.num_tokens > 0]
         while active:
-            num_new = [len(feeds[i]) for i in active]
-            logits = self.model(
+            logits = self._logits(
                 torch.tensor([t for i in active for t in feeds[i]], dtype=torch.long),
                 [self._slots[requests[i].key] for i in active],
-                num_new,
-                self.cache,
-                logits_indices=self.model.last_token_indices(num_new),
-            ).logits
+                [len(feeds[i]) for i in active],
+            )
             for row, i in enumerate(active):
                 request = requests[i]
                 q = warp_logits(logits[row], request.params)

@@ -24,7 +24,7 @@ def test_columns_are_lossless_and_report_where_time_goes(smollm2_dir, smollm2_fp
         return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
     prompts = [smollm2_encoder.encode(p, apply_chat_template=True) for p in PROMPTS]
-    columns = parse_configs(["prompt_lookup:3", "hf_assisted=self:3"], lambda name: smollm2_fp32, smollm2_fp32,
+    columns = parse_configs(["prompt_lookup:3", "hf_assisted=self:3"], lambda name: None, smollm2_fp32,
                             max_context=512, load_hf_model=load_hf)
     summary = summarize(run_spec_decode_benchmark(smollm2_fp32, smollm2_encoder.tokenizer, prompts, columns, 16))
     ar, lookup, hf = summary["rows"]

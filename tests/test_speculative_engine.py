@@ -83,13 +83,36 @@ def dspark_drafter(target):
     return FeatureDrafter(load_drafter(DSPARK_CHECKPOINT, target), SLOTS, 256)
 
 
-@pytest.fixture(scope="module", params=["prompt_lookup", "shallow_model", "dspark"])
-def drafter(request, target):
+def small_draft_vocab(encoder, target, size: int = 2048) -> torch.Tensor:
+    from orchestrator.draft_vocab import frequent_tokens, stdlib_corpus
+
+    return frequent_tokens(encoder.tokenizer, target.config.vocab_size, size, stdlib_corpus(1 << 18),
+                           always=target.config.eos_token_ids)
+
+
+@pytest.fixture(scope="module", params=["prompt_lookup", "shallow_model", "shallow_model_draft_vocab", "dspark"])
+def drafter(request, target, encoder):
     if request.param == "prompt_lookup":
         return PromptLookupDrafter()
     if request.param == "dspark":
         return dspark_drafter(target)
-    return ModelDrafter(shallow_copy(target, 6), SLOTS, 256)
+    vocab = small_draft_vocab(encoder, target) if request.param == "shallow_model_draft_vocab" else None
+    return ModelDrafter(shallow_copy(target, 6), SLOTS, 256, vocab)
+
+
+def test_a_draft_vocabulary_bounds_the_proposals_and_keeps_them_exact_distributions(target, encoder):
+    from orchestrator.drafting import DraftRequest
+
+    vocab = small_draft_vocab(encoder, target, 512)
+    drafter = ModelDrafter(shallow_copy(target, 6), 2, 256, vocab)
+    drafter.admit(1)
+    ids = encoder.encode("def total(xs):", apply_chat_template=True)
+    (draft,) = drafter.propose([DraftRequest(1, ids, 5, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))])
+    outside = torch.ones(target.config.vocab_size, dtype=torch.bool)
+    outside[vocab] = False
+    assert all(not outside[t] for t in draft.tokens)
+    assert draft.probs[:, outside].abs().max() == 0
+    torch.testing.assert_close(draft.probs.sum(-1), torch.ones(5))
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
