@@ -1,5 +1,6 @@
 """Triton adapter for the generation engine; the loop lives in orchestrator.engine."""
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -8,12 +9,18 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.fetch import cache_dir, model_dir_if_cached
+from export.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
 from export.repository import drafter_checkpoint, drafter_tap_layers
 from export.runners import load_runner
-from models.drafters import load_drafter
-from models.loading import load_transformer
-from orchestrator.drafting import FeatureDrafter, ModelDrafter, PromptLookupDrafter
+from models.drafters import DrafterConfig, load_drafter
+from models.loading import load_config, load_transformer
+from orchestrator.drafting import (
+    DrafterMismatchError,
+    FeatureDrafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    check_drafter_fits,
+)
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import SpeculationParams
@@ -23,6 +30,7 @@ from orchestrator.step_cost import load_or_measure, profile_path
 from serving.load_monitor import LoadMonitor
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+log = logging.getLogger("dspark")
 
 
 def _response(token_ids, text, chunk: GenerationChunk):
@@ -146,6 +154,23 @@ def _resolve_model_dir(name: str) -> Path:
     return model_dir
 
 
+def _check_drafter(choice: str, model_dir: Path) -> None:
+    """Refuses, before any weights load, a model or checkpoint drafter that does not fit the target."""
+    if choice.startswith("model:"):
+        drafter = load_config(_resolve_model_dir(choice[len("model:"):]))
+        name = choice
+    elif (checkpoint := drafter_checkpoint(choice)) is not None:
+        drafter = DrafterConfig.from_json((checkpoint / "config.json").read_text())
+        name = f"{choice} (trained for {drafter.target or 'an unnamed target'})"
+    else:
+        return
+    try:
+        check_drafter_fits(name, drafter, model_name(model_dir) or str(model_dir), load_config(model_dir))
+    except DrafterMismatchError as exc:
+        raise pb_utils.TritonModelException(f"{exc}; set the drafter parameter in config.pbtxt (or "
+                                            "DSPARK_DRAFTER) to one trained for this target, or to auto") from exc
+
+
 def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
     """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None)."""
     if choice == "none":
@@ -180,6 +205,9 @@ class TritonPythonModel:
         # An export made here outputs the hidden states the drafter taps.
         onnx_model = params.get("onnx_model", "")
         drafter_choice = os.environ.get("DSPARK_DRAFTER") or params["drafter"]
+        if drafter_choice == "auto":
+            drafter_choice = default_drafter(model_dir)
+        _check_drafter(drafter_choice, model_dir)
         runner = load_runner(
             model_dir, params.get("runtime", "torch"), params["dtype"],
             onnx_path=Path(args["model_repository"]) / args["model_version"] / onnx_model if onnx_model else None,
@@ -195,15 +223,16 @@ class TritonPythonModel:
         self.load_monitor = None
         if os.environ.get("DSPARK_METRICS_URL"):
             self.load_monitor = LoadMonitor(
-                os.environ["DSPARK_METRICS_URL"],
+                os.environ["DSPARK_METRICS_URL"], args["model_name"],
                 lambda reading: setattr(self.engine, "external_waiting", reading.pending_requests),
             ).start()
 
     def execute(self, requests):
+        """Hands each request to the engine; every request of the batch gets an answer, whatever fails."""
         for request in requests:
             sender = request.get_response_sender()
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 prompt_ids = parse_prompt_ids(inputs) if "input_ids" in inputs else self.encoder.encode_request(inputs)
                 params = parse_sampling_params(inputs)
                 spec = parse_speculation(inputs, self.engine.config.default_spec)
@@ -211,6 +240,9 @@ class TritonPythonModel:
                 self.engine.submit(prompt_ids, params, emit=stream, is_cancelled=sender.is_cancelled, spec=spec)
             except InvalidRequestError as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
+            except Exception as exc:  # not the client's fault, but still this request's only answer
+                log.exception("request failed before reaching the engine")
+                sender.send(_error(f"internal error: {exc}"), flags=FINAL)
         return None
 
     def finalize(self):
