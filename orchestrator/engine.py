@@ -260,7 +260,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """One engine step; returns False when there was nothing to do."""
-        self._drop_cancelled()
+        self._drop_cancelled(self._take_incoming())
         admitted = self._admit()
         if not self._running:
             return False
@@ -280,8 +280,8 @@ class Engine:
             cancelled, self._cancelled = self._cancelled, set()
         return cancelled
 
-    def _drop_cancelled(self) -> None:
-        cancelled = self._take_incoming()
+    def _drop_cancelled(self, cancelled: set[int]) -> None:
+        """Finishes the requests cancelled by id, and those whose client the frontend reports gone."""
         now = time.monotonic()
         for request in self._running + list(self._waiting):
             if request.request_id in cancelled:
