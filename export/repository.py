@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+from export.fetch import default_drafter
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
 from export.runners import RUNTIMES
 from models.drafters import DrafterConfig
@@ -21,7 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
 ONNX_SUBDIR = "onnx"
 # What each runtime runs in by default: ONNX Runtime's CPU kernels want float32; TensorRT fp16.
-DEFAULT_DTYPE = {"torch": "float32", "onnxruntime": "float32", "tensorrt": "float16"}
+DEFAULT_DTYPE = {"torch": "auto", "onnxruntime": "float32", "tensorrt": "float16"}
 
 
 def set_parameters(config_text: str, values: dict[str, str]) -> str:
@@ -62,6 +63,8 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
     if runtime != "torch":
         # A trained drafter reads the target's hidden states: the graph exports the layers it taps.
         drafter = values.get("drafter") or read_parameters(config.read_text()).get("drafter", "none")
+        if drafter == "auto":  # the graph exports this drafter's taps: name it, so the repository says so
+            drafter = values["drafter"] = default_drafter(model_dir)
         exported = cached_onnx(model_dir, dtype, drafter_tap_layers(drafter))
         target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR
         target.mkdir(parents=True)

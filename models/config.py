@@ -75,13 +75,6 @@ class TransformerConfig:
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
 
-        eos = cfg.get("eos_token_id")
-        if eos is None:
-            eos_ids: tuple[int, ...] = ()
-        elif isinstance(eos, (list, tuple)):
-            eos_ids = tuple(int(e) for e in eos)
-        else:
-            eos_ids = (int(eos),)
         bos = cfg.get("bos_token_id")
 
         return cls(
@@ -101,9 +94,18 @@ class TransformerConfig:
             qk_norm=model_type == "qwen3",
             max_position_embeddings=max_pos,
             bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=eos_ids,
+            eos_token_ids=eos_token_ids(cfg.get("eos_token_id")),
             o_proj_bias=o_bias,
         )
+
+
+def eos_token_ids(value: Any) -> tuple[int, ...]:
+    """An ``eos_token_id`` entry (absent, one id, or a list) as a tuple of ids."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(e) for e in value)
+    return (int(value),)
 
 
 def _parse_rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, dict | None]:

@@ -1,13 +1,14 @@
 """Load a Hugging Face format directory (config.json + safetensors) into `Transformer`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from models.config import TransformerConfig
+from models.config import TransformerConfig, eos_token_ids
 from models.transformer import Transformer
 
 
@@ -37,7 +38,15 @@ def read_hf_state_dict(model_dir: str | Path, names: set[str] | None = None) -> 
 
 
 def load_config(model_dir: str | Path) -> TransformerConfig:
-    return TransformerConfig.from_hf_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+    """config.json, with the end-of-generation ids of generation_config.json added: transformers and
+    serving engines stop on the union (Llama-3 instruct models list <|eot_id|> only there)."""
+    model_dir = Path(model_dir)
+    config = TransformerConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()))
+    generation = model_dir / "generation_config.json"
+    if not generation.is_file():
+        return config
+    extra = eos_token_ids(json.loads(generation.read_text()).get("eos_token_id"))
+    return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra)))
 
 
 def transformer_from_hf_state_dict(

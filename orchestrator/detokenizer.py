@@ -20,6 +20,10 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        if self._decode(0).endswith(_REPLACEMENT):
+            # The prompt ends inside a character: its bytes would merge with the first output bytes and
+            # shift every later delta. The output's text is its own decode, so start without context.
+            self._ids = []
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
 

@@ -12,7 +12,9 @@ from typing import Protocol
 
 import torch
 
+from models.config import TransformerConfig
 from models.drafters import Drafter as DrafterModule
+from models.drafters import DrafterConfig
 from models.kv_cache import KVCache
 from models.projection import KernelPlan, Linear
 from models.transformer import Transformer
@@ -62,6 +64,27 @@ class Drafter(Protocol):
     def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         """Newly committed tokens of several requests (one list per key) and the target's tapped hidden
         states for them, rows packed in the same order ([sum of lengths, H] per layer): one call per step."""
+
+
+class DrafterMismatchError(ValueError):
+    """A drafter that cannot serve this target: found when the server loads, never per request."""
+
+
+def check_drafter_fits(drafter_name: str, drafter: DrafterConfig | TransformerConfig, target_name: str,
+                       target: TransformerConfig) -> None:
+    """Raises DrafterMismatchError naming both models unless the drafter shares the target's vocabulary
+    and, for a drafter reading the target's features, its hidden size and existing tap layers."""
+    problems = []
+    if drafter.vocab_size != target.vocab_size:
+        problems.append(f"vocabulary {drafter.vocab_size} != {target.vocab_size}")
+    if isinstance(drafter, DrafterConfig):
+        if drafter.hidden_size != target.hidden_size:
+            problems.append(f"hidden size {drafter.hidden_size} != {target.hidden_size}")
+        bad = [t for t in drafter.tap_layers if not 0 <= t <= target.num_layers]
+        if bad:
+            problems.append(f"tap layers {bad} out of range 0..{target.num_layers}")
+    if problems:
+        raise DrafterMismatchError(f"drafter {drafter_name} does not fit target {target_name}: {'; '.join(problems)}")
 
 
 class _NoFeatures:

@@ -5,12 +5,17 @@ batched target forward covers every active request: newly admitted ones bring th
 (prefill), running ones their last emitted token plus their draft (verification). Accepted tokens
 are streamed, the target and drafter caches are rolled back to what was accepted. Requests join
 and leave between steps; a cancelled request frees its slots before the next step.
+
+One rule decides where a generation ends (end-of-generation id, stop string, max_tokens, a full
+context), applied after every token, so a step that accepts eight tokens ends a request exactly
+where eight one-token steps would. Faults are isolated: a fault in one request's own work
+(drafting, verifying, sampling, detokenizing) fails that request alone; a fault of the shared
+target forward fails that step's requests; the engine thread goes on serving either way.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -54,6 +59,10 @@ class GenerationChunk:
 
 
 EmitFn = Callable[[GenerationChunk], None]
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
 
 
 @dataclass
@@ -102,6 +111,7 @@ class _Request:
     cancel_checked_at: float = 0.0
     spec_stats: SpeculationStats = field(default_factory=SpeculationStats)
     adaptive_length: int = 1  # adaptive mode's current draft length
+    in_drafter: bool = False  # the drafter holds state for it (released when it finishes)
     predicted: list[float] | None = None  # survival of its last block's positions (dspark mode's next decision)
 
     @property
@@ -118,6 +128,8 @@ class EngineStats:
     tokens_generated: int = 0
     forward_seconds: float = 0.0  # target forwards
     draft_seconds: float = 0.0    # drafter proposals and context updates
+    last_step_tokens: int = 0          # tokens in the last target forward (the plan's active batch N)
+    last_step_draft_tokens: int = 0    # draft tokens it verified
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
 
@@ -146,7 +158,9 @@ class Engine:
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
-        self._incoming: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        # Submitted requests and cancel ids, both under one lock: the engine takes them together, so a
+        # cancel can never arrive between taking a request and reading the cancels (and be lost).
+        self._incoming: deque[_Request] = deque()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -194,11 +208,15 @@ class Engine:
             stop=StopStringMatcher(params.stop),
             adaptive_length=max(spec.num_draft_tokens, 1),
         )
-        self._incoming.put(request)
+        with self._lock:
+            if self._stopping:  # shutdown has answered the queue already; nobody would answer this one
+                raise EngineStoppedError("server is shutting down")
+            self._incoming.append(request)
         self._wakeup.set()
         return request.request_id
 
     def cancel(self, request_id: int) -> None:
+        """Cancels a submitted request (a finished or unknown id is ignored)."""
         with self._lock:
             self._cancelled.add(request_id)
         self._wakeup.set()
@@ -209,7 +227,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + self._incoming.qsize()
+        return len(self._waiting) + len(self._incoming)
 
     # --- engine thread -----------------------------------------------------------------------
     def start(self) -> None:
@@ -217,55 +235,66 @@ class Engine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        self._stopping = True
+        """Stops the engine thread and gives every request, running or queued, its final response."""
+        with self._lock:
+            self._stopping = True
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join()
+        self._take_incoming()
         for request in self._running + list(self._waiting):
             self._finish(request, "cancelled", error="server is shutting down")
-        self._running.clear()
-        self._waiting.clear()
 
     def _loop(self) -> None:
         while not self._stopping:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception:  # a bug outside any one request's work: the thread must not die with it
+                log.exception("engine step failed")
+                self._fail_all(self._running, "internal error in the engine step")
+                busy = False
+            if not busy:
                 self._wakeup.wait(timeout=0.1)
                 self._wakeup.clear()
 
     @torch.inference_mode()
     def step(self) -> bool:
         """One engine step; returns False when there was nothing to do."""
-        self._take_incoming()
-        self._drop_cancelled()
+        self._drop_cancelled(self._take_incoming())
         admitted = self._admit()
         if not self._running:
             return False
         try:
             self._decode_step(admitted)
-        except Exception as exc:  # a failed step must not take the server down
+        except Exception as exc:  # the shared target forward failed: fail this step's requests, keep serving
             log.exception("engine step failed")
-            for request in list(self._running):
-                self._finish(request, "error", error=f"internal error: {exc}")
+            self._fail_all(self._running, f"internal error: {exc}")
         self.stats.steps += 1
         return True
 
-    def _take_incoming(self) -> None:
-        while True:
-            try:
-                self._waiting.append(self._incoming.get_nowait())
-            except queue.Empty:
-                return
-
-    def _drop_cancelled(self) -> None:
-        now = time.monotonic()
+    def _take_incoming(self) -> set[int]:
+        """Moves submitted requests to the waiting queue; returns the ids cancelled since the last call."""
         with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
             cancelled, self._cancelled = self._cancelled, set()
+        return cancelled
+
+    def _drop_cancelled(self, cancelled: set[int]) -> None:
+        """Finishes the requests cancelled by id, and those whose client the frontend reports gone."""
+        now = time.monotonic()
         for request in self._running + list(self._waiting):
             if request.request_id in cancelled:
                 self._finish(request, "cancelled")
             elif now - request.cancel_checked_at >= CANCEL_POLL_INTERVAL_S:
                 request.cancel_checked_at = now
-                if request.is_cancelled():
+                try:
+                    gone = request.is_cancelled()
+                except Exception as exc:  # the frontend cannot tell: this request cannot be served
+                    log.exception("request %d: cancellation check failed", request.request_id)
+                    self._finish(request, "error", error=f"internal error: cancellation check failed: {exc}")
+                    continue
+                if gone:
                     self._finish(request, "cancelled")
 
     def _admit(self) -> list[_Request]:
@@ -273,22 +302,32 @@ class Engine:
         while self._waiting and self.cache.num_free() > 0:
             request = self._waiting.popleft()
             request.slot = self.cache.allocate()
-            if self.drafter is not None:
-                self.drafter.admit(request.request_id)
             self._running.append(request)
+            if self.drafter is not None:
+                try:
+                    self.drafter.admit(request.request_id)
+                except Exception as exc:
+                    self._fail(request, f"drafter admission: {exc}")
+                    continue
+                request.in_drafter = True
             admitted.append(request)
         return admitted
 
     def _draft_length(self, request: _Request) -> int:
-        """The request's draft length, cut so the accepted tokens fit max_tokens and the context."""
+        """The request's draft length, cut so the accepted tokens and the bonus token fit max_tokens and the context."""
         room_tokens = request.params.max_tokens - len(request.output_ids) - 1
-        room_context = self.config.max_context - len(request.context)
+        room_context = self.config.max_context - len(request.context) - 1
         wanted = draft_length(request.spec, request.adaptive_length, len(self._running), self.config.spec_batch_limit)
         return max(0, min(wanted, room_tokens, room_context))
 
     def _propose(self, admitted: list[_Request]) -> dict[int, Draft]:
+        """Drafts for the running requests that speculate this step, each checked before it joins the batch.
+
+        If the batched drafter call fails, each request is drafted alone to find the one at fault;
+        only the requests whose drafting fails (or whose draft is malformed) are failed."""
         lengths = {r.request_id: self._draft_length(r) for r in self._running if r not in admitted}
         self._decide_drafting(admitted, lengths)
+        by_key = {r.request_id: r for r in self._running}
         asks = [
             DraftRequest(r.request_id, r.context, lengths[r.request_id], r.params, r.generator)
             for r in self._running
@@ -296,7 +335,45 @@ class Engine:
         ]
         if not asks:
             return {}
-        return {ask.key: draft for ask, draft in zip(asks, self.drafter.propose(asks))}
+        try:
+            proposed = list(zip(asks, self._drafter_call(asks)))
+        except Exception:
+            log.exception("batched drafting failed; drafting each request alone")
+            proposed = []
+            for ask in asks:
+                try:
+                    self.drafter.commit(ask.key, len(ask.context) - 1)  # drop what the failed call left behind
+                    proposed.append((ask, self._drafter_call([ask])[0]))
+                except Exception as exc:
+                    self._fail(by_key[ask.key], f"drafting: {exc}")
+        drafts = {}
+        for ask, draft in proposed:
+            problem = self._draft_problem(ask, draft)
+            if problem:
+                self._fail(by_key[ask.key], f"drafter returned {problem}")
+            else:
+                drafts[ask.key] = draft
+        return drafts
+
+    def _drafter_call(self, asks: list[DraftRequest]) -> list[Draft]:
+        drafts = self.drafter.propose(asks)
+        if len(drafts) != len(asks):
+            raise RuntimeError(f"drafter returned {len(drafts)} drafts for {len(asks)} requests")
+        return drafts
+
+    def _draft_problem(self, ask: DraftRequest, draft: Draft) -> str | None:
+        """What is wrong with a draft (it would break the batched forward or verification), or None."""
+        vocab = self.model.config.vocab_size
+        n = len(draft.tokens)
+        if n > ask.num_tokens:
+            return f"{n} tokens where {ask.num_tokens} were asked"
+        if any(not 0 <= t < vocab for t in draft.tokens):
+            return f"token ids outside [0, {vocab})"
+        if draft.probs is not None and tuple(draft.probs.shape) != (n, vocab):
+            return f"probabilities of shape {tuple(draft.probs.shape)} for {n} tokens over {vocab}"
+        if draft.confidences is not None and len(draft.confidences) != n:
+            return f"{len(draft.confidences)} confidences for {n} tokens"
+        return None
 
     def _survival(self, request: _Request, draft: Draft) -> list[float]:
         """P(draft tokens 1..k all accepted): the drafter's calibrated confidences, else the measured rates."""
@@ -367,6 +444,8 @@ class Engine:
         drafts = self._propose(admitted)
         draft_seconds = time.perf_counter() - started
         self.stats.draft_seconds += draft_seconds
+        if not self._running:  # drafting failed every request
+            return
         self._schedule(admitted, drafts, self._draft_cost(draft_seconds) if drafts else 0.0)
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
@@ -386,6 +465,8 @@ class Engine:
         )
         forward_seconds = time.perf_counter() - started
         self.stats.forward_seconds += forward_seconds
+        self.stats.last_step_tokens = offset
+        self.stats.last_step_draft_tokens = sum(len(d.tokens) for d in drafts.values())
         if self.step_cost is not None:
             self.step_cost.observe(offset, forward_seconds)
         observed: list[tuple[_Request, list[int], int]] = []  # (request, committed tokens, first packed row)
@@ -397,36 +478,61 @@ class Engine:
             num_rows = 1 + (len(draft.tokens) if draft else 0)
             logits = out.logits[row:row + num_rows]
             row += num_rows
-            if draft is None or not draft.tokens:
-                if draft is not None:  # drafted, but the scheduler verified none: drop the drafter's lookahead
-                    self.drafter.commit(request.request_id, len(request.context))
-                observed.append((request, tokens, first_packed))
-                self._append_tokens(request, [next_token(logits[0], request.params, request.generator)])
-                continue
-            result = self._verify(request, draft, logits)
-            self._roll_back(request, len(draft.tokens), result.num_accepted)
-            observed.append((request, tokens[: 1 + result.num_accepted], first_packed))
-            request.spec_stats.record(len(draft.tokens), result.num_accepted)
-            self._acceptance.record(len(draft.tokens), result.num_accepted)
-            request.adaptive_length = next_adaptive_length(
-                request.adaptive_length, len(draft.tokens), result.num_accepted, MAX_DRAFT_TOKENS
-            )
-            self.stats.speculation.record(len(draft.tokens), result.num_accepted)
-            self._append_tokens(request, result.tokens)
+            try:
+                self._accept(request, tokens, draft, logits, observed, first_packed)
+            except Exception as exc:  # this request's own work failed (verify, sample, drafter, detokenize)
+                log.exception("request %d failed", request.request_id)
+                self._fail(request, str(exc))
         self._observe(observed, out.hidden_states)
 
+    def _accept(self, request: _Request, tokens: list[int], draft: Draft | None, logits: torch.Tensor,
+                observed: list[tuple[_Request, list[int], int]], first_packed: int) -> None:
+        """One request's share of the step: verify its draft (or sample one token), roll back, stream;
+        what it committed joins `observed` for the drafter's one batched update."""
+        if draft is None or not draft.tokens:
+            if draft is not None:  # drafted, but the scheduler verified none: drop the drafter's lookahead
+                self.drafter.commit(request.request_id, len(request.context))
+            observed.append((request, tokens, first_packed))
+            self._append_tokens(request, [next_token(logits[0], request.params, request.generator)])
+            return
+        result = self._verify(request, draft, logits)
+        self._roll_back(request, len(draft.tokens), result.num_accepted)
+        observed.append((request, tokens[: 1 + result.num_accepted], first_packed))
+        request.spec_stats.record(len(draft.tokens), result.num_accepted)
+        self._acceptance.record(len(draft.tokens), result.num_accepted)
+        request.adaptive_length = next_adaptive_length(
+            request.adaptive_length, len(draft.tokens), result.num_accepted, MAX_DRAFT_TOKENS
+        )
+        self.stats.speculation.record(len(draft.tokens), result.num_accepted)
+        self._append_tokens(request, result.tokens)
+
     def _observe(self, observed: list[tuple[_Request, list[int], int]], hidden: dict[int, torch.Tensor]) -> None:
-        """Hands the drafter the target's hidden states of the tokens this forward committed: one batched call."""
+        """Hands the drafter the target's hidden states of the tokens this forward committed: one batched call.
+
+        If it fails, each request is updated alone (from its state before the call) to find the one at fault."""
         if self.drafter is None or not self.drafter.tap_layers:
             return
-        live = [(r, tokens, first) for r, tokens, first in observed if r.slot is not None]  # finished ones are released
+        live = [(r, tokens, first) for r, tokens, first in observed if r.in_drafter]  # finished ones are released
         if not live:
             return
         started = time.perf_counter()
-        rows = torch.cat([torch.arange(first, first + len(tokens)) for _, tokens, first in live])
-        self.drafter.observe([r.request_id for r, _, _ in live], [tokens for _, tokens, _ in live],
-                             {layer: h.index_select(0, rows.to(h.device)) for layer, h in hidden.items()})
+        try:
+            self._drafter_observe(live, hidden)
+        except Exception:
+            log.exception("batched drafter update failed; updating each request alone")
+            for entry in live:
+                request, tokens, _ = entry
+                try:
+                    self.drafter.commit(request.request_id, len(request.context) - 1 - len(tokens))
+                    self._drafter_observe([entry], hidden)
+                except Exception as exc:
+                    self._fail(request, f"drafter update: {exc}")
         self.stats.draft_seconds += time.perf_counter() - started
+
+    def _drafter_observe(self, entries: list[tuple[_Request, list[int], int]], hidden: dict[int, torch.Tensor]) -> None:
+        rows = torch.cat([torch.arange(first, first + len(tokens)) for _, tokens, first in entries])
+        self.drafter.observe([r.request_id for r, _, _ in entries], [tokens for _, tokens, _ in entries],
+                             {layer: h.index_select(0, rows.to(h.device)) for layer, h in hidden.items()})
 
     @staticmethod
     def _verify(request: _Request, draft: Draft, logits: torch.Tensor) -> VerifyResult:
@@ -448,31 +554,39 @@ class Engine:
         self.drafter.commit(request.request_id, committed)
 
     def _append_tokens(self, request: _Request, tokens: list[int]) -> None:
-        """Streams accepted tokens to the client and finishes the request when it is done."""
+        """Streams accepted tokens to the client, one at a time through the rule that ends a generation,
+        so a block of accepted tokens ends exactly where one-token steps would."""
         reason = None
         emitted: list[int] = []
+        text = ""
         for token in tokens:
             if token in self.eos_token_ids:
                 reason = "stop"
                 break
             emitted.append(token)
             request.output_ids.append(token)
-            if len(request.output_ids) >= request.params.max_tokens:
-                reason = "length"
+            text += request.stop.feed(request.detokenizer.push([token]))
+            reason = self._end_reason(request)
+            if reason is not None:
                 break
         self.stats.tokens_generated += len(emitted)
-        text = request.stop.feed(request.detokenizer.push(emitted)) if emitted else ""
-        if request.stop.stopped:
-            reason = "stop"
-        elif reason is None and len(request.prompt_ids) + len(request.output_ids) >= self.config.max_context:
-            reason = "length"
-        if reason is not None:
-            if not request.stop.stopped:
-                text += request.stop.feed(request.detokenizer.flush())
-                text += request.stop.flush()
-            self._finish(request, reason, token_ids=emitted, text=text)
+        if reason is None:
+            self._send(request, GenerationChunk(emitted, text))
             return
-        self._send(request, GenerationChunk(emitted, text))
+        if not request.stop.stopped:  # the text held back (an unfinished character) may still complete a stop string
+            text += request.stop.feed(request.detokenizer.flush())
+            if request.stop.stopped:
+                reason = "stop"
+            text += request.stop.flush()
+        self._finish(request, reason, token_ids=emitted, text=text)
+
+    def _end_reason(self, request: _Request) -> str | None:
+        """Whether the request ends after its latest token: a stop string, max_tokens, or a full context."""
+        if request.stop.stopped:
+            return "stop"
+        if len(request.output_ids) >= request.params.max_tokens or len(request.context) >= self.config.max_context:
+            return "length"
+        return None
 
     def _send(self, request: _Request, chunk: GenerationChunk) -> bool:
         chunk.num_prompt_tokens = len(request.prompt_ids)
@@ -505,8 +619,20 @@ class Engine:
         if request.slot is not None:
             self.cache.free(request.slot)
             request.slot = None
-            if self.drafter is not None:
+        if request.in_drafter:
+            request.in_drafter = False
+            try:
                 self.drafter.release(request.request_id)
+            except Exception:  # the request ends either way; its drafter state is what failed
+                log.exception("request %d: drafter release failed", request.request_id)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if notify:
             self._send(request, GenerationChunk(token_ids or [], text, finish_reason=reason, error=error))
+
+    def _fail(self, request: _Request, message: str) -> None:
+        """Ends one request with an error; the others go on."""
+        self._finish(request, "error", error=f"internal error: {message}")
+
+    def _fail_all(self, requests: list[_Request], message: str) -> None:
+        for request in list(requests):
+            self._finish(request, "error", error=message)

@@ -16,20 +16,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadReading:
-    pending_requests: int       # sum of nv_inference_pending_request_count over the models
+    pending_requests: int       # nv_inference_pending_request_count of the one model
     queue_seconds_total: float  # cumulative nv_inference_queue_duration_us, in seconds
     cpu_utilization: float      # nv_cpu_utilization, 0..1 (-1 when not reported)
 
 
-def parse_metrics(text: str, models: tuple[str, ...] | None = None) -> LoadReading:
-    """Pulls the load figures out of Prometheus text; `models` limits the per-model sums."""
+def parse_metrics(text: str, model: str) -> LoadReading:
+    """Pulls one model's load figures out of Prometheus text. Only that model's: a request through the
+    ensemble is pending in the ensemble and in the model it calls, and must count once."""
     pending, queue_us, cpu = 0.0, 0.0, -1.0
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         name_labels, _, value = line.rpartition(" ")
         name, _, labels = name_labels.partition("{")
-        if models is not None and labels and not any(f'model="{m}"' in labels for m in models):
+        if labels and f'model="{model}"' not in labels:
             continue
         if name == "nv_inference_pending_request_count":
             pending += float(value)
@@ -41,14 +42,13 @@ def parse_metrics(text: str, models: tuple[str, ...] | None = None) -> LoadReadi
 
 
 class LoadMonitor:
-    """Polls `url` every `period_s` and hands each reading to `on_reading`."""
+    """Polls `url` every `period_s` and hands each reading of `model`'s load to `on_reading`."""
 
-    def __init__(self, url: str, on_reading: Callable[[LoadReading], None], period_s: float = 0.5,
-                 models: tuple[str, ...] | None = None) -> None:
+    def __init__(self, url: str, model: str, on_reading: Callable[[LoadReading], None], period_s: float = 0.5) -> None:
         self.url = url
+        self.model = model
         self.on_reading = on_reading
         self.period_s = period_s
-        self.models = models
         self.last: LoadReading | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dspark-load-monitor", daemon=True)
@@ -59,7 +59,7 @@ class LoadMonitor:
 
     def read(self) -> LoadReading:
         with urllib.request.urlopen(self.url, timeout=2) as response:
-            return parse_metrics(response.read().decode(), self.models)
+            return parse_metrics(response.read().decode(), self.model)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):

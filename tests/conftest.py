@@ -74,7 +74,7 @@ def triton(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         metrics_port=_free_port(),
         log_file=tmp_path_factory.mktemp("triton") / "server.log",
         pid_file=None,
-        extra_env={"DSPARK_MODEL": str(smollm2_dir)},
+        extra_env={"DSPARK_MODEL": str(smollm2_dir), "DSPARK_DTYPE": "float32"},  # token-exact comparisons
     )
     with TritonServer(config) as server:
         yield TritonEndpoints(server.url_http, server.url_grpc, server.url_metrics)

@@ -112,7 +112,8 @@ class FixedDrafter:
         pass
 
     def propose(self, requests):
-        return [Draft(self.tokens[: r.num_tokens], None, self.confidences[: r.num_tokens]) for r in requests]
+        return [Draft(self.tokens[: r.num_tokens], None,
+                      None if self.confidences is None else self.confidences[: r.num_tokens]) for r in requests]
 
 
 def _tiny_model():

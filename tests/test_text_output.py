@@ -66,3 +66,12 @@ def test_partial_stop_prefix_is_released_when_it_turns_out_not_to_be_one():
 def test_earliest_of_several_stop_strings_wins():
     matcher = StopStringMatcher(["\n\n", "."])
     assert matcher.feed("One. Two\n\n") == "One"
+
+
+def test_prompt_ending_inside_a_character_streams_the_decode_of_the_output(tokenizer):
+    rocket = tokenizer.encode("🚀", add_special_tokens=False).ids
+    prompt = tokenizer.encode("Say it: ", add_special_tokens=False).ids + rocket[:1]
+    output = rocket[1:] + tokenizer.encode(" lift-off, then 東京 ✓", add_special_tokens=False).ids
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    streamed = "".join(detok.push([t]) for t in output) + detok.flush()
+    assert streamed == tokenizer.decode(output, skip_special_tokens=True)

@@ -1,6 +1,8 @@
 """End to end through a real Triton server: ensemble (preprocessing -> dspark), gRPC and HTTP."""
 from __future__ import annotations
 
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -215,3 +217,77 @@ def test_speculation_counters_are_exported_as_metrics(triton):
 def test_bad_speculation_parameters_are_refused(triton, params, message):
     with pytest.raises(GenerationError, match=message):
         collect(stream_grpc(triton.grpc, "hi", **params))
+
+
+def _cancelled_total(metrics_url: str) -> float:
+    for line in requests.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith('dspark_finished_requests_total{reason="cancelled"}'):
+            return float(line.split(" ")[1])
+    return 0.0
+
+
+def test_closing_an_http_stream_cancels_the_request(triton):
+    # The README's claim, checked: Triton 2.51 passes an HTTP client's disconnect to a decoupled model.
+    before = _cancelled_total(triton.metrics)
+    with requests.post(f"http://{triton.http}/v2/models/dspark/generate_stream", stream=True, timeout=60,
+                       json={"text_input": PROMPTS[2], "max_tokens": 1000, "stream": True}) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith(b"data:"))
+    deadline = time.monotonic() + 10
+    while _cancelled_total(triton.metrics) <= before:
+        assert time.monotonic() < deadline, "the closed stream's request was not cancelled"
+        time.sleep(0.25)
+
+
+def _start(model_dir: Path, tmp_path: Path, **env):
+    from serving.triton_launcher import ServerConfig, TritonServer
+    from tests.conftest import PROJECT_ROOT, _free_port
+
+    return TritonServer(ServerConfig(PROJECT_ROOT / "model_repository", _free_port(), _free_port(), _free_port(),
+                                     log_file=tmp_path / "server.log", ready_timeout_s=600,
+                                     extra_env={"DSPARK_MODEL": str(model_dir), "DSPARK_DTYPE": "float32", **env}))
+
+
+def test_a_drafter_that_does_not_fit_the_target_stops_the_server_at_start(smollm2_dir, tmp_path):
+    from serving.triton_launcher import TritonLaunchError
+    from tests.conftest import PROJECT_ROOT
+
+    shipped = PROJECT_ROOT / "models" / "checkpoints" / "smollm2-135m-instruct-dspark"
+    bad = tmp_path / "qwen-sized-drafter"
+    bad.mkdir()
+    config = json.loads((shipped / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "vocab_size": 151936, "tap_layers": [1, 12, 40]}))
+    server = _start(smollm2_dir, tmp_path, DSPARK_DRAFTER=f"checkpoint:{bad}")
+    with pytest.raises(TritonLaunchError) as error:
+        server.start()
+    message = (tmp_path / "server.log").read_text() + str(error.value)
+    assert "does not fit target smollm2-135m-instruct" in message
+    assert "vocabulary 151936 != 49152" in message and "tap layers [40] out of range 0..30" in message
+
+
+SPEC_MODES = ["off", "static", "batch_limited", "adaptive", "dspark"]
+SLOW = pytest.mark.skipif(os.environ.get("DSPARK_SLOW_TESTS") != "1", reason="set DSPARK_SLOW_TESTS=1")
+
+
+def _greedy_in_every_mode(grpc_url: str) -> None:
+    for prompt in (PROMPTS[2], CODE_PROMPT):
+        plain = collect(stream_grpc(grpc_url, prompt, max_tokens=24, spec_mode="off"))
+        assert plain.token_ids and plain.finish_reason in ("length", "stop")
+        for mode in SPEC_MODES[1:]:
+            spec = collect(stream_grpc(grpc_url, prompt, max_tokens=24, spec_mode=mode, num_draft_tokens=4))
+            assert (spec.token_ids, spec.text, spec.finish_reason) == (plain.token_ids, plain.text,
+                                                                       plain.finish_reason), mode
+
+
+def test_default_target_answers_greedy_requests_in_every_spec_mode(triton):
+    _greedy_in_every_mode(triton.grpc)
+
+
+@SLOW
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
+def test_every_fetchable_target_serves_with_its_own_default_drafter(name, tmp_path):
+    from export.fetch import fetch_model
+
+    with _start(fetch_model(name), tmp_path) as server:
+        _greedy_in_every_mode(server.url_grpc)

@@ -1,5 +1,6 @@
 """Triton adapter for the generation engine; the loop lives in orchestrator.engine."""
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -8,12 +9,20 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.fetch import cache_dir, model_dir_if_cached
+from export.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
 from export.repository import drafter_checkpoint, drafter_tap_layers
 from export.runners import load_runner
-from models.drafters import load_drafter
-from models.loading import load_transformer
-from orchestrator.drafting import FeatureDrafter, ModelDrafter, PromptLookupDrafter
+from models.drafters import DrafterConfig, load_drafter
+from models.hardware import resolve_dtype
+from models.loading import load_config
+from orchestrator.draft_vocab import cached_draft_vocab
+from orchestrator.drafting import (
+    DrafterMismatchError,
+    FeatureDrafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    check_drafter_fits,
+)
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import SpeculationParams
@@ -23,6 +32,7 @@ from orchestrator.step_cost import load_or_measure, profile_path
 from serving.load_monitor import LoadMonitor
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+log = logging.getLogger("dspark")
 
 
 def _response(token_ids, text, chunk: GenerationChunk):
@@ -95,6 +105,12 @@ class _EngineMetrics:
                 "dspark_draft_tokens_total", "Draft tokens verified, by draft position", counter),
             "accepted": pb_utils.MetricFamily(
                 "dspark_accepted_tokens_total", "Draft tokens accepted, by draft position", counter),
+            "plan_tokens": pb_utils.MetricFamily(
+                "dspark_step_tokens", "Tokens in the last target forward (the active batch N the plan priced)", gauge),
+            "plan_drafts": pb_utils.MetricFamily(
+                "dspark_step_draft_tokens", "Draft tokens the last step verified", gauge),
+            "cost_ratio": pb_utils.MetricFamily(
+                "dspark_step_cost_ratio", "Measured / profiled target step time (online SPS(N) correction)", gauge),
         }
         self.active = self.families["active"].Metric(labels={})
         self.external = self.families["external"].Metric(labels={})
@@ -103,6 +119,9 @@ class _EngineMetrics:
         self.steps = self.families["steps"].Metric(labels={})
         self.finished = {r: self.families["finished"].Metric(labels={"reason": r}) for r in self.REASONS}
         self.rounds = self.families["rounds"].Metric(labels={})
+        self.plan_tokens = self.families["plan_tokens"].Metric(labels={})
+        self.plan_drafts = self.families["plan_drafts"].Metric(labels={})
+        self.cost_ratio = self.families["cost_ratio"].Metric(labels={})
         positions = range(len(engine.stats.speculation.drafted_at))
         self.drafted = [self.families["drafted"].Metric(labels={"position": str(k + 1)}) for k in positions]
         self.accepted = [self.families["accepted"].Metric(labels={"position": str(k + 1)}) for k in positions]
@@ -121,6 +140,10 @@ class _EngineMetrics:
             self.active.set(self.engine.num_active)
             self.external.set(self.engine.external_waiting)
             self.waiting.set(self.engine.num_waiting)
+            self.plan_tokens.set(stats.last_step_tokens)
+            self.plan_drafts.set(stats.last_step_draft_tokens)
+            if self.engine.step_cost is not None:
+                self.cost_ratio.set(self.engine.step_cost.ratio)
             self._add("tokens", self.tokens, stats.tokens_generated)
             self._add("steps", self.steps, stats.steps)
             for reason, metric in self.finished.items():
@@ -136,6 +159,7 @@ class _EngineMetrics:
         self._stop.set()
         self._thread.join()
         del self.active, self.external, self.waiting, self.tokens, self.steps, self.finished, self.rounds, self.drafted, self.accepted
+        del self.plan_tokens, self.plan_drafts, self.cost_ratio
         self.families.clear()
 
 
@@ -146,6 +170,23 @@ def _resolve_model_dir(name: str) -> Path:
     return model_dir
 
 
+def _check_drafter(choice: str, model_dir: Path) -> None:
+    """Refuses, before any weights load, a model or checkpoint drafter that does not fit the target."""
+    if choice.startswith("model:"):
+        drafter = load_config(_resolve_model_dir(choice[len("model:"):]))
+        name = choice
+    elif (checkpoint := drafter_checkpoint(choice)) is not None:
+        drafter = DrafterConfig.from_json((checkpoint / "config.json").read_text())
+        name = f"{choice} (trained for {drafter.target or 'an unnamed target'})"
+    else:
+        return
+    try:
+        check_drafter_fits(name, drafter, model_name(model_dir) or str(model_dir), load_config(model_dir))
+    except DrafterMismatchError as exc:
+        raise pb_utils.TritonModelException(f"{exc}; set the drafter parameter in config.pbtxt (or "
+                                            "DSPARK_DRAFTER) to one trained for this target, or to auto") from exc
+
+
 def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
     """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None)."""
     if choice == "none":
@@ -153,8 +194,10 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
     if choice == "prompt_lookup":
         return PromptLookupDrafter()
     if choice.startswith("model:"):
-        model = load_transformer(_resolve_model_dir(choice[len("model:"):]), getattr(torch, dtype))
-        return ModelDrafter(model, config.max_batch_size, config.max_context)
+        drafter_dir = _resolve_model_dir(choice[len("model:"):])
+        model = load_runner(drafter_dir, "torch", dtype)
+        vocab = cached_draft_vocab(cache_dir(), drafter_dir, model.config.vocab_size, always=model.config.eos_token_ids)
+        return ModelDrafter(model, config.max_batch_size, config.max_context, vocab)
     checkpoint = drafter_checkpoint(choice)
     if checkpoint is not None:
         return FeatureDrafter(load_drafter(checkpoint, target), config.max_batch_size, config.max_context)
@@ -168,6 +211,7 @@ class TritonPythonModel:
         model_dir = _resolve_model_dir(os.environ.get("DSPARK_MODEL") or params["model"])
         threads = int(params["num_threads"]) or os.cpu_count()
         torch.set_num_threads(threads)
+        dtype = resolve_dtype(os.environ.get("DSPARK_DTYPE") or params["dtype"])  # auto: bf16 where the CPU has it
         config = EngineConfig(
             max_batch_size=int(params["max_batch_size"]),
             max_context=int(params["max_context"]),
@@ -180,30 +224,34 @@ class TritonPythonModel:
         # An export made here outputs the hidden states the drafter taps.
         onnx_model = params.get("onnx_model", "")
         drafter_choice = os.environ.get("DSPARK_DRAFTER") or params["drafter"]
+        if drafter_choice == "auto":
+            drafter_choice = default_drafter(model_dir)
+        _check_drafter(drafter_choice, model_dir)
         runner = load_runner(
-            model_dir, params.get("runtime", "torch"), params["dtype"],
+            model_dir, params.get("runtime", "torch"), dtype,
             onnx_path=Path(args["model_repository"]) / args["model_version"] / onnx_model if onnx_model else None,
             tap_layers=drafter_tap_layers(drafter_choice), num_threads=threads, max_batch=config.max_batch_size,
             max_new=config.max_context, max_context=config.max_context,
         )
-        drafter = _make_drafter(drafter_choice, params["dtype"], config, runner)
+        drafter = _make_drafter(drafter_choice, dtype, config, runner)
         runtime = params.get("runtime", "torch")
-        step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, params["dtype"], threads), runner)
+        step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, dtype, threads), runner)
         self.engine = Engine(runner, self.encoder.tokenizer, config, drafter, step_cost)
         self.engine.start()
         self.metrics = _EngineMetrics(self.engine)
         self.load_monitor = None
         if os.environ.get("DSPARK_METRICS_URL"):
             self.load_monitor = LoadMonitor(
-                os.environ["DSPARK_METRICS_URL"],
+                os.environ["DSPARK_METRICS_URL"], args["model_name"],
                 lambda reading: setattr(self.engine, "external_waiting", reading.pending_requests),
             ).start()
 
     def execute(self, requests):
+        """Hands each request to the engine; every request of the batch gets an answer, whatever fails."""
         for request in requests:
             sender = request.get_response_sender()
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 prompt_ids = parse_prompt_ids(inputs) if "input_ids" in inputs else self.encoder.encode_request(inputs)
                 params = parse_sampling_params(inputs)
                 spec = parse_speculation(inputs, self.engine.config.default_spec)
@@ -211,6 +259,9 @@ class TritonPythonModel:
                 self.engine.submit(prompt_ids, params, emit=stream, is_cancelled=sender.is_cancelled, spec=spec)
             except InvalidRequestError as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
+            except Exception as exc:  # not the client's fault, but still this request's only answer
+                log.exception("request failed before reaching the engine")
+                sender.send(_error(f"internal error: {exc}"), flags=FINAL)
         return None
 
     def finalize(self):

@@ -1,0 +1,194 @@
+"""Where a generation ends must not depend on how many tokens a step accepts.
+
+Greedy, fp32, default model. A scripted drafter proposes the target's own continuation (known
+from a plain run) with seeded misses, so accepted blocks of every length land on the boundaries;
+the boundaries themselves (stop strings, max_tokens, max_context, end-of-generation ids from
+either config file) are drawn at random with a fixed seed. Every spec mode and K must give the
+`output_ids`, text, finish reason and counts of spec off, exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from models.loading import load_transformer
+from orchestrator.drafting import Draft, DraftRequest
+from orchestrator.engine import Engine, EngineConfig, GenerationChunk
+from orchestrator.policies import SpeculationParams
+from orchestrator.sampling import SamplingParams
+from orchestrator.step_cost import StepCostProfile
+
+SEED = 20261130
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "def fibonacci(n):",
+    "Explain in a few words what a compiler does, for a child who likes trains, robots and long words.",
+]
+REFERENCE_TOKENS = 24
+FLAT_COST = StepCostProfile((1, 256), (0.05, 0.051))  # verification nearly free: dspark mode verifies long drafts
+
+
+class OracleDrafter:
+    """Proposes the target's greedy continuation, replacing each proposal by a wrong token with
+    probability `miss` (seeded): drafts of known quality at no model cost."""
+
+    name = "oracle"
+    tap_layers: tuple[int, ...] = ()
+
+    def __init__(self, prompts: Sequence[list[int]], continuations: Sequence[list[int]], miss: float = 0.1) -> None:
+        self.known = list(zip(prompts, continuations))
+        self.miss = miss
+        self.rng = random.Random(SEED)
+
+    def admit(self, key: int) -> None:
+        pass
+
+    def release(self, key: int) -> None:
+        pass
+
+    def commit(self, key: int, num_committed: int) -> None:
+        pass
+
+    def observe(self, keys, token_ids, hidden) -> None:
+        pass
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        return [Draft(self._continue(r.context)[: r.num_tokens]) for r in requests]
+
+    def _continue(self, context: list[int]) -> list[int]:
+        for prompt, continuation in self.known:
+            if context[: len(prompt)] == prompt:
+                done = len(context) - len(prompt)
+                return [t if self.rng.random() > self.miss else (t + 1) % 49152 for t in continuation[done:]]
+        raise AssertionError("a context the oracle does not know")
+
+
+@dataclass
+class Outcome:
+    ids: list[int]
+    text: str
+    finish: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+def generate(model, tokenizer, prompts, params, spec, drafter=None, max_context=512, slots=8) -> list[Outcome]:
+    """All requests through one engine; more requests than slots, so some join mid-generation."""
+    engine = Engine(model, tokenizer, EngineConfig(slots, max_context, 256, spec_batch_limit=6), drafter, FLAT_COST)
+    chunks: list[list[GenerationChunk]] = [[] for _ in prompts]
+    for prompt, p, out in zip(prompts, params, chunks):
+        engine.submit(prompt, p, out.append, spec=spec)
+    while engine.step():
+        pass
+    assert engine.cache.num_free() == slots
+    return [Outcome([t for c in out for t in c.token_ids], "".join(c.text for c in out), out[-1].finish_reason,
+                    out[-1].num_prompt_tokens, out[-1].num_output_tokens) for out in chunks]
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_encoder):
+    return [smollm2_encoder.encode(p, True) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_fp32, smollm2_encoder, prompts):
+    """Each prompt's greedy continuation and its text, from plain decoding."""
+    outcomes = generate(smollm2_fp32, smollm2_encoder.tokenizer, prompts,
+                        [SamplingParams(max_tokens=REFERENCE_TOKENS)] * len(prompts), SpeculationParams("off"))
+    return [o.ids for o in outcomes], [o.text for o in outcomes]
+
+
+@pytest.fixture(scope="module")
+def eos_model(smollm2_dir, tmp_path_factory, prompts, reference):
+    """The default model from a directory whose config.json and generation_config.json each add an
+    end-of-generation id (as Llama-3 instruct lists <|eot_id|> only in the latter): tokens that occur
+    once in the reference outputs, at seeded random positions."""
+    ids, _ = reference
+    counts = Counter(t for out in ids for t in out)
+    once = [t for prompt, out in zip(prompts, ids) if len(prompt) < max(map(len, prompts))  # not cut by max_context
+            for t in out if counts[t] == 1]
+    drawn = random.Random(SEED + 1).sample(once, 2)
+    directory = tmp_path_factory.mktemp("eos-model")
+    for item in smollm2_dir.iterdir():
+        if item.is_file() and item.name not in ("config.json", "generation_config.json"):
+            (directory / item.name).symlink_to(item)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], drawn[0]]
+    (directory / "config.json").write_text(json.dumps(config))
+    generation = json.loads((smollm2_dir / "generation_config.json").read_text())
+    generation["eos_token_id"] = list(generation["eos_token_id"]) + drawn[1:]
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    model = load_transformer(directory, torch.float32)
+    assert set(drawn) <= set(model.config.eos_token_ids)
+    return model
+
+
+def boundary_cases(reference) -> list[SamplingParams]:
+    """Per prompt: a short stop string (often inside one token), a long one (spanning tokens and
+    steps), a max_tokens, and none (the context limit or an end-of-generation id ends it); all at
+    seeded random positions of the reference."""
+    rng = random.Random(SEED)
+    ids, texts = reference
+    cases = []
+    for out, text in zip(ids, texts):
+        for length in (rng.randint(1, 2), rng.randint(4, 10)):
+            start = rng.randrange(max(len(text) - length, 1))
+            cases.append(SamplingParams(max_tokens=REFERENCE_TOKENS, stop=(text[start:start + length],)))
+        cases.append(SamplingParams(max_tokens=rng.randint(1, len(out))))
+        cases.append(SamplingParams(max_tokens=REFERENCE_TOKENS))
+    return cases
+
+
+# Every mode at K=3, and static at 1 and 7, in the fast suite; the other lengths are slow (DSPARK_SLOW_TESTS=1).
+SLOW = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("DSPARK_SLOW_TESTS") != "1", reason="set DSPARK_SLOW_TESTS=1")]
+SPECS = [
+    pytest.param(SpeculationParams(mode, k), id=f"{mode}-{k}", marks=[] if k == 3 or mode == "static" else SLOW)
+    for mode in ("static", "batch_limited", "adaptive", "dspark") for k in (1, 3, 7)
+]
+
+
+@pytest.fixture(scope="module")
+def boundary_run(eos_model, smollm2_encoder, prompts, reference):
+    """All boundary cases in one engine whose context ends, for the longest prompt, at a seeded
+    random point of its reference, and whose model has the extra end-of-generation ids."""
+    cases = boundary_cases(reference)
+    case_prompts = [p for p in prompts for _ in range(len(cases) // len(prompts))]
+    longest = max(len(p) for p in prompts)
+    max_context = longest + random.Random(SEED + 2).randint(1, REFERENCE_TOKENS - 1)
+
+    def run(spec: SpeculationParams) -> list[Outcome]:
+        drafter = None if spec.mode == "off" else OracleDrafter(prompts, reference[0])
+        return generate(eos_model, smollm2_encoder.tokenizer, case_prompts, cases, spec, drafter, max_context)
+
+    run.max_context = max_context
+    return run
+
+
+@pytest.fixture(scope="module")
+def plain(boundary_run, reference):
+    """Spec off: the truth. The seeded draws must reach every kind of end, so check that they do."""
+    cases = boundary_cases(reference)
+    outcomes = boundary_run(SpeculationParams("off"))
+    ends = set()
+    for case, o in zip(cases, outcomes):
+        if o.finish == "stop":
+            ends.add("stop string" if case.stop and case.stop[0] not in o.text else "end-of-generation id")
+        elif o.num_prompt_tokens + o.num_output_tokens == boundary_run.max_context:
+            ends.add("max_context")
+        elif o.num_output_tokens == case.max_tokens < REFERENCE_TOKENS:
+            ends.add("max_tokens")
+    assert ends == {"stop string", "end-of-generation id", "max_context", "max_tokens"}
+    return outcomes
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_boundary_ends_where_plain_decoding_ends(boundary_run, plain, spec):
+    for i, (got, want) in enumerate(zip(boundary_run(spec), plain)):
+        assert got == want, f"case {i}"

@@ -1,0 +1,132 @@
+"""The serving layer's guards without a server: load reading, drafter fit, and the Triton adapter's execute."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.drafters import DrafterConfig
+from models.loading import load_config
+from orchestrator.drafting import DrafterMismatchError, check_drafter_fits
+from orchestrator.engine import Engine, EngineConfig
+from serving.load_monitor import parse_metrics
+from tests.conftest import PROJECT_ROOT
+
+METRICS = """# HELP nv_inference_pending_request_count Instantaneous number of pending requests
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="ensemble",version="1"} 3
+nv_inference_pending_request_count{model="preprocessing",version="1"} 0
+nv_inference_pending_request_count{model="dspark",version="1"} 3
+nv_inference_queue_duration_us{model="ensemble",version="1"} 9000000
+nv_inference_queue_duration_us{model="dspark",version="1"} 2000000
+nv_cpu_utilization 0.5
+"""
+
+
+def test_load_reading_counts_the_engine_model_only():
+    # Three requests through the ensemble are pending in the ensemble and in dspark: they are three, not six.
+    reading = parse_metrics(METRICS, "dspark")
+    assert reading.pending_requests == 3
+    assert reading.queue_seconds_total == 2.0
+    assert reading.cpu_utilization == 0.5
+
+
+def test_drafter_that_does_not_fit_the_target_is_named_with_it(smollm2_dir):
+    target = load_config(smollm2_dir)
+    shipped = DrafterConfig.from_json(
+        (PROJECT_ROOT / "models" / "checkpoints" / "smollm2-135m-instruct-dspark" / "config.json").read_text())
+    check_drafter_fits("shipped", shipped, "smollm2", target)
+    qwen_like = DrafterConfig(**{**shipped.__dict__, "vocab_size": 151936, "hidden_size": 896,
+                                 "tap_layers": (1, 15, 31)})
+    with pytest.raises(DrafterMismatchError) as error:
+        check_drafter_fits("checkpoint:qwen-drafter", qwen_like, "smollm2-135m-instruct", target)
+    message = str(error.value)
+    for part in ("checkpoint:qwen-drafter", "smollm2-135m-instruct", "vocabulary 151936 != 49152",
+                 "hidden size 896 != 576", "tap layers [31] out of range 0..30"):
+        assert part in message, part
+    small_lm = type(target)(**{**target.__dict__, "vocab_size": 32000})
+    with pytest.raises(DrafterMismatchError, match="vocabulary 32000 != 49152"):
+        check_drafter_fits("model:other", small_lm, "smollm2-135m-instruct", target)
+
+
+# --- model.py's execute, with triton_python_backend_utils stubbed (the only Triton import) ----------
+
+class _Sender:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+
+    def is_cancelled(self):
+        return False
+
+
+class _Tensor:
+    def __init__(self, name, value):
+        self._name, self._value = name, value
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._value
+
+
+class _Request:
+    def __init__(self, inputs):
+        self._inputs = inputs
+        self.sender = _Sender()
+
+    def get_response_sender(self):
+        return self.sender
+
+    def inputs(self):
+        if self._inputs is None:
+            raise RuntimeError("shared memory region vanished")
+        return [_Tensor(k, v) for k, v in self._inputs.items()]
+
+
+@pytest.fixture
+def model_module(monkeypatch):
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class TritonError(Exception):
+        CANCELLED = "cancelled"
+
+        def __init__(self, message, code=None):
+            super().__init__(message)
+            self.message = message
+
+    stub.TritonError = TritonError
+    stub.InferenceResponse = lambda output_tensors=None, error=None: types.SimpleNamespace(
+        output_tensors=output_tensors, error=error)
+    stub.Tensor = _Tensor
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    path = Path(PROJECT_ROOT / "model_repository" / "dspark" / "1" / "model.py")
+    spec = importlib.util.spec_from_file_location("dspark_model_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_execute_answers_every_request_of_a_batch_whatever_fails(model_module, smollm2_fp32, smollm2_encoder):
+    model = model_module.TritonPythonModel()
+    model.encoder = smollm2_encoder
+    model.engine = Engine(smollm2_fp32, smollm2_encoder.tokenizer, EngineConfig(2, 64, 8))
+    good = {"input_ids": np.array([1, 2, 3], dtype=np.int32), "max_tokens": np.array([2], dtype=np.int32)}
+    requests = [_Request(good), _Request(None), _Request({"input_ids": np.array([1.5])}), _Request(good)]
+    model.execute(requests)
+    while model.engine.step():
+        pass
+    for request in requests:
+        finals = [r for r, flags in request.sender.sent if flags == 1]
+        assert len(finals) == 1, "each request gets exactly one final response"
+    assert "internal error" in requests[1].sender.sent[0][0].error.message
+    assert "input_ids" in requests[2].sender.sent[0][0].error.message
+    assert requests[0].sender.sent[-1][0].error is None and requests[3].sender.sent[-1][0].error is None
