@@ -55,7 +55,7 @@ def simulate(target: Transformer, drafter, prompts: list[list[int]], temperature
     active = list(range(B))
     while active:
         anc = anchors[active]
-        blk = drafter.draft(state, active, anc, block, sample_fn)
+        blk = drafter.draft(state, active, anc, block, sample_fn, greedy=temperature == 0)
         ver_ids = torch.cat([anc.unsqueeze(1), blk.tokens], 1)
         n_act = len(active)
         out = target(ver_ids.flatten(), active, [block + 1] * n_act, cache, tap_layers=taps)

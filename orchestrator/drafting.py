@@ -201,7 +201,7 @@ class FeatureDrafter:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((min(r.num_tokens, self.block_size), r.params), []).append(i)
-        for (k, _), members in groups.items():
+        for (k, params), members in groups.items():
             group = [requests[i] for i in members]
             block = self.module.draft(
                 self.state,
@@ -209,6 +209,7 @@ class FeatureDrafter:
                 torch.tensor([r.context[-1] for r in group], dtype=torch.long),
                 k,
                 _row_sampler(group),
+                greedy=params.greedy,  # picks the confidence calibration of the request's regime
             )
             for row, i in enumerate(members):
                 drafts[i] = Draft(
