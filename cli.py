@@ -446,13 +446,15 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(0.0, 1.0), show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/acceptance"), show_default=True)
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+@click.option("--prompt-lookup", "lookup_ks", default="2,4,7", show_default=True,
+              help="Draft lengths K to try for prompt lookup at T=0 (its best K is reported; empty: skip).")
 def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_domain: int, new_tokens: int, block: int,
-                     temperatures: tuple[float, ...], out_dir: Path, threads: int | None) -> None:
+                     temperatures: tuple[float, ...], out_dir: Path, threads: int | None, lookup_ks: str) -> None:
     """Mean tokens accepted per round (incl. bonus) and per-position acceptance, per drafter, domain and T,
     on held-out prompts (sources' heldout split: never trained or calibrated on)."""
     import torch
 
-    from benchmarks.acceptance import simulate, write_outputs
+    from benchmarks.acceptance import simulate, simulate_prompt_lookup, write_outputs
     from export.fetch import fetch_model
     from models.drafters import load_drafter
     from models.loading import load_transformer
@@ -464,16 +466,26 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
     model_dir = fetch_model(target)
     model = load_transformer(model_dir)
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
+    domains = {domain: [encoder.encode(p.text, True) for p in domain_prompts("heldout", domain, prompts_per_domain, seed=1)]
+               for domain in ("code", "chat", "math")}
     results: dict = {}
     for path in drafter_dirs:
         drafter = load_drafter(path, model)
-        for domain in ("code", "chat", "math"):
-            prompts = [encoder.encode(p.text, True) for p in domain_prompts("heldout", domain, prompts_per_domain, seed=1)]
+        name = drafter.config.kind if drafter.config.kind not in results else f"{drafter.config.kind}:{path.name}"
+        for domain, prompts in domains.items():
             for temp in temperatures:
                 r = simulate(model, drafter, prompts, temp, block, new_tokens)
                 r.pop("outputs")
-                results.setdefault(drafter.config.kind, {})[f"{domain} T={temp:g}"] = r
-                click.echo(f"{drafter.config.kind} {domain} T={temp:g}: {r['tokens_per_round']:.2f} tokens/round", err=True)
+                results.setdefault(name, {})[f"{domain} T={temp:g}"] = r
+                click.echo(f"{name} {domain} T={temp:g}: {r['tokens_per_round']:.2f} tokens/round", err=True)
+    for domain, prompts in domains.items():
+        by_k = {k: simulate_prompt_lookup(model, prompts, k, new_tokens)["tokens_per_round"]
+                for k in (int(x) for x in lookup_ks.split(",") if x)}
+        if by_k:
+            best = max(by_k, key=by_k.get)
+            results.setdefault("prompt_lookup", {})[f"{domain} T=0"] = {"tokens_per_round": by_k[best], "best_k": best,
+                                                                         "by_k": by_k}
+            click.echo(f"prompt lookup {domain} T=0: {by_k}", err=True)
     click.echo(write_outputs(results, out_dir))
 
 

@@ -212,3 +212,12 @@ def test_confidences_use_the_calibration_of_the_request_regime(target, tmp_path)
     state_dict["confidence_temperature"] = torch.full((d.config.block_size,), 2.0)
     save_file(state_dict, str(tmp_path / "model.safetensors"))
     assert (load_drafter(tmp_path, target).confidence_temperature == 2.0).all()
+
+
+def test_prompt_lookup_simulation_is_lossless(target) -> None:
+    from benchmarks.acceptance import simulate_prompt_lookup
+
+    prompt = [3, 4, 5, 6, 3, 4, 5]
+    reference = simulate(target, drafter_for("dspark", target), [prompt], 0.0, 4, 16)["outputs"][0]
+    result = simulate_prompt_lookup(target, [prompt, [7, 8, 9]], 3, 16)
+    assert result["outputs"][0][:16] == reference[:16] and result["tokens_per_round"] >= 1.0
