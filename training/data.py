@@ -91,21 +91,33 @@ def generate_with_features(target: Transformer, prompts: list[list[int]], tap_la
     return out
 
 
+def _shards(directory: Path, count: int, batch_size: int) -> tuple[list[list[int]], list[Path]]:
+    """Prompt indices of each shard (a fixed shuffle) and the shard files."""
+    order = list(range(count))
+    random.Random(0).shuffle(order)
+    shards = [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    return shards, [Path(directory) / f"shard-{i:05d}.pt" for i in range(len(shards))]
+
+
+def generated_prompts(directory: Path, prompts: list[Prompt], batch_size: int = 128) -> list[Prompt]:
+    """The prompts whose answers are on disk."""
+    shards, paths = _shards(directory, len(prompts), batch_size)
+    return [prompts[j] for shard, path in zip(shards, paths) if path.exists() for j in shard]
+
+
 def build_dataset(directory: Path, target: Transformer | None, encode: Callable[[str], list[int]] | None,
                   prompts: list[Prompt], tap_layers: tuple[int, ...], max_new_tokens: int, batch_size: int = 128,
-                  progress: bool = True) -> list[Sequence]:
-    """The dataset in ``directory`` (one torch file per batch of prompts), generating missing shards.
+                  progress: bool = True, generate: bool = True) -> list[Sequence]:
+    """The dataset in ``directory`` (one torch file per batch of prompts), generating missing shards
+    (or, with ``generate`` False, just the shards already there).
 
     Prompts are shuffled with a fixed seed first, so any finished prefix of shards is a fair
-    sample of the whole mix. ``target`` and ``encode`` may be None when every shard exists.
+    sample of the whole mix. ``target`` and ``encode`` may be None when no shard is generated.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    order = list(range(len(prompts)))
-    random.Random(0).shuffle(order)
-    shards = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    paths = [directory / f"shard-{i:05d}.pt" for i in range(len(shards))]
-    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    shards, paths = _shards(directory, len(prompts), batch_size)
+    missing = [i for i, p in enumerate(paths) if not p.exists()] if generate else []
     (directory / "prompts.json").write_text(json.dumps([p.__dict__ for p in prompts]) + "\n")
     bar = tqdm(total=len(prompts), initial=len(prompts) - sum(len(shards[i]) for i in missing),
                desc="target answers", disable=not progress or not missing)
@@ -119,4 +131,4 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
         tmp.replace(paths[i])
         bar.update(len(shards[i]))
     bar.close()
-    return [Sequence(**d) for p in paths for d in torch.load(p)]
+    return [Sequence(**d) for p in paths if p.exists() for d in torch.load(p)]

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from export.fetch import cache_dir, fetch_model
-from models.drafters import DrafterConfig, default_config, load_drafter, save_drafter
+from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
-from training.data import Sequence, build_dataset
+from training.data import Sequence, build_dataset, generated_prompts
 from training.sources import Prompt, build_prompts
-from training.train import TrainConfig, calibrate_confidence, train_drafter
+from training.train import STATE_FILE, TrainConfig, calibrate_confidence, train_drafter
 from training.vocab import coverage, draft_vocabulary
 
 DATA_VERSION = 3  # bump when what a shard holds changes
@@ -22,15 +22,23 @@ DATA_VERSION = 3  # bump when what a shard holds changes
 GENERATION_DTYPE = torch.bfloat16
 
 
-def dataset(target_name: str, split: str, per_source: dict[str, int], tap_layers: tuple[int, ...],
-            max_new_tokens: int, progress: bool = True) -> list[Sequence]:
-    """Target-answered sequences of a split, cached (and resumed) under the cache dir by everything that shapes them."""
-    model_dir = fetch_model(target_name)
+def data_dir(target_name: str, split: str, per_source: dict[str, int], tap_layers: tuple[int, ...],
+             max_new_tokens: int) -> Path:
+    """Where a split's shards live: named by everything that shapes them."""
     key = json.dumps([DATA_VERSION, target_name, split, sorted(per_source.items()), list(tap_layers), max_new_tokens])
-    directory = cache_dir() / "drafter-data" / target_name / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return cache_dir() / "drafter-data" / target_name / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def dataset(target_name: str, split: str, per_source: dict[str, int], tap_layers: tuple[int, ...],
+            max_new_tokens: int, progress: bool = True, generate: bool = True) -> list[Sequence]:
+    """Target-answered sequences of a split, cached (and resumed) under the cache dir by everything
+    that shapes them; ``generate`` False takes the shards generated so far."""
+    model_dir = fetch_model(target_name)
+    directory = data_dir(target_name, split, per_source, tap_layers, max_new_tokens)
     prompts = build_prompts(split, per_source)
-    if (directory / "complete").exists():
-        return build_dataset(directory, None, None, prompts, tap_layers, max_new_tokens, progress=progress)
+    if (directory / "complete").exists() or not generate:
+        return build_dataset(directory, None, None, prompts, tap_layers, max_new_tokens, progress=progress,
+                             generate=False)
     target = load_transformer(model_dir, GENERATION_DTYPE)
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
     seqs = build_dataset(directory, target, lambda text: encoder.encode(text, True), prompts, tap_layers,
@@ -50,21 +58,27 @@ def source_counts(prompts: list[Prompt]) -> dict[str, int]:
 def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_prompts: dict[str, int],
                  calib_prompts: dict[str, int], max_new_tokens: int, export_dtype: torch.dtype | None = None,
                  draft_vocab_size: int = 0, num_layers: int = 2, intermediate_size: int = 1024,
-                 markov_rank: int = 32, block_size: int = 7) -> dict:
+                 markov_rank: int = 32, block_size: int = 7, generate: bool = True) -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
     ``draft_vocab_size`` most frequent answer tokens (0 = the full vocabulary); DSpark also gets its
-    confidences calibrated (STS, per regime). The calib split gives the held-out figures."""
+    confidences calibrated (STS, per regime). The calib split gives the held-out figures. With
+    ``generate`` False the training split is the shards generated so far; a resumed run keeps the
+    draft vocabulary it started with."""
     target = load_transformer(fetch_model(target_name))
     config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                             intermediate_size=intermediate_size, markov_rank=markov_rank,
                             draft_vocab_size=draft_vocab_size)
-    train = dataset(target_name, "train", train_prompts, config.tap_layers, max_new_tokens)
+    train = dataset(target_name, "train", train_prompts, config.tap_layers, max_new_tokens, generate=generate)
     calib = dataset(target_name, "calib", calib_prompts, config.tap_layers, max_new_tokens)
-    vocab = draft_vocabulary(train, config.vocab_size, draft_vocab_size) if draft_vocab_size else None
+    vocab = None
+    if draft_vocab_size:
+        started = out_dir / STATE_FILE
+        vocab = (load_file(str(out_dir / DRAFT_VOCAB_FILE))["token_ids"] if started.exists()
+                 else draft_vocabulary(train, config.vocab_size, draft_vocab_size))
     result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib)
     drafter = result.pop("drafter")
-    result["data"] = {"train": data_summary(train_prompts, train, "train"),
-                      "calib": data_summary(calib_prompts, calib, "calib")}
+    result["data"] = {"train": data_summary(target_name, "train", train_prompts, config.tap_layers, max_new_tokens, train),
+                      "calib": data_summary(target_name, "calib", calib_prompts, config.tap_layers, max_new_tokens, calib)}
     if vocab is not None:
         result["draft_vocab"] = {"size": int(vocab.numel()), "calib_coverage": coverage(vocab, calib, config.vocab_size)}
     if config.confidence:
@@ -74,9 +88,12 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     return result
 
 
-def data_summary(per_source: dict[str, int], seqs: list[Sequence], split: str) -> dict:
-    """Prompts per source, sequences and answer tokens of a split."""
-    return {"prompts_per_source": source_counts(build_prompts(split, per_source)), "sequences": len(seqs),
+def data_summary(target_name: str, split: str, per_source: dict[str, int], tap_layers: tuple[int, ...],
+                 max_new_tokens: int, seqs: list[Sequence]) -> dict:
+    """Prompts per source (of the shards used), sequences and answer tokens of a split."""
+    used = generated_prompts(data_dir(target_name, split, per_source, tap_layers, max_new_tokens),
+                             build_prompts(split, per_source))
+    return {"prompts_per_source": source_counts(used), "sequences": len(seqs),
             "answer_tokens": sum(len(s.tokens) - s.prompt_len for s in seqs)}
 
 

