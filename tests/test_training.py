@@ -10,7 +10,15 @@ from training.calibration import cumulative_survival, expected_calibration_error
 from training.data import Sequence, generate_with_features
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import build_prompts, split_of
-from training.train import STATE_FILE, TrainConfig, heldout_batches, evaluate, learning_rate, train_drafter
+from training.train import (
+    STATE_FILE,
+    TrainConfig,
+    calibrate_confidence,
+    evaluate,
+    heldout_batches,
+    learning_rate,
+    train_drafter,
+)
 from training.vocab import coverage, draft_vocabulary
 from tests.test_drafters import tiny_target
 
@@ -95,6 +103,19 @@ def test_training_raises_heldout_acceptance_and_resume_continues_the_same_run(tm
     saved = torch.load(tmp_path / "d" / STATE_FILE, weights_only=False)
     assert saved["elapsed"] > 0 and [h["step"] for h in saved["history"]] == list(range(1, 31))
     assert load_drafter(tmp_path / "d", target).config == config
+
+
+def test_calibration_stores_one_set_of_temperatures_per_regime(tmp_path) -> None:
+    target = tiny_target()
+    config = default_config("dspark", target, intermediate_size=48, markov_rank=8, draft_vocab_size=48)
+    train, heldout = _tiny_data(target, config.tap_layers, 8, 0), _tiny_data(target, config.tap_layers, 8, 1)
+    cfg = TrainConfig(steps=5, batch_size=4, anchors=6, max_len=64)
+    drafter = train_drafter(target, config, train, tmp_path, cfg, draft_vocab=torch.arange(2, 50), progress=False)["drafter"]
+    result = calibrate_confidence(drafter, heldout, tmp_path, cfg)
+    for row, regime in enumerate(("greedy", "sampled")):
+        assert result[regime]["ece_after"] <= result[regime]["ece_before"] + 1e-6
+        torch.testing.assert_close(drafter.confidence_temperature[row], torch.tensor(result[regime]["temperatures"]))
+    assert (tmp_path / "reliability.png").exists() and (tmp_path / "calibration.json").exists()
 
 
 def test_learning_rate_warms_up_then_anneals_by_steps_or_run_time() -> None:
