@@ -14,10 +14,11 @@ import click
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Explain in two sentences why speculative decoding makes LLM inference faster."
-# The shipped drafter's training data and draft vocabulary (cli.py train / draft-vocab defaults).
-TRAIN_PROMPTS = "code=256,chat=64,math=64"
-HELDOUT_PROMPTS = "code=8,chat=4,math=4"
-TRAIN_ANSWER_TOKENS = 96
+# The shipped drafter's training data and draft vocabulary (cli.py train / draft-vocab defaults):
+# prompts per source (training/sources.py; a source gives at most what its split holds).
+TRAIN_PROMPTS = "stdlib=700,humaneval=164,mmlu=242,mmlu_math=40,pydoc=400,chat_tmpl=70,math_tmpl=70"
+CALIB_PROMPTS = "stdlib=40,humaneval=164,mmlu=242,mmlu_math=40,pydoc=24,chat_tmpl=6,math_tmpl=6"
+TRAIN_ANSWER_TOKENS = 256
 DRAFT_VOCAB_SIZE = 8192
 
 
@@ -225,8 +226,8 @@ def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None
     click.echo(f"model repository ({runtime}): {build_repository(out, runtime, model, fetch_model(model), dtype)}")
 
 
-def _domain_counts(spec: str) -> dict[str, int]:
-    """'code=256,chat=64' -> {'code': 256, 'chat': 64}."""
+def _source_counts(spec: str) -> dict[str, int]:
+    """'stdlib=256,pydoc=64' -> {'stdlib': 256, 'pydoc': 64}."""
     return {k: int(v) for k, v in (part.split("=") for part in spec.split(",") if part)}
 
 
@@ -234,14 +235,15 @@ def _domain_counts(spec: str) -> dict[str, int]:
 @click.argument("drafter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--size", default=DRAFT_VOCAB_SIZE, show_default=True, help="Tokens to keep (0 = the full vocabulary).")
 @click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="The data the drafter was trained on.")
-@click.option("--heldout-prompts", default=HELDOUT_PROMPTS, show_default=True, help="For the coverage figure.")
+@click.option("--heldout-prompts", default=CALIB_PROMPTS, show_default=True, help="For the coverage figure.")
 @click.option("--max-new-tokens", default=TRAIN_ANSWER_TOKENS, show_default=True)
 def draft_vocab_command(drafter_dir: Path, size: int, train_prompts: str, heldout_prompts: str,
                         max_new_tokens: int) -> None:
-    """Set a trained drafter's draft vocabulary: the most frequent tokens of the target's answers."""
+    """Set the draft vocabulary of a drafter trained on the full vocabulary: the most frequent tokens of the
+    target's answers."""
     from training.pipeline import add_draft_vocab
 
-    result = add_draft_vocab(drafter_dir, _domain_counts(train_prompts), _domain_counts(heldout_prompts),
+    result = add_draft_vocab(drafter_dir, _source_counts(train_prompts), _source_counts(heldout_prompts),
                              max_new_tokens, size)
     click.echo(json.dumps(result, indent=2))
 
@@ -251,33 +253,51 @@ def draft_vocab_command(drafter_dir: Path, size: int, train_prompts: str, heldou
 @click.option("--target", default=DEFAULT_MODEL, show_default=True)
 @click.option("--steps", type=int, default=None,
               help="Optimizer steps (default: 300, or as many as --max-minutes allows).")
+@click.option("--max-minutes", type=float, default=None,
+              help="Training-time budget of the whole run (resumes included); the cosine ends with it.")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per step.")
-@click.option("--anchors", default=8, show_default=True, help="Random anchor blocks per sequence.")
+@click.option("--anchors", default=48, show_default=True, help="Anchor blocks per sequence, drawn without replacement.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (cosine decay to 0).")
-@click.option("--max-minutes", type=float, default=None, help="Wall-clock budget; stops with a checkpoint.")
-@click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True)
-@click.option("--heldout-prompts", default=HELDOUT_PROMPTS, show_default=True, help="For STS calibration.")
+@click.option("--layers", default=2, show_default=True, help="Drafter layers (EAGLE-3 has one).")
+@click.option("--intermediate-size", default=1024, show_default=True, help="Drafter FFN width.")
+@click.option("--markov-rank", default=32, show_default=True)
+@click.option("--block-size", default=7, show_default=True)
+@click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source.")
+@click.option("--calib-prompts", default=CALIB_PROMPTS, show_default=True,
+              help="Held-out prompts per source: calibration and the run's held-out figures.")
 @click.option("--max-new-tokens", default=TRAIN_ANSWER_TOKENS, show_default=True, help="Length of the target's answers.")
+@click.option("--draft-vocab", default=DRAFT_VOCAB_SIZE, show_default=True,
+              help="Train and draft inside the N most frequent answer tokens (0 = the full vocabulary).")
+@click.option("--eval-every", default=200, show_default=True, help="Steps between held-out figures (0: none).")
+@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda (bf16 autocast).")
+@click.option("--bf16", is_flag=True, help="bf16 autocast on the CPU too (CPUs with AVX512-BF16).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: <cache>/drafters/<target>-<drafter>.")
 @click.option("--export-bf16", is_flag=True, help="Store the final weights in bfloat16 (half the size).")
-@click.option("--draft-vocab", default=DRAFT_VOCAB_SIZE, show_default=True,
-              help="Draft from the N most frequent answer tokens (0 = the full vocabulary).")
-def train(kind: str, target: str, steps: int | None, batch_size: int, anchors: int, lr: float, max_minutes: float | None,
-          train_prompts: str, heldout_prompts: str, max_new_tokens: int, out: Path | None, export_bf16: bool,
-          draft_vocab: int) -> None:
-    """Train a drafter on answers regenerated by the target (resumes from --out when it holds a checkpoint)."""
+@click.option("--no-generate", is_flag=True,
+              help="Train on the answer shards generated so far (a fair sample of the mix) instead of finishing them.")
+def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
+          layers: int, intermediate_size: int, markov_rank: int, block_size: int, train_prompts: str, calib_prompts: str,
+          max_new_tokens: int, draft_vocab: int, eval_every: int, checkpoint_every: int, threads: int | None, device: str,
+          bf16: bool, out: Path | None, export_bf16: bool, no_generate: bool) -> None:
+    """Train a drafter on answers regenerated by the target (resumes from --out when it holds a run)."""
     import torch
 
     from export.fetch import cache_dir
     from training.pipeline import run_training
     from training.train import TrainConfig
 
+    if threads:
+        torch.set_num_threads(threads)
     out = out or cache_dir() / "drafters" / f"{target}-{kind}"
     if steps is None and max_minutes is None:
         steps = TrainConfig.steps
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, anchors=anchors, lr=lr, max_minutes=max_minutes)
-    result = run_training(kind, target, out, cfg, _domain_counts(train_prompts), _domain_counts(heldout_prompts),
-                          max_new_tokens, torch.bfloat16 if export_bf16 else None, draft_vocab)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, anchors=anchors, lr=lr, max_minutes=max_minutes,
+                      eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16)
+    result = run_training(kind, target, out, cfg, _source_counts(train_prompts), _source_counts(calib_prompts),
+                          max_new_tokens, torch.bfloat16 if export_bf16 else None, draft_vocab, layers,
+                          intermediate_size, markov_rank, block_size, generate=not no_generate)
     click.echo(json.dumps(result, indent=2))
     click.echo(f"checkpoint: {out}")
 
@@ -476,29 +496,47 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
 @click.option("--block", default=7, show_default=True)
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(0.0, 1.0), show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/acceptance"), show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+@click.option("--prompt-lookup", "lookup_ks", default="2,4,7", show_default=True,
+              help="Draft lengths K to try for prompt lookup at T=0 (its best K is reported; empty: skip).")
 def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_domain: int, new_tokens: int, block: int,
-                     temperatures: tuple[float, ...], out_dir: Path) -> None:
-    """Mean tokens accepted per round (incl. bonus) and per-position acceptance, per drafter, domain and T."""
-    from benchmarks.acceptance import simulate, write_outputs
+                     temperatures: tuple[float, ...], out_dir: Path, threads: int | None, lookup_ks: str) -> None:
+    """Mean tokens accepted per round (incl. bonus) and per-position acceptance, per drafter, domain and T,
+    on held-out prompts (sources' heldout split: never trained or calibrated on)."""
+    import torch
+
+    from benchmarks.acceptance import simulate, simulate_prompt_lookup, write_outputs
     from export.fetch import fetch_model
     from models.drafters import load_drafter
     from models.loading import load_transformer
     from orchestrator.prompting import PromptEncoder
-    from training.data import build_prompts
+    from training.sources import domain_prompts
 
+    if threads:
+        torch.set_num_threads(threads)
     model_dir = fetch_model(target)
     model = load_transformer(model_dir)
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
+    domains = {domain: [encoder.encode(p.text, True) for p in domain_prompts("heldout", domain, prompts_per_domain, seed=1)]
+               for domain in ("code", "chat", "math")}
     results: dict = {}
     for path in drafter_dirs:
         drafter = load_drafter(path, model)
-        for domain in ("code", "chat", "math"):
-            prompts = [encoder.encode(p.text, True) for p in build_prompts("heldout", {domain: prompts_per_domain}, seed=1)]
+        name = drafter.config.kind if drafter.config.kind not in results else f"{drafter.config.kind}:{path.name}"
+        for domain, prompts in domains.items():
             for temp in temperatures:
                 r = simulate(model, drafter, prompts, temp, block, new_tokens)
                 r.pop("outputs")
-                results.setdefault(drafter.config.kind, {})[f"{domain} T={temp:g}"] = r
-                click.echo(f"{drafter.config.kind} {domain} T={temp:g}: {r['tokens_per_round']:.2f} tokens/round", err=True)
+                results.setdefault(name, {})[f"{domain} T={temp:g}"] = r
+                click.echo(f"{name} {domain} T={temp:g}: {r['tokens_per_round']:.2f} tokens/round", err=True)
+    for domain, prompts in domains.items():
+        by_k = {k: simulate_prompt_lookup(model, prompts, k, new_tokens)["tokens_per_round"]
+                for k in (int(x) for x in lookup_ks.split(",") if x)}
+        if by_k:
+            best = max(by_k, key=by_k.get)
+            results.setdefault("prompt_lookup", {})[f"{domain} T=0"] = {"tokens_per_round": by_k[best], "best_k": best,
+                                                                         "by_k": by_k}
+            click.echo(f"prompt lookup {domain} T=0: {by_k}", err=True)
     click.echo(write_outputs(results, out_dir))
 
 

@@ -15,6 +15,7 @@ import torch
 
 from models.drafters import greedy_sample
 from models.transformer import Transformer
+from orchestrator.prompt_lookup import propose_ngram_draft
 from orchestrator.verification import verify_sampling_batched
 
 
@@ -55,7 +56,7 @@ def simulate(target: Transformer, drafter, prompts: list[list[int]], temperature
     active = list(range(B))
     while active:
         anc = anchors[active]
-        blk = drafter.draft(state, active, anc, block, sample_fn)
+        blk = drafter.draft(state, active, anc, block, sample_fn, greedy=temperature == 0)
         ver_ids = torch.cat([anc.unsqueeze(1), blk.tokens], 1)
         n_act = len(active)
         out = target(ver_ids.flatten(), active, [block + 1] * n_act, cache, tap_layers=taps)
@@ -86,17 +87,50 @@ def simulate(target: Transformer, drafter, prompts: list[list[int]], temperature
             "position_acceptance": (successes / attempts.clamp_min(1)).tolist(), "outputs": outputs}
 
 
+@torch.no_grad()
+def simulate_prompt_lookup(target: Transformer, prompts: list[list[int]], num_tokens: int, new_tokens: int,
+                           max_ngram: int = 3) -> dict:
+    """Greedy rounds with prompt-lookup drafts of up to ``num_tokens`` tokens: tokens per target
+    forward, counting rounds where nothing matched (a plain step) as 1."""
+    B = len(prompts)
+    cache = target.new_cache(B, max(len(p) for p in prompts) + new_tokens + num_tokens + 2)
+    lens = [len(p) for p in prompts]
+    res = target(torch.tensor([t for p in prompts for t in p]), list(range(B)), lens, cache,
+                 logits_indices=target.last_token_indices(lens))
+    outputs = [[int(t)] for t in res.logits.argmax(-1).tolist()]
+    eos = set(target.config.eos_token_ids)
+    emitted: list[int] = []
+    active = [b for b in range(B) if outputs[b][-1] not in eos]
+    while active:
+        drafts = [propose_ngram_draft(prompts[b] + outputs[b], num_tokens, max_ngram) for b in active]
+        feeds = [[outputs[b][-1]] + d for b, d in zip(active, drafts)]
+        out = target(torch.tensor([t for f in feeds for t in f]), active, [len(f) for f in feeds], cache)
+        preds = out.logits.argmax(-1).split([len(f) for f in feeds])
+        still = []
+        for b, draft, pred in zip(active, drafts, preds):
+            pred = pred.tolist()
+            n = next((i for i, t in enumerate(draft) if t != pred[i]), len(draft))
+            cache.truncate(b, int(cache.lengths[b]) - (len(draft) - n))
+            outputs[b].extend(pred[: n + 1])
+            emitted.append(n + 1)
+            if len(outputs[b]) < new_tokens and not eos.intersection(pred[: n + 1]):
+                still.append(b)
+        active = still
+    return {"rounds": len(emitted), "tokens_per_round": sum(emitted) / max(len(emitted), 1), "outputs": outputs}
+
+
 def format_table(results: dict) -> str:
-    """Rows: domain x temperature; columns: tokens per round per drafter, plus DSpark's ratios."""
+    """Rows: domain x temperature; columns: tokens per round per drafter (prompt lookup at its best K,
+    greedy rows only), plus DSpark's ratios."""
     drafters = list(results)
-    keys = list(next(iter(results.values())))
+    keys = list(dict.fromkeys(k for d in drafters for k in results[d]))
     lines = ["| domain / T | " + " | ".join(drafters) + " | dspark/dflash | dspark/eagle3 |",
              "|---" * (len(drafters) + 3) + "|"]
     for key in keys:
-        vals = {d: results[d][key]["tokens_per_round"] for d in drafters}
+        vals = {d: results[d][key]["tokens_per_round"] for d in drafters if key in results[d]}
         ratio = lambda a, b: f"{vals[a] / vals[b]:.2f}x" if a in vals and b in vals else "-"
-        lines.append(f"| {key} | " + " | ".join(f"{vals[d]:.2f}" for d in drafters)
-                     + f" | {ratio('dspark', 'dflash')} | {ratio('dspark', 'eagle3')} |")
+        cells = [f"{vals[d]:.2f}" if d in vals else "-" for d in drafters]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {ratio('dspark', 'dflash')} | {ratio('dspark', 'eagle3')} |")
     return "\n".join(lines)
 
 
@@ -107,8 +141,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drafters = list(results)
-    keys = list(next(iter(results.values())))
+    drafters = [d for d in results if all("position_acceptance" in r for r in results[d].values())]
+    keys = list(results[drafters[0]])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(drafters)
     for i, d in enumerate(drafters):

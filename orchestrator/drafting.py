@@ -246,7 +246,7 @@ class FeatureDrafter:
         for i, r in enumerate(requests):
             warping = (r.params.temperature, r.params.top_p, r.params.top_k)
             groups.setdefault((min(r.num_tokens, self.block_size), warping), []).append(i)
-        for (k, _), members in groups.items():
+        for (k, (temperature, _, _)), members in groups.items():
             group = [requests[i] for i in members]
             block = self.module.draft(
                 self.state,
@@ -254,6 +254,7 @@ class FeatureDrafter:
                 torch.tensor([r.context[-1] for r in group], dtype=torch.long),
                 k,
                 _row_sampler(group),
+                greedy=temperature == 0.0,  # picks the confidence calibration of the request's regime
             )
             for row, i in enumerate(members):
                 drafts[i] = Draft(

@@ -172,3 +172,52 @@ def test_draft_vocabulary_rejects_out_of_range_ids(target) -> None:
     d = drafter_for("dspark", target)
     with pytest.raises(ValueError, match="draft vocabulary"):
         d.set_draft_vocab(torch.tensor([1, 64]))
+
+
+def test_drafter_trained_inside_its_vocabulary_keeps_it(target, tmp_path) -> None:
+    vocab = torch.arange(3, 63, 4)  # 15 tokens
+    torch.manual_seed(1)
+    config = default_config("dspark", target, intermediate_size=48, markov_rank=8, draft_vocab_size=15)
+    d = build_drafter(config, target)
+    with pytest.raises(ValueError, match="exactly"):
+        d.set_draft_vocab(None)
+    d.set_draft_vocab(vocab)
+    assert d.markov_w2.weight.shape == (15, 8)  # the Markov head's output covers the subset only
+    assert d.block_logits(torch.randn(2, 32), torch.tensor([5, 9])).shape == (2, 15)
+    state, cache = d.new_state(1, 64), target.new_cache(1, 64)
+    context(target, d, [[3, 4, 5, 6]], [0], state, cache)
+    blk = d.draft(state, [0], torch.tensor([9]), 4, greedy_sample)
+    assert set(blk.tokens.flatten().tolist()) <= set(vocab.tolist())
+    save_drafter(d, tmp_path)
+    loaded = load_drafter(tmp_path, target)
+    assert torch.equal(loaded.draft_vocab, vocab) and loaded.config.draft_vocab_size == 15
+
+
+def test_confidences_use_the_calibration_of_the_request_regime(target, tmp_path) -> None:
+    d = drafter_for("dspark", target)
+    with torch.no_grad():
+        d.confidence_temperature[0] = 0.5  # greedy
+        d.confidence_temperature[1] = 3.0  # sampled
+    state, cache = d.new_state(1, 64), target.new_cache(1, 64)
+    context(target, d, [[3, 4, 5, 6]], [0], state, cache)
+    greedy = d.draft(state, [0], torch.tensor([9]), 4, greedy_sample, greedy=True).confidences
+    sampled = d.draft(state, [0], torch.tensor([9]), 4, greedy_sample, greedy=False).confidences
+    logit = torch.logit(greedy) * 0.5  # undo the greedy temperature
+    torch.testing.assert_close(sampled, torch.sigmoid(logit / 3.0))
+    # A checkpoint calibrated before regimes had one row of temperatures: it serves both.
+    from safetensors.torch import load_file, save_file
+
+    save_drafter(d, tmp_path)
+    state_dict = load_file(str(tmp_path / "model.safetensors"))
+    state_dict["confidence_temperature"] = torch.full((d.config.block_size,), 2.0)
+    save_file(state_dict, str(tmp_path / "model.safetensors"))
+    assert (load_drafter(tmp_path, target).confidence_temperature == 2.0).all()
+
+
+def test_prompt_lookup_simulation_is_lossless(target) -> None:
+    from benchmarks.acceptance import simulate_prompt_lookup
+
+    prompt = [3, 4, 5, 6, 3, 4, 5]
+    reference = simulate(target, drafter_for("dspark", target), [prompt], 0.0, 4, 16)["outputs"][0]
+    result = simulate_prompt_lookup(target, [prompt, [7, 8, 9]], 3, 16)
+    assert result["outputs"][0][:16] == reference[:16] and result["tokens_per_round"] >= 1.0

@@ -1,132 +1,52 @@
-"""Training and benchmark prompts, answered by the target itself, with its tapped features cached.
+"""Prompts answered by the target itself, with the target's tapped features kept for training.
 
-Prompts come from what every machine here has: functions of the Python standard library
-(explain / complete / document / review them), plus templated chat and arithmetic questions so
-the chat and math domains are not wholly unseen. Files are split by a hash of their path, so the
-held-out benchmark never sees a training file. The target answers with the chat template, and
-the hidden states it produced on the way (the drafter's taps and the final norm, for target
-distributions) are stored in float16 next to the tokens.
+The target answers in large batches with our own batched forward (on this CPU, bf16, one thread:
+411 answer tokens/s at batch 128, against 147 for transformers' batched ``generate`` at batch 64).
+On the way it hands out everything training needs, so no target forward runs while training:
+the fused taps of every fed position (the drafter's context), and for the answer positions the
+final-norm output and the log-partition of the full-vocabulary logits, which make the target's
+probabilities over any draft vocabulary exact (see ``training.losses``).
+
+Generation writes one shard per batch and skips shards already on disk, so an interrupted build
+resumes; greedy answers and a fixed prompt order make a rebuilt shard identical.
 """
 from __future__ import annotations
 
-import ast
-import functools
-import hashlib
+import json
 import random
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from models.transformer import Transformer
-
-CODE_TEMPLATES = (
-    "Explain what this Python function does:\n```python\n{code}\n```",
-    "Write a short docstring for this function:\n```python\n{code}\n```",
-    "Point out one possible bug or edge case in this code:\n```python\n{code}\n```",
-    "Rewrite this function in a more readable way:\n```python\n{code}\n```",
-    "Complete this Python code:\n```python\n{head}",
-)
-CHAT_TOPICS = (
-    "learning a new language", "keeping houseplants alive", "planning a weekend trip", "writing a cover letter",
-    "improving sleep", "starting to run", "saving money", "cooking rice", "time management", "public speaking",
-    "choosing a laptop", "the history of the printing press", "how rainbows form", "why the sky is blue",
-    "the water cycle", "how vaccines work", "volcanoes", "the moon's phases", "photosynthesis", "black holes",
-    "recycling", "remote work", "team meetings", "reading more books", "learning to draw", "caring for a cat",
-)
-CHAT_TEMPLATES = (
-    "Give me three tips about {topic}.", "Explain {topic} to a ten-year-old.", "Write a short paragraph about {topic}.",
-    "What are the pros and cons of {topic}?", "Summarize the key ideas of {topic} in a few sentences.",
-)
-HELD_OUT_TOPICS = ("learning to swim", "how tides work", "organizing a closet", "how airplanes fly", "making tea")
-
-
-@dataclass
-class Prompt:
-    domain: str  # "code" | "chat" | "math"
-    text: str
-
-
-def _held_out(key: str, fraction: float = 0.1) -> bool:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
-@functools.lru_cache(maxsize=4)
-def stdlib_functions(max_chars: int = 700, min_lines: int = 4, max_files: int = 40) -> tuple[tuple[str, str], ...]:
-    """(file key, source) of functions from the standard library's top-level modules (the first
-    ``max_files`` by a hash order: parsing them all takes minutes on a busy 2-core machine)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"), key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())[:max_files]
-    found = []
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        try:
-            text = path.read_text(encoding="utf-8")
-            tree = ast.parse(text)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                src = ast.get_source_segment(text, node)
-                if src and len(src) <= max_chars and src.count("\n") + 1 >= min_lines:
-                    found.append((rel, src))
-    return tuple(found)
-
-
-def _math_prompt(rng: random.Random) -> str:
-    a, b, c = rng.randint(2, 99), rng.randint(2, 40), rng.randint(2, 12)
-    item = rng.choice(["apples", "books", "pencils", "tickets", "boxes", "stamps"])
-    name = rng.choice(["Anna", "Ben", "Chen", "Dana", "Omar", "Lena"])
-    return rng.choice([
-        f"{name} has {a} {item} and buys {b} more, then gives away {c}. How many {item} are left? Explain step by step.",
-        f"What is {a} times {b}, plus {c}? Show your work.",
-        f"A shop sells {item} at {c} dollars each. How much do {b} {item} cost? Answer step by step.",
-        f"Solve for x: {c}x + {b} = {b + c * a}. Explain each step.",
-        f"{name} reads {b} pages a day. How many days to read a {a * b}-page book? Explain.",
-    ])
-
-
-def build_prompts(split: str, num_per_domain: dict[str, int], seed: int = 0) -> list[Prompt]:
-    """Prompts of one split ("train" or "heldout"); held-out code comes from files never trained on."""
-    rng = random.Random(f"{split}-{seed}")
-    want_held = split == "heldout"
-    prompts: list[Prompt] = []
-    funcs = [src for key, src in stdlib_functions() if _held_out(key) == want_held]
-    rng.shuffle(funcs)
-    for src in funcs[: num_per_domain.get("code", 0)]:
-        lines = src.splitlines()
-        template = rng.choice(CODE_TEMPLATES)
-        prompts.append(Prompt("code", template.format(code=src, head="\n".join(lines[: max(2, len(lines) // 2)]))))
-    topics = HELD_OUT_TOPICS if want_held else CHAT_TOPICS
-    for _ in range(num_per_domain.get("chat", 0)):
-        prompts.append(Prompt("chat", rng.choice(CHAT_TEMPLATES).format(topic=rng.choice(topics))))
-    math_rng = random.Random(f"math-{split}-{seed}")
-    for _ in range(num_per_domain.get("math", 0)):
-        prompts.append(Prompt("math", _math_prompt(math_rng)))
-    return prompts
+from training.sources import Prompt
 
 
 @dataclass
 class Sequence:
-    """One prompt + target answer with the target's hidden states at every fed position."""
+    """One prompt + target answer with the target's hidden states."""
 
     tokens: torch.Tensor  # int64 [S]
     prompt_len: int
     features: torch.Tensor  # float16 [S-1, taps * H]: fused taps of positions 0..S-2 (the last token was never fed)
-    final_hidden: torch.Tensor  # float16 [S-1, H]: final-norm output, for the target's next-token distributions
+    final_hidden: torch.Tensor  # float16 [S - prompt_len, H]: final-norm output at positions prompt_len-1..S-2
+    target_lse: torch.Tensor  # float32 [S - prompt_len]: logsumexp of the full target logits at those positions
+
+    def answer_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of final_hidden / target_lse for absolute positions (>= prompt_len - 1)."""
+        return positions - (self.prompt_len - 1)
 
 
 @torch.no_grad()
 def generate_with_features(target: Transformer, prompts: list[list[int]], tap_layers: tuple[int, ...],
-                           max_new_tokens: int, batch_size: int = 16, temperature: float = 0.0,
-                           seed: int = 0, progress: bool = True) -> list[Sequence]:
-    """Batched answers from the target (greedy or sampled), keeping the tapped states of every fed token."""
+                           max_new_tokens: int, batch_size: int = 16, progress: bool = True) -> list[Sequence]:
+    """Greedy batched answers from the target, keeping what training needs of every fed token."""
     final_layer = target.config.num_layers
     taps = tuple(tap_layers) + (final_layer,)
     eos = set(target.config.eos_token_ids)
-    gen = torch.Generator().manual_seed(seed)
     out: list[Sequence] = []
     bar = tqdm(total=len(prompts), desc="target answers", disable=not progress)
     for start in range(0, len(prompts), batch_size):
@@ -136,27 +56,25 @@ def generate_with_features(target: Transformer, prompts: list[list[int]], tap_la
         slots = list(range(B))
         feats: list[list[torch.Tensor]] = [[] for _ in range(B)]
         finals: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        lses: list[list[torch.Tensor]] = [[] for _ in range(B)]
         new_tokens: list[list[int]] = [[] for _ in range(B)]
         num_new = [len(p) for p in batch]
         ids = torch.tensor([t for p in batch for t in p])
-        done = [False] * B
         for _ in range(max_new_tokens):
-            res = target(ids, slots, num_new, cache, logits_indices=target.last_token_indices(num_new), tap_layers=taps)
+            last = target.last_token_indices(num_new)
+            res = target(ids, slots, num_new, cache, logits_indices=last, tap_layers=taps)
             fused = torch.cat([res.hidden_states[t] for t in tap_layers], -1).half()
-            final = res.hidden_states[final_layer].half()
-            for b, chunk in enumerate(torch.split(torch.arange(fused.shape[0]), num_new)):
-                feats[slots[b]].append(fused[chunk])
-                finals[slots[b]].append(final[chunk])
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(res.logits / temperature, -1), 1, generator=gen).squeeze(-1)
-            else:
-                nxt = res.logits.argmax(-1)
+            final = res.hidden_states[final_layer].index_select(0, last).half()
+            lse = torch.logsumexp(res.logits.float(), -1)
+            for row, (b, chunk) in enumerate(zip(slots, torch.split(fused, num_new))):
+                feats[b].append(chunk)
+                finals[b].append(final[row:row + 1])
+                lses[b].append(lse[row:row + 1])
+            nxt = res.logits.argmax(-1)
             keep = []
             for b, tok in zip(slots, nxt.tolist()):
                 new_tokens[b].append(tok)
-                if tok in eos:
-                    done[b] = True
-                else:
+                if tok not in eos:
                     keep.append((b, tok))
             if not keep:
                 break
@@ -164,23 +82,53 @@ def generate_with_features(target: Transformer, prompts: list[list[int]], tap_la
             num_new = [1] * len(slots)
             ids = torch.tensor([t for _, t in keep])
         for b in range(B):
+            n = len(new_tokens[b])
             out.append(Sequence(tokens=torch.tensor(batch[b] + new_tokens[b]), prompt_len=len(batch[b]),
-                                features=torch.cat(feats[b])[: len(batch[b]) + len(new_tokens[b]) - 1],
-                                final_hidden=torch.cat(finals[b])[: len(batch[b]) + len(new_tokens[b]) - 1]))
+                                features=torch.cat(feats[b])[: len(batch[b]) + n - 1],
+                                final_hidden=torch.cat(finals[b])[:n], target_lse=torch.cat(lses[b])[:n]))
         bar.update(B)
     bar.close()
     return out
 
 
-def load_or_build_dataset(path: Path, target: Transformer, encode, prompts: list[Prompt], tap_layers: tuple[int, ...],
-                          max_new_tokens: int, temperature: float = 0.0, batch_size: int = 16) -> list[Sequence]:
-    """The cached dataset at ``path`` (a torch file), generating and saving it on first use."""
-    if path.exists():
-        return [Sequence(**d) for d in torch.load(path)]
-    seqs = generate_with_features(target, [encode(p.text) for p in prompts], tap_layers, max_new_tokens,
-                                  batch_size=batch_size, temperature=temperature)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save([s.__dict__ for s in seqs], tmp)
-    tmp.replace(path)
-    return seqs
+def _shards(directory: Path, count: int, batch_size: int) -> tuple[list[list[int]], list[Path]]:
+    """Prompt indices of each shard (a fixed shuffle) and the shard files."""
+    order = list(range(count))
+    random.Random(0).shuffle(order)
+    shards = [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    return shards, [Path(directory) / f"shard-{i:05d}.pt" for i in range(len(shards))]
+
+
+def generated_prompts(directory: Path, prompts: list[Prompt], batch_size: int = 128) -> list[Prompt]:
+    """The prompts whose answers are on disk."""
+    shards, paths = _shards(directory, len(prompts), batch_size)
+    return [prompts[j] for shard, path in zip(shards, paths) if path.exists() for j in shard]
+
+
+def build_dataset(directory: Path, target: Transformer | None, encode: Callable[[str], list[int]] | None,
+                  prompts: list[Prompt], tap_layers: tuple[int, ...], max_new_tokens: int, batch_size: int = 128,
+                  progress: bool = True, generate: bool = True) -> list[Sequence]:
+    """The dataset in ``directory`` (one torch file per batch of prompts), generating missing shards
+    (or, with ``generate`` False, just the shards already there).
+
+    Prompts are shuffled with a fixed seed first, so any finished prefix of shards is a fair
+    sample of the whole mix. ``target`` and ``encode`` may be None when no shard is generated.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards, paths = _shards(directory, len(prompts), batch_size)
+    missing = [i for i, p in enumerate(paths) if not p.exists()] if generate else []
+    (directory / "prompts.json").write_text(json.dumps([p.__dict__ for p in prompts]) + "\n")
+    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(len(shards[i]) for i in missing),
+               desc="target answers", disable=not progress or not missing)
+    for i in missing:
+        if target is None or encode is None:
+            raise ValueError(f"{paths[i]} is missing and no target was given to generate it")
+        seqs = generate_with_features(target, [encode(prompts[j].text) for j in shards[i]], tap_layers,
+                                      max_new_tokens, batch_size=batch_size, progress=False)
+        tmp = paths[i].with_suffix(".tmp")
+        torch.save([s.__dict__ for s in seqs], tmp)
+        tmp.replace(paths[i])
+        bar.update(len(shards[i]))
+    bar.close()
+    return [Sequence(**d) for p in paths if p.exists() for d in torch.load(p)]

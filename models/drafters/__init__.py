@@ -2,7 +2,8 @@
 
 Every drafter offers ``tap_layers``, ``new_state(num_slots, max_len)``,
 ``extend_context(state, slots, num_new, target_hidden, input_ids)`` and
-``draft(state, slots, anchor_tokens, num_tokens, sample_fn) -> DraftBlock``.
+``draft(state, slots, anchor_tokens, num_tokens, sample_fn, greedy=False) -> DraftBlock`` (``greedy``: the
+requests verify at T=0, which picks DSpark's confidence calibration for that regime).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: the token ids drafting
 
 
 def default_config(kind: str, target: Transformer, target_name: str = "", block_size: int = 7,
-                   num_layers: int = 1, intermediate_size: int = 1024, markov_rank: int = 32) -> DrafterConfig:
+                   num_layers: int = 1, intermediate_size: int = 1024, markov_rank: int = 32,
+                   draft_vocab_size: int = 0) -> DrafterConfig:
     """A small drafter for a target: low/mid/high taps, the target's head geometry and RoPE base."""
     t = target.config
     n = t.num_layers
@@ -45,7 +47,7 @@ def default_config(kind: str, target: Transformer, target_name: str = "", block_
         num_layers=1 if kind == "eagle3" else num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
         head_dim=t.head_dim, intermediate_size=intermediate_size, tap_layers=(1, n // 2, n - 3),
         block_size=block_size, markov_rank=markov_rank if kind == "dspark" else 0, confidence=kind == "dspark",
-        rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, target=target_name,
+        rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, target=target_name, draft_vocab_size=draft_vocab_size,
     )
 
 
@@ -74,7 +76,11 @@ def load_drafter(directory: str | Path, target: DrafterTarget) -> Drafter:
     directory = Path(directory)
     config = DrafterConfig.from_json((directory / "config.json").read_text())
     drafter = build_drafter(config, target)
-    drafter.load_state_dict(load_file(str(directory / "model.safetensors")))
+    state = load_file(str(directory / "model.safetensors"))
+    temps = state.get("confidence_temperature")
+    if temps is not None and temps.dim() == 1:  # calibrated before per-regime temperatures: one row for both
+        state["confidence_temperature"] = temps.expand(2, -1).clone()
+    drafter.load_state_dict(state)
     if (directory / DRAFT_VOCAB_FILE).exists():
         drafter.set_draft_vocab(load_file(str(directory / DRAFT_VOCAB_FILE))["token_ids"])
     return drafter.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)

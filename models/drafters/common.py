@@ -40,6 +40,9 @@ class DrafterConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     target: str = ""  # name of the target this drafter was trained for
+    # > 0: trained inside a draft vocabulary of this many tokens (its ids ship with the weights,
+    # the Markov head's output rows cover only them); 0: trained on the full vocabulary.
+    draft_vocab_size: int = 0
     extra: dict = field(default_factory=dict)  # training provenance, not used by the model
 
     def __post_init__(self) -> None:
@@ -191,7 +194,9 @@ class DraftVocabMixin:
     A drafter's LM head over SmolLM2's 49k tokens streams 113 MB of fp32 weights per draft on a
     CPU, which made drafting cost most of a target step; over the top 8k tokens it streams 19 MB.
     The proposal stays an exact distribution (zero outside the subset), so verification is still
-    lossless; tokens outside the subset are simply never proposed. Training keeps the full vocabulary.
+    lossless; tokens outside the subset are simply never proposed. A drafter trained inside the
+    subset (``config.draft_vocab_size``) scores exactly what it serves, and its training step
+    skips 5/6 of the LM head.
     """
 
     config: DrafterConfig
@@ -204,6 +209,9 @@ class DraftVocabMixin:
             token_ids = torch.unique(token_ids.to(torch.int64))  # sorted, no repeats
             if token_ids.numel() == 0 or int(token_ids[0]) < 0 or int(token_ids[-1]) >= self.config.vocab_size:
                 raise ValueError(f"draft vocabulary ids must be in 0..{self.config.vocab_size - 1}")
+        size = self.config.draft_vocab_size
+        if size and (token_ids is None or token_ids.numel() != size):
+            raise ValueError(f"this drafter was trained inside a draft vocabulary of {size} tokens; it needs exactly that many")
         self.draft_vocab, self._draft_head = token_ids, None
 
     def draft_rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -216,6 +224,14 @@ class DraftVocabMixin:
         if head is None or head.dtype != self.lm_head.dtype or head.device != self.lm_head.device:
             head = self._draft_head = self.draft_rows(self.lm_head)
         return head
+
+    def to_draft_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary ids -> their index in the draft vocabulary, -1 for tokens outside it."""
+        if self.draft_vocab is None:
+            return token_ids
+        vocab = self.draft_vocab.to(token_ids.device)
+        idx = torch.searchsorted(vocab, token_ids).clamp(max=vocab.numel() - 1)
+        return torch.where(vocab[idx] == token_ids, idx, torch.full_like(idx, -1))
 
     def sample_draft(self, logits: torch.Tensor, sample_fn: SampleFn) -> tuple[torch.Tensor, torch.Tensor]:
         """sample_fn over draft-vocabulary logits [B, Vd] -> token ids and probabilities over the full vocabulary."""

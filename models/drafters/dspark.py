@@ -29,6 +29,8 @@ from models.drafters.common import (
 from models.projection import project
 from models.transformer import rms_norm
 
+GREEDY, SAMPLED = 0, 1  # rows of the confidence temperatures: the two regimes the server verifies in
+
 
 class BlockDrafter(DraftVocabMixin, nn.Module):
     """The parallel backbone; DSpark switches on the Markov and confidence heads, DFlash does not."""
@@ -45,13 +47,14 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
         if c.markov_rank:
             self.markov_w1 = nn.Embedding(c.vocab_size, c.markov_rank)
-            self.markov_w2 = nn.Linear(c.markov_rank, c.vocab_size, bias=False)
+            self.markov_w2 = nn.Linear(c.markov_rank, c.draft_vocab_size or c.vocab_size, bias=False)
             nn.init.normal_(self.markov_w1.weight, std=0.02)
             nn.init.zeros_(self.markov_w2.weight)  # start as the plain backbone
         if c.confidence:
             self.confidence_head = nn.Linear(c.hidden_size + c.markov_rank, 1)
-            # Sequential temperature scaling: one temperature per block position (1 = uncalibrated).
-            self.register_buffer("confidence_temperature", torch.ones(c.block_size))
+            # Sequential temperature scaling, per regime (row GREEDY: T=0 requests, row SAMPLED:
+            # T>0) and block position; 1 = uncalibrated.
+            self.register_buffer("confidence_temperature", torch.ones(2, c.block_size))
 
     @property
     def tap_layers(self) -> tuple[int, ...]:
@@ -103,9 +106,14 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             x, _, _ = layer(x, x, positions, k, v, mask)
         return rms_norm(x, self.norm, self.config.rms_norm_eps).view(B, A, W, H)
 
-    def markov_bias(self, prev_tokens: torch.Tensor, w2_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Low-rank bias W2·W1[x_{k-1}] over the vocabulary, or over the given rows of W2 (the draft vocabulary's)."""
-        return F.linear(self.markov_w1(prev_tokens), self.markov_w2.weight if w2_rows is None else w2_rows)
+    def markov_out(self) -> torch.Tensor:
+        """W2's rows for the draft vocabulary (all of W2 when trained inside it)."""
+        w2 = self.markov_w2.weight
+        return w2 if self.config.draft_vocab_size else self.draft_rows(w2)
+
+    def markov_bias(self, prev_tokens: torch.Tensor, w2_rows: torch.Tensor) -> torch.Tensor:
+        """Low-rank bias W2·W1[x_{k-1}] over the draft vocabulary (``w2_rows`` = ``markov_out()``)."""
+        return F.linear(self.markov_w1(prev_tokens), w2_rows)
 
     def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
         """Uncalibrated confidence logits from [h_k ; W1[x_{k-1}]]."""
@@ -113,15 +121,16 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         return self.confidence_head(feats).squeeze(-1).float()
 
     def block_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits [..., W, V]: backbone logits plus the Markov bias of the given previous tokens."""
-        logits = F.linear(hidden, self.lm_head.to(hidden.dtype)).float()
+        """Teacher-forced logits [..., W, Vd] over the draft vocabulary: backbone logits plus the
+        Markov bias of the given previous tokens."""
+        logits = F.linear(hidden, self.draft_head().to(hidden.dtype)).float()
         if self.config.markov_rank:
-            logits = logits + self.markov_bias(prev_tokens).float()
+            logits = logits + self.markov_bias(prev_tokens, self.markov_out()).float()
         return logits
 
     def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training pass over whole sequences: features [B, S, taps*H], tokens [B, S], anchors [B, A]
-        (each anchor + block_size < S). Returns logits [B, A, W, V] for tokens anchor+1..anchor+W
+        (each anchor + block_size < S). Returns logits [B, A, W, Vd] over the draft vocabulary for tokens anchor+1..anchor+W
         and confidence logits [B, A, W] (None without the head)."""
         B, S = tokens.shape
         W = self.config.block_size
@@ -137,8 +146,9 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
 
     @torch.no_grad()
     def draft(self, state: DrafterState, slots: Sequence[int], anchor_tokens: torch.Tensor, num_tokens: int,
-              sample_fn: SampleFn) -> DraftBlock:
-        """Propose num_tokens (<= block_size) tokens after each slot's anchor (the last token the target emitted)."""
+              sample_fn: SampleFn, greedy: bool = False) -> DraftBlock:
+        """Propose num_tokens (<= block_size) tokens after each slot's anchor (the last token the target emitted).
+        ``greedy`` says the requests verify at T=0, which picks the confidences' calibration."""
         W = self.config.block_size
         if not 1 <= num_tokens <= W:
             raise ValueError(f"num_tokens must be in 1..{W}, got {num_tokens}")
@@ -154,7 +164,8 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         anchors = anchor_tokens.to(dev, torch.int64)
         hidden = self.backbone(anchors.unsqueeze(1), lengths_d.unsqueeze(1), ctx_kv, ctx_mask)[:, 0, :num_tokens]
         base = project(hidden, self.draft_head().to(hidden.dtype)).float()
-        markov_w2 = self.draft_rows(self.markov_w2.weight) if self.config.markov_rank else None
+        markov_w2 = self.markov_out() if self.config.markov_rank else None
+        temps = self.confidence_temperature[GREEDY if greedy else SAMPLED] if self.config.confidence else None
         tokens, probs, confs = [], [], []
         prev = anchors
         for j in range(num_tokens):
@@ -162,7 +173,7 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             if markov_w2 is not None:
                 logits = logits + self.markov_bias(prev, markov_w2).float()
             if self.config.confidence:
-                confs.append(torch.sigmoid(self.confidence_logits(hidden[:, j], prev) / self.confidence_temperature[j]))
+                confs.append(torch.sigmoid(self.confidence_logits(hidden[:, j], prev) / temps[j]))
             prev, p = self.sample_draft(logits, sample_fn)
             tokens.append(prev)
             probs.append(p)

@@ -83,8 +83,9 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
 
     @torch.no_grad()
     def draft(self, state: DrafterState, slots: Sequence[int], anchor_tokens: torch.Tensor, num_tokens: int,
-              sample_fn: SampleFn) -> DraftBlock:
-        """Draft num_tokens tokens autoregressively after each slot's anchor."""
+              sample_fn: SampleFn, greedy: bool = False) -> DraftBlock:
+        """Draft num_tokens tokens autoregressively after each slot's anchor (``greedy`` is part of the
+        drafter protocol; this drafter has no confidences to calibrate per regime)."""
         if num_tokens < 1:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         slot_t = torch.tensor([int(s) for s in slots], dtype=torch.int64)
@@ -112,7 +113,7 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
 
     def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Training-time-test unroll over whole sequences. features [B, S, taps*H], tokens [B, S],
-        anchors [B, A] (anchor + block_size < S). Returns logits [B, A, W, V] for tokens
+        anchors [B, A] (anchor + block_size < S). Returns logits [B, A, W, Vd] over the draft vocabulary for tokens
         anchor+1..anchor+W, each step fed the previous step's own output as in drafting."""
         B, S = tokens.shape
         W = self.config.block_size
@@ -132,5 +133,5 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
             mask = torch.cat([causal] + [diag] * s, dim=1).expand(B, 1, P, P * (s + 1))
             h, k, v = self.layer(h, self.pair_input(h, nxt), idx.expand(B, P) + s, ctx_k, ctx_v, mask)
             ctx_k, ctx_v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)
-            out.append(self.logits(h.gather(1, pair_of_anchor)))
+            out.append(self.logits(h.gather(1, pair_of_anchor), self.draft_head()))
         return torch.stack(out, dim=2), None
