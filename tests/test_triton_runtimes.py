@@ -50,7 +50,7 @@ def test_build_torch_repository_copies_models(tmp_path, smollm2_dir: Path) -> No
     assert {p.name for p in out.iterdir()} >= {"dspark", "preprocessing", "ensemble"}
     assert not list(out.rglob("__pycache__"))
     params = read_parameters((out / ENGINE_MODEL / "config.pbtxt").read_text())
-    assert params["runtime"] == "torch" and params["dtype"] == "float32" and params["onnx_model"] == ""
+    assert params["runtime"] == "torch" and params["dtype"] == "auto" and params["onnx_model"] == ""
 
 
 @pytest.fixture(scope="module")
