@@ -7,7 +7,6 @@ ids, so the two greedy outputs are comparable token for token. Timings include t
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,13 +30,8 @@ def _num_threads(threads: int | None) -> Iterator[int]:
 
 
 def _eos_ids(model_dir: Path, model: Transformer) -> list[int]:
-    ids = set(model.config.eos_token_ids)
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        if eos is not None:
-            ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if 0 <= i < model.config.vocab_size)
+    """The ids that end a generation (config.json and generation_config.json, merged by load_config)."""
+    return sorted(i for i in set(model.config.eos_token_ids) if 0 <= i < model.config.vocab_size)
 
 
 @torch.inference_mode()
