@@ -377,9 +377,16 @@ def bench() -> None:
     """Benchmarks, run side by side in one process."""
 
 
-def _read_prompts(path: Path) -> list[str]:
-    """The 'prompt' field of each line of a JSONL file."""
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+PROMPTS_HELP = "Prompt set: a JSONL file with a 'prompt' field, a shipped set (code, mixed) or heldout:N (N each of code, chat, math from the held-out split)."
+
+
+def _prompt_set(spec: str) -> list[str]:
+    from benchmarks.prompt_sets import load_prompt_set
+
+    try:
+        return load_prompt_set(spec)
+    except (ValueError, RuntimeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--prompts") from exc
 
 
 @bench.command("decode")
@@ -389,13 +396,12 @@ def _read_prompts(path: Path) -> list[str]:
 @click.option("--config", "configs", multiple=True,
               help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K] (repeatable; "
                    "AR is always the baseline). Default: prompt_lookup:4.")
-@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None,
-              help="JSONL with a 'prompt' field (default: the code prompt set).")
+@click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Prompts as is, without the chat template.")
 @click.option("--threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: Path | None, new_tokens: int, raw: bool,
+def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str, new_tokens: int, raw: bool,
                  threads: int | None, json_out: Path | None) -> None:
     """Greedy tokens/s and tokens per round: AR vs each drafter and draft length, in one run."""
     import torch
@@ -415,7 +421,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: Pat
     model = load_runner(target_dir, "torch", dtype)
     encoder = PromptEncoder.from_model_dir(target_dir, max_prompt_tokens=1024)
     prompt_ids = [encoder.encode(p, apply_chat_template=not raw)
-                  for p in _read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "code.jsonl")]
+                  for p in _prompt_set(prompts)]
 
     def load_hf(name: str | None):
         from transformers import AutoModelForCausalLM
@@ -447,16 +453,16 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: Pat
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--threads", type=int, default=None)
-@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None, help="JSONL with a 'prompt' field.")
+@click.option("--prompts", default="mixed", show_default=True, help=PROMPTS_HELP)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None, prompts: Path | None, json_out: Path | None) -> None:
+def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None, prompts: str, json_out: Path | None) -> None:
     """Greedy AR decode tokens/s: our transformer vs transformers, same model and dtype."""
     import torch
 
     from benchmarks.ar_decode import format_ar_decode_table, run_ar_decode_benchmark
     from export.fetch import fetch_model
 
-    prompt_list = _read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "mixed.jsonl")
+    prompt_list = _prompt_set(prompts)
     result = run_ar_decode_benchmark(fetch_model(model), getattr(torch, dtype), prompt_list, new_tokens, threads)
     click.echo(format_ar_decode_table(result))
     if json_out:
@@ -471,15 +477,15 @@ def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True, help="Where the torch runtime runs (cpu, cuda).")
-@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None, help="JSONL with a 'prompt' field.")
+@click.option("--prompts", default="mixed", show_default=True, help=PROMPTS_HELP)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens: int, threads: int | None,
-                   device: str, prompts: Path | None, json_out: Path | None) -> None:
+                   device: str, prompts: str, json_out: Path | None) -> None:
     """Greedy decode tokens/s of one model on several runtimes, side by side (ratio to the first)."""
     from benchmarks.runtimes import format_runtimes_table, run_runtimes_benchmark
     from export.fetch import fetch_model
 
-    prompt_list = _read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "mixed.jsonl")
+    prompt_list = _prompt_set(prompts)
     result = run_runtimes_benchmark(fetch_model(model), list(runtimes or ("torch", "onnxruntime")), dtype,
                                     prompt_list, new_tokens, threads, device)
     click.echo(format_runtimes_table(result))
@@ -552,22 +558,21 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
 @click.option("--duration", default=120.0, show_default=True, help="Time limit per cell in seconds.")
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
-@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None,
-              help="JSONL with a 'prompt' field (default: the code prompt set).")
+@click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/loadtest"), show_default=True)
 def loadtest(url: str | None, start_server: bool, model: str, http_port: int, grpc_port: int, metrics_port: int,
              policies: tuple[str, ...], concurrency: str, rate: str, requests: int, duration: float, max_tokens: int,
-             temperature: float, prompts: Path | None, out_dir: Path) -> None:
+             temperature: float, prompts: str, out_dir: Path) -> None:
     """Streaming load test: per-user vs total tokens/s per policy and load (CSV, JSON, PNG, ratio table)."""
     import contextlib
 
-    from clients.loadgen import Policy, SweepConfig, comparison_table, parse_list, read_prompts, run_sweep, write_results
+    from clients.loadgen import Policy, SweepConfig, comparison_table, parse_list, run_sweep, write_results
     from serving.triton_launcher import TritonServer
 
     config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
                          parse_list(rate, float), requests, duration,
                          params={"max_tokens": max_tokens, "temperature": temperature})
-    prompt_list = read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "code.jsonl")
+    prompt_list = _prompt_set(prompts)
     with contextlib.ExitStack() as stack:
         if start_server:
             server = stack.enter_context(TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None)))
@@ -587,16 +592,15 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
 @click.option("--concurrency-range", default="1:4", show_default=True, help="A:B[:step], perf_analyzer's syntax.")
 @click.option("--requests", default=8, show_default=True, help="--measurement-request-count per window.")
 @click.option("--max-tokens", default=32, show_default=True)
-@click.option("--prompts", type=click.Path(exists=True, path_type=Path), default=None,
-              help="JSONL with a 'prompt' field (default: the code prompt set).")
+@click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/perf_analyzer"), show_default=True)
 def perf_analyzer_cmd(url: str, policy: str, concurrency_range: str, requests: int, max_tokens: int,
-                      prompts: Path | None, out_dir: Path) -> None:
+                      prompts: str, out_dir: Path) -> None:
     """Run Triton's perf_analyzer (streaming gRPC) on the dspark model with one policy."""
-    from clients.loadgen import Policy, read_prompts
+    from clients.loadgen import Policy
     from clients.perf_analyzer import PerfAnalyzerUnavailable, run_perf_analyzer
 
-    prompt_list = read_prompts(prompts or PROJECT_ROOT / "benchmarks" / "prompts" / "code.jsonl")
+    prompt_list = _prompt_set(prompts)
     try:
         result = run_perf_analyzer(url, prompt_list, Policy.parse(policy), out_dir, concurrency_range, requests,
                                    max_tokens)

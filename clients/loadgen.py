@@ -177,14 +177,6 @@ def check_loopback(url: str) -> None:
         raise ValueError(f"load tests only target loopback servers (127.0.0.1, localhost, ::1), not {url!r}")
 
 
-def read_prompts(path: Path) -> list[str]:
-    """The 'prompt' field of each line of a JSONL file."""
-    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"no prompts in {path}")
-    return prompts
-
-
 class _StreamWorker:
     """One client with one open gRPC stream, sending requests one after another."""
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.prompt_sets import load_prompt_set
 from clients.loadgen import (CellStats, LoadSpec, Policy, RequestRecord, aggregate, check_loopback, comparison_table,
-                             read_prompts, run_load, write_results)
+                             run_load, write_results)
 from clients.perf_analyzer import PerfAnalyzerUnavailable, run_perf_analyzer, summarize_profile, write_input_data
 
-PROMPTS = read_prompts(Path(__file__).resolve().parents[1] / "benchmarks" / "prompts" / "code.jsonl")
+PROMPTS = load_prompt_set("code")
 
 
 def _synthetic() -> list[RequestRecord]:

@@ -1,0 +1,45 @@
+"""Prompt sets the benchmarks and load tests run on.
+
+A set is named by one string: a JSONL file with a ``prompt`` field, a shipped set (``code``,
+``mixed``: ``benchmarks/prompts/<name>.jsonl``), or ``heldout:N``: N prompts of each domain
+(code, chat, math) from the training sources' held-out split, which no drafter was trained or
+calibrated on (``training/sources.py``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent / "prompts"
+HELDOUT_DOMAINS = ("code", "chat", "math")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The ``prompt`` field of each line of a JSONL file; ValueError if there is none."""
+    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return prompts
+
+
+def heldout_prompts(per_domain: int) -> list[str]:
+    """``per_domain`` held-out prompts of each domain, interleaved code, chat, math."""
+    from training.sources import domain_prompts
+
+    pools = [domain_prompts("heldout", d, per_domain, seed=1) for d in HELDOUT_DOMAINS]
+    if any(len(pool) < per_domain for pool in pools):
+        raise ValueError(f"the held-out split has only {[len(p) for p in pools]} prompts for {HELDOUT_DOMAINS}")
+    return [p.text for group in zip(*pools) for p in group]
+
+
+def load_prompt_set(spec: str) -> list[str]:
+    """The prompts a set name stands for (see the module docstring); ValueError for an unknown name."""
+    if spec.startswith("heldout:"):
+        return heldout_prompts(int(spec.split(":", 1)[1]))
+    if (SHIPPED / f"{spec}.jsonl").exists():
+        return read_prompts(SHIPPED / f"{spec}.jsonl")
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"prompt set {spec!r} is neither a file, a shipped set {sorted(p.stem for p in SHIPPED.glob('*.jsonl'))} "
+                         "nor heldout:N")
+    return read_prompts(path)
