@@ -555,12 +555,18 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
 @click.option("--concurrency", default="1,2,4,8,16", show_default=True, help="Closed-loop levels.")
 @click.option("--rate", default="", help="Open-loop Poisson request rates per second, e.g. 0.5,1,2.")
 @click.option("--requests", default=16, show_default=True, help="Requests per (policy, load) cell.")
+@click.option("--repeats", default=1, show_default=True,
+              help="Interleaved passes per load; the table quotes the median of each pass's ratio to off.")
 @click.option("--duration", default=120.0, show_default=True, help="Time limit per cell in seconds.")
+@click.option("--drafter", default=None, help="With --start-server: the drafter it serves (see `serve --drafter`).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+              help="With --start-server: the target dtype (see `serve --dtype`).")
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/loadtest"), show_default=True)
 def loadtest(url: str | None, start_server: bool, model: str, http_port: int, grpc_port: int, metrics_port: int,
+             repeats: int, drafter: str | None, dtype: str | None,
              policies: tuple[str, ...], concurrency: str, rate: str, requests: int, duration: float, max_tokens: int,
              temperature: float, prompts: str, out_dir: Path) -> None:
     """Streaming load test: per-user vs total tokens/s per policy and load (CSV, JSON, PNG, ratio table)."""
@@ -570,17 +576,19 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
     from serving.triton_launcher import TritonServer
 
     config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
-                         parse_list(rate, float), requests, duration,
+                         parse_list(rate, float), requests, duration, repeats,
                          params={"max_tokens": max_tokens, "temperature": temperature})
     prompt_list = _prompt_set(prompts)
     with contextlib.ExitStack() as stack:
         if start_server:
-            server = stack.enter_context(TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None)))
+            server = stack.enter_context(TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None,
+                                                                     drafter=drafter, dtype=dtype)))
             url = server.url_grpc
         url = url or "localhost:8001"
         cells = run_sweep(url, prompt_list, config, log=lambda m: click.echo(m, err=True))
     click.echo(comparison_table(cells))
-    meta = {"url": url, "model": model if start_server else None, "requests_per_cell": requests,
+    meta = {"url": url, "model": model if start_server else None, "drafter": drafter, "dtype": dtype,
+            "repeats": repeats, "requests_per_cell": requests,
             "max_tokens": max_tokens, "temperature": temperature, "prompts": len(prompt_list)}
     for kind, path in write_results(cells, out_dir, meta).items():
         click.echo(f"{kind}: {path}")

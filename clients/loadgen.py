@@ -13,6 +13,7 @@ aim at other hosts.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import random
@@ -128,6 +129,7 @@ class CellStats:
     tokens_per_round: float | None
     acceptance_rate: float | None
     draft_rounds: int
+    repeat: int = 0                    # which pass of an interleaved sweep (run_sweep's `repeats`)
 
     @property
     def load(self) -> str:
@@ -143,7 +145,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def aggregate(records: Iterable[RequestRecord], policy: str, mode: str, concurrency: int | None = None,
-              rate: float | None = None) -> CellStats:
+              rate: float | None = None, repeat: int = 0) -> CellStats:
     """Stats over the completed requests of one cell (errors and cancelled requests are only counted)."""
     records = list(records)
     done = [r for r in records if r.completed and r.tokens > 0]
@@ -166,7 +168,7 @@ def aggregate(records: Iterable[RequestRecord], policy: str, mode: str, concurre
         total_tps=tokens / window if window > 0 else 0.0,
         tokens_per_round=1 + accepted / rounds if rounds else None,
         acceptance_rate=accepted / drafted if drafted else None,
-        draft_rounds=rounds,
+        draft_rounds=rounds, repeat=repeat,
     )
 
 
@@ -289,6 +291,7 @@ class SweepConfig:
     rates: list[float] = field(default_factory=list)
     requests_per_cell: int = 16
     cell_duration_s: float = 120.0
+    repeats: int = 1
     warmup_requests: int = 1
     model: str = DEFAULT_MODEL
     params: dict[str, Any] = field(default_factory=dict)
@@ -296,25 +299,24 @@ class SweepConfig:
 
 def run_sweep(url: str, prompts: Sequence[str], config: SweepConfig,
               log: Any = None) -> list[CellStats]:
-    """Every load level x every policy; policies are interleaved within a load level so drift of a
-    shared machine hits them alike. A few warm-up requests first, not measured."""
+    """Every load level x `repeats` passes x every policy; policies are interleaved within a pass so
+    drift of a shared machine hits them alike. A few warm-up requests first, not measured."""
     if config.warmup_requests:
         run_load(url, prompts, config.policies[0],
                  LoadSpec(config.warmup_requests, config.cell_duration_s), config.model, **config.params)
     loads = [LoadSpec(config.requests_per_cell, config.cell_duration_s, concurrency=c) for c in config.concurrencies]
     loads += [LoadSpec(config.requests_per_cell, config.cell_duration_s, rate=r) for r in config.rates]
     cells = []
-    for load in loads:
-        for policy in config.policies:
-            records = run_load(url, prompts, policy, load, config.model, **config.params)
-            if load.rate is None:
-                cell = aggregate(records, policy.name, "closed", concurrency=load.concurrency)
-            else:
-                cell = aggregate(records, policy.name, "open", rate=load.rate)
-            if log:
-                log(f"{cell.policy:>10} {cell.load:>8}: {cell.requests} ok, {cell.errors} failed, "
-                    f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total")
-            cells.append(cell)
+    for load, repeat, policy in itertools.product(loads, range(config.repeats), config.policies):
+        records = run_load(url, prompts, policy, load, config.model, **config.params)
+        if load.rate is None:
+            cell = aggregate(records, policy.name, "closed", concurrency=load.concurrency, repeat=repeat)
+        else:
+            cell = aggregate(records, policy.name, "open", rate=load.rate, repeat=repeat)
+        if log:
+            log(f"{cell.policy:>10} {cell.load:>8} #{repeat}: {cell.requests} ok, {cell.errors} failed, "
+                f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total")
+        cells.append(cell)
     return cells
 
 
@@ -322,21 +324,34 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.median(present)) if present else None
+
+
 def comparison_table(cells: Sequence[CellStats], baseline: str = "off") -> str:
-    """Text table per cell, with per-user and total tokens/s as ratios to the baseline policy at the same load."""
-    base = {c.load: c for c in cells if c.policy == baseline}
-    header = (f"{'policy':>10} {'load':>8} {'n':>3} {'TTFT p50/p90 ms':>16} {'ITL p50/p90 ms':>15} "
-              f"{'user tok/s':>10} {'total tok/s':>11} {'tok/round':>9} {'user x':>7} {'total x':>7}")
-    lines = [header, "-" * len(header)]
+    """Text table per (policy, load): medians over repeats, and per-user and total tokens/s as the median
+    over repeats of the ratio to the baseline policy in the same pass at the same load (min-max beside it)."""
+    base = {(c.load, c.repeat): c for c in cells if c.policy == baseline}
+    groups: dict[tuple[str, str], list[CellStats]] = {}
     for c in cells:
-        b = base.get(c.load)
-        user_ratio = c.user_tps / b.user_tps if b and c.user_tps and b.user_tps else None
-        total_ratio = c.total_tps / b.total_tps if b and b.total_tps else None
-        ms = lambda v: _fmt(None if v is None else v * 1e3, ".0f")  # noqa: E731
+        groups.setdefault((c.policy, c.load), []).append(c)
+    header = (f"{'policy':>10} {'load':>8} {'n':>3} {'TTFT p50/p90 ms':>16} {'ITL p50/p90 ms':>15} "
+              f"{'user tok/s':>10} {'total tok/s':>11} {'tok/round':>9} {'user x':>7} {'total x (min-max)':>17}")
+    lines = [header, "-" * len(header)]
+    ms = lambda v: _fmt(None if v is None else v * 1e3, ".0f")  # noqa: E731
+    for (policy, load), group in groups.items():
+        med = {name: _median([getattr(c, name) for c in group])
+               for name in ("ttft_p50", "ttft_p90", "itl_p50", "itl_p90", "user_tps", "total_tps", "tokens_per_round")}
+        pairs = [(c, base.get((c.load, c.repeat))) for c in group]
+        user_x = _median([c.user_tps / b.user_tps for c, b in pairs if b and c.user_tps and b.user_tps])
+        total = [c.total_tps / b.total_tps for c, b in pairs if b and b.total_tps]
+        spread = f" ({min(total):.2f}-{max(total):.2f})" if len(total) > 1 else ""
         lines.append(
-            f"{c.policy:>10} {c.load:>8} {c.requests:>3} {ms(c.ttft_p50) + '/' + ms(c.ttft_p90):>16} "
-            f"{ms(c.itl_p50) + '/' + ms(c.itl_p90):>15} {_fmt(c.user_tps):>10} {c.total_tps:>11.1f} "
-            f"{_fmt(c.tokens_per_round, '.2f'):>9} {_fmt(user_ratio, '.2f'):>7} {_fmt(total_ratio, '.2f'):>7}"
+            f"{policy:>10} {load:>8} {sum(c.requests for c in group):>3} "
+            f"{ms(med['ttft_p50']) + '/' + ms(med['ttft_p90']):>16} {ms(med['itl_p50']) + '/' + ms(med['itl_p90']):>15} "
+            f"{_fmt(med['user_tps']):>10} {_fmt(med['total_tps']):>11} {_fmt(med['tokens_per_round'], '.2f'):>9} "
+            f"{_fmt(user_x, '.2f'):>7} {_fmt(_median(total), '.2f') + spread:>17}"
         )
     return "\n".join(lines)
 
@@ -358,23 +373,25 @@ def write_results(cells: Sequence[CellStats], out_dir: Path, meta: dict[str, Any
 
 
 def plot_tradeoff(cells: Sequence[CellStats], path: Path) -> None:
-    """Per-user tokens/s against total tokens/s, one curve per policy and load shape, points labelled by load."""
+    """Per-user tokens/s against total tokens/s (medians over repeats), one curve per policy and load shape,
+    points labelled by load."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    curves: dict[tuple[str, str], list[CellStats]] = {}
+    curves: dict[tuple[str, str], dict[str, list[CellStats]]] = {}
     for c in cells:
-        curves.setdefault((c.policy, c.mode), []).append(c)
-    for (policy, mode), points in curves.items():
-        points = [p for p in points if p.user_tps is not None]
+        if c.user_tps is not None:
+            curves.setdefault((c.policy, c.mode), {}).setdefault(c.load, []).append(c)
+    for (policy, mode), by_load in curves.items():
+        points = [(load, _median([c.total_tps for c in g]), _median([c.user_tps for c in g]))
+                  for load, g in by_load.items()]
         label = policy if mode == "closed" else f"{policy} (Poisson)"
-        ax.plot([p.total_tps for p in points], [p.user_tps for p in points], "o-" if mode == "closed" else "s--",
-                label=label)
-        for p in points:
-            ax.annotate(p.load, (p.total_tps, p.user_tps), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.plot([p[1] for p in points], [p[2] for p in points], "o-" if mode == "closed" else "s--", label=label)
+        for load, total, user in points:
+            ax.annotate(load, (total, user), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("total tokens/s")
     ax.set_ylabel("per-user tokens/s")
     ax.set_title("Per-user vs total throughput")

@@ -2,6 +2,7 @@
 runs against the session's Triton server."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def test_aggregate_on_synthetic_timings():
     assert s.tokens_per_round == pytest.approx(2.0)
     assert s.acceptance_rate == pytest.approx(0.25)
     assert aggregate([_synthetic()[1]], "off", "closed", 1).tokens_per_round is None
+
+
+def test_comparison_table_takes_the_median_of_per_pass_ratios():
+    off = aggregate(_synthetic()[1:], "off", "closed", concurrency=2)
+    spec = aggregate(_synthetic(), "static:4", "closed", concurrency=2)
+    cells = []
+    for repeat, (off_total, spec_total) in enumerate([(10.0, 10.0), (10.0, 20.0), (20.0, 10.0)]):
+        cells += [dataclasses.replace(off, total_tps=off_total, repeat=repeat),
+                  dataclasses.replace(spec, total_tps=spec_total, repeat=repeat)]
+    row = comparison_table(cells).splitlines()[-1]
+    assert row.split()[-2:] == ["1.00", "(0.50-2.00)"]          # ratios 1, 2, 0.5 within each pass
+    assert " 6 " in row                                          # requests summed over the passes
 
 
 def test_comparison_table_ratios_vs_off(tmp_path: Path):
