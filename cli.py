@@ -377,7 +377,8 @@ def bench() -> None:
     """Benchmarks, run side by side in one process."""
 
 
-PROMPTS_HELP = "Prompt set: a JSONL file with a 'prompt' field, a shipped set (code, mixed) or heldout:N (N each of code, chat, math from the held-out split)."
+PROMPTS_HELP = ("Prompt set: a JSONL file with a 'prompt' field, a shipped set (code, mixed) or heldout:[DOMAIN:]N "
+                "(N each of code, chat, math, or of one domain, from the held-out split).")
 
 
 def _prompt_set(spec: str) -> list[str]:

@@ -1,9 +1,9 @@
 """Prompt sets the benchmarks and load tests run on.
 
 A set is named by one string: a JSONL file with a ``prompt`` field, a shipped set (``code``,
-``mixed``: ``benchmarks/prompts/<name>.jsonl``), or ``heldout:N``: N prompts of each domain
+``mixed``: ``benchmarks/prompts/<name>.jsonl``), ``heldout:N``: N prompts of each domain
 (code, chat, math) from the training sources' held-out split, which no drafter was trained or
-calibrated on (``training/sources.py``).
+calibrated on (``training/sources.py``), or ``heldout:DOMAIN:N`` for one domain.
 """
 from __future__ import annotations
 
@@ -22,24 +22,27 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def heldout_prompts(per_domain: int) -> list[str]:
-    """``per_domain`` held-out prompts of each domain, interleaved code, chat, math."""
+def heldout_prompts(per_domain: int, domains: tuple[str, ...] = HELDOUT_DOMAINS) -> list[str]:
+    """``per_domain`` held-out prompts of each domain, interleaved (code, chat, math by default)."""
     from training.sources import domain_prompts
 
-    pools = [domain_prompts("heldout", d, per_domain, seed=1) for d in HELDOUT_DOMAINS]
+    pools = [domain_prompts("heldout", d, per_domain, seed=1) for d in domains]
     if any(len(pool) < per_domain for pool in pools):
-        raise ValueError(f"the held-out split has only {[len(p) for p in pools]} prompts for {HELDOUT_DOMAINS}")
+        raise ValueError(f"the held-out split has only {[len(p) for p in pools]} prompts for {domains}")
     return [p.text for group in zip(*pools) for p in group]
 
 
 def load_prompt_set(spec: str) -> list[str]:
     """The prompts a set name stands for (see the module docstring); ValueError for an unknown name."""
     if spec.startswith("heldout:"):
-        return heldout_prompts(int(spec.split(":", 1)[1]))
+        *domain, count = spec.split(":")[1:]
+        if domain and domain[0] not in HELDOUT_DOMAINS:
+            raise ValueError(f"unknown domain in {spec!r}; expected one of {HELDOUT_DOMAINS}")
+        return heldout_prompts(int(count), tuple(domain) or HELDOUT_DOMAINS)
     if (SHIPPED / f"{spec}.jsonl").exists():
         return read_prompts(SHIPPED / f"{spec}.jsonl")
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"prompt set {spec!r} is neither a file, a shipped set {sorted(p.stem for p in SHIPPED.glob('*.jsonl'))} "
-                         "nor heldout:N")
+                         "nor heldout:[DOMAIN:]N")
     return read_prompts(path)

@@ -18,6 +18,8 @@ def test_shipped_set_and_file_give_their_prompts(tmp_path) -> None:
 def test_unknown_or_empty_sets_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="neither a file"):
         load_prompt_set("no-such-set")
+    with pytest.raises(ValueError, match="unknown domain"):
+        load_prompt_set("heldout:poetry:4")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         load_prompt_set(str(tmp_path / "empty.jsonl"))
