@@ -2,8 +2,10 @@
 
 Speculative decoding pays only where verifying N tokens costs about what one costs; on a CPU a
 decode step streams every weight from memory, so the floor for any N is weight bytes / read
-bandwidth. Configurations (dtype x thread count) are measured interleaved, repeat by repeat,
-so a noisy neighbour slows them alike; each figure is a median.
+bandwidth. Configurations (dtype x thread count) are measured interleaved, repeat by repeat, and
+every N of a configuration back to back within a repeat, so a noisy neighbour slows them alike:
+a ratio cost(N) / cost(1) is the median over repeats of that repeat's own ratio (a shared host's
+slow phases last seconds and would otherwise skew single N), the absolute figures are medians.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export.runners import load_runner
@@ -27,6 +30,8 @@ class StepGrid:
     weight_bytes: int
     read_gb_per_s: float         # measured streaming read bandwidth at this thread count
     ms: dict[tuple[int, int], float] = field(default_factory=dict)  # (context, N) -> median ms
+    ratio: dict[tuple[int, int], float] = field(default_factory=dict)  # (context, N) -> median of cost(N)/cost(N=1)
+    spread: dict[int, float] = field(default_factory=dict)  # context -> interquartile range / median of N=1
 
     @property
     def floor_ms(self) -> float:
@@ -84,18 +89,26 @@ def profile_verify_step(
             model(prompt, [slot], [context], cache, logits_indices=torch.tensor([context - 1]))
         samples: dict[tuple[str, int, int], list[float]] = {}
         for rep in range(repeats + 1):  # the first round warms every shape up
-            for (dtype, t), n in ((key, n) for key in grids for n in token_counts):
+            for dtype, t in grids:
                 torch.set_num_threads(t)
                 model, (cache, slot) = models[dtype], caches[dtype]
-                ids = torch.randint(0, vocab, (n,))
-                started = time.perf_counter()
-                model(ids, [slot], [n], cache, logits_indices=torch.arange(n))
-                elapsed = time.perf_counter() - started
-                cache.truncate(slot, context)
-                if rep:
-                    samples.setdefault((dtype, t, n), []).append(elapsed)
+                # one untimed step after switching dtype or threads: the first one after the other
+                # dtype's kernels ran measured up to 1.4x slower (bf16 after fp32, one thread)
+                for timed, n in ((False, token_counts[0]), *((True, n) for n in token_counts)):
+                    ids = torch.randint(0, vocab, (n,))
+                    started = time.perf_counter()
+                    model(ids, [slot], [n], cache, logits_indices=torch.arange(n))
+                    elapsed = time.perf_counter() - started
+                    cache.truncate(slot, context)
+                    if rep and timed:
+                        samples.setdefault((dtype, t, n), []).append(elapsed)
         for (dtype, t, n), times in samples.items():
-            grids[(dtype, t)].ms[(context, n)] = sorted(times)[len(times) // 2] * 1e3
+            grid, base = grids[(dtype, t)], samples[(dtype, t, token_counts[0])]
+            grid.ms[(context, n)] = float(np.median(times)) * 1e3
+            grid.ratio[(context, n)] = float(np.median(np.array(times) / np.array(base)))
+        for (dtype, t), grid in grids.items():
+            q1, q2, q3 = np.percentile(samples[(dtype, t, token_counts[0])], [25, 50, 75])
+            grid.spread[context] = (q3 - q1) / q2
     return list(grids.values())
 
 
@@ -107,10 +120,10 @@ def format_grids(grids: Sequence[StepGrid]) -> str:
         lines.append("")
         lines.append(f"{g.dtype}, {g.threads} thread(s), kernels by rows {g.kernels}: weights {g.weight_bytes / 2**20:.0f} MiB, "
                      f"read {g.read_gb_per_s:.1f} GB/s, memory floor {g.floor_ms:.1f} ms")
-        lines.append(f"{'context':>8} {'N=1 ms':>8} {'/floor':>7}  " + " ".join(f"{'N=' + str(n):>6}" for n in counts[1:])
-                     + "   (cost / cost at N=1)")
+        lines.append(f"{'context':>8} {'N=1 ms':>8} {'IQR':>5} {'/floor':>7}  "
+                     + " ".join(f"{'N=' + str(n):>6}" for n in counts[1:]) + "   (cost / cost at N=1)")
         for c in contexts:
             base = g.ms[(c, counts[0])]
-            lines.append(f"{c:>8} {base:>8.1f} {base / g.floor_ms:>6.2f}x  "
-                         + " ".join(f"{g.ms[(c, n)] / base:>6.2f}" for n in counts[1:]))
+            lines.append(f"{c:>8} {base:>8.1f} {g.spread[c]:>4.0%} {base / g.floor_ms:>6.2f}x  "
+                         + " ".join(f"{g.ratio[(c, n)]:>6.2f}" for n in counts[1:]))
     return "\n".join(lines)
