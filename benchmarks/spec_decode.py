@@ -2,8 +2,10 @@
 
 Every configuration runs every prompt one request at a time (per-user latency), interleaved
 per prompt with the order rotating, so that machine noise falls on all of them alike.
-Tokens/s counts generated tokens over wall time including prefill. The wall time of our engine is
-split into the target forward, drafting (proposals and the drafter's context updates) and the rest.
+Tokens/s counts generated tokens over wall time including prefill; decode tokens/s counts the tokens
+after the first over the time after it (the prefill step, identical for every column, left out: it is
+what speculation speeds up). The wall time of our engine is split into the target forward, drafting
+(proposals and the drafter's context updates) and the rest.
 ``hf_assisted=NAME[:K]`` adds Hugging Face ``transformers`` assisted generation with the same target
 and drafter model (same dtype and threads) as a column: its own greedy loop, its own draft-length
 rule (HF's defaults, or a constant K).
@@ -49,6 +51,7 @@ class DecodeResult:
     label: str
     tokens: int = 0
     seconds: float = 0.0
+    first_token_seconds: float = 0.0  # prefill up to the first token, summed over prompts
     rounds: int = 0
     accepted: int = 0
     drafted: int = 0
@@ -59,6 +62,11 @@ class DecodeResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode = self.seconds - self.first_token_seconds
+        return (self.tokens - len(self.outputs)) / decode if decode > 0 else 0.0
 
     @property
     def tokens_per_round(self) -> float | None:
@@ -107,29 +115,41 @@ def parse_configs(
 
 
 def _run_one(engine: Engine, prompt_ids: list[int], params: SamplingParams, spec: SpeculationParams):
+    """Tokens, seconds, seconds to the first token, and the last chunk (its counters)."""
     chunks: list = []
-    engine.submit(prompt_ids, params, chunks.append, spec=spec)
+    arrivals: list[float] = []
+
+    def on_chunk(chunk) -> None:
+        chunks.append(chunk)
+        arrivals.append(time.perf_counter())
+
+    engine.submit(prompt_ids, params, on_chunk, spec=spec)
     start = time.perf_counter()
     while engine.step():
         pass
     seconds = time.perf_counter() - start
-    return [t for c in chunks for t in c.token_ids], seconds, chunks[-1]
+    return [t for c in chunks for t in c.token_ids], seconds, arrivals[0] - start, chunks[-1]
 
 
 @torch.inference_mode()
-def _run_hf_assisted(config: HFAssistedConfig, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float, int, int]:
-    """Greedy assisted generation; tokens, seconds, and (rounds, accepted) read from its own counters."""
+def _run_hf_assisted(config: HFAssistedConfig, prompt_ids: list[int],
+                     new_tokens: int) -> tuple[list[int], float, float, int, int]:
+    """Greedy assisted generation; tokens, seconds, seconds to the end of the target's first forward
+    (the prefill that yields the first token), and (rounds, accepted) read from its own counters."""
     ids = torch.tensor([prompt_ids])
     kwargs = {}
     if config.num_draft_tokens is not None:
         kwargs = dict(num_assistant_tokens=config.num_draft_tokens, num_assistant_tokens_schedule="constant",
                       assistant_confidence_threshold=0.0)
-    calls = {"n": 0}
+    calls = {"n": 0, "first_end": 0.0}
     forward = config.target.forward
 
     def counted(*args, **kw):
         calls["n"] += 1
-        return forward(*args, **kw)
+        out = forward(*args, **kw)
+        if calls["n"] == 1:
+            calls["first_end"] = time.perf_counter()
+        return out
 
     config.target.forward = counted
     try:
@@ -145,7 +165,7 @@ def _run_hf_assisted(config: HFAssistedConfig, prompt_ids: list[int], new_tokens
     while tokens and tokens[-1] in eos:  # our engine does not count the end token as output
         tokens.pop()
     rounds = calls["n"]  # each target forward verifies candidates (the first one with the prompt)
-    return tokens, seconds, rounds, max(len(tokens) - rounds, 0)
+    return tokens, seconds, calls["first_end"] - start, rounds, max(len(tokens) - rounds, 0)
 
 
 def run_spec_decode_benchmark(
@@ -173,12 +193,12 @@ def run_spec_decode_benchmark(
             for i in order:
                 engine, r = engines[i], results[i]
                 if engine is None:
-                    tokens, seconds, rounds, accepted = _run_hf_assisted(configs[i], prompt_ids, new_tokens)
+                    tokens, seconds, first, rounds, accepted = _run_hf_assisted(configs[i], prompt_ids, new_tokens)
                     r.rounds += rounds
                     r.accepted += accepted
                 else:
                     forward_before, draft_before = engine.stats.forward_seconds, engine.stats.draft_seconds
-                    tokens, seconds, last = _run_one(engine, prompt_ids, params, configs[i].spec)
+                    tokens, seconds, first, last = _run_one(engine, prompt_ids, params, configs[i].spec)
                     r.rounds += last.num_draft_rounds
                     r.drafted += last.num_draft_tokens
                     r.accepted += last.num_accepted_tokens
@@ -186,6 +206,7 @@ def run_spec_decode_benchmark(
                     r.draft_seconds += engine.stats.draft_seconds - draft_before
                 r.tokens += len(tokens)
                 r.seconds += seconds
+                r.first_token_seconds += first
                 r.outputs.append(tokens)
     return results
 
@@ -200,6 +221,10 @@ def summarize(results: list[DecodeResult]) -> dict:
             "seconds": round(r.seconds, 3),
             "tokens_per_s": round(r.tokens_per_s, 2),
             "speedup_vs_ar": round(r.tokens_per_s / base.tokens_per_s, 3) if base.tokens_per_s else None,
+            "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
+            "decode_speedup_vs_ar": (round(r.decode_tokens_per_s / base.decode_tokens_per_s, 3)
+                                     if base.decode_tokens_per_s else None),
+            "ttft_s": round(r.first_token_seconds / len(r.outputs), 3) if r.outputs else None,
             "tokens_per_round": round(r.tokens_per_round, 3) if r.tokens_per_round else None,
             "acceptance_rate": round(r.accepted / r.drafted, 3) if r.drafted else None,
             "identical_to_ar": r.outputs == base.outputs,
@@ -210,8 +235,8 @@ def summarize(results: list[DecodeResult]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    header = (f"{'config':<34}{'tok/s':>9}{'vs AR':>8}{'tok/round':>11}{'accept':>8}{'same as AR':>12}"
-              f"{'forward':>9}{'draft':>7}{'rest':>6}")
+    header = (f"{'config':<34}{'tok/s':>9}{'vs AR':>8}{'TTFT s':>8}{'decode tok/s':>13}{'vs AR':>8}{'tok/round':>11}"
+              f"{'accept':>8}{'same as AR':>12}{'forward':>9}{'draft':>7}{'rest':>6}")
     lines = [header, "-" * len(header)]
     for row in summary["rows"]:
         tpr = f"{row['tokens_per_round']:.2f}" if row["tokens_per_round"] else "-"
@@ -219,8 +244,10 @@ def format_table(summary: dict) -> str:
         split = "" if row["forward_share"] is None else (
             f"{row['forward_share']:>8.0%}{row['draft_share']:>7.0%}{1 - row['forward_share'] - row['draft_share']:>6.0%}")
         lines.append(
-            f"{row['config']:<34}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{tpr:>11}{acc:>8}"
+            f"{row['config']:<34}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{row['ttft_s']:>8.2f}"
+            f"{row['decode_tokens_per_s']:>13.2f}{row['decode_speedup_vs_ar']:>7.2f}x{tpr:>11}{acc:>8}"
             f"{str(row['identical_to_ar']):>12}{split}"
         )
-    lines.append("(forward / draft / rest: shares of our engine's wall time; hf_assisted rows: transformers' own loop)")
+    lines.append("(tok/s: wall time with prefill; decode: after the first token; forward / draft / rest: shares of "
+                 "our engine's wall time; hf_assisted rows: transformers' own loop)")
     return "\n".join(lines)
