@@ -52,6 +52,7 @@ class DecodeResult:
     tokens: int = 0
     seconds: float = 0.0
     first_token_seconds: float = 0.0  # prefill up to the first token, summed over prompts
+    forwards: int = 0                 # target forwards, prefill included
     rounds: int = 0
     accepted: int = 0
     drafted: int = 0
@@ -67,6 +68,12 @@ class DecodeResult:
     def decode_tokens_per_s(self) -> float:
         decode = self.seconds - self.first_token_seconds
         return (self.tokens - len(self.outputs)) / decode if decode > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Tokens per decode forward (after the prefill): what a flat verify step turns into speedup."""
+        steps = self.forwards - len(self.outputs)
+        return (self.tokens - len(self.outputs)) / steps if steps > 0 else None
 
     @property
     def tokens_per_round(self) -> float | None:
@@ -115,7 +122,7 @@ def parse_configs(
 
 
 def _run_one(engine: Engine, prompt_ids: list[int], params: SamplingParams, spec: SpeculationParams):
-    """Tokens, seconds, seconds to the first token, and the last chunk (its counters)."""
+    """Tokens, seconds, seconds to the first token, target forwards, and the last chunk (its counters)."""
     chunks: list = []
     arrivals: list[float] = []
 
@@ -124,11 +131,13 @@ def _run_one(engine: Engine, prompt_ids: list[int], params: SamplingParams, spec
         arrivals.append(time.perf_counter())
 
     engine.submit(prompt_ids, params, on_chunk, spec=spec)
+    steps_before = engine.stats.steps
     start = time.perf_counter()
     while engine.step():
         pass
     seconds = time.perf_counter() - start
-    return [t for c in chunks for t in c.token_ids], seconds, arrivals[0] - start, chunks[-1]
+    return ([t for c in chunks for t in c.token_ids], seconds, arrivals[0] - start, engine.stats.steps - steps_before,
+            chunks[-1])
 
 
 @torch.inference_mode()
@@ -194,11 +203,13 @@ def run_spec_decode_benchmark(
                 engine, r = engines[i], results[i]
                 if engine is None:
                     tokens, seconds, first, rounds, accepted = _run_hf_assisted(configs[i], prompt_ids, new_tokens)
+                    r.forwards += rounds
                     r.rounds += rounds
                     r.accepted += accepted
                 else:
                     forward_before, draft_before = engine.stats.forward_seconds, engine.stats.draft_seconds
-                    tokens, seconds, first, last = _run_one(engine, prompt_ids, params, configs[i].spec)
+                    tokens, seconds, first, forwards, last = _run_one(engine, prompt_ids, params, configs[i].spec)
+                    r.forwards += forwards
                     r.rounds += last.num_draft_rounds
                     r.drafted += last.num_draft_tokens
                     r.accepted += last.num_accepted_tokens
@@ -226,6 +237,7 @@ def summarize(results: list[DecodeResult]) -> dict:
                                      if base.decode_tokens_per_s else None),
             "ttft_s": round(r.first_token_seconds / len(r.outputs), 3) if r.outputs else None,
             "tokens_per_round": round(r.tokens_per_round, 3) if r.tokens_per_round else None,
+            "tokens_per_step": round(r.tokens_per_step, 3) if r.tokens_per_step else None,
             "acceptance_rate": round(r.accepted / r.drafted, 3) if r.drafted else None,
             "identical_to_ar": r.outputs == base.outputs,
             "forward_share": round(r.forward_seconds / r.seconds, 3) if r.forward_seconds else None,
@@ -235,19 +247,21 @@ def summarize(results: list[DecodeResult]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    header = (f"{'config':<34}{'tok/s':>9}{'vs AR':>8}{'TTFT s':>8}{'decode tok/s':>13}{'vs AR':>8}{'tok/round':>11}"
-              f"{'accept':>8}{'same as AR':>12}{'forward':>9}{'draft':>7}{'rest':>6}")
+    header = (f"{'config':<34}{'tok/s':>9}{'vs AR':>8}{'TTFT s':>8}{'decode tok/s':>13}{'vs AR':>8}{'tok/step':>9}"
+              f"{'tok/round':>10}{'accept':>8}{'same as AR':>12}{'forward':>9}{'draft':>7}{'rest':>6}")
     lines = [header, "-" * len(header)]
     for row in summary["rows"]:
         tpr = f"{row['tokens_per_round']:.2f}" if row["tokens_per_round"] else "-"
+        tps = f"{row['tokens_per_step']:.2f}" if row["tokens_per_step"] else "-"
         acc = f"{row['acceptance_rate']:.2f}" if row["acceptance_rate"] is not None else "-"
         split = "" if row["forward_share"] is None else (
             f"{row['forward_share']:>8.0%}{row['draft_share']:>7.0%}{1 - row['forward_share'] - row['draft_share']:>6.0%}")
         lines.append(
             f"{row['config']:<34}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{row['ttft_s']:>8.2f}"
-            f"{row['decode_tokens_per_s']:>13.2f}{row['decode_speedup_vs_ar']:>7.2f}x{tpr:>11}{acc:>8}"
+            f"{row['decode_tokens_per_s']:>13.2f}{row['decode_speedup_vs_ar']:>7.2f}x{tps:>9}{tpr:>10}{acc:>8}"
             f"{str(row['identical_to_ar']):>12}{split}"
         )
-    lines.append("(tok/s: wall time with prefill; decode: after the first token; forward / draft / rest: shares of "
-                 "our engine's wall time; hf_assisted rows: transformers' own loop)")
+    lines.append("(tok/s: wall time with prefill; decode: after the first token; tok/step: tokens per decode forward "
+                 "of the target, what a flat verify step turns into speedup; tok/round: per round that verified a draft; "
+                 "forward / draft / rest: shares of our engine's wall time; hf_assisted rows: transformers' own loop)")
     return "\n".join(lines)

@@ -39,3 +39,7 @@ def test_columns_are_lossless_and_report_where_time_goes(smollm2_dir, smollm2_fp
     assert hf["forward_share"] is None  # transformers' loop is not split
     for row in (ar, lookup, hf):  # the prefill to the first token is a real, smaller part of the wall time
         assert 0 < row["ttft_s"] * len(PROMPTS) < row["seconds"] and row["decode_tokens_per_s"] > 0
+    assert ar["tokens_per_step"] == 1.0  # AR: one token per decode forward, exactly
+    # a step that drafted nothing counts here but not in tokens per round
+    assert 1.0 <= lookup["tokens_per_step"] <= (lookup["tokens_per_round"] or 1.0)
+    assert hf["tokens_per_step"] > 1.5
