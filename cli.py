@@ -439,7 +439,8 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     columns = parse_configs(list(configs or ("prompt_lookup:4",)), model_drafter, model, max_context=2048,
                             load_hf_model=load_hf)
-    summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens))
+    summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens,
+                                                  progress=True))
     summary.update(target=target, dtype=dtype, new_tokens=new_tokens, prompts=len(prompt_ids),
                    threads=torch.get_num_threads(), cpu_flags=cpu_flags())
     click.echo(f"{target}, {dtype}, {summary['threads']} thread(s), {len(prompt_ids)} prompts x {new_tokens} tokens, "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from models.transformer import Transformer
 from models.drafters import load_drafter
@@ -184,6 +185,7 @@ def run_spec_decode_benchmark(
     configs: list[DecodeConfig],
     new_tokens: int,
     max_context: int = 2048,
+    progress: bool = False,
 ) -> list[DecodeResult]:
     params = SamplingParams(max_tokens=new_tokens)
     engines = [Engine(target, tokenizer, EngineConfig(1, max_context, new_tokens), c.drafter)
@@ -196,7 +198,7 @@ def run_spec_decode_benchmark(
         else:
             _run_one(engine, warmup, SamplingParams(max_tokens=8), config.spec)
     with torch.inference_mode():
-        for p, prompt_ids in enumerate(prompts):
+        for p, prompt_ids in enumerate(tqdm(prompts, desc="prompts", unit="prompt", disable=not progress)):
             order = list(range(len(configs)))
             order = order[p % len(order):] + order[: p % len(order)]
             for i in order:
