@@ -319,17 +319,15 @@ def _int_list(text: str) -> list[int]:
 def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, tokens: str, contexts: str, repeats: int,
             save: bool) -> None:
     """Verify-step cost by N, context, dtype and threads (ratio to N=1, memory floor); saves SPS(N) for the scheduler."""
-    import os
-
     import torch
 
     from benchmarks.verify_step import format_grids, profile_verify_step
     from export.fetch import cache_dir, fetch_model
     from export.runners import load_runner
-    from models.hardware import resolve_dtype
+    from models.hardware import resolve_dtype, usable_cores
     from orchestrator.step_cost import measure_step_cost, profile_path
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     threads = _int_list(thread_counts) if thread_counts else sorted({1, cores})
     model_dir = fetch_model(model)
     names = list(dict.fromkeys(resolve_dtype(d) for d in (dtypes or ("float32", "bfloat16"))))

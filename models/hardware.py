@@ -24,6 +24,15 @@ def resolve_dtype(name: str) -> str:
     return default_dtype() if name == "auto" else name
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity: a pinned or containerised server gets fewer than the
+    machine has, and more torch threads than cores stall every op)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
 def machine_id() -> str:
     """CPU model and count: a kernel choice or cost profile measured on one machine does not hold on another."""
     cpu = platform.processor() or platform.machine()

@@ -13,7 +13,7 @@ from export.fetch import cache_dir, default_drafter, model_dir_if_cached, model_
 from export.repository import drafter_checkpoint, drafter_tap_layers
 from export.runners import load_runner
 from models.drafters import DrafterConfig, load_drafter
-from models.hardware import resolve_dtype
+from models.hardware import resolve_dtype, usable_cores
 from models.loading import load_config
 from orchestrator.draft_vocab import cached_draft_vocab
 from orchestrator.drafting import (
@@ -209,7 +209,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         model_dir = _resolve_model_dir(os.environ.get("DSPARK_MODEL") or params["model"])
-        threads = int(params["num_threads"]) or os.cpu_count()
+        threads = int(params["num_threads"]) or usable_cores()
         torch.set_num_threads(threads)
         dtype = resolve_dtype(os.environ.get("DSPARK_DTYPE") or params["dtype"])  # auto: bf16 where the CPU has it
         config = EngineConfig(
