@@ -624,5 +624,39 @@ def perf_analyzer_cmd(url: str, policy: str, concurrency_range: str, requests: i
     click.echo(f"csv: {out_dir / 'perf_analyzer.csv'}")
 
 
+@cli.command("genai-perf")
+@click.option("--url", default=None, help="host:port (default: localhost gRPC 8001, or HTTP 8000 for --backend generate).")
+@click.option("--backend", type=click.Choice(["tensorrtllm", "vllm", "generate"]), default="tensorrtllm",
+              show_default=True, help="kserve convention over gRPC, or Triton's HTTP generate route.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served target: its tokenizer for genai-perf.")
+@click.option("--input-tokens", default=64, show_default=True)
+@click.option("--output-tokens", default=32, show_default=True)
+@click.option("--requests", default=8, show_default=True)
+@click.option("--concurrency", default=1, show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/genai_perf"), show_default=True)
+def genai_perf_cmd(url: str | None, backend: str, model: str, input_tokens: int, output_tokens: int, requests: int,
+                   concurrency: int, out_dir: Path) -> None:
+    """Run NVIDIA's genai-perf (pinned, in its own environment) on the ensemble; compare its token counts with ours."""
+    from clients.genai_perf import PerfAnalyzerUnavailable, run_genai_perf
+    from export.fetch import fetch_model
+
+    url = url or ("localhost:8000" if backend == "generate" else "localhost:8001")
+    out_dir = out_dir.resolve()
+    try:
+        result = run_genai_perf(url, backend, fetch_model(model), out_dir / backend, input_tokens=input_tokens,
+                                output_tokens=output_tokens, num_prompts=requests, request_count=requests,
+                                concurrency=concurrency)
+    except (PerfAnalyzerUnavailable, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(" ".join(result.command), err=True)
+    stats = result.stats
+    click.echo(f"requests {stats['request_count']['avg']:.0f}  TTFT p50 {stats['time_to_first_token']['p50']:.0f} ms  "
+               f"ITL p50 {stats['inter_token_latency']['p50']:.0f} ms  "
+               f"output tok/s {stats['output_token_throughput']['avg']:.1f}")
+    click.echo(f"output tokens per request: genai-perf {result.genai_perf_output_tokens:.2f} (re-tokenized text), "
+               f"server {result.our_mean_output_tokens:.2f}")
+    click.echo(f"artifacts: {out_dir / backend}")
+
+
 if __name__ == "__main__":
     sys.exit(cli())
