@@ -92,33 +92,61 @@ def _default_pid_file() -> Path:
                    "the server at start.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
               help="Target dtype (default: the repository's setting, auto = bf16 where the CPU computes it natively).")
+@click.option("--openai-port", type=int, default=None,
+              help="Also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) on this port.")
 def serve(model: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None,
-          model_repository: Path | None, drafter: str | None, dtype: str | None) -> None:
-    """Start Triton with the DSpark model repository on loopback."""
+          model_repository: Path | None, drafter: str | None, dtype: str | None, openai_port: int | None) -> None:
+    """Start Triton with the DSpark model repository on loopback (and the OpenAI-compatible frontend)."""
     import signal
 
+    from export.fetch import cache_dir, fetch_model
+    from serving.openai_frontend import pid_file_for, start_frontend
     from serving.triton_launcher import TritonServer
 
-    server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file or _default_pid_file(),
-                                         model_repository, drafter, dtype))
+    pid_file = pid_file or _default_pid_file()
+    server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file, model_repository,
+                                         drafter, dtype))
     server.start()
     click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  (pid {server.pid})")
+    frontend = None
+    if openai_port is not None:
+        try:
+            frontend = start_frontend(server.url_grpc, fetch_model(model), _served_name(model), openai_port,
+                                      cache_dir() / "triton" / f"openai-{openai_port}.log")
+        except RuntimeError as exc:
+            server.stop()
+            raise click.ClickException(str(exc)) from exc
+        pid_file_for(pid_file).write_text(str(frontend.pid))
+        click.echo(f"OpenAI API ready: http://127.0.0.1:{openai_port}/v1  model {_served_name(model)!r}  "
+                   f"(pid {frontend.pid})")
     if detach:
         return
     click.echo("Ctrl-C to stop.")
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
+        if frontend is not None:
+            frontend.terminate()
+            frontend.wait(timeout=30)
+            pid_file_for(pid_file).unlink(missing_ok=True)
         server.stop()
+
+
+def _served_name(model: str) -> str:
+    """The model id OpenAI clients use: the known name, or a local directory's name."""
+    return Path(model).name
 
 
 @cli.command()
 @click.option("--pid-file", type=click.Path(path_type=Path), default=None)
 def stop(pid_file: Path | None) -> None:
-    """Stop a server started with `serve --detach`."""
+    """Stop a server started with `serve --detach` (and its OpenAI-compatible frontend)."""
+    from serving.openai_frontend import pid_file_for, stop_recorded
     from serving.triton_launcher import stop_from_pid_file
 
-    stopped = stop_from_pid_file(pid_file or _default_pid_file())
+    pid_file = pid_file or _default_pid_file()
+    stop_recorded(pid_file_for(pid_file))
+    stopped = stop_from_pid_file(pid_file)
     click.echo("stopped" if stopped else "no server was running")
 
 
