@@ -593,15 +593,21 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
+@click.option("--openai-url", default=None,
+              help="Also drive this OpenAI-compatible frontend (e.g. http://localhost:9000/v1), cells named policy@openai.")
+@click.option("--openai-port", type=int, default=None,
+              help="With --start-server: start the OpenAI frontend on this port and drive it too.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/loadtest"), show_default=True)
 def loadtest(url: str | None, start_server: bool, model: str, http_port: int, grpc_port: int, metrics_port: int,
              repeats: int, drafter: str | None, dtype: str | None,
              policies: tuple[str, ...], concurrency: str, rate: str, requests: int, duration: float, max_tokens: int,
-             temperature: float, prompts: str, out_dir: Path) -> None:
+             temperature: float, prompts: str, openai_url: str | None, openai_port: int | None, out_dir: Path) -> None:
     """Streaming load test: per-user vs total tokens/s per policy and load (CSV, JSON, PNG, ratio table)."""
     import contextlib
 
     from clients.loadgen import Policy, SweepConfig, comparison_table, parse_list, run_sweep, write_results
+    from export.fetch import cache_dir, fetch_model
+    from serving.openai_frontend import start_frontend
     from serving.triton_launcher import TritonServer
 
     config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
@@ -613,10 +619,18 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
             server = stack.enter_context(TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None,
                                                                      drafter=drafter, dtype=dtype)))
             url = server.url_grpc
+            if openai_port is not None:
+                frontend = start_frontend(url, fetch_model(model), _served_name(model), openai_port,
+                                          cache_dir() / "triton" / f"openai-{openai_port}.log")
+                stack.callback(frontend.wait, 30)
+                stack.callback(frontend.terminate)
+                openai_url = f"http://127.0.0.1:{openai_port}/v1"
         url = url or "localhost:8001"
+        if openai_url:
+            config.openai = (openai_url, _served_name(model))
         cells = run_sweep(url, prompt_list, config, log=lambda m: click.echo(m, err=True))
     click.echo(comparison_table(cells))
-    meta = {"url": url, "model": model if start_server else None, "drafter": drafter, "dtype": dtype,
+    meta = {"url": url, "openai_url": openai_url, "model": model if start_server else None, "drafter": drafter, "dtype": dtype,
             "repeats": repeats, "requests_per_cell": requests,
             "max_tokens": max_tokens, "temperature": temperature, "prompts": len(prompt_list)}
     for kind, path in write_results(cells, out_dir, meta).items():
