@@ -385,7 +385,7 @@ def run_sweep(url: str, prompts: Sequence[str], config: SweepConfig,
         else:
             cell = aggregate(records, name, "open", rate=load.rate, repeat=repeat)
         if log:
-            log(f"{cell.policy:>10} {cell.load:>8} #{repeat}: {cell.requests} ok, {cell.errors} failed, "
+            log(f"{cell.policy:>16} {cell.load:>8} #{repeat}: {cell.requests} ok, {cell.errors} failed, "
                 f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total")
         cells.append(cell)
     return cells
@@ -407,7 +407,7 @@ def comparison_table(cells: Sequence[CellStats], baseline: str = "off") -> str:
     groups: dict[tuple[str, str], list[CellStats]] = {}
     for c in cells:
         groups.setdefault((c.policy, c.load), []).append(c)
-    header = (f"{'policy':>10} {'load':>8} {'n':>3} {'TTFT p50/p90 ms':>16} {'ITL p50/p90 ms':>15} "
+    header = (f"{'policy':>16} {'load':>8} {'n':>3} {'TTFT p50/p90 ms':>16} {'ITL p50/p90 ms':>15} "
               f"{'user tok/s':>10} {'total tok/s':>11} {'tok/round':>9} {'user x':>7} {'total x (min-max)':>17}")
     lines = [header, "-" * len(header)]
     ms = lambda v: _fmt(None if v is None else v * 1e3, ".0f")  # noqa: E731
@@ -419,7 +419,7 @@ def comparison_table(cells: Sequence[CellStats], baseline: str = "off") -> str:
         total = [c.total_tps / b.total_tps for c, b in pairs if b and b.total_tps]
         spread = f" ({min(total):.2f}-{max(total):.2f})" if len(total) > 1 else ""
         lines.append(
-            f"{policy:>10} {load:>8} {sum(c.requests for c in group):>3} "
+            f"{policy:>16} {load:>8} {sum(c.requests for c in group):>3} "
             f"{ms(med['ttft_p50']) + '/' + ms(med['ttft_p90']):>16} {ms(med['itl_p50']) + '/' + ms(med['itl_p90']):>15} "
             f"{_fmt(med['user_tps']):>10} {_fmt(med['total_tps']):>11} {_fmt(med['tokens_per_round'], '.2f'):>9} "
             f"{_fmt(user_x, '.2f'):>7} {_fmt(_median(total), '.2f') + spread:>17}"
