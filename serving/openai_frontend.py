@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from clients.generation import GenerationChunk, _chunk_from_result
@@ -256,9 +257,21 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = "unsupported parameter" if first["type"] == "extra_forbidden" else first["msg"]
-        return JSONResponse(OpenAIError(400, f"{param}: {message}", param=param).body(), status_code=400)
+        if first["type"] == "json_invalid":
+            error = OpenAIError(400, f"the request body is not valid JSON (at character {first['loc'][-1]})")
+        else:
+            param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+            message = "unsupported parameter" if first["type"] == "extra_forbidden" else first["msg"]
+            error = OpenAIError(400, f"{param}: {message}", param=param)
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=status)
 
     def check_model(name: str) -> None:
         if name != served_model_name:

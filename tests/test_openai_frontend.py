@@ -98,6 +98,26 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(client, kwarg
     assert ok.usage.completion_tokens == 2
 
 
+def test_malformed_requests_get_openai_errors(openai_url):
+    import json
+    import urllib.error
+
+    def post(path: str, body: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{openai_url}{path}", data=body, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = post("/chat/completions", b'{"model": "x", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = post("/chat/completions", json.dumps({"model": DEFAULT_MODEL}).encode())
+    assert status == 400 and body["error"]["message"] == "messages: Field required"
+    status, body = post("/embeddings", b"{}")
+    assert status == 404 and body["error"]["type"] == "invalid_request_error"
+
+
 def test_client_leaving_mid_stream_cancels_the_request_on_triton(client, triton):
     cancelled = 'dspark_finished_requests_total{reason="cancelled"}'
     before = metric(triton.metrics, cancelled)
