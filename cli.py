@@ -679,7 +679,8 @@ def perf_analyzer_cmd(url: str, policy: str, concurrency_range: str, requests: i
 def genai_perf_cmd(url: str | None, backend: str, model: str, input_tokens: int, output_tokens: int, requests: int,
                    concurrency: int, out_dir: Path) -> None:
     """Run NVIDIA's genai-perf (pinned, in its own environment) on the ensemble; compare its token counts with ours."""
-    from clients.genai_perf import PerfAnalyzerUnavailable, run_genai_perf
+    from clients.genai_perf import run_genai_perf
+    from clients.perf_analyzer import PerfAnalyzerUnavailable
     from export.fetch import fetch_model
 
     url = url or ("localhost:8000" if backend == "generate" else "localhost:8001")

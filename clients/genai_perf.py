@@ -118,6 +118,3 @@ def run_genai_perf(url: str, backend: str, tokenizer: Path, artifact_dir: Path, 
     return GenaiPerfResult(command, json.loads(summaries[-1].read_text()), our_output_tokens(json.loads(raw[-1].read_text())),
                            proc.stdout)
 
-
-__all__ = ["GENAI_PERF_VERSION", "GenaiPerfResult", "PerfAnalyzerUnavailable", "build_command", "ensure_genai_perf",
-           "run_genai_perf"]
