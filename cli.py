@@ -610,6 +610,8 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
     from serving.openai_frontend import start_frontend
     from serving.triton_launcher import TritonServer
 
+    if openai_port is not None and not start_server:
+        raise click.UsageError("--openai-port starts a frontend beside --start-server; for a running one use --openai-url")
     config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
                          parse_list(rate, float), requests, duration, repeats,
                          params={"max_tokens": max_tokens, "temperature": temperature})
