@@ -92,33 +92,61 @@ def _default_pid_file() -> Path:
                    "the server at start.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
               help="Target dtype (default: the repository's setting, auto = bf16 where the CPU computes it natively).")
+@click.option("--openai-port", type=int, default=None,
+              help="Also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) on this port.")
 def serve(model: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None,
-          model_repository: Path | None, drafter: str | None, dtype: str | None) -> None:
-    """Start Triton with the DSpark model repository on loopback."""
+          model_repository: Path | None, drafter: str | None, dtype: str | None, openai_port: int | None) -> None:
+    """Start Triton with the DSpark model repository on loopback (and the OpenAI-compatible frontend)."""
     import signal
 
+    from export.fetch import cache_dir, fetch_model
+    from serving.openai_frontend import pid_file_for, start_frontend
     from serving.triton_launcher import TritonServer
 
-    server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file or _default_pid_file(),
-                                         model_repository, drafter, dtype))
+    pid_file = pid_file or _default_pid_file()
+    server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file, model_repository,
+                                         drafter, dtype))
     server.start()
     click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  (pid {server.pid})")
+    frontend = None
+    if openai_port is not None:
+        try:
+            frontend = start_frontend(server.url_grpc, fetch_model(model), _served_name(model), openai_port,
+                                      cache_dir() / "triton" / f"openai-{openai_port}.log")
+        except RuntimeError as exc:
+            server.stop()
+            raise click.ClickException(str(exc)) from exc
+        pid_file_for(pid_file).write_text(str(frontend.pid))
+        click.echo(f"OpenAI API ready: http://127.0.0.1:{openai_port}/v1  model {_served_name(model)!r}  "
+                   f"(pid {frontend.pid})")
     if detach:
         return
     click.echo("Ctrl-C to stop.")
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
+        if frontend is not None:
+            frontend.terminate()
+            frontend.wait(timeout=30)
+            pid_file_for(pid_file).unlink(missing_ok=True)
         server.stop()
+
+
+def _served_name(model: str) -> str:
+    """The model id OpenAI clients use: the known name, or a local directory's name."""
+    return Path(model).name
 
 
 @cli.command()
 @click.option("--pid-file", type=click.Path(path_type=Path), default=None)
 def stop(pid_file: Path | None) -> None:
-    """Stop a server started with `serve --detach`."""
+    """Stop a server started with `serve --detach` (and its OpenAI-compatible frontend)."""
+    from serving.openai_frontend import pid_file_for, stop_recorded
     from serving.triton_launcher import stop_from_pid_file
 
-    stopped = stop_from_pid_file(pid_file or _default_pid_file())
+    pid_file = pid_file or _default_pid_file()
+    stop_recorded(pid_file_for(pid_file))
+    stopped = stop_from_pid_file(pid_file)
     click.echo("stopped" if stopped else "no server was running")
 
 
@@ -564,17 +592,25 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
+@click.option("--openai-url", default=None,
+              help="Also drive this OpenAI-compatible frontend (e.g. http://localhost:9000/v1), cells named policy@openai.")
+@click.option("--openai-port", type=int, default=None,
+              help="With --start-server: start the OpenAI frontend on this port and drive it too.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/loadtest"), show_default=True)
 def loadtest(url: str | None, start_server: bool, model: str, http_port: int, grpc_port: int, metrics_port: int,
              repeats: int, drafter: str | None, dtype: str | None,
              policies: tuple[str, ...], concurrency: str, rate: str, requests: int, duration: float, max_tokens: int,
-             temperature: float, prompts: str, out_dir: Path) -> None:
+             temperature: float, prompts: str, openai_url: str | None, openai_port: int | None, out_dir: Path) -> None:
     """Streaming load test: per-user vs total tokens/s per policy and load (CSV, JSON, PNG, ratio table)."""
     import contextlib
 
     from clients.loadgen import Policy, SweepConfig, comparison_table, parse_list, run_sweep, write_results
+    from export.fetch import cache_dir, fetch_model
+    from serving.openai_frontend import start_frontend
     from serving.triton_launcher import TritonServer
 
+    if openai_port is not None and not start_server:
+        raise click.UsageError("--openai-port starts a frontend beside --start-server; for a running one use --openai-url")
     config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
                          parse_list(rate, float), requests, duration, repeats,
                          params={"max_tokens": max_tokens, "temperature": temperature})
@@ -584,10 +620,18 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
             server = stack.enter_context(TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None,
                                                                      drafter=drafter, dtype=dtype)))
             url = server.url_grpc
+            if openai_port is not None:
+                frontend = start_frontend(url, fetch_model(model), _served_name(model), openai_port,
+                                          cache_dir() / "triton" / f"openai-{openai_port}.log")
+                stack.callback(frontend.wait, 30)
+                stack.callback(frontend.terminate)
+                openai_url = f"http://127.0.0.1:{openai_port}/v1"
         url = url or "localhost:8001"
+        if openai_url:
+            config.openai = (openai_url, _served_name(model))
         cells = run_sweep(url, prompt_list, config, log=lambda m: click.echo(m, err=True))
     click.echo(comparison_table(cells))
-    meta = {"url": url, "model": model if start_server else None, "drafter": drafter, "dtype": dtype,
+    meta = {"url": url, "openai_url": openai_url, "model": model if start_server else None, "drafter": drafter, "dtype": dtype,
             "repeats": repeats, "requests_per_cell": requests,
             "max_tokens": max_tokens, "temperature": temperature, "prompts": len(prompt_list)}
     for kind, path in write_results(cells, out_dir, meta).items():
@@ -621,6 +665,41 @@ def perf_analyzer_cmd(url: str, policy: str, concurrency_range: str, requests: i
                    f"{row.get('ttft_p50', float('nan')) * 1e3:>11.0f} {row.get('tokens_per_request', float('nan')):>7.1f} "
                    f"{row.get('total_tps', float('nan')):>7.1f}")
     click.echo(f"csv: {out_dir / 'perf_analyzer.csv'}")
+
+
+@cli.command("genai-perf")
+@click.option("--url", default=None, help="host:port (default: localhost gRPC 8001, or HTTP 8000 for --backend generate).")
+@click.option("--backend", type=click.Choice(["tensorrtllm", "vllm", "generate"]), default="tensorrtllm",
+              show_default=True, help="kserve convention over gRPC, or Triton's HTTP generate route.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served target: its tokenizer for genai-perf.")
+@click.option("--input-tokens", default=64, show_default=True)
+@click.option("--output-tokens", default=32, show_default=True)
+@click.option("--requests", default=8, show_default=True)
+@click.option("--concurrency", default=1, show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/genai_perf"), show_default=True)
+def genai_perf_cmd(url: str | None, backend: str, model: str, input_tokens: int, output_tokens: int, requests: int,
+                   concurrency: int, out_dir: Path) -> None:
+    """Run NVIDIA's genai-perf (pinned, in its own environment) on the ensemble; compare its token counts with ours."""
+    from clients.genai_perf import run_genai_perf
+    from clients.perf_analyzer import PerfAnalyzerUnavailable
+    from export.fetch import fetch_model
+
+    url = url or ("localhost:8000" if backend == "generate" else "localhost:8001")
+    out_dir = out_dir.resolve()
+    try:
+        result = run_genai_perf(url, backend, fetch_model(model), out_dir / backend, input_tokens=input_tokens,
+                                output_tokens=output_tokens, num_prompts=requests, request_count=requests,
+                                concurrency=concurrency)
+    except (PerfAnalyzerUnavailable, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(" ".join(result.command), err=True)
+    stats = result.stats
+    click.echo(f"requests {stats['request_count']['avg']:.0f}  TTFT p50 {stats['time_to_first_token']['p50']:.0f} ms  "
+               f"ITL p50 {stats['inter_token_latency']['p50']:.0f} ms  "
+               f"output tok/s {stats['output_token_throughput']['avg']:.1f}")
+    click.echo(f"output tokens per request: genai-perf {result.genai_perf_output_tokens:.2f} (re-tokenized text), "
+               f"server {result.our_mean_output_tokens:.2f}")
+    click.echo(f"artifacts: {out_dir / backend}")
 
 
 if __name__ == "__main__":

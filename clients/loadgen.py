@@ -1,4 +1,5 @@
-"""Streaming load generator for the `dspark` model over tritonclient gRPC.
+"""Streaming load generator for the `dspark` model: over tritonclient gRPC, or through the
+OpenAI-compatible frontend with the official `openai` client (the same load, both paths).
 
 Two load shapes, both bounded by a request count and a wall-clock budget:
 
@@ -221,6 +222,65 @@ class _StreamWorker:
         self.client.close()
 
 
+class _OpenAIWorker:
+    """One client of the OpenAI-compatible frontend, streaming chat completions one after another.
+
+    The prompt is one user turn, as the native path's chat template makes it. Every chunk carries the
+    usage so far (stream_options.continuous_usage_stats), which gives each chunk's token count and the
+    speculation counters."""
+
+    def __init__(self, base_url: str, model: str) -> None:
+        import openai
+
+        self.openai = openai
+        self.model = model
+        self.client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+
+    def run(self, record: RequestRecord, prompt: str, params: dict[str, Any], deadline: float) -> bool:
+        """Fills `record`; returns False if the deadline cut the request."""
+        extra = {k: params[k] for k in ("spec_mode", "num_draft_tokens", "top_k") if params.get(k) is not None}
+        seen = 0
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": prompt}], stream=True,
+                max_tokens=params.get("max_tokens"), temperature=params.get("temperature", 0.0),
+                stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=extra,
+                timeout=max(deadline - time.monotonic(), 1e-3))
+            with stream:
+                for chunk in stream:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        record.error = "cancelled at the time limit"
+                        return False
+                    if chunk.usage is None:
+                        continue
+                    if chunk.usage.completion_tokens > seen:
+                        record.chunk_times.append(now)
+                        record.chunk_tokens.append(chunk.usage.completion_tokens - seen)
+                        seen = chunk.usage.completion_tokens
+                    spec = (chunk.usage.model_extra or {}).get("speculation") or {}
+                    record.draft_rounds = spec.get("draft_rounds", 0)
+                    record.draft_tokens = spec.get("draft_tokens", 0)
+                    record.accepted_tokens = spec.get("accepted_tokens", 0)
+        except self.openai.APITimeoutError:
+            record.error = "cancelled at the time limit"
+            return False
+        except self.openai.APIError as exc:
+            record.error = str(exc)
+        record.end = time.monotonic()
+        return True
+
+    def close(self, cancel: bool) -> None:
+        self.client.close()
+
+
+APIS = ("triton", "openai")
+
+
+def _worker(api: str, url: str, model: str) -> _StreamWorker | _OpenAIWorker:
+    return _StreamWorker(url, model) if api == "triton" else _OpenAIWorker(url, model)
+
+
 @dataclass
 class LoadSpec:
     """One cell's load: closed loop at `concurrency`, or open loop at `rate` (requests/s) when set."""
@@ -234,10 +294,13 @@ class LoadSpec:
 
 
 def run_load(url: str, prompts: Sequence[str], policy: Policy, spec: LoadSpec, model: str = DEFAULT_MODEL,
-             **params: Any) -> list[RequestRecord]:
+             api: str = "triton", **params: Any) -> list[RequestRecord]:
     """Runs one cell and returns a record per issued request. `params` are extra request inputs
-    (max_tokens, temperature, ...); prompts are used round robin."""
-    check_loopback(url)
+    (max_tokens, temperature, ...); prompts are used round robin. `api`: "triton" (url = gRPC host:port,
+    model = a Triton model) or "openai" (url = the frontend's base URL, model = its served name)."""
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    check_loopback(url.split("://", 1)[-1].split("/", 1)[0])
     params = {**params, **policy.request_params()}
     rng = random.Random(spec.seed)
     begin = time.monotonic()
@@ -252,7 +315,7 @@ def run_load(url: str, prompts: Sequence[str], policy: Policy, spec: LoadSpec, m
     lock = threading.Lock()
 
     def worker() -> None:
-        stream: _StreamWorker | None = None
+        stream: _StreamWorker | _OpenAIWorker | None = None
         try:
             while True:
                 try:
@@ -263,7 +326,7 @@ def run_load(url: str, prompts: Sequence[str], policy: Policy, spec: LoadSpec, m
                     time.sleep(max(arrival - time.monotonic(), 0.0))
                 if time.monotonic() >= deadline:
                     return
-                stream = stream or _StreamWorker(url, model)
+                stream = stream or _worker(api, url, model)
                 record = RequestRecord(index, arrival if arrival is not None else time.monotonic())
                 with lock:
                     records.append(record)
@@ -295,26 +358,34 @@ class SweepConfig:
     warmup_requests: int = 1
     model: str = DEFAULT_MODEL
     params: dict[str, Any] = field(default_factory=dict)
+    openai: tuple[str, str] | None = None  # (base URL, served model): also run every cell through that frontend
 
 
 def run_sweep(url: str, prompts: Sequence[str], config: SweepConfig,
               log: Any = None) -> list[CellStats]:
-    """Every load level x `repeats` passes x every policy; policies are interleaved within a pass so
-    drift of a shared machine hits them alike. A few warm-up requests first, not measured."""
+    """Every load level x `repeats` passes x every policy (x both paths, Triton-native and OpenAI, when
+    `config.openai` is set; OpenAI cells are named `policy@openai`); policies and paths are interleaved
+    within a pass so drift of a shared machine hits them alike. A few warm-up requests first, not measured."""
+    paths = [("triton", url, config.model, "")]
+    if config.openai is not None:
+        paths.append(("openai", *config.openai, "@openai"))
     if config.warmup_requests:
-        run_load(url, prompts, config.policies[0],
-                 LoadSpec(config.warmup_requests, config.cell_duration_s), config.model, **config.params)
+        for api, path_url, model, _ in paths:
+            run_load(path_url, prompts, config.policies[0], LoadSpec(config.warmup_requests, config.cell_duration_s),
+                     model, api=api, **config.params)
     loads = [LoadSpec(config.requests_per_cell, config.cell_duration_s, concurrency=c) for c in config.concurrencies]
     loads += [LoadSpec(config.requests_per_cell, config.cell_duration_s, rate=r) for r in config.rates]
     cells = []
-    for load, repeat, policy in itertools.product(loads, range(config.repeats), config.policies):
-        records = run_load(url, prompts, policy, load, config.model, **config.params)
+    for load, repeat, policy, (api, path_url, model, suffix) in itertools.product(
+            loads, range(config.repeats), config.policies, paths):
+        records = run_load(path_url, prompts, policy, load, model, api=api, **config.params)
+        name = policy.name + suffix
         if load.rate is None:
-            cell = aggregate(records, policy.name, "closed", concurrency=load.concurrency, repeat=repeat)
+            cell = aggregate(records, name, "closed", concurrency=load.concurrency, repeat=repeat)
         else:
-            cell = aggregate(records, policy.name, "open", rate=load.rate, repeat=repeat)
+            cell = aggregate(records, name, "open", rate=load.rate, repeat=repeat)
         if log:
-            log(f"{cell.policy:>10} {cell.load:>8} #{repeat}: {cell.requests} ok, {cell.errors} failed, "
+            log(f"{cell.policy:>16} {cell.load:>8} #{repeat}: {cell.requests} ok, {cell.errors} failed, "
                 f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total")
         cells.append(cell)
     return cells
@@ -336,7 +407,7 @@ def comparison_table(cells: Sequence[CellStats], baseline: str = "off") -> str:
     groups: dict[tuple[str, str], list[CellStats]] = {}
     for c in cells:
         groups.setdefault((c.policy, c.load), []).append(c)
-    header = (f"{'policy':>10} {'load':>8} {'n':>3} {'TTFT p50/p90 ms':>16} {'ITL p50/p90 ms':>15} "
+    header = (f"{'policy':>16} {'load':>8} {'n':>3} {'TTFT p50/p90 ms':>16} {'ITL p50/p90 ms':>15} "
               f"{'user tok/s':>10} {'total tok/s':>11} {'tok/round':>9} {'user x':>7} {'total x (min-max)':>17}")
     lines = [header, "-" * len(header)]
     ms = lambda v: _fmt(None if v is None else v * 1e3, ".0f")  # noqa: E731
@@ -348,7 +419,7 @@ def comparison_table(cells: Sequence[CellStats], baseline: str = "off") -> str:
         total = [c.total_tps / b.total_tps for c, b in pairs if b and b.total_tps]
         spread = f" ({min(total):.2f}-{max(total):.2f})" if len(total) > 1 else ""
         lines.append(
-            f"{policy:>10} {load:>8} {sum(c.requests for c in group):>3} "
+            f"{policy:>16} {load:>8} {sum(c.requests for c in group):>3} "
             f"{ms(med['ttft_p50']) + '/' + ms(med['ttft_p90']):>16} {ms(med['itl_p50']) + '/' + ms(med['itl_p90']):>15} "
             f"{_fmt(med['user_tps']):>10} {_fmt(med['total_tps']):>11} {_fmt(med['tokens_per_round'], '.2f'):>9} "
             f"{_fmt(user_x, '.2f'):>7} {_fmt(_median(total), '.2f') + spread:>17}"

@@ -31,6 +31,9 @@ class DraftRequest:
     num_tokens: int
     params: SamplingParams
     generator: torch.Generator
+    # forbidden ids after a prefix of this draft (the request's min_tokens / bad_words rule, as its
+    # target rows get it); None when the request has no such rule
+    banned: Callable[[Sequence[int]], list[int]] | None = None
 
 
 @dataclass
@@ -96,6 +99,16 @@ class _NoFeatures:
         pass
 
 
+def _allowed_prefix(tokens: list[int], banned: Callable[[Sequence[int]], list[int]] | None) -> list[int]:
+    """A deterministic proposal up to its first token the request's rule forbids (the target would reject it)."""
+    if banned is None:
+        return tokens
+    for i, token in enumerate(tokens):
+        if token in banned(tokens[:i]):
+            return tokens[:i]
+    return tokens
+
+
 class PromptLookupDrafter(_NoFeatures):
     """Copies the continuation of the latest earlier match of the context's last n-gram."""
 
@@ -116,7 +129,7 @@ class PromptLookupDrafter(_NoFeatures):
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         return [
-            Draft(propose_ngram_draft(r.context, r.num_tokens, self.max_ngram, self.min_ngram))
+            Draft(_allowed_prefix(propose_ngram_draft(r.context, r.num_tokens, self.max_ngram, self.min_ngram), r.banned))
             for r in requests
         ]
 
@@ -176,7 +189,11 @@ class ModelDrafter(_NoFeatures):
             )
             for row, i in enumerate(active):
                 request = requests[i]
-                q = warp_logits(logits[row], request.params)
+                row_logits = logits[row]
+                if request.banned is not None and (banned := request.banned(tokens[i])):
+                    row_logits = row_logits.clone()
+                    row_logits[banned] = float("-inf")
+                q = warp_logits(row_logits, request.params)
                 if request.params.greedy:
                     token = int(q.argmax())
                 else:
@@ -189,16 +206,32 @@ class ModelDrafter(_NoFeatures):
         return [Draft(t, torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
 
 
-def _row_sampler(requests: Sequence[DraftRequest]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """sample_fn for a group sharing params: warp like the target, draw each row with its request's RNG."""
+def _row_sampler(requests: Sequence[DraftRequest],
+                 module: DrafterModule) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """sample_fn for a group sharing params: forbid what each request's rule forbids at this position,
+    warp like the target, draw each row with its request's RNG. Called once per draft position."""
     params = requests[0].params
+    constrained = any(r.banned is not None for r in requests)
+    drafted: list[list[int]] = [[] for _ in requests]  # full-vocabulary ids drawn so far, per row
 
     def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if constrained:
+            logits = logits.clone()
+            for row, r in enumerate(requests):
+                if r.banned is not None and (banned := r.banned(drafted[row])):
+                    idx = module.to_draft_ids(torch.tensor(banned, dtype=torch.int64))
+                    logits[row, idx[idx >= 0].to(logits.device)] = float("-inf")
         probs = warp_logits(logits, params)
         if params.greedy:
-            return probs.argmax(-1), probs
-        uniforms = torch.stack([torch.rand((), generator=r.generator, dtype=torch.float64) for r in requests])
-        return sample_from_uniform(probs, uniforms), probs
+            tokens = probs.argmax(-1)
+        else:
+            uniforms = torch.stack([torch.rand((), generator=r.generator, dtype=torch.float64) for r in requests])
+            tokens = sample_from_uniform(probs, uniforms)
+        if constrained:
+            full = tokens if module.draft_vocab is None else module.draft_vocab.to(tokens.device)[tokens]
+            for row, token in enumerate(full.tolist()):
+                drafted[row].append(token)
+        return tokens, probs
 
     return sample
 
@@ -253,7 +286,7 @@ class FeatureDrafter:
                 [self._slots[r.key] for r in group],
                 torch.tensor([r.context[-1] for r in group], dtype=torch.long),
                 k,
-                _row_sampler(group),
+                _row_sampler(group, self.module),
                 greedy=temperature == 0.0,  # picks the confidence calibration of the request's regime
             )
             for row, i in enumerate(members):

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from models.kv_cache import KVCache
 from models.transformer import Transformer
+from orchestrator.constraints import banned_tokens, constrain_rows, is_constrained
 from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
@@ -106,6 +107,7 @@ class _Request:
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     stop: StopStringMatcher
+    end_ids: frozenset[int]  # the request's end_id, else the model's end-of-generation ids
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
     cancel_checked_at: float = 0.0
@@ -196,6 +198,10 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InvalidRequestError(f"input_ids must be in [0, {vocab})")
+        if params.end_ids is not None and not all(0 <= t < vocab for t in params.end_ids):
+            raise InvalidRequestError(f"end_id must be in [0, {vocab}), got {list(params.end_ids)}")
+        if not all(0 <= t < vocab for word in params.bad_words for t in word):
+            raise InvalidRequestError(f"bad_words token ids must be in [0, {vocab})")
         request = _Request(
             request_id=next(self._ids),
             prompt_ids=list(prompt_ids),
@@ -206,6 +212,7 @@ class Engine:
             generator=make_generator(params.seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop=StopStringMatcher(params.stop),
+            end_ids=self.eos_token_ids if params.end_ids is None else frozenset(params.end_ids),
             adaptive_length=max(spec.num_draft_tokens, 1),
         )
         with self._lock:
@@ -329,7 +336,7 @@ class Engine:
         self._decide_drafting(admitted, lengths)
         by_key = {r.request_id: r for r in self._running}
         asks = [
-            DraftRequest(r.request_id, r.context, lengths[r.request_id], r.params, r.generator)
+            DraftRequest(r.request_id, r.context, lengths[r.request_id], r.params, r.generator, self._draft_rule(r))
             for r in self._running
             if lengths.get(r.request_id, 0) > 0
         ]
@@ -354,6 +361,14 @@ class Engine:
             else:
                 drafts[ask.key] = draft
         return drafts
+
+    @staticmethod
+    def _draft_rule(request: _Request) -> Callable[[Sequence[int]], list[int]] | None:
+        """The request's forbidden tokens after a draft prefix: the rule its target rows get (None: no rule)."""
+        if not is_constrained(request.params):
+            return None
+        return lambda drafted: banned_tokens(request.params, request.end_ids, request.context + list(drafted),
+                                             len(request.output_ids) + len(drafted))
 
     def _drafter_call(self, asks: list[DraftRequest]) -> list[Draft]:
         drafts = self.drafter.propose(asks)
@@ -489,6 +504,8 @@ class Engine:
                 observed: list[tuple[_Request, list[int], int]], first_packed: int) -> None:
         """One request's share of the step: verify its draft (or sample one token), roll back, stream;
         what it committed joins `observed` for the drafter's one batched update."""
+        logits = constrain_rows(logits, request.params, request.end_ids, request.context, len(request.output_ids),
+                                draft.tokens if draft is not None else [])
         if draft is None or not draft.tokens:
             if draft is not None:  # drafted, but the scheduler verified none: drop the drafter's lookahead
                 self.drafter.commit(request.request_id, len(request.context))
@@ -560,7 +577,7 @@ class Engine:
         emitted: list[int] = []
         text = ""
         for token in tokens:
-            if token in self.eos_token_ids:
+            if token in request.end_ids:
                 reason = "stop"
                 break
             emitted.append(token)

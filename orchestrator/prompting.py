@@ -54,6 +54,10 @@ class PromptEncoder:
 
     def render_chat(self, user_text: str) -> str:
         """One user turn through the model's chat template, ready for the assistant's answer."""
+        return self.render_messages([{"role": "user", "content": user_text}])
+
+    def render_messages(self, messages: list[dict[str, str]]) -> str:
+        """A conversation (role/content dicts) through the model's chat template, ready for the assistant's answer."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; send apply_chat_template=false")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -61,13 +65,26 @@ class PromptEncoder:
         try:
             template = env.from_string(self.chat_template)
             return template.render(
-                messages=[{"role": "user", "content": user_text}],
+                messages=messages,
                 add_generation_prompt=True,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed: {exc}") from exc
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation, as `encode` gives them for a single user turn."""
+        if not messages or not any(m.get("content", "").strip() for m in messages):
+            raise InvalidRequestError("messages are empty")
+        return self._checked(self.tokenizer.encode(self.render_messages(messages), add_special_tokens=False).ids)
+
+    def _checked(self, ids: list[int]) -> list[int]:
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"prompt is {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}"
+            )
+        return ids
 
     def encode(self, text: bytes | str, apply_chat_template: bool) -> list[int]:
         """Prompt ids, or InvalidRequestError for empty, non-UTF-8 or over-long prompts."""
@@ -80,12 +97,7 @@ class PromptEncoder:
             raise InvalidRequestError("text_input is empty")
         if apply_chat_template:
             text = self.render_chat(text)
-        ids = self.tokenizer.encode(text, add_special_tokens=not apply_chat_template).ids
-        if len(ids) > self.max_prompt_tokens:
-            raise InvalidRequestError(
-                f"prompt is {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}"
-            )
-        return ids
+        return self._checked(self.tokenizer.encode(text, add_special_tokens=not apply_chat_template).ids)
 
     def encode_request(self, inputs: Mapping[str, np.ndarray]) -> list[int]:
         """Prompt ids from a request's `text_input` and optional `apply_chat_template` (default on)."""

@@ -4,7 +4,8 @@ Kept free of Triton so the parsing and its error messages are unit-tested direct
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -41,17 +42,132 @@ def _strings(inputs: Mapping[str, np.ndarray], name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse_sampling_params(inputs: Mapping[str, np.ndarray]) -> SamplingParams:
-    """Optional inputs max_tokens, temperature, top_p, top_k, seed, stop; defaults otherwise."""
+# Inputs of the TensorRT-LLM ensemble and vLLM backend conventions we accept only at their neutral value:
+# name -> (value that changes nothing, what a client gets told otherwise)
+NEUTRAL_INPUTS: dict[str, tuple[object, str]] = {
+    "beam_width": (1, "beam search is not supported; beam_width must be 1"),
+    "num_return_sequences": (1, "one sequence per request; num_return_sequences must be 1"),
+    "repetition_penalty": (1.0, "repetition_penalty is not supported; it must be 1.0"),
+    "presence_penalty": (0.0, "presence_penalty is not supported; it must be 0"),
+    "frequency_penalty": (0.0, "frequency_penalty is not supported; it must be 0"),
+    "length_penalty": (1.0, "length_penalty (beam search) is not supported; it must be 1.0"),
+    "return_log_probs": (False, "return_log_probs is not supported; log probabilities are not returned"),
+    "return_context_logits": (False, "return_context_logits is not supported"),
+    "return_generation_logits": (False, "return_generation_logits is not supported"),
+    "return_logprobs": (False, "return_logprobs is not supported; log probabilities are not returned"),
+    "return_cumulative_logprob": (False, "return_cumulative_logprob is not supported"),
+    "exclude_input_in_output": (True, "exclude_input_in_output must be true: outputs never repeat the prompt"),
+}
+# Inputs whose answer is always there (finish_reason, num_prompt_tokens, num_output_tokens): any value is fine.
+ALWAYS_RETURNED = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens")
+
+# vLLM SamplingParams keys read from the `sampling_parameters` JSON -> our name and type
+_VLLM_KEYS: dict[str, tuple[str, type]] = {
+    "max_tokens": ("max_tokens", int), "temperature": ("temperature", float), "top_p": ("top_p", float),
+    "top_k": ("top_k", int), "seed": ("seed", int), "min_tokens": ("min_tokens", int),
+}
+_VLLM_NEUTRAL = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                 "logprobs": None, "prompt_logprobs": None, "ignore_eos": False, "skip_special_tokens": True}
+
+
+def _coerce(name: str, value: object, kind: type) -> object:
+    """A JSON value as `kind`; vLLM accepts numbers sent as strings (genai-perf sends "max_tokens": "64")."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        if kind is int:
+            number = float(value) if isinstance(value, str) else value
+            if not isinstance(number, (int, float)) or number != int(number):
+                raise TypeError
+            return int(number)
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"sampling_parameters: {name} must be a number, got {value!r}") from None
+
+
+def _vllm_sampling(inputs: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """The vLLM backend's `sampling_parameters` JSON string -> our parameter names (unknown keys are refused)."""
+    texts = _strings(inputs, "sampling_parameters")
+    if not texts:
+        return {}
+    if len(texts) != 1:
+        raise InvalidRequestError(f"sampling_parameters must hold exactly one JSON string, got {len(texts)}")
+    try:
+        given = json.loads(texts[0]) if texts[0].strip() else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"sampling_parameters is not valid JSON: {exc}") from exc
+    if not isinstance(given, dict):
+        raise InvalidRequestError("sampling_parameters must be a JSON object")
+    out: dict[str, object] = {}
+    for key, value in given.items():
+        if key in _VLLM_KEYS:
+            name, kind = _VLLM_KEYS[key]
+            if value is not None:
+                out[name] = _coerce(key, value, kind)
+        elif key == "stop":
+            stops = [value] if isinstance(value, str) else value
+            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                raise InvalidRequestError("sampling_parameters: stop must be a string or a list of strings")
+            out["stop"] = tuple(stops)
+        elif key in _VLLM_NEUTRAL:
+            neutral = _VLLM_NEUTRAL[key]
+            if value is not None and value != neutral and not (neutral is not None and str(value) == str(neutral)):
+                raise InvalidRequestError(f"sampling_parameters: {key}={value!r} is not supported (only {neutral!r})")
+        else:
+            raise InvalidRequestError(f"sampling_parameters: {key!r} is not supported")
+    if out.get("top_k") == -1:  # vLLM's "off"
+        out["top_k"] = 0
+    return out
+
+
+def _check_neutral(inputs: Mapping[str, np.ndarray]) -> None:
+    for name, (neutral, message) in NEUTRAL_INPUTS.items():
+        kind = "b" if isinstance(neutral, bool) else "f" if isinstance(neutral, float) else "i"
+        value = _scalar(inputs, name, kind)
+        if value is not None and value != neutral:
+            raise InvalidRequestError(f"{message}, got {value!r}")
+    for name in ALWAYS_RETURNED:
+        _scalar(inputs, name, "b")
+
+
+def parse_sampling_params(inputs: Mapping[str, np.ndarray],
+                          encode_words: Callable[[str], list[int]] | None = None) -> SamplingParams:
+    """Our inputs (max_tokens, temperature, top_p, top_k, seed, stop) plus those of the TensorRT-LLM
+    ensemble (min_length, end_id, pad_id, random_seed, stop_words, bad_words, ...) and of the vLLM backend
+    (sampling_parameters JSON, exclude_input_in_output); defaults otherwise. `encode_words` tokenizes
+    bad_words (required when they are sent). The same value given twice differently is refused."""
+    _check_neutral(inputs)
     values = {
         "max_tokens": _scalar(inputs, "max_tokens", "i"),
         "temperature": _scalar(inputs, "temperature", "f"),
         "top_p": _scalar(inputs, "top_p", "f"),
         "top_k": _scalar(inputs, "top_k", "i"),
         "seed": _scalar(inputs, "seed", "i"),
+        "min_tokens": _scalar(inputs, "min_length", "i"),
     }
-    params = {k: v for k, v in values.items() if v is not None}
-    return SamplingParams(**params, stop=_strings(inputs, "stop"))
+    random_seed = _scalar(inputs, "random_seed", "i")
+    if random_seed is not None:
+        if values["seed"] not in (None, random_seed):
+            raise InvalidRequestError("seed and random_seed are both set, to different values")
+        values["seed"] = random_seed
+    _scalar(inputs, "pad_id", "i")  # outputs are never padded: nothing to pad with it
+    end_id = _scalar(inputs, "end_id", "i")
+    params: dict[str, object] = {k: v for k, v in values.items() if v is not None}
+    # TensorRT-LLM clients send [""] for "no stop words / bad words"
+    stop = tuple(s for s in _strings(inputs, "stop") + _strings(inputs, "stop_words") if s)
+    for key, value in _vllm_sampling(inputs).items():
+        if key == "stop":
+            stop += tuple(value)
+        elif params.get(key, value) != value:
+            raise InvalidRequestError(f"{key} is set both as an input and in sampling_parameters, to different values")
+        else:
+            params[key] = value
+    words = [w for w in _strings(inputs, "bad_words") if w]
+    if words and encode_words is None:
+        raise InvalidRequestError("bad_words needs the model's tokenizer")
+    bad_words = tuple(tuple(encode_words(w)) for w in words) if words else ()
+    return SamplingParams(**params, stop=stop, bad_words=bad_words,
+                          end_ids=None if end_id is None else (end_id,))
 
 
 def parse_speculation(inputs: Mapping[str, np.ndarray], default: SpeculationParams) -> SpeculationParams:

@@ -14,6 +14,7 @@ import torch
 from orchestrator.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+MAX_BAD_WORDS = 64
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 64-bit unsigned seeds
 
 
@@ -32,6 +33,9 @@ class SamplingParams:
     top_k: int = 0  # 0 => off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0  # no end-of-generation id before this many output tokens
+    end_ids: tuple[int, ...] | None = None  # ids that end the generation; None = the model's own
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences the output must never contain
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +78,17 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens (min_length) must be an integer in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens!r}"
+            )
+        if self.end_ids is not None and (not self.end_ids or not all(_is_int(t) for t in self.end_ids)):
+            raise InvalidRequestError(f"end_id must be a token id, got {self.end_ids!r}")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise InvalidRequestError(f"bad_words holds at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}")
+        if any(not word or not all(_is_int(t) for t in word) for word in self.bad_words):
+            raise InvalidRequestError("bad_words must be non-empty token sequences")
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -78,3 +78,24 @@ def triton(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     with TritonServer(config) as server:
         yield TritonEndpoints(server.url_http, server.url_grpc, server.url_metrics)
+
+
+@pytest.fixture(scope="session")
+def openai_url(triton: TritonEndpoints, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (http://host:port/v1) of the OpenAI-compatible frontend in front of the test server.
+
+    Uses the one CI started with `cli.py serve --openai-port` (DSPARK_OPENAI_URL set) or starts one here.
+    """
+    if os.environ.get("DSPARK_OPENAI_URL"):
+        yield os.environ["DSPARK_OPENAI_URL"]
+        return
+    from serving.openai_frontend import start_frontend
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("openai") / "frontend.log"
+    process = start_frontend(triton.grpc, smollm2_dir, DEFAULT_MODEL, port, log)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

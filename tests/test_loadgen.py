@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.prompt_sets import load_prompt_set
-from clients.loadgen import (CellStats, LoadSpec, Policy, RequestRecord, aggregate, check_loopback, comparison_table,
-                             run_load, write_results)
+from clients.loadgen import (CellStats, LoadSpec, Policy, RequestRecord, SweepConfig, aggregate, check_loopback,
+                             comparison_table, run_load, run_sweep, write_results)
 from clients.perf_analyzer import PerfAnalyzerUnavailable, run_perf_analyzer, summarize_profile, write_input_data
 
 PROMPTS = load_prompt_set("code")
@@ -106,6 +106,27 @@ def test_loadgen_against_triton(triton, policy: str):
         assert stats.draft_rounds == 0 and stats.tokens_per_round is None
     else:
         assert stats.draft_rounds > 0 and stats.tokens_per_round >= 1
+
+
+def test_loadgen_through_the_openai_frontend(openai_url):
+    from tests.conftest import DEFAULT_MODEL
+
+    records = run_load(openai_url, PROMPTS, Policy("static", 4), LoadSpec(num_requests=2, duration_s=90, concurrency=2),
+                       DEFAULT_MODEL, api="openai", max_tokens=8)
+    assert [r.error for r in records] == [None] * 2
+    assert [r.tokens for r in records] == [8] * 2  # counted from the usage every chunk carries
+    stats = aggregate(records, "static:4@openai", "closed", concurrency=2)
+    assert stats.ttft_p50 > 0 and stats.draft_rounds > 0 and stats.tokens_per_round >= 1
+
+
+def test_sweep_compares_the_native_and_openai_paths(triton, openai_url):
+    from tests.conftest import DEFAULT_MODEL
+
+    config = SweepConfig([Policy("off")], [1], requests_per_cell=1, warmup_requests=0,
+                         params={"max_tokens": 4}, openai=(openai_url, DEFAULT_MODEL))
+    cells = run_sweep(triton.grpc, PROMPTS, config)
+    assert [(c.policy, c.tokens) for c in cells] == [("off", 4), ("off@openai", 4)]
+    assert "off@openai" in comparison_table(cells)
 
 
 def test_perf_analyzer_recipe_runs(triton, tmp_path: Path):

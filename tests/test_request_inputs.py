@@ -45,3 +45,47 @@ def test_prompt_ids_and_text():
         parse_text({"text_input": np.array([b"a", b"b"], dtype=object)})
     assert parse_bool({}, "stream", True) is True
     assert parse_bool({"stream": np.array([False])}, "stream", True) is False
+
+
+def _str(*values: str) -> np.ndarray:
+    return np.array([v.encode() for v in values], dtype=object)
+
+
+def test_tensorrt_llm_inputs_take_effect():
+    params = parse_sampling_params({
+        "min_length": np.array([5], np.int32), "end_id": np.array([2], np.int32), "pad_id": np.array([2], np.int32),
+        "random_seed": np.array([9], np.uint64), "stop_words": _str("", "END"), "bad_words": _str("", "ab cd"),
+        "beam_width": np.array([1], np.int32), "return_log_probs": np.array([False]),
+        "exclude_input_in_output": np.array([True]), "max_tokens": np.array([8], np.int32),
+    }, encode_words=lambda w: [len(part) for part in w.split()])
+    assert (params.min_tokens, params.end_ids, params.seed, params.stop) == (5, (2,), 9, ("END",))
+    assert params.bad_words == ((2, 2),)
+
+
+def test_vllm_sampling_parameters_take_effect():
+    params = parse_sampling_params({
+        "sampling_parameters": _str('{"max_tokens": "12", "min_tokens": "12", "temperature": 0.5, "top_k": -1, '
+                                    '"top_p": "0.9", "seed": 4, "stop": "###", "n": 1}'),
+        "exclude_input_in_output": np.array([True]), "return_num_output_tokens": np.array([True]),
+    })
+    assert (params.max_tokens, params.min_tokens, params.top_k, params.seed, params.stop) == (12, 12, 0, 4, ("###",))
+    assert params.temperature == pytest.approx(0.5) and params.top_p == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"beam_width": np.array([4], np.int32)}, "beam search is not supported; beam_width must be 1, got 4"),
+    ({"return_log_probs": np.array([True])}, "return_log_probs is not supported"),
+    ({"repetition_penalty": np.array([1.2], np.float32)}, "repetition_penalty is not supported"),
+    ({"exclude_input_in_output": np.array([False])}, "exclude_input_in_output must be true"),
+    ({"seed": np.array([1], np.uint64), "random_seed": np.array([2], np.uint64)}, "seed and random_seed"),
+    ({"sampling_parameters": _str("{oops")}, "sampling_parameters is not valid JSON"),
+    ({"sampling_parameters": _str('{"n": 2}')}, r"sampling_parameters: n=2 is not supported"),
+    ({"sampling_parameters": _str('{"use_beam_search": true}')}, "'use_beam_search' is not supported"),
+    ({"sampling_parameters": _str('{"max_tokens": "lots"}')}, "max_tokens must be a number"),
+    ({"sampling_parameters": _str('{"max_tokens": 5}'), "max_tokens": np.array([6], np.int32)},
+     "max_tokens is set both as an input and in sampling_parameters"),
+    ({"bad_words": _str("x")}, "bad_words needs the model's tokenizer"),
+])
+def test_other_conventions_refuse_by_name(inputs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_sampling_params(inputs)

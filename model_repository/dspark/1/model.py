@@ -246,6 +246,10 @@ class TritonPythonModel:
                 lambda reading: setattr(self.engine, "external_waiting", reading.pending_requests),
             ).start()
 
+    def _encode_words(self, text: str) -> list[int]:
+        """A bad word's token ids, as the text would be tokenized inside an answer (no special tokens)."""
+        return self.encoder.tokenizer.encode(text, add_special_tokens=False).ids
+
     def execute(self, requests):
         """Hands each request to the engine; every request of the batch gets an answer, whatever fails."""
         for request in requests:
@@ -253,7 +257,7 @@ class TritonPythonModel:
             try:
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 prompt_ids = parse_prompt_ids(inputs) if "input_ids" in inputs else self.encoder.encode_request(inputs)
-                params = parse_sampling_params(inputs)
+                params = parse_sampling_params(inputs, self._encode_words)
                 spec = parse_speculation(inputs, self.engine.config.default_spec)
                 stream = _ResponseStream(sender, parse_bool(inputs, "stream", False))
                 self.engine.submit(prompt_ids, params, emit=stream, is_cancelled=sender.is_cancelled, spec=spec)

@@ -1,0 +1,429 @@
+"""OpenAI-compatible HTTP API in front of Triton: /v1/models, /v1/chat/completions, /v1/completions.
+
+A thin FastAPI app. Each request becomes one gRPC stream to the `dspark` model, not the ensemble:
+Triton cancels a `dspark` stream when its gRPC call is cancelled, so a client that goes away mid-answer
+frees its slot at once. Chat messages go through the model's chat template here and are sent as
+`input_ids` (the same ids the native text path makes for one user turn); completions send the raw
+prompt text. Validation stays where it is for the native paths: the server's own messages come back
+as OpenAI error objects (bad input 400, server faults 500, Triton unreachable 503).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from clients.generation import GenerationChunk, _chunk_from_result
+from orchestrator.errors import InvalidRequestError
+from orchestrator.prompting import PromptEncoder
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ENGINE_MODEL = "dspark"
+# dspark input -> numpy dtype, as declared in its config.pbtxt
+_DTYPES: dict[str, Any] = {
+    "max_tokens": np.int32, "temperature": np.float32, "top_p": np.float32, "top_k": np.int32,
+    "seed": np.uint64, "min_length": np.int32, "presence_penalty": np.float32, "frequency_penalty": np.float32,
+    "num_draft_tokens": np.int32, "spec_mode": np.object_, "apply_chat_template": np.bool_, "stream": np.bool_,
+}
+
+
+class OpenAIError(Exception):
+    """An error the client gets as an OpenAI error object with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def kind(self) -> str:
+        return {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable"}.get(
+            self.status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def error_from_triton(message: str) -> OpenAIError:
+    """The engine says "internal error" for its own faults; everything else it refuses is the client's input."""
+    if message.startswith("internal error"):
+        return OpenAIError(500, message)
+    if "shutting down" in message:
+        return OpenAIError(503, message)
+    return OpenAIError(400, message)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the request's usage
+    continuous_usage_stats: bool = False  # vLLM's extension: every chunk carries the usage so far
+
+
+class _GenerationRequest(BaseModel):
+    """Fields both endpoints share; unknown fields are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0  # OpenAI's default
+    top_p: float = 1.0
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None   # passed on: the engine refuses anything but 0 by name
+    frequency_penalty: float | None = None
+    user: str | None = None  # accepted, unused
+    # DSpark's own inputs
+    top_k: int | None = None
+    min_tokens: int | None = None
+    spec_mode: str | None = None
+    num_draft_tokens: int | None = None
+
+    def engine_inputs(self) -> dict[str, Any]:
+        if self.n != 1:
+            raise OpenAIError(400, f"n must be 1 (one choice per request), got {self.n}", param="n")
+        values = {
+            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "top_k": self.top_k, "min_length": self.min_tokens, "spec_mode": self.spec_mode,
+            "num_draft_tokens": self.num_draft_tokens,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: Literal[False] | None = None
+
+    def engine_inputs(self) -> dict[str, Any]:
+        inputs = super().engine_inputs()
+        if self.max_completion_tokens is not None:
+            inputs["max_tokens"] = self.max_completion_tokens
+        return inputs
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+    echo: Literal[False] = False
+    logprobs: None = None
+
+    @property
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise OpenAIError(400, f"prompt must be one string, got {len(self.prompt)}", param="prompt")
+        return self.prompt[0]
+
+
+def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
+
+
+def engine_arrays(prompt: list[int] | str, params: dict[str, Any], stop: list[str]) -> dict[str, np.ndarray]:
+    """dspark's input tensors: the prompt as ids (chat) or raw text (completions), streamed."""
+    arrays: dict[str, np.ndarray] = {"stream": np.array([True])}
+    if isinstance(prompt, str):
+        arrays["text_input"] = np.array([prompt.encode("utf-8")], dtype=np.object_)
+        arrays["apply_chat_template"] = np.array([False])
+    else:
+        arrays["input_ids"] = np.asarray(prompt, dtype=np.int32)
+    for name, value in params.items():
+        dtype = _DTYPES[name]
+        arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=dtype)
+    if stop:
+        arrays["stop"] = np.array([s.encode("utf-8") for s in stop], dtype=np.object_)
+    return arrays
+
+
+class EngineStream:
+    """One request's chunks from a gRPC stream to dspark; `close` cancels the request on Triton."""
+
+    def __init__(self, client: grpcclient_aio.InferenceServerClient, inputs: list[grpcclient.InferInput]) -> None:
+        self._done = asyncio.Event()
+        self._finished = False
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": ENGINE_MODEL, "inputs": inputs}
+            await self._done.wait()  # keep the stream open until the answer is complete or abandoned
+
+        self._call = client.stream_infer(requests())
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            result, error = await self._call.__anext__()
+        except Exception as exc:  # the connection, not the request: Triton went away or never answered
+            self._finished = True
+            raise OpenAIError(503, f"Triton stream failed: {exc}") from exc
+        if error is not None:
+            self._finished = True
+            raise error_from_triton(error.message() if isinstance(error, InferenceServerException) else str(error))
+        chunk = _chunk_from_result(result)
+        self._finished = chunk.finish_reason is not None
+        return chunk
+
+    def close(self) -> None:
+        """Ends the gRPC call; while the answer is still running this cancels it on the server."""
+        self._done.set()
+        self._call.cancel()
+
+
+def usage(chunk: GenerationChunk) -> dict[str, Any]:
+    """OpenAI usage, with the request's speculation counters: OpenAI's accepted/rejected prediction
+    tokens, and ours (verification rounds with a draft, draft tokens verified, draft tokens accepted)."""
+    return {
+        "prompt_tokens": chunk.num_prompt_tokens,
+        "completion_tokens": chunk.num_output_tokens,
+        "total_tokens": chunk.num_prompt_tokens + chunk.num_output_tokens,
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": chunk.accepted_tokens,
+            "rejected_prediction_tokens": chunk.draft_tokens - chunk.accepted_tokens,
+        },
+        "speculation": {"draft_rounds": chunk.draft_rounds, "draft_tokens": chunk.draft_tokens,
+                        "accepted_tokens": chunk.accepted_tokens},
+    }
+
+
+def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> FastAPI:
+    """The app for one served model; `triton_url` is Triton's gRPC host:port."""
+    encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=1 << 30)  # the engine checks the context
+    created = int(time.time())
+    state: dict[str, grpcclient_aio.InferenceServerClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state["client"] = grpcclient_aio.InferenceServerClient(triton_url)
+        yield
+        await state["client"].close()
+
+    app = FastAPI(title="DSpark OpenAI-compatible API", lifespan=lifespan)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            error = OpenAIError(400, f"the request body is not valid JSON (at character {first['loc'][-1]})")
+        else:
+            param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+            message = "unsupported parameter" if first["type"] == "extra_forbidden" else first["msg"]
+            error = OpenAIError(400, f"{param}: {message}", param=param)
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=status)
+
+    def check_model(name: str) -> None:
+        if name != served_model_name:
+            raise OpenAIError(404, f"model {name!r} does not exist; this server serves {served_model_name!r}",
+                              param="model", code="model_not_found")
+
+    async def open_stream(prompt: list[int] | str, body: _GenerationRequest) -> tuple[EngineStream, GenerationChunk]:
+        """Starts the request and waits for its first chunk, so refusals get a proper status code."""
+        stream = EngineStream(state["client"], _infer_inputs(engine_arrays(prompt, body.engine_inputs(), body.stop_list)))
+        try:
+            return stream, await stream.__anext__()
+        except BaseException:
+            stream.close()
+            raise
+
+    async def respond(prompt: list[int] | str, body: _GenerationRequest, kind: str):
+        stream, first = await open_stream(prompt, body)
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        now = int(time.time())
+
+        def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
+            if kind == "chat":
+                message = {"content": text} if delta else {"role": "assistant", "content": text}
+                return {"index": 0, "delta" if delta else "message": message, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        def envelope(choices: list[dict[str, Any]], stream_chunk: bool) -> dict[str, Any]:
+            obj = {"chat": ("chat.completion.chunk", "chat.completion"),
+                   "text": ("text_completion", "text_completion")}[kind][0 if stream_chunk else 1]
+            return {"id": request_id, "object": obj, "created": now, "model": served_model_name, "choices": choices}
+
+        if not body.stream:
+            last, text = first, first.text
+            try:
+                async for chunk in stream:
+                    last, text = chunk, text + chunk.text
+            finally:
+                stream.close()
+            return JSONResponse({**envelope([choice(text, last.finish_reason, False)], False), "usage": usage(last)})
+
+        options = body.stream_options or StreamOptions()
+
+        async def events() -> AsyncIterator[str]:
+            def event(data: dict[str, Any]) -> str:
+                return f"data: {json.dumps(data)}\n\n"
+
+            last = first
+            try:
+                if kind == "chat":
+                    yield event(envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None, "logprobs": None}], True))
+                chunk: GenerationChunk | None = first
+                while chunk is not None:
+                    last = chunk
+                    if chunk.text or chunk.finish_reason:
+                        data = envelope([choice(chunk.text, chunk.finish_reason, True)], True)
+                        if options.include_usage or options.continuous_usage_stats:
+                            data["usage"] = usage(chunk) if options.continuous_usage_stats else None
+                        yield event(data)
+                    chunk = await anext(stream, None)
+            except OpenAIError as exc:  # after the first chunk the status is sent: the error goes in the stream
+                yield event(exc.body())
+            finally:
+                stream.close()  # a client that went away lands here (cancelled): Triton cancels the request
+            if options.include_usage:
+                yield event({**envelope([], True), "usage": usage(last)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
+                                            "owned_by": "dspark-triton"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        check_model(body.model)
+        try:
+            ids = encoder.encode_messages([m.as_template_message() for m in body.messages])
+        except InvalidRequestError as exc:
+            raise OpenAIError(400, str(exc), param="messages") from exc
+        return await respond(ids, body, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        return await respond(body.prompt_text, body, "text")
+
+    return app
+
+
+def start_frontend(triton_grpc: str, model_dir: Path, served_model_name: str, port: int, log_file: Path,
+                   host: str = "127.0.0.1", ready_timeout_s: float = 60) -> subprocess.Popen:
+    """Starts the frontend in its own process and returns once /v1/models answers."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving.openai_frontend", "--triton-grpc", triton_grpc, "--model-dir",
+             str(model_dir), "--served-model-name", served_model_name, "--host", host, "--port", str(port)],
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the OpenAI frontend exited (rc {process.returncode}); see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=2):
+                return process
+        except OSError:
+            time.sleep(0.3)
+    process.terminate()
+    raise RuntimeError(f"the OpenAI frontend did not answer within {ready_timeout_s} s; see {log_file}")
+
+
+def pid_file_for(triton_pid_file: Path) -> Path:
+    """Where `cli.py serve --detach` records the frontend it started beside a Triton server."""
+    return triton_pid_file.with_name(triton_pid_file.name + ".openai")
+
+
+def stop_recorded(pid_file: Path, timeout_s: float = 10) -> bool:
+    """Stops the frontend whose PID the file holds (if it still runs); False if none was running."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    pid_file.unlink(missing_ok=True)
+    try:
+        if "serving.openai_frontend" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return False  # the PID was reused by something else
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ProcessLookupError):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    return True
+
+
+def main() -> None:
+    """`python -m serving.openai_frontend`: what `cli.py serve --openai-port` starts."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--triton-grpc", default="127.0.0.1:8001", help="Triton's gRPC host:port")
+    parser.add_argument("--model-dir", type=Path, required=True, help="the served model's directory (chat template)")
+    parser.add_argument("--served-model-name", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args()
+    uvicorn.run(create_app(args.triton_grpc, args.model_dir, args.served_model_name), host=args.host, port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
