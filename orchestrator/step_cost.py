@@ -22,8 +22,9 @@ from models.transformer import Transformer
 DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending token plus a few drafts
 # Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections,
-# 3: measured kernel plans), so profiles measured with the old ones are not reused.
-FORWARD_REVISION = 3
+# 3: measured kernel plans; 4: round-robin timing, lower monotone envelope), so profiles measured the old
+# way are not reused.
+FORWARD_REVISION = 4
 
 
 class StepCost(Protocol):
@@ -97,34 +98,48 @@ class OnlineStepCost:
         return 1.0 / self.step_seconds(n)
 
 
+def monotone_envelope(seconds: Sequence[float]) -> list[float]:
+    """The cheapest non-decreasing curve under measured medians: cost(N) = min over M >= N of cost(M).
+
+    A step never costs less with more tokens, so a median above a later one is noise (a shared host's
+    slow phase hits single shapes); carrying the max forward instead would spread one spike over
+    every larger N and make the scheduler refuse drafts it should verify.
+    """
+    out, low = [], float("inf")
+    for value in reversed(seconds):
+        low = min(low, value)
+        out.append(low)
+    return out[::-1]
+
+
 @torch.inference_mode()
 def measure_step_cost(
     model: Transformer,
     token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
     context: int = 128,
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> StepCostProfile:
-    """Times real forwards: N tokens spread over ceil(N / 4) sequences with `context` cached tokens each."""
+    """Times real forwards: N tokens spread over ceil(N / 4) sequences with `context` cached tokens each.
+    Token counts are measured round-robin, repeat by repeat, so a slow phase hits them alike."""
     max_seqs = -(-max(token_counts) // TOKENS_PER_SEQUENCE)
     cache = model.new_cache(max_seqs, context + TOKENS_PER_SEQUENCE)
     slots = [cache.allocate() for _ in range(max_seqs)]
     vocab = model.config.vocab_size
     model(torch.randint(0, vocab, (context * max_seqs,)), slots, [context] * max_seqs, cache)
-    medians = []
-    for n in token_counts:
-        num_new = [TOKENS_PER_SEQUENCE] * (n // TOKENS_PER_SEQUENCE) + ([n % TOKENS_PER_SEQUENCE] if n % TOKENS_PER_SEQUENCE else [])
-        used = slots[: len(num_new)]
-        times = []
-        for _ in range(repeats + 1):  # the first call warms up this shape
+    times: dict[int, list[float]] = {n: [] for n in token_counts}
+    for rep in range(repeats + 1):  # the first round warms every shape up
+        for n in token_counts:
+            num_new = [TOKENS_PER_SEQUENCE] * (n // TOKENS_PER_SEQUENCE) + (
+                [n % TOKENS_PER_SEQUENCE] if n % TOKENS_PER_SEQUENCE else [])
+            used = slots[: len(num_new)]
             started = time.perf_counter()
             model(torch.randint(0, vocab, (n,)), used, num_new, cache)
-            times.append(time.perf_counter() - started)
+            if rep:
+                times[n].append(time.perf_counter() - started)
             for slot in used:
                 cache.truncate(slot, context)
-        medians.append(sorted(times[1:])[len(times[1:]) // 2])
-    # Measurement noise can make a larger batch look cheaper; cost never falls with more tokens.
-    monotone = [max(medians[: i + 1]) for i in range(len(medians))]
-    return StepCostProfile(tuple(token_counts), tuple(monotone))
+    medians = [sorted(times[n])[len(times[n]) // 2] for n in token_counts]
+    return StepCostProfile(tuple(token_counts), tuple(monotone_envelope(medians)))
 
 
 def profile_path(root: Path, model_dir: Path, runtime: str, dtype: str, threads: int) -> Path:

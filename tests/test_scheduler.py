@@ -13,7 +13,7 @@ from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams
 from orchestrator.scheduler import plan_verification, survival_probabilities
-from orchestrator.step_cost import StepCostProfile, measure_step_cost
+from orchestrator.step_cost import StepCostProfile, measure_step_cost, monotone_envelope
 
 FLAT = StepCostProfile((1, 64), (0.050, 0.052))      # memory-bound: 64 tokens cost ~ 1
 STEEP = StepCostProfile((1, 64), (0.010, 0.640))     # compute-bound: cost grows with every token
@@ -75,6 +75,12 @@ def test_measured_step_cost_of_a_real_forward_is_positive_and_monotone(tmp_path)
     assert list(profile.seconds) == sorted(profile.seconds)
     profile.save(tmp_path / "p.json")
     assert StepCostProfile.load(tmp_path / "p.json") == profile
+
+
+def test_a_noise_spike_does_not_raise_the_cost_of_every_larger_batch():
+    # a slow phase hit N=8 only: the curve keeps the cheaper later measurements, not the spike
+    assert monotone_envelope([50.0, 50.0, 68.0, 60.0, 70.0, 66.0, 90.0]) == [50.0, 50.0, 60.0, 60.0, 66.0, 66.0, 90.0]
+    assert monotone_envelope([3.0, 2.0, 1.0]) == [1.0, 1.0, 1.0]
 
 
 def test_baseline_policies():
