@@ -54,6 +54,9 @@ class Draft:
 class Drafter(Protocol):
     name: str
     tap_layers: tuple[int, ...]  # target layers whose hidden states `observe` needs (empty: none)
+    # True where drafting k tokens costs k drafter steps (a small LM): the scheduler then drafts only
+    # as many as it plans to verify. False where a block costs the same at any length (lookup, DSpark).
+    sequential: bool
 
     def admit(self, key: int) -> None: ...
 
@@ -113,6 +116,7 @@ class PromptLookupDrafter(_NoFeatures):
     """Copies the continuation of the latest earlier match of the context's last n-gram."""
 
     name = "prompt_lookup"
+    sequential = False
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram = max_ngram
@@ -142,6 +146,7 @@ class ModelDrafter(_NoFeatures):
     """
 
     name = "model"
+    sequential = True
 
     def __init__(self, model: Transformer, max_batch_size: int, max_context: int,
                  draft_vocab: torch.Tensor | None = None) -> None:
@@ -242,6 +247,8 @@ class FeatureDrafter:
     The drafter module keeps projected target features of each request's committed tokens; the
     block is anchored at the last token the target emitted (not yet committed).
     """
+
+    sequential = False  # one block forward (and a cheap left-to-right head) at any length
 
     def __init__(self, module: DrafterModule, max_batch_size: int, max_context: int) -> None:
         self.module = module

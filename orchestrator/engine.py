@@ -397,7 +397,8 @@ class Engine:
         return self._acceptance.survival(len(draft.tokens))
 
     def _decide_drafting(self, admitted: list[_Request], lengths: dict[int, int]) -> None:
-        """dspark mode: draft this step only where it is expected to pay (sets the others' lengths to 0).
+        """dspark mode: draft this step only where it is expected to pay (sets the others' lengths to 0),
+        and with a sequential drafter only as many tokens as the plan expects to verify.
 
         Decided before drafting, from what is known already: each request's last block's survival (else
         the measured prefix acceptance), this step's active batch, and the measured drafting cost.
@@ -413,10 +414,10 @@ class Engine:
         base_tokens = len(dspark) + sum(
             len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0) for r in self._running if r not in dspark
         )
-        decisions = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, self._draft_cost())
-        for r, draft in zip(dspark, decisions):
-            if not draft:
-                lengths[r.request_id] = 0
+        counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, self._draft_cost())
+        for r, count in zip(dspark, counts):
+            if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
+                lengths[r.request_id] = count
 
     def _draft_cost(self, seconds: float | None = None) -> float:
         """The drafting time the scheduler plans with: the median of the first drafting steps, then fixed,

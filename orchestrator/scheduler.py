@@ -94,18 +94,19 @@ def plan_drafting(
     base_expected_tokens: float,
     cost: StepCost,
     draft_seconds: float,
-) -> list[bool]:
-    """Which requests draft this step, decided before drafting from predicted survival probabilities.
+) -> list[int]:
+    """How many tokens each request should draft this step (0: none), decided before drafting from
+    predicted survival probabilities.
 
     predicted[r]: request r's survival estimate per draft position (e.g. its previous block's
     calibrated confidences, or the measured prefix acceptance). Drafting is worth its cost only if the
-    best verification plan, paying `draft_seconds` for the drafting, beats a plain step; then the
-    requests that plan gives at least one token draft. Taken every step, so speculation returns as
-    soon as the load (base_tokens) drops or predictions improve.
+    best verification plan, paying `draft_seconds` for the drafting, beats a plain step; then each
+    request gets the count that plan would verify. Taken every step, so speculation returns as soon
+    as the load (base_tokens) drops or predictions improve.
     """
     counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds)
     expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, counts))
     speculative = expected_throughput(expected, base_tokens + sum(counts), cost, draft_seconds)
     if speculative <= expected_throughput(base_expected_tokens, base_tokens, cost):
-        return [False] * len(predicted)
-    return [c > 0 for c in counts]
+        return [0] * len(predicted)
+    return counts

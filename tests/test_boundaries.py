@@ -41,6 +41,7 @@ class OracleDrafter:
 
     name = "oracle"
     tap_layers: tuple[int, ...] = ()
+    sequential = False
 
     def __init__(self, prompts: Sequence[list[int]], continuations: Sequence[list[int]], miss: float = 0.1) -> None:
         self.known = list(zip(prompts, continuations))

@@ -101,6 +101,7 @@ class FixedDrafter:
 
     name = "fixed"
     tap_layers = ()
+    sequential = False
 
     def __init__(self, tokens, confidences):
         self.tokens, self.confidences = tokens, confidences
@@ -221,6 +222,30 @@ def test_dspark_drafting_stops_under_load_and_resumes_within_a_step_when_it_drop
     assert drafter.calls == [1]  # alone again: drafts in the very next step
 
 
+class LengthRecordingDrafter(FixedDrafter):
+    def __init__(self, sequential: bool):
+        super().__init__([5, 6, 7, 8], None)
+        self.sequential = sequential
+        self.asked = []
+
+    def propose(self, requests):
+        self.asked += [r.num_tokens for r in requests]
+        return super().propose(requests)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_sequential_drafter_drafts_only_what_the_plan_would_verify(sequential):
+    """On this curve one draft token pays and a second does not (prior survival 1/2, 1/4): a small-LM
+    drafter, whose cost grows per token, is asked for 1; a block drafter for its whole length."""
+    drafter = LengthRecordingDrafter(sequential)
+    curve = StepCostProfile((1, 2, 8, 64), (0.010, 0.0105, 0.080, 0.640))
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(4, 128, 100), drafter, curve)
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("dspark", 3))
+    while engine.step():
+        pass
+    assert drafter.asked[:1] == [1 if sequential else 3]  # the first round, before any acceptance is measured
+
+
 def test_prefix_acceptance_estimates_the_true_prefix_survival():
     """Synthetic verify rounds: position k is accepted with conditional rate q[k] once reached, drafts of
     random lengths (the scheduler truncates them). The estimate must match the true survival products;
@@ -253,14 +278,15 @@ def test_drafting_is_decided_per_step_and_returns_when_load_drops():
 
     curve = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080))
     good = [0.9, 0.8, 0.7, 0.6]
-    assert plan_drafting([good], base_tokens=1, base_expected_tokens=1, cost=curve, draft_seconds=0.002) == [True]
+    idle = plan_drafting([good], base_tokens=1, base_expected_tokens=1, cost=curve, draft_seconds=0.002)
+    assert idle == plan_verification([good], 1, 1, curve, 0.002) and idle[0] > 0  # the count it would verify
     # heavy load: 60 other tokens in the forward make every extra token expensive
     busy = plan_drafting([good] * 2, base_tokens=60, base_expected_tokens=60, cost=curve, draft_seconds=0.002)
-    assert busy == [False, False]
+    assert busy == [0, 0]
     # drafting that costs more than it can return is skipped even when idle
-    assert plan_drafting([[0.1, 0.01]], 1, 1, curve, draft_seconds=0.05) == [False]
+    assert plan_drafting([[0.1, 0.01]], 1, 1, curve, draft_seconds=0.05) == [0]
     # and comes back at the next step where the load is light again
-    assert plan_drafting([good], 1, 1, curve, draft_seconds=0.002) == [True]
+    assert plan_drafting([good], 1, 1, curve, draft_seconds=0.002) == idle
 
 
 def test_online_step_cost_follows_measured_steps():
