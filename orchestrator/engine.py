@@ -414,18 +414,24 @@ class Engine:
         base_tokens = len(dspark) + sum(
             len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0) for r in self._running if r not in dspark
         )
-        counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, self._draft_cost())
+        unit = self._draft_cost()
+        if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
+            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, 0.0, unit)
+        else:
+            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, unit)
         for r, count in zip(dspark, counts):
             if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
                 lengths[r.request_id] = count
 
-    def _draft_cost(self, seconds: float | None = None) -> float:
-        """The drafting time the scheduler plans with: the median of the first drafting steps, then fixed,
-        so that the same requests on the same server get the same decisions (and seeded samples)."""
-        if seconds is not None and len(self._draft_timings) < DRAFT_COST_SAMPLES:
-            self._draft_timings.append(seconds)
+    def _draft_cost(self, seconds: float | None = None, positions: int = 1) -> float:
+        """The drafting time the scheduler plans with, per drafting step (a sequential drafter: per drafted
+        position, `seconds` having drafted `positions`): the median of the first drafting steps, then
+        fixed, so that the same requests on the same server get the same decisions (and seeded samples)."""
+        per = None if seconds is None else seconds / (max(positions, 1) if self.drafter.sequential else 1)
+        if per is not None and len(self._draft_timings) < DRAFT_COST_SAMPLES:
+            self._draft_timings.append(per)
         if not self._draft_timings:
-            return 0.0 if seconds is None else seconds
+            return per or 0.0
         return sorted(self._draft_timings)[len(self._draft_timings) // 2]
 
     def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft], draft_seconds: float) -> None:
@@ -462,7 +468,9 @@ class Engine:
         self.stats.draft_seconds += draft_seconds
         if not self._running:  # drafting failed every request
             return
-        self._schedule(admitted, drafts, self._draft_cost(draft_seconds) if drafts else 0.0)
+        longest = max((len(d.tokens) for d in drafts.values()), default=0)
+        paid = self._draft_cost(draft_seconds, longest) * (longest if self.drafter.sequential else 1) if drafts else 0.0
+        self._schedule(admitted, drafts, paid)
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
             tokens = self._step_tokens(r, admitted, drafts)

@@ -52,22 +52,9 @@ def expected_throughput(expected_tokens: float, tokens: int, cost: StepCost, ove
     return expected_tokens / (cost.step_seconds(tokens) + overhead_s)
 
 
-def plan_verification(
-    survival: Sequence[Sequence[float]],
-    base_tokens: int,
-    base_expected_tokens: float,
-    cost: StepCost,
-    overhead_s: float = 0.0,
-) -> list[int]:
-    """How many draft tokens each request verifies this step.
-
-    survival[r][k]: probability that request r's draft tokens 1..k+1 all survive (non-increasing in k).
-    base_tokens: tokens in the forward regardless of drafts (one per running request, prefills, and the
-    planned load of waiting requests); base_expected_tokens: tokens those yield for sure.
-    overhead_s: time the step spends besides the target forward (drafting), already paid.
-    The plan depends only on these probabilities and the load, never on the draft tokens themselves,
-    which keeps verification lossless.
-    """
+def _admit_best_first(survival: Sequence[Sequence[float]], base_tokens: int, base_expected_tokens: float,
+                      cost: StepCost, overhead_s: float) -> list[int]:
+    """Algorithm 1's greedy: slots best first while expected throughput rises."""
     slots = sorted(
         ((p, k, r) for r, row in enumerate(survival) for k, p in enumerate(row)),
         key=lambda slot: (-slot[0], slot[1]),
@@ -88,25 +75,66 @@ def plan_verification(
     return chosen
 
 
+def plan_verification(
+    survival: Sequence[Sequence[float]],
+    base_tokens: int,
+    base_expected_tokens: float,
+    cost: StepCost,
+    overhead_s: float = 0.0,
+    draft_step_s: float = 0.0,
+) -> list[int]:
+    """How many draft tokens each request verifies this step.
+
+    survival[r][k]: probability that request r's draft tokens 1..k+1 all survive (non-increasing in k).
+    base_tokens: tokens in the forward regardless of drafts (one per running request, prefills, and the
+    planned load of waiting requests); base_expected_tokens: tokens those yield for sure.
+    overhead_s: time the step spends besides the target forward (drafting already paid, or a block
+    drafter's cost at any length); draft_step_s: for a drafter that drafts token by token (batched over
+    requests), the time of one drafting step, paid once per position of the longest draft. Then every
+    longest length L is planned with its L steps paid up front, and the best plan wins (a greedy pass
+    alone would stop at the first request's next position, which is free for the others).
+    The plan depends only on these probabilities and the load, never on the draft tokens themselves,
+    which keeps verification lossless.
+    """
+    if draft_step_s <= 0.0:
+        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s)
+
+    def throughput(plan: list[int]) -> float:
+        expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(survival, plan))
+        return expected_throughput(expected, base_tokens + sum(plan), cost,
+                                   overhead_s + draft_step_s * max(plan, default=0))
+
+    best = [0] * len(survival)
+    for longest in range(1, max((len(row) for row in survival), default=0) + 1):
+        plan = _admit_best_first([row[:longest] for row in survival], base_tokens, base_expected_tokens, cost,
+                                 overhead_s + draft_step_s * longest)
+        if throughput(plan) > throughput(best):
+            best = plan
+    return best
+
+
 def plan_drafting(
     predicted: Sequence[Sequence[float]],
     base_tokens: int,
     base_expected_tokens: float,
     cost: StepCost,
     draft_seconds: float,
+    draft_step_s: float = 0.0,
 ) -> list[int]:
     """How many tokens each request should draft this step (0: none), decided before drafting from
     predicted survival probabilities.
 
     predicted[r]: request r's survival estimate per draft position (e.g. its previous block's
     calibrated confidences, or the measured prefix acceptance). Drafting is worth its cost only if the
-    best verification plan, paying `draft_seconds` for the drafting, beats a plain step; then each
+    best verification plan, paying `draft_seconds` for the drafting (plus `draft_step_s` per position
+    of the longest draft, for drafters that draft token by token), beats a plain step; then each
     request gets the count that plan would verify. Taken every step, so speculation returns as soon
     as the load (base_tokens) drops or predictions improve.
     """
-    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds)
+    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s)
     expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, counts))
-    speculative = expected_throughput(expected, base_tokens + sum(counts), cost, draft_seconds)
+    paid = draft_seconds + draft_step_s * max(counts, default=0)
+    speculative = expected_throughput(expected, base_tokens + sum(counts), cost, paid)
     if speculative <= expected_throughput(base_expected_tokens, base_tokens, cost):
         return [0] * len(predicted)
     return counts

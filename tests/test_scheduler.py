@@ -222,6 +222,17 @@ def test_dspark_drafting_stops_under_load_and_resumes_within_a_step_when_it_drop
     assert drafter.calls == [1]  # alone again: drafts in the very next step
 
 
+def test_drafting_paid_per_position_shortens_the_plan():
+    """Flat target cost, a drafter step costing a third of a target step: 4 positions maximise
+    (1 + sum p) / (0.3 + 0.1 k); free drafting would take all 7."""
+    survival = [[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]]
+    flat = StepCostProfile((1, 64), (0.3, 0.3))
+    assert plan_verification(survival, 1, 1, flat) == [7]
+    assert plan_verification(survival, 1, 1, flat, draft_step_s=0.1) == [4]
+    # two requests share the drafter steps: a pass that priced each position alone would stop at [1, 1]
+    assert plan_verification(survival * 2, 2, 2, flat, draft_step_s=0.1) == [4, 4]
+
+
 class LengthRecordingDrafter(FixedDrafter):
     def __init__(self, sequential: bool):
         super().__init__([5, 6, 7, 8], None)
