@@ -136,6 +136,15 @@ def test_dspark_scheduler_stays_lossless_and_follows_the_cost_curve(target, enco
     assert verified_per_round["flat"] > verified_per_round["steep"]
 
 
+def test_dspark_mode_with_a_small_lm_drafter_stays_lossless(target, encoder, reference):
+    """The plan sizes a token-by-token drafter's drafts (priced per drafting step); greedy output is unchanged."""
+    drafter = ModelDrafter(shallow_copy(target, 6), SLOTS, 256)
+    engine, outputs = run(target, encoder, drafter, SpeculationParams("dspark", 7),
+                          step_cost=StepCostProfile((1, 64), (0.05, 0.052)))
+    assert outputs == reference
+    assert engine.stats.speculation.rounds > 0
+
+
 def test_full_acceptance_with_the_target_as_its_own_drafter(target, encoder, reference):
     engine, outputs = run(target, encoder, ModelDrafter(target, SLOTS, 256), SpeculationParams("static", 3),
                           prompts=PROMPTS[:6])
