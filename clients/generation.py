@@ -20,14 +20,18 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 # The engine model takes text directly; its gRPC streams can be cancelled (an ensemble's cannot).
 DEFAULT_MODEL = "dspark"
 
-# Input name -> numpy dtype, as declared in the ensemble's config.pbtxt.
-_INPUT_DTYPES: dict[str, Any] = {
+# Input name -> numpy dtype, as declared in the dspark and ensemble config.pbtxt files.
+INPUT_DTYPES: dict[str, Any] = {
     "apply_chat_template": np.bool_,
+    "stream": np.bool_,
     "max_tokens": np.int32,
+    "min_length": np.int32,
     "temperature": np.float32,
     "top_p": np.float32,
     "top_k": np.int32,
     "seed": np.uint64,
+    "presence_penalty": np.float32,
+    "frequency_penalty": np.float32,
     "num_draft_tokens": np.int32,
     "spec_mode": np.object_,
 }
@@ -89,9 +93,14 @@ def _grpc_inputs(prompt: str | bytes, stop: list[str] | None, params: dict[str, 
     for name, value in params.items():
         if value is not None:
             value = value.encode() if isinstance(value, str) else value
-            arrays[name] = np.array([value], dtype=_INPUT_DTYPES[name])
+            arrays[name] = np.array([value], dtype=INPUT_DTYPES[name])
     if stop:
         arrays["stop"] = np.array([s.encode("utf-8") for s in stop], dtype=np.object_)
+    return infer_inputs(arrays)
+
+
+def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """tritonclient gRPC inputs carrying these named arrays."""
     inputs = []
     for name, array in arrays.items():
         item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -100,7 +109,7 @@ def _grpc_inputs(prompt: str | bytes, stop: list[str] | None, params: dict[str, 
     return inputs
 
 
-def _chunk_from_result(result: Any) -> GenerationChunk:
+def chunk_from_result(result: Any) -> GenerationChunk:
     def scalar(name: str) -> Any:
         array = result.as_numpy(name)
         return None if array is None or array.size == 0 else array.reshape(-1)[0]
@@ -141,7 +150,7 @@ def stream_grpc(
             response = result.get_response()
             final = response.parameters.get("triton_final_response")
             if response.outputs:
-                yield _chunk_from_result(result)
+                yield chunk_from_result(result)
             if final is not None and final.bool_param:
                 finished = True
                 return

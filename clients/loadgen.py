@@ -29,7 +29,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from clients.generation import DEFAULT_MODEL, _chunk_from_result, _grpc_inputs
+from clients.generation import DEFAULT_MODEL, chunk_from_result, _grpc_inputs
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -205,7 +205,7 @@ class _StreamWorker:
                 return True
             response = result.get_response()
             if response.outputs:
-                chunk = _chunk_from_result(result)
+                chunk = chunk_from_result(result)
                 if chunk.token_ids:
                     record.chunk_times.append(now)
                     record.chunk_tokens.append(len(chunk.token_ids))

@@ -32,20 +32,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
-from clients.generation import GenerationChunk, _chunk_from_result
+from clients.generation import INPUT_DTYPES, GenerationChunk, chunk_from_result, infer_inputs
 from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
-# dspark input -> numpy dtype, as declared in its config.pbtxt
-_DTYPES: dict[str, Any] = {
-    "max_tokens": np.int32, "temperature": np.float32, "top_p": np.float32, "top_k": np.int32,
-    "seed": np.uint64, "min_length": np.int32, "presence_penalty": np.float32, "frequency_penalty": np.float32,
-    "num_draft_tokens": np.int32, "spec_mode": np.object_, "apply_chat_template": np.bool_, "stream": np.bool_,
-}
 
 
 class OpenAIError(Exception):
@@ -158,15 +152,6 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt[0]
 
 
-def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, array in arrays.items():
-        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        item.set_data_from_numpy(array)
-        inputs.append(item)
-    return inputs
-
-
 def engine_arrays(prompt: list[int] | str, params: dict[str, Any], stop: list[str]) -> dict[str, np.ndarray]:
     """dspark's input tensors: the prompt as ids (chat) or raw text (completions), streamed."""
     arrays: dict[str, np.ndarray] = {"stream": np.array([True])}
@@ -176,7 +161,7 @@ def engine_arrays(prompt: list[int] | str, params: dict[str, Any], stop: list[st
     else:
         arrays["input_ids"] = np.asarray(prompt, dtype=np.int32)
     for name, value in params.items():
-        dtype = _DTYPES[name]
+        dtype = INPUT_DTYPES[name]
         arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=dtype)
     if stop:
         arrays["stop"] = np.array([s.encode("utf-8") for s in stop], dtype=np.object_)
@@ -210,7 +195,7 @@ class EngineStream:
         if error is not None:
             self._finished = True
             raise error_from_triton(error.message() if isinstance(error, InferenceServerException) else str(error))
-        chunk = _chunk_from_result(result)
+        chunk = chunk_from_result(result)
         self._finished = chunk.finish_reason is not None
         return chunk
 
@@ -280,7 +265,7 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
 
     async def open_stream(prompt: list[int] | str, body: _GenerationRequest) -> tuple[EngineStream, GenerationChunk]:
         """Starts the request and waits for its first chunk, so refusals get a proper status code."""
-        stream = EngineStream(state["client"], _infer_inputs(engine_arrays(prompt, body.engine_inputs(), body.stop_list)))
+        stream = EngineStream(state["client"], infer_inputs(engine_arrays(prompt, body.engine_inputs(), body.stop_list)))
         try:
             return stream, await stream.__anext__()
         except BaseException:
