@@ -21,7 +21,7 @@ import torch
 
 from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx, io_names, read_metadata
 from models.config import TransformerConfig
-from models.hardware import machine_id, resolve_dtype
+from models.hardware import measurement_path, resolve_dtype
 from models.kv_cache import KVCache
 from models.loading import load_config, load_token_matrices, load_transformer
 from models.projection import KernelPlan
@@ -349,11 +349,8 @@ def cached_kernel_plan(model: Transformer, model_dir: Path) -> KernelPlan:
     """The projection kernels for this model, dtype, thread count and machine: measured once, then read."""
     from export.fetch import cache_dir
 
-    threads = torch.get_num_threads()
     dtype = str(model.dtype).removeprefix("torch.")
-    ident = f"{Path(model_dir).resolve()}|{machine_id()}|torch {torch.__version__}|{dtype}|{threads}"
-    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    path = cache_dir() / "profiles" / f"{Path(model_dir).name}-kernels-{dtype}-{threads}t-{key}.json"
+    path = measurement_path(cache_dir(), model_dir, f"kernels-{dtype}-{torch.get_num_threads()}t")
     if path.exists():
         return KernelPlan.from_json(json.loads(path.read_text()))
     plan = model.measure_kernel_plan()

@@ -1,6 +1,7 @@
 """What the CPU offers: native bf16, an identity for measurements, the default serving dtype."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from pathlib import Path
@@ -44,6 +45,15 @@ def machine_id() -> str:
     except OSError:
         pass
     return f"{cpu}|{os.cpu_count()}"
+
+
+def measurement_path(root: Path, model_dir: Path, label: str, revision: str = "") -> Path:
+    """Where a measurement of this model (``label``: what was measured, e.g. its dtype and threads) is
+    cached: keyed by the model directory, this machine and torch's version, plus the measuring code's
+    ``revision``, since a measurement taken elsewhere or by older code does not hold here."""
+    ident = f"{Path(model_dir).resolve()}|{machine_id()}|torch {torch.__version__}|{label}|{revision}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return root / "profiles" / f"{Path(model_dir).name}-{label}-{key}.json"
 
 
 def cpu_flags() -> str:

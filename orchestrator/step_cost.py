@@ -6,7 +6,6 @@ almost linearly, and the right number of draft tokens to verify differs accordin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from models.hardware import machine_id
+from models.hardware import measurement_path
 from models.transformer import Transformer
 
 DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -144,9 +143,7 @@ def measure_step_cost(
 
 def profile_path(root: Path, model_dir: Path, runtime: str, dtype: str, threads: int) -> Path:
     """Where the profile of this model, runtime, dtype, thread count and machine is kept."""
-    ident = f"{Path(model_dir).resolve()}|{machine_id()}|torch {torch.__version__}|rev {FORWARD_REVISION}"
-    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    return root / "profiles" / f"{Path(model_dir).name}-{runtime}-{dtype}-{threads}t-{key}.json"
+    return measurement_path(root, model_dir, f"{runtime}-{dtype}-{threads}t", f"rev {FORWARD_REVISION}")
 
 
 def load_or_measure(path: Path, model: Transformer) -> StepCostProfile:
