@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from models.loading import load_transformer
-from orchestrator.drafting import Draft, DraftRequest
+from orchestrator.drafting import Draft, DraftRequest, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
@@ -193,3 +193,24 @@ def plain(boundary_run, reference):
 def test_every_boundary_ends_where_plain_decoding_ends(boundary_run, plain, spec):
     for i, (got, want) in enumerate(zip(boundary_run(spec), plain)):
         assert got == want, f"case {i}"
+
+
+FLUSH_PROMPT = "Ship it 🚀, ship it 🚀, ship it"
+
+
+@pytest.mark.parametrize("spec", [SpeculationParams("off"), SpeculationParams("static", 3)], ids=["off", "static-3"])
+def test_a_stop_string_completed_by_the_final_flush_ends_with_stop(smollm2_fp32, smollm2_encoder, spec):
+    # max_tokens ends on a token that is a space plus the first bytes of an emoji: the detokenizer holds
+    # that text back until the final flush, and only the flushed space completes the stop string. The
+    # text is cut there, so the finish reason is "stop", not "length".
+    tokenizer = smollm2_encoder.tokenizer
+    prompt = smollm2_encoder.encode(FLUSH_PROMPT, False)
+    ids = generate(smollm2_fp32, tokenizer, [prompt], [SamplingParams(max_tokens=REFERENCE_TOKENS)],
+                   SpeculationParams("off"))[0].ids
+    j = next(j for j in range(1, len(ids)) if tokenizer.decode(ids[j:j + 1]) == " \ufffd")
+    before = tokenizer.decode(ids[:j])
+    stop = before[-2:] + " "
+    assert stop not in before, "the stop string must complete only with the held-back space"
+    drafter = None if spec.mode == "off" else PromptLookupDrafter()
+    got = generate(smollm2_fp32, tokenizer, [prompt], [SamplingParams(max_tokens=j + 1, stop=(stop,))], spec, drafter)[0]
+    assert got == Outcome(ids[:j + 1], before[:-2], "stop", len(prompt), j + 1)
