@@ -1,7 +1,6 @@
 """Fault injection: one request's fault fails that request alone, and the engine thread is never stranded."""
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Sequence
 
@@ -155,34 +154,64 @@ def test_shutdown_answers_every_running_and_queued_request(smollm2_fp32, smollm2
         engine.submit(prompts[0], SamplingParams(max_tokens=4), Request())
 
 
+class SwitchBeforeTheEngineLocks:
+    """The engine's lock, with the one thread switch that can lose a cancel forced to happen.
+
+    The first time the engine thread goes for the lock (to read the cancels, alone or together with
+    taking new requests), `switch` runs first, on another thread, to its end: a client submits a
+    request and cancels it at the last moment before the engine reads the cancels. If the engine
+    took new requests earlier in that step and reads the cancels separately, the cancel names a
+    request it has not taken yet, is discarded, and the request runs to its end."""
+
+    def __init__(self, lock, switch) -> None:
+        self.lock, self.switch = lock, switch
+        self.engine_thread: threading.Thread | None = None
+        self.switched = threading.Event()
+
+    def acquire(self, *args, **kwargs) -> bool:
+        if threading.current_thread() is self.engine_thread and not self.switched.is_set():
+            self.switched.set()
+            client = threading.Thread(target=self.switch)
+            client.start()
+            client.join(TIMEOUT_S)
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def test_concurrent_submit_and_cancel_loses_no_cancel(smollm2_fp32, smollm2_encoder):
-    # Clients submit and cancel at once, as fast as they can, while the engine thread (idle but for
-    # them) takes requests and cancels; with threads switching as often as possible, cancels land
-    # between any two of its statements. A lost cancel runs to max_tokens and ends with "length".
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
+    # A client thread submits and cancels while the engine thread runs its loop, with the thread
+    # switch placed where a cancel could fall between taking requests and reading cancels (not left
+    # to chance). A lost cancel runs to max_tokens and ends with "length".
     engine = Engine(smollm2_fp32, smollm2_encoder.tokenizer, EngineConfig(4, 64, 32))
-    engine.start()
     prompt = smollm2_encoder.encode("Hi", False)
-    outs: list[Request] = []
+    out = Request()
+    client_error: list[BaseException] = []
 
-    def client() -> None:
-        for _ in range(500):
-            out = Request()
-            outs.append(out)
+    def submit_and_cancel() -> None:
+        try:
             engine.cancel(engine.submit(prompt, SamplingParams(max_tokens=8), out))
+        except BaseException as exc:  # reported by the test thread
+            client_error.append(exc)
 
+    lock = SwitchBeforeTheEngineLocks(engine._lock, submit_and_cancel)
+    engine._lock = lock
+    engine.start()
+    lock.engine_thread = engine._thread  # armed from here: the engine's next step takes the switch
     try:
-        threads = [threading.Thread(target=client) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert all(out.done.wait(TIMEOUT_S) for out in outs), "a request was never answered"
+        assert lock.switched.wait(TIMEOUT_S), "the engine thread never read the cancels"
+        assert out.done.wait(TIMEOUT_S), "the request was never answered"
     finally:
-        sys.setswitchinterval(previous)
         engine.shutdown()
-    assert [out.finish for out in outs] == ["cancelled"] * len(outs)
+    assert not client_error, client_error
+    assert out.finish == "cancelled" and out.ids == [], (out.finish, out.ids)
 
 
 def test_a_drafter_failing_every_request_fails_them_and_the_engine_serves_on(smollm2_fp32, smollm2_encoder, prompts,
