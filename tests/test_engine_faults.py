@@ -231,3 +231,52 @@ def test_a_drafter_failing_every_request_fails_them_and_the_engine_serves_on(smo
     while engine.step():
         pass
     assert plain.ids == reference[2] and plain.finish in ("length", "stop")
+
+
+class FaultyTarget:
+    """The target model, except that its forward raises on one chosen call: before running (nothing
+    written) or after (the KV cache written and advanced, as a fault late in the forward leaves it)."""
+
+    def __init__(self, model, failing_call: int, after: bool) -> None:
+        self.model, self.failing_call, self.after = model, failing_call, after
+        self.calls = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        failing = self.calls == self.failing_call
+        if failing and not self.after:
+            raise RuntimeError("target forward failed")
+        out = self.model(*args, **kwargs)
+        if failing:
+            raise RuntimeError("target forward failed")
+        return out
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_target_forward_fault_fails_that_steps_requests_and_the_engine_serves_on(
+        smollm2_fp32, smollm2_encoder, prompts, reference, when):
+    # Two slots: requests 0 and 1 run (prefill, one verification step, then the failing forward),
+    # request 2 waits for a slot through the fault and must not be touched by it.
+    target = FaultyTarget(smollm2_fp32, failing_call=3, after=when == "after")
+    engine = Engine(target, smollm2_encoder.tokenizer, EngineConfig(2, 256, 64), PromptLookupDrafter())
+    outs = [Request() for _ in prompts[:3]]
+    for prompt, out in zip(prompts, outs):
+        engine.submit(prompt, SamplingParams(max_tokens=NEW_TOKENS), out, spec=STATIC)
+    while engine.step():
+        pass
+    assert target.calls > 3  # the fault came mid-generation and the engine went on
+    for i in (0, 1):
+        assert outs[i].finish == "error", i
+        assert "internal error" in outs[i].chunks[-1].error and "target forward failed" in outs[i].chunks[-1].error
+        assert 0 < len(outs[i].ids) < len(reference[i]) and outs[i].ids == reference[i][:len(outs[i].ids)], i
+    assert outs[2].finish in ("length", "stop") and outs[2].ids == reference[2]
+    assert engine.cache.num_free() == 2
+    after = Request()
+    engine.submit(prompts[3], SamplingParams(max_tokens=NEW_TOKENS), after, spec=STATIC)
+    while engine.step():
+        pass
+    assert after.finish in ("length", "stop") and after.ids == reference[3]
+    assert engine.cache.num_free() == 2
