@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from models.loading import load_transformer
-from orchestrator.drafting import Draft, DraftRequest
+from orchestrator.drafting import Draft, DraftRequest, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
@@ -107,27 +107,35 @@ def reference(smollm2_fp32, smollm2_encoder, prompts):
 
 
 @pytest.fixture(scope="module")
-def eos_model(smollm2_dir, tmp_path_factory, prompts, reference):
-    """The default model from a directory whose config.json and generation_config.json each add an
-    end-of-generation id (as Llama-3 instruct lists <|eot_id|> only in the latter): tokens that occur
-    once in the reference outputs, at seeded random positions."""
+def added_eos(prompts, reference) -> tuple[int, int]:
+    """The end-of-generation ids the test model's config.json and generation_config.json each add: tokens
+    that occur once in the reference outputs, at seeded random positions, each from another prompt's
+    output (ids drawn from one output would leave the later one unreached, its file untested)."""
     ids, _ = reference
     counts = Counter(t for out in ids for t in out)
-    once = [t for prompt, out in zip(prompts, ids) if len(prompt) < max(map(len, prompts))  # not cut by max_context
-            for t in out if counts[t] == 1]
-    drawn = random.Random(SEED + 1).sample(once, 2)
+    short = [out for prompt, out in zip(prompts, ids) if len(prompt) < max(map(len, prompts))]  # not cut by max_context
+    rng = random.Random(SEED + 1)
+    config_id, generation_id = (rng.choice([t for t in out if counts[t] == 1]) for out in short[:2])
+    return config_id, generation_id
+
+
+@pytest.fixture(scope="module")
+def eos_model(smollm2_dir, tmp_path_factory, added_eos):
+    """The default model from a directory whose config.json and generation_config.json each add an
+    end-of-generation id (as Llama-3 instruct lists <|eot_id|> only in the latter)."""
+    config_id, generation_id = added_eos
     directory = tmp_path_factory.mktemp("eos-model")
     for item in smollm2_dir.iterdir():
         if item.is_file() and item.name not in ("config.json", "generation_config.json"):
             (directory / item.name).symlink_to(item)
     config = json.loads((smollm2_dir / "config.json").read_text())
-    config["eos_token_id"] = [config["eos_token_id"], drawn[0]]
+    config["eos_token_id"] = [config["eos_token_id"], config_id]
     (directory / "config.json").write_text(json.dumps(config))
     generation = json.loads((smollm2_dir / "generation_config.json").read_text())
-    generation["eos_token_id"] = list(generation["eos_token_id"]) + drawn[1:]
+    generation["eos_token_id"] = list(generation["eos_token_id"]) + [generation_id]
     (directory / "generation_config.json").write_text(json.dumps(generation))
     model = load_transformer(directory, torch.float32)
-    assert set(drawn) <= set(model.config.eos_token_ids)
+    assert {config_id, generation_id} <= set(model.config.eos_token_ids)
     return model
 
 
@@ -173,19 +181,24 @@ def boundary_run(eos_model, smollm2_encoder, prompts, reference):
 
 
 @pytest.fixture(scope="module")
-def plain(boundary_run, reference):
-    """Spec off: the truth. The seeded draws must reach every kind of end, so check that they do."""
+def plain(boundary_run, reference, added_eos, smollm2_encoder):
+    """Spec off: the truth. The seeded draws must reach every kind of end, and the added end-of-generation
+    id of each config file, so check that they do."""
     cases = boundary_cases(reference)
     outcomes = boundary_run(SpeculationParams("off"))
+    per_prompt = len(cases) // len(reference[0])
     ends = set()
-    for case, o in zip(cases, outcomes):
-        if o.finish == "stop":
-            ends.add("stop string" if case.stop and case.stop[0] not in o.text else "end-of-generation id")
+    for i, (case, o) in enumerate(zip(cases, outcomes)):
+        if o.finish == "stop" and case.stop and case.stop[0] in smollm2_encoder.tokenizer.decode(o.ids):
+            ends.add("stop string")
+        elif o.finish == "stop":  # the next token of the plain continuation ended it
+            ended_by = reference[0][i // per_prompt][len(o.ids)]
+            ends.add({added_eos[0]: "config.json id", added_eos[1]: "generation_config.json id"}.get(ended_by, "other id"))
         elif o.num_prompt_tokens + o.num_output_tokens == boundary_run.max_context:
             ends.add("max_context")
         elif o.num_output_tokens == case.max_tokens < REFERENCE_TOKENS:
             ends.add("max_tokens")
-    assert ends == {"stop string", "end-of-generation id", "max_context", "max_tokens"}
+    assert {"stop string", "config.json id", "generation_config.json id", "max_context", "max_tokens"} <= ends
     return outcomes
 
 
@@ -193,3 +206,24 @@ def plain(boundary_run, reference):
 def test_every_boundary_ends_where_plain_decoding_ends(boundary_run, plain, spec):
     for i, (got, want) in enumerate(zip(boundary_run(spec), plain)):
         assert got == want, f"case {i}"
+
+
+FLUSH_PROMPT = "Ship it 🚀, ship it 🚀, ship it"
+
+
+@pytest.mark.parametrize("spec", [SpeculationParams("off"), SpeculationParams("static", 3)], ids=["off", "static-3"])
+def test_a_stop_string_completed_by_the_final_flush_ends_with_stop(smollm2_fp32, smollm2_encoder, spec):
+    # max_tokens ends on a token that is a space plus the first bytes of an emoji: the detokenizer holds
+    # that text back until the final flush, and only the flushed space completes the stop string. The
+    # text is cut there, so the finish reason is "stop", not "length".
+    tokenizer = smollm2_encoder.tokenizer
+    prompt = smollm2_encoder.encode(FLUSH_PROMPT, False)
+    ids = generate(smollm2_fp32, tokenizer, [prompt], [SamplingParams(max_tokens=REFERENCE_TOKENS)],
+                   SpeculationParams("off"))[0].ids
+    j = next(j for j in range(1, len(ids)) if tokenizer.decode(ids[j:j + 1]) == " \ufffd")
+    before = tokenizer.decode(ids[:j])
+    stop = before[-2:] + " "
+    assert stop not in before, "the stop string must complete only with the held-back space"
+    drafter = None if spec.mode == "off" else PromptLookupDrafter()
+    got = generate(smollm2_fp32, tokenizer, [prompt], [SamplingParams(max_tokens=j + 1, stop=(stop,))], spec, drafter)[0]
+    assert got == Outcome(ids[:j + 1], before[:-2], "stop", len(prompt), j + 1)

@@ -1,7 +1,6 @@
 """Fault injection: one request's fault fails that request alone, and the engine thread is never stranded."""
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Sequence
 
@@ -155,34 +154,64 @@ def test_shutdown_answers_every_running_and_queued_request(smollm2_fp32, smollm2
         engine.submit(prompts[0], SamplingParams(max_tokens=4), Request())
 
 
+class SwitchBeforeTheEngineLocks:
+    """The engine's lock, with the one thread switch that can lose a cancel forced to happen.
+
+    The first time the engine thread goes for the lock (to read the cancels, alone or together with
+    taking new requests), `switch` runs first, on another thread, to its end: a client submits a
+    request and cancels it at the last moment before the engine reads the cancels. If the engine
+    took new requests earlier in that step and reads the cancels separately, the cancel names a
+    request it has not taken yet, is discarded, and the request runs to its end."""
+
+    def __init__(self, lock, switch) -> None:
+        self.lock, self.switch = lock, switch
+        self.engine_thread: threading.Thread | None = None
+        self.switched = threading.Event()
+
+    def acquire(self, *args, **kwargs) -> bool:
+        if threading.current_thread() is self.engine_thread and not self.switched.is_set():
+            self.switched.set()
+            client = threading.Thread(target=self.switch)
+            client.start()
+            client.join(TIMEOUT_S)
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def test_concurrent_submit_and_cancel_loses_no_cancel(smollm2_fp32, smollm2_encoder):
-    # Clients submit and cancel at once, as fast as they can, while the engine thread (idle but for
-    # them) takes requests and cancels; with threads switching as often as possible, cancels land
-    # between any two of its statements. A lost cancel runs to max_tokens and ends with "length".
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
+    # A client thread submits and cancels while the engine thread runs its loop, with the thread
+    # switch placed where a cancel could fall between taking requests and reading cancels (not left
+    # to chance). A lost cancel runs to max_tokens and ends with "length".
     engine = Engine(smollm2_fp32, smollm2_encoder.tokenizer, EngineConfig(4, 64, 32))
-    engine.start()
     prompt = smollm2_encoder.encode("Hi", False)
-    outs: list[Request] = []
+    out = Request()
+    client_error: list[BaseException] = []
 
-    def client() -> None:
-        for _ in range(500):
-            out = Request()
-            outs.append(out)
+    def submit_and_cancel() -> None:
+        try:
             engine.cancel(engine.submit(prompt, SamplingParams(max_tokens=8), out))
+        except BaseException as exc:  # reported by the test thread
+            client_error.append(exc)
 
+    lock = SwitchBeforeTheEngineLocks(engine._lock, submit_and_cancel)
+    engine._lock = lock
+    engine.start()
+    lock.engine_thread = engine._thread  # armed from here: the engine's next step takes the switch
     try:
-        threads = [threading.Thread(target=client) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert all(out.done.wait(TIMEOUT_S) for out in outs), "a request was never answered"
+        assert lock.switched.wait(TIMEOUT_S), "the engine thread never read the cancels"
+        assert out.done.wait(TIMEOUT_S), "the request was never answered"
     finally:
-        sys.setswitchinterval(previous)
         engine.shutdown()
-    assert [out.finish for out in outs] == ["cancelled"] * len(outs)
+    assert not client_error, client_error
+    assert out.finish == "cancelled" and out.ids == [], (out.finish, out.ids)
 
 
 def test_a_drafter_failing_every_request_fails_them_and_the_engine_serves_on(smollm2_fp32, smollm2_encoder, prompts,
@@ -202,3 +231,52 @@ def test_a_drafter_failing_every_request_fails_them_and_the_engine_serves_on(smo
     while engine.step():
         pass
     assert plain.ids == reference[2] and plain.finish in ("length", "stop")
+
+
+class FaultyTarget:
+    """The target model, except that its forward raises on one chosen call: before running (nothing
+    written) or after (the KV cache written and advanced, as a fault late in the forward leaves it)."""
+
+    def __init__(self, model, failing_call: int, after: bool) -> None:
+        self.model, self.failing_call, self.after = model, failing_call, after
+        self.calls = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        failing = self.calls == self.failing_call
+        if failing and not self.after:
+            raise RuntimeError("target forward failed")
+        out = self.model(*args, **kwargs)
+        if failing:
+            raise RuntimeError("target forward failed")
+        return out
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_target_forward_fault_fails_that_steps_requests_and_the_engine_serves_on(
+        smollm2_fp32, smollm2_encoder, prompts, reference, when):
+    # Two slots: requests 0 and 1 run (prefill, one verification step, then the failing forward),
+    # request 2 waits for a slot through the fault and must not be touched by it.
+    target = FaultyTarget(smollm2_fp32, failing_call=3, after=when == "after")
+    engine = Engine(target, smollm2_encoder.tokenizer, EngineConfig(2, 256, 64), PromptLookupDrafter())
+    outs = [Request() for _ in prompts[:3]]
+    for prompt, out in zip(prompts, outs):
+        engine.submit(prompt, SamplingParams(max_tokens=NEW_TOKENS), out, spec=STATIC)
+    while engine.step():
+        pass
+    assert target.calls > 3  # the fault came mid-generation and the engine went on
+    for i in (0, 1):
+        assert outs[i].finish == "error", i
+        assert "internal error" in outs[i].chunks[-1].error and "target forward failed" in outs[i].chunks[-1].error
+        assert 0 < len(outs[i].ids) < len(reference[i]) and outs[i].ids == reference[i][:len(outs[i].ids)], i
+    assert outs[2].finish in ("length", "stop") and outs[2].ids == reference[2]
+    assert engine.cache.num_free() == 2
+    after = Request()
+    engine.submit(prompts[3], SamplingParams(max_tokens=NEW_TOKENS), after, spec=STATIC)
+    while engine.step():
+        pass
+    assert after.finish in ("length", "stop") and after.ids == reference[3]
+    assert engine.cache.num_free() == 2
