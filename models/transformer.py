@@ -158,8 +158,9 @@ class DecoderLayer(nn.Module):
             s0, s1 = meta.slot_range
             keys, values = kc[s0:s1, :, : meta.kv_len], vc[s0:s1, :, : meta.kv_len]
         else:
-            keys = kc.index_select(0, meta.slots)[:, :, : meta.kv_len]
-            values = vc.index_select(0, meta.slots)[:, :, : meta.kv_len]
+            # slice before gathering: copy the live kv_len positions of each slot, not its whole max_len
+            keys = kc[:, :, : meta.kv_len].index_select(0, meta.slots)
+            values = vc[:, :, : meta.kv_len].index_select(0, meta.slots)
 
         # GQA without repeating K/V: the G query heads sharing a KV head are folded into the query
         # length, giving SDPA [B, Hkv, G*Lq, D] queries against [B, Hkv, Lk, D] keys.

@@ -33,8 +33,8 @@ from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
-from orchestrator.scheduler import PrefixAcceptance, plan_drafting, plan_verification, survival_probabilities
-from orchestrator.step_cost import OnlineStepCost, StepCostProfile
+from orchestrator.scheduler import BatchPlan, PrefixAcceptance, plan_drafting, plan_verification, survival_probabilities
+from orchestrator.step_cost import BatchShape, OnlineStepCost, StepCostProfile
 from orchestrator.stop_strings import StopStringMatcher
 from orchestrator.verification import VerifyResult, verify_greedy, verify_sampling
 
@@ -411,14 +411,15 @@ class Engine:
             k = lengths[r.request_id]
             known = r.predicted if r.predicted is not None and len(r.predicted) >= k else None
             predicted.append(known[:k] if known else self._acceptance.survival(k))
+        batch = self._batch_plan(dspark, lambda r: len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0))
         base_tokens = len(dspark) + sum(
             len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0) for r in self._running if r not in dspark
         )
         unit = self._draft_cost()
         if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
-            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, 0.0, unit)
+            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, 0.0, unit, batch)
         else:
-            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, unit)
+            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, unit, batch=batch)
         for r, count in zip(dspark, counts):
             if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
                 lengths[r.request_id] = count
@@ -448,9 +449,21 @@ class Engine:
             r.predicted = row
         others = [r for r in self._running if r not in planned]
         base_tokens = len(planned) + sum(len(self._step_tokens(r, admitted, drafts)) for r in others)
-        counts = plan_verification(survival, base_tokens, len(self._running), self.step_cost, draft_seconds)
+        batch = self._batch_plan(planned, lambda r: len(self._step_tokens(r, admitted, drafts)))
+        counts = plan_verification(survival, base_tokens, len(self._running), self.step_cost, draft_seconds,
+                                   batch=batch)
         for r, count in zip(planned, counts):
             drafts[r.request_id].truncate(count)
+
+    def _batch_plan(self, planned: list[_Request], new_tokens: Callable[[_Request], int]) -> BatchPlan:
+        """The active batch as the plan prices it: every running request with the tokens it feeds anyway
+        (`new_tokens`; one pending token for the `planned` ones), and the planned ones' contexts."""
+        cached = self.cache.lengths
+        planned_ids = {r.request_id for r in planned}
+        news = [1 if r.request_id in planned_ids else new_tokens(r) for r in self._running]
+        ends = [int(cached[r.slot]) + n for r, n in zip(self._running, news)]
+        return BatchPlan(BatchShape(len(self._running), max(news), max(ends)),
+                         [int(cached[r.slot]) + 1 for r in planned])
 
     @staticmethod
     def _step_tokens(request: _Request, admitted: list[_Request], drafts: dict[int, Draft]) -> list[int]:
@@ -478,6 +491,8 @@ class Engine:
             logits_rows.extend(range(first_row, offset + len(tokens)))
             new_tokens.append(tokens)
             offset += len(tokens)
+        shape = BatchShape(len(new_tokens), max(len(t) for t in new_tokens),
+                           max(int(self.cache.lengths[r.slot]) + len(t) for r, t in zip(self._running, new_tokens)))
         started = time.perf_counter()
         out = self.model(
             torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long),
@@ -492,7 +507,7 @@ class Engine:
         self.stats.last_step_tokens = offset
         self.stats.last_step_draft_tokens = sum(len(d.tokens) for d in drafts.values())
         if self.step_cost is not None:
-            self.step_cost.observe(offset, forward_seconds)
+            self.step_cost.observe(offset, forward_seconds, shape)
         observed: list[tuple[_Request, list[int], int]] = []  # (request, committed tokens, first packed row)
         row = 0
         packed_offset = 0

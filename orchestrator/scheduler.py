@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from orchestrator.step_cost import StepCost
+from orchestrator.step_cost import BatchShape, StepCost
 
 
 def survival_probabilities(confidences: Sequence[float]) -> list[float]:
@@ -47,25 +47,45 @@ class PrefixAcceptance:
         return survival_probabilities(self.conditional(positions))
 
 
-def expected_throughput(expected_tokens: float, tokens: int, cost: StepCost, overhead_s: float = 0.0) -> float:
+def expected_throughput(expected_tokens: float, tokens: int, cost: StepCost, overhead_s: float = 0.0,
+                        shape: BatchShape | None = None) -> float:
     """Tokens per second of a step that verifies `tokens` tokens and is expected to emit `expected_tokens`."""
-    return expected_tokens / (cost.step_seconds(tokens) + overhead_s)
+    return expected_tokens / (cost.step_seconds(tokens, shape) + overhead_s)
+
+
+class BatchPlan:
+    """The active batch a plan is priced on: the forward's tokens besides the drafts being planned, its
+    shape (BatchShape) without them, and the context of each planned request after its pending token."""
+
+    def __init__(self, base: BatchShape, contexts: Sequence[int]) -> None:
+        self.base = base
+        self.contexts = contexts
+
+    def shape(self, plan: Sequence[int], longest: int | None = None) -> BatchShape:
+        """The shape with `plan` draft tokens added (or, priced up front, every request at `longest`)."""
+        if longest is None:
+            extra = max(plan, default=0)
+            context = max((c + k for c, k in zip(self.contexts, plan)), default=0)
+        else:
+            extra, context = longest, max(self.contexts, default=0) + longest
+        return BatchShape(self.base.sequences, max(self.base.longest_new, 1 + extra),
+                          max(self.base.longest_context, context))
 
 
 def _admit_best_first(survival: Sequence[Sequence[float]], base_tokens: int, base_expected_tokens: float,
-                      cost: StepCost, overhead_s: float) -> list[int]:
-    """Algorithm 1's greedy: slots best first while expected throughput rises."""
+                      cost: StepCost, overhead_s: float, shape: BatchShape | None = None) -> list[int]:
+    """Algorithm 1's greedy: slots best first while expected throughput rises (on one batch shape)."""
     slots = sorted(
         ((p, k, r) for r, row in enumerate(survival) for k, p in enumerate(row)),
         key=lambda slot: (-slot[0], slot[1]),
     )
     chosen = [0] * len(survival)
     n, expected = base_tokens, base_expected_tokens
-    best = expected_throughput(expected, n, cost, overhead_s)
+    best = expected_throughput(expected, n, cost, overhead_s, shape)
     for p, k, r in slots:
         if k != chosen[r]:
             continue  # a later position can only follow its prefix
-        gain = expected_throughput(expected + p, n + 1, cost, overhead_s)
+        gain = expected_throughput(expected + p, n + 1, cost, overhead_s, shape)
         if gain <= best:
             break
         chosen[r] += 1
@@ -82,6 +102,7 @@ def plan_verification(
     cost: StepCost,
     overhead_s: float = 0.0,
     draft_step_s: float = 0.0,
+    batch: BatchPlan | None = None,
 ) -> list[int]:
     """How many draft tokens each request verifies this step.
 
@@ -90,24 +111,28 @@ def plan_verification(
     planned load of waiting requests); base_expected_tokens: tokens those yield for sure.
     overhead_s: time the step spends besides the target forward (drafting already paid, or a block
     drafter's cost at any length); draft_step_s: for a drafter that drafts token by token (batched over
-    requests), the time of one drafting step, paid once per position of the longest draft. Then every
-    longest length L is planned with its L steps paid up front, and the best plan wins (a greedy pass
-    alone would stop at the first request's next position, which is free for the others).
+    requests), the time of one drafting step, paid once per position of the longest draft.
+    batch: the active batch's shape, when the cost depends on it: attention pads every sequence to the
+    longest draft, so the first draft token of a step costs more than the next ones.
+    Costs that grow with the longest draft (drafting steps, padded attention) make the greedy pass
+    alone stop at the first request's next position, which is nearly free for the others; so every
+    longest length L is planned with its cost paid up front, and the best plan wins.
     The plan depends only on these probabilities and the load, never on the draft tokens themselves,
     which keeps verification lossless.
     """
-    if draft_step_s <= 0.0:
-        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s)
-
     def throughput(plan: list[int]) -> float:
         expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(survival, plan))
         return expected_throughput(expected, base_tokens + sum(plan), cost,
-                                   overhead_s + draft_step_s * max(plan, default=0))
+                                   overhead_s + draft_step_s * max(plan, default=0),
+                                   batch.shape(plan) if batch is not None else None)
 
+    if draft_step_s <= 0.0 and batch is None:
+        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s)
     best = [0] * len(survival)
     for longest in range(1, max((len(row) for row in survival), default=0) + 1):
         plan = _admit_best_first([row[:longest] for row in survival], base_tokens, base_expected_tokens, cost,
-                                 overhead_s + draft_step_s * longest)
+                                 overhead_s + draft_step_s * longest,
+                                 batch.shape([], longest) if batch is not None else None)
         if throughput(plan) > throughput(best):
             best = plan
     return best
@@ -120,6 +145,7 @@ def plan_drafting(
     cost: StepCost,
     draft_seconds: float,
     draft_step_s: float = 0.0,
+    batch: BatchPlan | None = None,
 ) -> list[int]:
     """How many tokens each request should draft this step (0: none), decided before drafting from
     predicted survival probabilities.
@@ -131,10 +157,11 @@ def plan_drafting(
     request gets the count that plan would verify. Taken every step, so speculation returns as soon
     as the load (base_tokens) drops or predictions improve.
     """
-    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s)
+    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s, batch)
     expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, counts))
     paid = draft_seconds + draft_step_s * max(counts, default=0)
-    speculative = expected_throughput(expected, base_tokens + sum(counts), cost, paid)
-    if speculative <= expected_throughput(base_expected_tokens, base_tokens, cost):
+    with_drafts, plain = (batch.shape(counts), batch.shape([])) if batch is not None else (None, None)
+    speculative = expected_throughput(expected, base_tokens + sum(counts), cost, paid, with_drafts)
+    if speculative <= expected_throughput(base_expected_tokens, base_tokens, cost, 0.0, plain):
         return [0] * len(predicted)
     return counts

@@ -3,6 +3,12 @@
 The load-aware scheduler needs the real curve of this model, runtime, dtype and machine: on a
 memory-bound CPU verifying 8 tokens costs little more than 1, on a compute-bound kernel it grows
 almost linearly, and the right number of draft tokens to verify differs accordingly.
+
+N alone does not set a step's cost. Attention runs over the batch padded to its longest new-token
+count and longest context (``B x q x kv`` query-key pairs), and gathering each sequence's cache reads
+``B x kv`` positions; eight requests 300 tokens into their answers cost 2-3x what eight new tokens
+of short sequences cost. So the profile is SPS(N) measured on a reference shape plus two measured
+coefficients for those terms, and the scheduler prices the batch it is actually planning.
 """
 from __future__ import annotations
 
@@ -23,29 +29,63 @@ TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending to
 # Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections,
 # 3: measured kernel plans; 4: round-robin timing, lower monotone envelope), so profiles measured the old
 # way are not reused.
-FORWARD_REVISION = 4
+FORWARD_REVISION = 5  # 5: batch-shape terms (attention, cache gather) beside SPS(N)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What sets a forward's cost besides N: sequences in it, the most new tokens of one sequence, and
+    the longest context after the step (cached + new). Attention pads every sequence to the last two."""
+
+    sequences: int
+    longest_new: int
+    longest_context: int
+
+    @property
+    def attention_pairs(self) -> int:
+        return self.sequences * self.longest_new * self.longest_context
+
+    @property
+    def gathered_positions(self) -> int:
+        return self.sequences * self.longest_context
 
 
 class StepCost(Protocol):
-    """What the scheduler reads: seconds of one target forward over N tokens."""
+    """What the scheduler reads: seconds of one target forward over N tokens (of this batch shape)."""
 
-    def step_seconds(self, n: int) -> float: ...
+    def step_seconds(self, n: int, shape: BatchShape | None = None) -> float: ...
+
+
+def reference_shape(n: int, context: int) -> BatchShape:
+    """The shape SPS(N) is measured on: N tokens as sequences of TOKENS_PER_SEQUENCE new tokens."""
+    q = min(n, TOKENS_PER_SEQUENCE)
+    return BatchShape(-(-n // TOKENS_PER_SEQUENCE), q, context + q)
 
 
 @dataclass(frozen=True)
 class StepCostProfile:
     tokens: tuple[int, ...]     # N: tokens in one target forward, increasing
-    seconds: tuple[float, ...]  # median wall time of that forward
+    seconds: tuple[float, ...]  # median wall time of that forward, on reference_shape(N, context)
+    attention_s: float = 0.0    # seconds per padded query-key pair (BatchShape.attention_pairs)
+    gather_s: float = 0.0       # seconds per gathered cache position (BatchShape.gathered_positions)
+    context: int = 128          # cached tokens per sequence of the reference shapes
 
-    def step_seconds(self, n: int) -> float:
-        """Piecewise-linear in N; extrapolated from the last segment beyond the measured range."""
+    def step_seconds(self, n: int, shape: BatchShape | None = None) -> float:
+        """Piecewise-linear in N (extrapolated from the last segment beyond the measured range), moved
+        by the shape terms where `shape` differs from the reference shape of N."""
         xs, ys = self.tokens, self.seconds
-        n = max(n, xs[0])
+        m = max(n, xs[0])
+        base = ys[0]
         for i in range(1, len(xs)):
-            if n <= xs[i] or i == len(xs) - 1:
+            if m <= xs[i] or i == len(xs) - 1:
                 slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
-                return max(ys[i - 1] + slope * (n - xs[i - 1]), 1e-9)
-        return ys[0]
+                base = ys[i - 1] + slope * (m - xs[i - 1])
+                break
+        if shape is not None:
+            ref = reference_shape(n, self.context)
+            base += self.attention_s * (shape.attention_pairs - ref.attention_pairs)
+            base += self.gather_s * (shape.gathered_positions - ref.gathered_positions)
+        return max(base, 1e-9)
 
     def steps_per_second(self, n: int) -> float:
         return 1.0 / self.step_seconds(n)
@@ -57,17 +97,18 @@ class StepCostProfile:
     @classmethod
     def load(cls, path: Path) -> "StepCostProfile":
         data = json.loads(path.read_text())
-        return cls(tuple(data["tokens"]), tuple(data["seconds"]))
+        return cls(tuple(data["tokens"]), tuple(data["seconds"]), data.get("attention_s", 0.0),
+                   data.get("gather_s", 0.0), data.get("context", 128))
 
 
 class OnlineStepCost:
     """The profiled curve, corrected by the engine's measured forward times.
 
-    Other models or processes on the same machine, longer contexts than the profile's, or a warm
-    or cold cache make real steps slower or faster than profiled, and not uniformly in N. Each
-    measured step updates a moving average of measured / profiled time at the profile's nearest
-    measured token count; predictions scale the profile by that bucket's ratio (the overall ratio
-    where a bucket has no samples yet).
+    Other models or processes on the same machine, or a warm or cold cache, make real steps slower
+    or faster than profiled, and not uniformly in N. Each measured step (with its batch shape)
+    updates a moving average of measured / predicted time at the profile's nearest measured token
+    count; predictions scale the profile by that bucket's ratio (the overall ratio where a bucket
+    has no samples yet).
     """
 
     def __init__(self, profile: StepCostProfile, weight: float = 0.1) -> None:
@@ -83,15 +124,15 @@ class OnlineStepCost:
     def _bucket(self, n: int) -> int:
         return min(self.profile.tokens, key=lambda t: abs(t - n))
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        ratio = min(max(seconds / self.profile.step_seconds(tokens), 0.1), 10.0)  # one outlier cannot run away
+    def observe(self, tokens: int, seconds: float, shape: BatchShape | None = None) -> None:
+        ratio = min(max(seconds / self.profile.step_seconds(tokens, shape), 0.1), 10.0)  # one outlier cannot run away
         self.ratio += self.weight * (ratio - self.ratio)
         bucket = self._bucket(tokens)
         old = self._bucket_ratio.get(bucket, self.ratio)
         self._bucket_ratio[bucket] = old + self.weight * (ratio - old)
 
-    def step_seconds(self, n: int) -> float:
-        return self.profile.step_seconds(n) * self._bucket_ratio.get(self._bucket(n), self.ratio)
+    def step_seconds(self, n: int, shape: BatchShape | None = None) -> float:
+        return self.profile.step_seconds(n, shape) * self._bucket_ratio.get(self._bucket(n), self.ratio)
 
     def steps_per_second(self, n: int) -> float:
         return 1.0 / self.step_seconds(n)
@@ -111,34 +152,96 @@ def monotone_envelope(seconds: Sequence[float]) -> list[float]:
     return out[::-1]
 
 
+# (sequences, new tokens each, cached tokens) timed beside the N sweep to fit the shape terms
+SHAPE_PROBES = ((1, 1, 640), (8, 1, 640), (8, 2, 640), (8, 4, 640), (4, 8, 640), (2, 4, 640), (8, 1, 256),
+                (8, 4, 256))
+
+
+def _nonnegative_least_squares(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """min ||a x1 + b x2 - y|| over x >= 0, two unknowns: the unconstrained solution, else the best of
+    each one alone (clipped at 0)."""
+    A = torch.tensor([(a, b) for a, b, _ in rows], dtype=torch.float64)
+    y = torch.tensor([v for _, _, v in rows], dtype=torch.float64)[:, None]
+    both = torch.linalg.lstsq(A, y).solution[:, 0].tolist()
+    if min(both) >= 0:
+        return both[0], both[1]
+    candidates = []
+    for j in range(2):
+        col = A[:, j]
+        x = max(float(col @ y[:, 0]) / max(float(col @ col), 1e-30), 0.0)
+        fit = [x if k == j else 0.0 for k in range(2)]
+        candidates.append((float(((A @ torch.tensor(fit, dtype=torch.float64)) - y[:, 0]).square().sum()), fit))
+    best = min(candidates)[1]
+    return best[0], best[1]
+
+
 @torch.inference_mode()
 def measure_step_cost(
     model: Transformer,
     token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
     context: int = 128,
     repeats: int = 5,
+    shape_probes: Sequence[tuple[int, int, int]] = SHAPE_PROBES,
 ) -> StepCostProfile:
-    """Times real forwards: N tokens spread over ceil(N / 4) sequences with `context` cached tokens each.
-    Token counts are measured round-robin, repeat by repeat, so a slow phase hits them alike."""
-    max_seqs = -(-max(token_counts) // TOKENS_PER_SEQUENCE)
-    cache = model.new_cache(max_seqs, context + TOKENS_PER_SEQUENCE)
-    slots = [cache.allocate() for _ in range(max_seqs)]
+    """Times real forwards: SPS(N) on reference shapes (N tokens spread over ceil(N / 4) sequences with
+    `context` cached tokens each), then `shape_probes` to price attention and cache gathers. Sequences
+    sit in every other cache slot, as in a server whose requests come and go. Shapes are timed
+    round-robin, repeat by repeat, so a slow phase hits them alike."""
+    ref_seqs = -(-max(token_counts) // TOKENS_PER_SEQUENCE)
+    probe_seqs = max((b for b, _, _ in shape_probes), default=0)
+    longest = max([context + TOKENS_PER_SEQUENCE] + [c + q for _, q, c in shape_probes])
+    cache = model.new_cache(2 * max(ref_seqs, probe_seqs), longest)
+    slots = [cache.allocate() for _ in range(cache.num_slots)][::2]
     vocab = model.config.vocab_size
-    model(torch.randint(0, vocab, (context * max_seqs,)), slots, [context] * max_seqs, cache)
-    times: dict[int, list[float]] = {n: [] for n in token_counts}
+    cached = [0] * len(slots)
+
+    def fill(used: list[int], length: int) -> None:
+        grow = [(i, length - cached[i]) for i in used if cached[i] < length]
+        if grow:
+            model(torch.randint(0, vocab, (sum(n for _, n in grow),)), [slots[i] for i, _ in grow],
+                  [n for _, n in grow], cache)
+        for i in used:
+            cache.truncate(slots[i], length)
+            cached[i] = length
+
+    def shapes_of(n: int) -> list[int]:
+        return [TOKENS_PER_SEQUENCE] * (n // TOKENS_PER_SEQUENCE) + (
+            [n % TOKENS_PER_SEQUENCE] if n % TOKENS_PER_SEQUENCE else [])
+
+    jobs: list[tuple[object, list[int], list[int], int]] = []  # (key, sequence indices, new tokens, cached)
+    for n in token_counts:
+        new = shapes_of(n)
+        jobs.append((n, list(range(len(new))), new, context))
+    for probe in shape_probes:
+        b, q, c = probe
+        jobs.append((probe, list(range(b)), [q] * b, c))
+    times: dict[object, list[float]] = {key: [] for key, *_ in jobs}
     for rep in range(repeats + 1):  # the first round warms every shape up
-        for n in token_counts:
-            num_new = [TOKENS_PER_SEQUENCE] * (n // TOKENS_PER_SEQUENCE) + (
-                [n % TOKENS_PER_SEQUENCE] if n % TOKENS_PER_SEQUENCE else [])
-            used = slots[: len(num_new)]
+        for key, used, new, length in jobs:
+            fill(used, length)
             started = time.perf_counter()
-            model(torch.randint(0, vocab, (n,)), used, num_new, cache)
+            model(torch.randint(0, vocab, (sum(new),)), [slots[i] for i in used], new, cache)
             if rep:
-                times[n].append(time.perf_counter() - started)
-            for slot in used:
-                cache.truncate(slot, context)
-    medians = [sorted(times[n])[len(times[n]) // 2] for n in token_counts]
-    return StepCostProfile(tuple(token_counts), tuple(monotone_envelope(medians)))
+                times[key].append(time.perf_counter() - started)
+            for i in used:
+                cache.truncate(slots[i], length)
+
+    def median(key: object) -> float:
+        return sorted(times[key])[len(times[key]) // 2]
+
+    curve = StepCostProfile(tuple(token_counts), tuple(monotone_envelope([median(n) for n in token_counts])),
+                            context=context)
+    samples = []
+    for b, q, c in shape_probes:
+        shape = BatchShape(b, q, c + q)
+        samples.append((shape, median((b, q, c)), curve.step_seconds(b * q)))
+    # the curve's own reference shapes carry their terms too: fit on the difference from them
+    refs = [reference_shape(b * q, context) for b, q, _ in shape_probes]
+    attention_s, gather_s = _nonnegative_least_squares([
+        (s.attention_pairs - r.attention_pairs, s.gathered_positions - r.gathered_positions, m - ref)
+        for (s, m, ref), r in zip(samples, refs)
+    ]) if samples else (0.0, 0.0)
+    return StepCostProfile(curve.tokens, curve.seconds, attention_s, gather_s, context)
 
 
 def profile_path(root: Path, model_dir: Path, runtime: str, dtype: str, threads: int) -> Path:

@@ -315,3 +315,46 @@ def test_online_step_cost_follows_measured_steps():
     for _ in range(20):  # the neighbour leaves
         online.observe(1, 0.010)
     assert online.step_seconds(1) == pytest.approx(0.010, rel=0.01)
+
+
+def test_batch_shape_terms_price_context_and_padding():
+    """Reference shapes cost the SPS(N) curve; longer contexts and padded drafts cost their measured terms."""
+    from orchestrator.step_cost import BatchShape, reference_shape
+
+    profile = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080), attention_s=1e-7, gather_s=1e-6, context=128)
+    assert profile.step_seconds(8, reference_shape(8, 128)) == pytest.approx(0.012)
+    ref = reference_shape(8, 128)  # 2 sequences of 4 new tokens, 132 positions
+    long = BatchShape(8, 1, 532)   # 8 decoding sequences 531 tokens in
+    extra = 1e-7 * (8 * 532 - ref.attention_pairs) + 1e-6 * (8 * 532 - ref.gathered_positions)
+    assert profile.step_seconds(8, long) == pytest.approx(0.012 + extra)
+
+
+def test_shape_terms_are_recovered_by_the_nonnegative_fit():
+    from orchestrator.step_cost import _nonnegative_least_squares
+
+    truth = (3e-7, 5e-6)
+    rows = [(a, g, truth[0] * a + truth[1] * g) for a, g in [(1000, 500), (8000, 2000), (4000, 4000), (500, 3000)]]
+    assert _nonnegative_least_squares(rows) == pytest.approx(truth, rel=1e-6)
+    # a term that would come out negative is held at zero and the other refitted
+    rows = [(a, g, 1e-6 * g - 1e-9 * a) for a, g in [(1000, 500), (8000, 2000), (4000, 4000)]]
+    attention_s, gather_s = _nonnegative_least_squares(rows)
+    assert attention_s == 0.0 and gather_s > 0
+
+
+def test_padded_attention_is_paid_once_for_the_whole_batch():
+    """Eight decoding sequences: the first draft token of any of them pads all eight (q 1 -> 2), so one
+    token alone does not pay, while a first token for every request does. A greedy pass that prices
+    slots one by one stops at the first; planning each longest length with its padding paid finds it."""
+    from orchestrator.scheduler import BatchPlan
+    from orchestrator.step_cost import BatchShape
+
+    profile = StepCostProfile((1, 64), (0.050, 0.0505), attention_s=5e-6, context=128)
+    batch = BatchPlan(BatchShape(8, 1, 501), [501] * 8)
+    survival = [[0.6, 0.06]] * 8
+    shape_free = plan_verification(survival, 8, 8, profile, batch=None)
+    assert sum(shape_free) > 8  # blind to padding, it verifies both positions everywhere
+    plan = plan_verification(survival, 8, 8, profile, batch=batch)
+    assert plan == [1] * 8
+    # the same drafts 100 tokens into the answers are worth both positions; 4,000 in, none
+    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(BatchShape(8, 1, 101), [101] * 8)) == [2] * 8
+    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(BatchShape(8, 1, 4001), [4001] * 8)) == [0] * 8
