@@ -102,37 +102,26 @@ class StepCostProfile:
 
 
 class OnlineStepCost:
-    """The profiled curve, corrected by the engine's measured forward times.
+    """The profiled cost, scaled by how fast the machine runs now: a moving average of measured /
+    predicted time over the engine's forwards (each predicted for its own N and batch shape).
 
-    Other models or processes on the same machine, or a warm or cold cache, make real steps slower
-    or faster than profiled, and not uniformly in N. Each measured step (with its batch shape)
-    updates a moving average of measured / predicted time at the profile's nearest measured token
-    count; predictions scale the profile by that bucket's ratio (the overall ratio where a bucket
-    has no samples yet).
+    Other models or processes on the same machine make every step slower; the shape terms already
+    price what differs between steps. One ratio for all N keeps the plan's comparisons on the
+    profile's curve: per-N corrections learned only the token counts the plan took, so a noisy phase
+    that hit one count made it look dear until the plan never took it again, and that stuck.
     """
 
     def __init__(self, profile: StepCostProfile, weight: float = 0.1) -> None:
         self.profile = profile
         self.weight = weight
         self.ratio = 1.0
-        self._bucket_ratio: dict[int, float] = {}
-
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        return self.profile.tokens
-
-    def _bucket(self, n: int) -> int:
-        return min(self.profile.tokens, key=lambda t: abs(t - n))
 
     def observe(self, tokens: int, seconds: float, shape: BatchShape | None = None) -> None:
         ratio = min(max(seconds / self.profile.step_seconds(tokens, shape), 0.1), 10.0)  # one outlier cannot run away
         self.ratio += self.weight * (ratio - self.ratio)
-        bucket = self._bucket(tokens)
-        old = self._bucket_ratio.get(bucket, self.ratio)
-        self._bucket_ratio[bucket] = old + self.weight * (ratio - old)
 
     def step_seconds(self, n: int, shape: BatchShape | None = None) -> float:
-        return self.profile.step_seconds(n, shape) * self._bucket_ratio.get(self._bucket(n), self.ratio)
+        return self.profile.step_seconds(n, shape) * self.ratio
 
     def steps_per_second(self, n: int) -> float:
         return 1.0 / self.step_seconds(n)

@@ -300,21 +300,23 @@ def test_drafting_is_decided_per_step_and_returns_when_load_drops():
     assert plan_drafting([good], 1, 1, curve, draft_seconds=0.002) == idle
 
 
-def test_online_step_cost_follows_measured_steps():
-    from orchestrator.step_cost import OnlineStepCost
+def test_online_step_cost_follows_the_machine_not_the_plan():
+    """A neighbour process doubles every step: predictions follow within a few steps, at every N,
+    including counts the plan has not taken since (they must not keep a stale price)."""
+    from orchestrator.step_cost import BatchShape, OnlineStepCost
 
-    profile = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080))
+    profile = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080), attention_s=1e-7, context=128)
     online = OnlineStepCost(profile, weight=0.5)
-    assert online.step_seconds(8) == pytest.approx(0.012)
-    for _ in range(20):  # a neighbour process doubles every step's time
+    long = BatchShape(8, 1, 1001)
+    assert online.step_seconds(8, long) == pytest.approx(profile.step_seconds(8, long))
+    for _ in range(20):
         online.observe(1, 0.020)
-        online.observe(8, 0.024)
+        online.observe(8, 2 * profile.step_seconds(8, long), long)
     assert online.step_seconds(1) == pytest.approx(0.020, rel=0.01)
-    assert online.step_seconds(8) == pytest.approx(0.024, rel=0.01)
-    assert online.step_seconds(64) == pytest.approx(0.160, rel=0.05)  # unseen bucket: the overall ratio
-    for _ in range(20):  # the neighbour leaves
+    assert online.step_seconds(64) == pytest.approx(0.160, rel=0.01)
+    for _ in range(20):  # the neighbour leaves; only one-token steps are seen
         online.observe(1, 0.010)
-    assert online.step_seconds(1) == pytest.approx(0.010, rel=0.01)
+    assert online.step_seconds(8) == pytest.approx(0.012, rel=0.01)
 
 
 def test_batch_shape_terms_price_context_and_padding():

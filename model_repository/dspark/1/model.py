@@ -110,7 +110,7 @@ class _EngineMetrics:
             "plan_drafts": pb_utils.MetricFamily(
                 "dspark_step_draft_tokens", "Draft tokens the last step verified", gauge),
             "cost_ratio": pb_utils.MetricFamily(
-                "dspark_step_cost_ratio", "Measured / profiled target step time (online SPS(N) correction)", gauge),
+                "dspark_step_cost_ratio", "Measured / predicted target step time (online correction of the step-cost profile)", gauge),
         }
         self.active = self.families["active"].Metric(labels={})
         self.external = self.families["external"].Metric(labels={})
