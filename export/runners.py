@@ -303,7 +303,7 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[int, int, int]], engi
     The network is strongly typed: precisions follow the ONNX graph (exported in fp16/bf16 with
     RMSNorm and softmax statistics in fp32), so no layer is silently demoted.
     """
-    from export.fetch import cache_dir
+    from hub.fetch import cache_dir
 
     trt = import_tensorrt()
     engine_dir = engine_dir or cache_dir() / "tensorrt"
@@ -347,7 +347,7 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[int, int, int]], engi
 
 def cached_kernel_plan(model: Transformer, model_dir: Path) -> KernelPlan:
     """The projection kernels for this model, dtype, thread count and machine: measured once, then read."""
-    from export.fetch import cache_dir
+    from hub.fetch import cache_dir
 
     dtype = str(model.dtype).removeprefix("torch.")
     path = measurement_path(cache_dir(), model_dir, f"kernels-{dtype}-{torch.get_num_threads()}t")
