@@ -220,7 +220,7 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     """Export the target to ONNX (checked), and for --to tensorrt build its engine on this GPU."""
     from hub.fetch import fetch_model
     from export.onnx_export import cached_onnx, export_onnx
-    from export.runners import build_engine, import_tensorrt, trt_profile
+    from runtimes.runners import build_engine, import_tensorrt, trt_profile
 
     if target == "tensorrt":
         try:
@@ -351,7 +351,7 @@ def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, toke
 
     from benchmarks.verify_step import format_grids, profile_verify_step
     from hub.fetch import cache_dir, fetch_model
-    from export.runners import load_runner
+    from runtimes.runners import load_runner
     from models.hardware import resolve_dtype, usable_cores
     from orchestrator.step_cost import measure_step_cost, profile_path
 
@@ -438,7 +438,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     from benchmarks.spec_decode import format_table, parse_configs, run_spec_decode_benchmark, summarize
     from hub.fetch import cache_dir, fetch_model
-    from export.runners import load_runner
+    from runtimes.runners import load_runner
     from models.hardware import cpu_flags, resolve_dtype
     from orchestrator.draft_vocab import cached_draft_vocab
     from orchestrator.drafting import ModelDrafter

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from export.runners import load_runner
+from runtimes.runners import load_runner
 from models.transformer import Transformer
 
 

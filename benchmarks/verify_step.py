@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.runners import load_runner
+from runtimes.runners import load_runner
 from models.hardware import cpu_flags, machine_id
 from models.transformer import Transformer
 

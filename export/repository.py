@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
-from export.runners import RUNTIMES
+from runtimes.runners import RUNTIMES
 from hub.fetch import default_drafter
 from models.drafters import DrafterConfig
 

@@ -10,7 +10,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from export.repository import drafter_checkpoint, drafter_tap_layers
-from export.runners import load_runner
+from runtimes.runners import load_runner
 from hub.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
 from models.drafters import DrafterConfig, load_drafter
 from models.hardware import resolve_dtype, usable_cores
