@@ -218,9 +218,9 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
 def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out: Path | None,
                max_batch_size: int, max_context: int) -> None:
     """Export the target to ONNX (checked), and for --to tensorrt build its engine on this GPU."""
-    from hub.fetch import fetch_model
     from export.onnx_export import cached_onnx, export_onnx
-    from runtimes.runners import build_engine, import_tensorrt, trt_profile
+    from export.tensorrt_engine import build_engine, import_tensorrt, trt_profile
+    from hub.fetch import fetch_model
 
     if target == "tensorrt":
         try:
@@ -247,8 +247,8 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
 def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None:
     """Write a model repository for one runtime (config.pbtxt + exported model files); serve it with
     `cli.py serve --model-repository DIR`."""
-    from hub.fetch import fetch_model
     from export.repository import build_repository
+    from hub.fetch import fetch_model
 
     out = out or PROJECT_ROOT / "build" / f"model_repository_{runtime}"
     click.echo(f"model repository ({runtime}): {build_repository(out, runtime, model, fetch_model(model), dtype)}")
@@ -351,9 +351,9 @@ def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, toke
 
     from benchmarks.verify_step import format_grids, profile_verify_step
     from hub.fetch import cache_dir, fetch_model
-    from runtimes.runners import load_runner
     from models.hardware import resolve_dtype, usable_cores
     from orchestrator.step_cost import measure_step_cost, profile_path
+    from runtimes.loading import load_runner
 
     cores = usable_cores()
     threads = _int_list(thread_counts) if thread_counts else sorted({1, cores})
@@ -438,11 +438,11 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     from benchmarks.spec_decode import format_table, parse_configs, run_spec_decode_benchmark, summarize
     from hub.fetch import cache_dir, fetch_model
-    from runtimes.runners import load_runner
     from models.hardware import cpu_flags, resolve_dtype
     from orchestrator.draft_vocab import cached_draft_vocab
     from orchestrator.drafting import ModelDrafter
     from orchestrator.prompting import PromptEncoder
+    from runtimes.loading import load_runner
 
     if threads:
         torch.set_num_threads(threads)

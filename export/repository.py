@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
-from runtimes.runners import RUNTIMES
 from hub.fetch import default_drafter
 from models.drafters import DrafterConfig
+from runtimes.protocol import RUNTIMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
