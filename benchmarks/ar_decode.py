@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from export.runners import load_runner
 from models.transformer import Transformer
+from runtimes.loading import load_runner
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from benchmarks.ar_decode import _eos_ids, _num_threads, encode_prompts, greedy_ours
-from export.runners import load_runner
+from runtimes.loading import load_runner
 
 
 def run_runtimes_benchmark(model_dir: Path, runtimes: Sequence[str], dtype: str, prompts: list[str],

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.runners import load_runner
 from models.hardware import cpu_flags, machine_id
 from models.transformer import Transformer
+from runtimes.loading import load_runner
 
 
 @dataclass

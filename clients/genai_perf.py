@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clients.loadgen import check_loopback
 from clients.perf_analyzer import PerfAnalyzerUnavailable, check_runs, perf_analyzer_env, prepare_libraries
-from export.fetch import _locked, cache_dir
+from hub.fetch import _locked, cache_dir
 
 GENAI_PERF_VERSION = "0.0.16"
 REQUIREMENTS = (f"genai-perf=={GENAI_PERF_VERSION}", "numpy<2", "tritonclient[grpc,http]==2.51.0")

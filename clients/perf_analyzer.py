@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from clients.loadgen import Policy, check_loopback
-from export.fetch import cache_dir
+from hub.fetch import cache_dir
 
 SONAMES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
 

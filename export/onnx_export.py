@@ -282,7 +282,7 @@ def cached_onnx(model_dir: Path, dtype: str = "float32", tap_layers: Sequence[in
 
     Built in a temporary directory and renamed into place, so a crash never leaves a half export.
     """
-    from export.fetch import cache_dir
+    from hub.fetch import cache_dir
 
     model_dir = Path(model_dir)
     target = cache_dir() / "exports" / f"{model_dir.name}-{dtype}-{export_key(model_dir, dtype, tap_layers)}"

@@ -13,10 +13,10 @@ import re
 import shutil
 from pathlib import Path
 
-from export.fetch import default_drafter
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
-from export.runners import RUNTIMES
+from hub.fetch import default_drafter
 from models.drafters import DrafterConfig
+from runtimes.protocol import RUNTIMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from export.fetch import cache_dir
+from hub.fetch import cache_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHM_PREFIX = "triton_python_backend_shm_region_"

@@ -17,7 +17,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """Converted SmolLM2-135M-Instruct model directory (downloaded and cached on first use)."""
-    from export.fetch import fetch_model
+    from hub.fetch import fetch_model
 
     return fetch_model(DEFAULT_MODEL)
 

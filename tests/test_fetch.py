@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from export import fetch
-from export.fetch import (
+from hub import fetch
+from hub.fetch import (
     COMPLETE_MARKER,
     KNOWN_MODELS,
     ChecksumError,
@@ -150,9 +150,9 @@ def test_crash_during_conversion_leaves_nothing_that_looks_complete(
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    import export.gguf_convert
+    import hub.gguf_convert
 
-    monkeypatch.setattr(export.gguf_convert, "convert_gguf", crash)
+    monkeypatch.setattr(hub.gguf_convert, "convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         fetch_model("smollm2-135m-instruct", progress=False)
     assert model_dir_if_cached("smollm2-135m-instruct") is None

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from export.onnx_export import check_onnx, export_transformer, read_metadata
-from export.runners import OnnxRuntimeRunner, load_runner
 from models.loading import load_config, load_transformer
 from models.transformer import Transformer
+from runtimes.loading import load_runner
+from runtimes.onnxruntime_runner import OnnxRuntimeRunner
 from test_transformer import PROMPTS, assert_logits_close, tiny_config
 
 REL_TOL = 1e-4

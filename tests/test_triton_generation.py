@@ -287,7 +287,7 @@ def test_default_target_answers_greedy_requests_in_every_spec_mode(triton):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
 def test_every_fetchable_target_serves_with_its_own_default_drafter(name, tmp_path):
-    from export.fetch import fetch_model
+    from hub.fetch import fetch_model
 
     with _start(fetch_model(name), tmp_path) as server:
         _greedy_in_every_mode(server.url_grpc)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from clients.generation import collect, stream_grpc
-from export.fetch import default_drafter
 from export.onnx_export import read_metadata
 from export.repository import (
     ENGINE_MODEL,
@@ -22,6 +21,7 @@ from export.repository import (
     read_parameters,
     set_parameters,
 )
+from hub.fetch import default_drafter
 
 PROMPTS = ["What is the capital of France?", "def fibonacci(n):"]
 NEW_TOKENS = 24

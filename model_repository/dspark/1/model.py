@@ -9,9 +9,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
 from export.repository import drafter_checkpoint, drafter_tap_layers
-from export.runners import load_runner
+from hub.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
 from models.drafters import DrafterConfig, load_drafter
 from models.hardware import resolve_dtype, usable_cores
 from models.loading import load_config
@@ -29,6 +28,7 @@ from orchestrator.policies import SpeculationParams
 from orchestrator.prompting import PromptEncoder
 from orchestrator.request_inputs import parse_bool, parse_prompt_ids, parse_sampling_params, parse_speculation
 from orchestrator.step_cost import load_or_measure, profile_path
+from runtimes.loading import load_runner
 from serving.load_monitor import LoadMonitor
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

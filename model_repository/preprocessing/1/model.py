@@ -5,7 +5,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.fetch import model_dir_if_cached
+from hub.fetch import model_dir_if_cached
 from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
 

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderField
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 
-from export.progress import bar
+from hub.progress import bar
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 

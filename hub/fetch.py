@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.progress import bar
+from hub.progress import bar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".dspark-complete.json"
@@ -247,7 +247,7 @@ def fetch_model(name_or_path: str, progress: bool = True) -> Path:
     with _locked(cache_dir() / "locks" / f"{name_or_path}.model.lock"):
         if (target / COMPLETE_MARKER).is_file():
             return target
-        from export.gguf_convert import convert_gguf
+        from hub.gguf_convert import convert_gguf
 
         started = time.monotonic()
         gguf_path = fetch_gguf(name_or_path, progress)

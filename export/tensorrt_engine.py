@@ -1,0 +1,92 @@
+"""Build the exported ONNX graph into a TensorRT engine, cached by content hash (runtimes.tensorrt_runner runs it)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def import_tensorrt():
+    """The tensorrt module, or an error saying how to get it (imported lazily: CPU hosts lack it)."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise RuntimeError(
+            "the tensorrt runtime needs the TensorRT Python package and an NVIDIA GPU: use the image in "
+            "docker/ (nvcr.io/nvidia/tritonserver, with `pip install tensorrt-cu12`), or choose "
+            "--runtime onnxruntime / torch on CPU hosts"
+        ) from exc
+    return tensorrt
+
+
+def trt_profile(max_batch: int, max_new: int, max_context: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each dynamic dim: tuned for decode (one new token), half-full batch and context."""
+    return {"batch": (1, max(1, max_batch // 2), max_batch), "new": (1, 1, max_new),
+            "past": (1, max(1, max_context // 2), max_context)}
+
+
+def engine_key(onnx_path: Path, profile: dict[str, tuple[int, int, int]]) -> str:
+    """Content hash of everything an engine depends on: ONNX bytes, profile, TensorRT version, GPU."""
+    trt = import_tensorrt()
+    digest = hashlib.sha256()
+    for path in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    digest.update(chunk)
+    digest.update(json.dumps({"profile": profile, "trt": trt.__version__,
+                              "gpu": torch.cuda.get_device_name(), "cc": torch.cuda.get_device_capability()},
+                             sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def build_engine(onnx_path: Path, profile: dict[str, tuple[int, int, int]], engine_dir: Path | None = None) -> Path:
+    """Build (or reuse) a serialized TensorRT engine for the exported graph.
+
+    The network is strongly typed: precisions follow the ONNX graph (exported in fp16/bf16 with
+    RMSNorm and softmax statistics in fp32), so no layer is silently demoted.
+    """
+    from hub.fetch import cache_dir
+
+    trt = import_tensorrt()
+    engine_dir = engine_dir or cache_dir() / "tensorrt"
+    plan = engine_dir / f"{engine_key(onnx_path, profile)}.plan"
+    if plan.is_file():
+        return plan
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    opt = builder.create_optimization_profile()
+    b, n, p = profile["batch"], profile["new"], profile["past"]
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        name = tensor.name
+        if name in ("input_ids", "positions"):
+            shapes = [(b[k], n[k]) for k in range(3)]
+        elif name == "attention_mask":
+            shapes = [(b[k], n[k], p[k] + n[k]) for k in range(3)]
+        elif name == "logit_rows":
+            shapes = [(1,), (b[1] * n[1],), (b[2] * n[2],)]
+        else:  # past_key_i / past_value_i [B, kv_heads, P, head_dim]
+            heads, dim = tensor.shape[1], tensor.shape[3]
+            shapes = [(b[k], heads, p[k], dim) for k in range(3)]
+        opt.set_shape(name, *shapes)
+    config.add_optimization_profile(opt)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT engine build failed for {onnx_path}")
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=engine_dir, suffix=".plan.tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(serialized)
+    os.replace(tmp, plan)
+    return plan

@@ -1,0 +1,53 @@
+"""A runner for a model directory on the chosen runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx
+from export.tensorrt_engine import import_tensorrt
+from models.hardware import resolve_dtype
+from models.loading import load_config, load_transformer
+from runtimes.graph import _GraphRunner
+from runtimes.onnxruntime_runner import OnnxRuntimeRunner
+from runtimes.protocol import RUNTIMES, ModelRunner
+from runtimes.tensorrt_runner import TensorRTRunner
+from runtimes.torch_runner import cached_kernel_plan
+
+
+def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32", onnx_path: Path | None = None,
+                tap_layers: Sequence[int] = (), num_threads: int | None = None, max_batch: int = 16,
+                max_new: int = 2048, max_context: int = 2048, device: str = "cpu") -> ModelRunner:
+    """A runner for a model directory on the chosen runtime.
+
+    onnx_path: an exported graph to use (e.g. one shipped in a built model repository); by
+    default the export is taken from, or made into, the cache. The TensorRT sizes bound the
+    engine's optimization profile. device: where the torch runtime runs (the others fix theirs);
+    on the CPU its projections use the kernel plan measured for this machine (cached).
+    dtype: ``auto`` is the CPU's default (models.hardware.default_dtype).
+    """
+    model_dir = Path(model_dir)
+    dtype = resolve_dtype(dtype)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if runtime == "torch":
+        model = load_transformer(model_dir, DTYPES[dtype]).to(device)
+        if model.device.type == "cpu":
+            model.use_kernel_plan(cached_kernel_plan(model, model_dir))
+        return model
+    if runtime == "onnxruntime" and dtype != "float32":
+        raise ValueError("the onnxruntime runtime runs float32 (ONNX Runtime's CPU kernels lack bf16/fp16 matmuls)")
+    if runtime == "tensorrt":
+        import_tensorrt()  # fail before a long export when TensorRT is absent
+    path = Path(onnx_path) if onnx_path is not None else cached_onnx(model_dir, dtype, tap_layers)
+    if path.is_dir():
+        path = path / ONNX_FILE
+    config = load_config(model_dir)
+    if runtime == "onnxruntime":
+        runner: _GraphRunner = OnnxRuntimeRunner(path, config, num_threads)
+    else:
+        runner = TensorRTRunner(path, config, max_batch, max_new, max_context)
+    runner.model_dir = model_dir
+    return runner

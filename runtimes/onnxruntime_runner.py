@@ -1,0 +1,44 @@
+"""The ONNX Runtime runner: the exported graph in an ONNX Runtime session (CPU by default)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from export.onnx_export import DTYPES, io_names, read_metadata
+from models.config import TransformerConfig
+from models.kv_cache import KVCache
+from models.transformer import ForwardOutput
+from runtimes.graph import _check_taps, _GraphRunner, pad_batch
+
+
+class OnnxRuntimeRunner(_GraphRunner):
+    """The exported graph on ONNX Runtime (CPU by default), with our KVCache on the CPU."""
+
+    def __init__(self, onnx_path: Path, config: TransformerConfig, num_threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        meta = read_metadata(onnx_path)
+        self.config = config
+        self.dtype = DTYPES[meta.get("dtype", "float32")]
+        self.device = torch.device("cpu")
+        self.tap_layers = tuple(meta.get("tap_layers", ()))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = num_threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
+        self.input_names, self.output_names = io_names(config.num_layers, self.tap_layers)
+
+    def __call__(self, input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
+                 logits_indices: torch.Tensor | None = None, tap_layers: Sequence[int] = ()) -> ForwardOutput:
+        taps = _check_taps(tap_layers, self.tap_layers)
+        batch = pad_batch(input_ids, slots, num_new, cache, logits_indices)
+        feeds = dict(zip(self.input_names, (batch.input_ids.numpy(), batch.positions.numpy(), batch.mask.numpy(),
+                                            batch.logit_rows.numpy(), *(t.numpy() for t in self._past(cache, batch)))))
+        outs = [torch.from_numpy(o) for o in self.session.run(self.output_names, feeds)]
+        n = 2 * self.config.num_layers
+        hidden = dict(zip(self.tap_layers, outs[1 + n:]))
+        return self._finish(cache, batch, outs[0], outs[1:1 + n], hidden, taps)

@@ -1,0 +1,29 @@
+"""Runtimes behind one protocol: whatever the engine calls as ``model(...)`` / ``model.new_cache``.
+
+The protocol is the Transformer's: ``runner(input_ids[T], slots, num_new, cache, logits_indices=None,
+tap_layers=()) -> ForwardOutput``, ``runner.new_cache(num_slots, max_len) -> KVCache`` and
+``runner.config``. The torch runner *is* the Transformer (runtimes.torch_runner); the ONNX Runtime
+and TensorRT runners run the exported graph (runtimes.graph); runtimes.loading picks one.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from models.config import TransformerConfig
+from models.kv_cache import KVCache
+from models.transformer import ForwardOutput
+
+RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+
+
+class ModelRunner(Protocol):
+    """What the engine needs from a target model."""
+
+    config: TransformerConfig
+
+    def __call__(self, input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
+                 logits_indices: torch.Tensor | None = None, tap_layers: Sequence[int] = ()) -> ForwardOutput: ...
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache: ...
