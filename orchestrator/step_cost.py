@@ -102,26 +102,37 @@ class StepCostProfile:
 
 
 class OnlineStepCost:
-    """The profiled cost, scaled by how fast the machine runs now: a moving average of measured /
-    predicted time over the engine's forwards (each predicted for its own N and batch shape).
+    """The profiled cost, scaled by how fast the machine runs now: moving averages of measured /
+    predicted time over the engine's forwards (each predicted for its own N and batch shape), one for
+    plain steps (one new token per sequence) and one for steps that verify drafts.
 
-    Other models or processes on the same machine make every step slower; the shape terms already
-    price what differs between steps. One ratio for all N keeps the plan's comparisons on the
-    profile's curve: per-N corrections learned only the token counts the plan took, so a noisy phase
-    that hit one count made it look dear until the plan never took it again, and that stuck.
+    Other models or processes on the same machine make every step slower; the shape terms price most of
+    what differs between steps, but multi-token steps carry costs the profile's uniform shapes do not
+    show (masks, mixed draft lengths), so they get their own ratio. A ratio that is not observed
+    (the plan stopped drafting) relaxes towards the other one, so a slow phase that priced drafting out
+    cannot keep it out once the machine is fast again.
     """
+
+    RELAX = 0.1  # per observation of the other kind, as a fraction of `weight`
 
     def __init__(self, profile: StepCostProfile, weight: float = 0.1) -> None:
         self.profile = profile
         self.weight = weight
-        self.ratio = 1.0
+        self.ratio = 1.0        # plain steps
+        self.draft_ratio = 1.0  # steps with more than one new token in some sequence
 
     def observe(self, tokens: int, seconds: float, shape: BatchShape | None = None) -> None:
         ratio = min(max(seconds / self.profile.step_seconds(tokens, shape), 0.1), 10.0)  # one outlier cannot run away
-        self.ratio += self.weight * (ratio - self.ratio)
+        if shape is not None and shape.longest_new > 1:
+            self.draft_ratio += self.weight * (ratio - self.draft_ratio)
+            self.ratio += self.RELAX * self.weight * (self.draft_ratio - self.ratio)
+        else:
+            self.ratio += self.weight * (ratio - self.ratio)
+            self.draft_ratio += self.RELAX * self.weight * (self.ratio - self.draft_ratio)
 
     def step_seconds(self, n: int, shape: BatchShape | None = None) -> float:
-        return self.profile.step_seconds(n, shape) * self.ratio
+        drafted = shape.longest_new > 1 if shape is not None else n > 1
+        return self.profile.step_seconds(n, shape) * (self.draft_ratio if drafted else self.ratio)
 
     def steps_per_second(self, n: int) -> float:
         return 1.0 / self.step_seconds(n)
@@ -141,9 +152,30 @@ def monotone_envelope(seconds: Sequence[float]) -> list[float]:
     return out[::-1]
 
 
-# (sequences, new tokens each, cached tokens) timed beside the N sweep to fit the shape terms
-SHAPE_PROBES = ((1, 1, 640), (8, 1, 640), (8, 2, 640), (8, 4, 640), (4, 8, 640), (2, 4, 640), (8, 1, 256),
-                (8, 4, 256))
+# (sequences, new tokens each, cached tokens) timed beside the N sweep to price the shape terms: groups
+# of equal N, so differences inside a group cancel N's own cost and the fit never leans on the curve
+SHAPE_PROBES = (
+    (8, 1, 512), (2, 4, 512), (1, 8, 512), (8, 1, 128),
+    (16, 1, 512), (4, 4, 512), (2, 8, 512), (16, 1, 128),
+    (8, 4, 512), (4, 8, 512), (16, 2, 512), (8, 4, 128),
+)
+
+
+def fit_shape_terms(samples: Sequence[tuple[BatchShape, float]]) -> tuple[float, float]:
+    """(attention_s, gather_s) >= 0 from measured (shape, seconds): least squares with one free constant
+    per N (the forwards of equal N differ only by attention pairs and gathered positions)."""
+    groups: dict[int, list[tuple[BatchShape, float]]] = {}
+    for shape, seconds in samples:
+        groups.setdefault(shape.sequences * shape.longest_new, []).append((shape, seconds))
+    rows = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        mean_a = sum(s.attention_pairs for s, _ in members) / len(members)
+        mean_g = sum(s.gathered_positions for s, _ in members) / len(members)
+        mean_t = sum(t for _, t in members) / len(members)
+        rows += [(s.attention_pairs - mean_a, s.gathered_positions - mean_g, t - mean_t) for s, t in members]
+    return _nonnegative_least_squares(rows) if rows else (0.0, 0.0)
 
 
 def _nonnegative_least_squares(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
@@ -220,16 +252,7 @@ def measure_step_cost(
 
     curve = StepCostProfile(tuple(token_counts), tuple(monotone_envelope([median(n) for n in token_counts])),
                             context=context)
-    samples = []
-    for b, q, c in shape_probes:
-        shape = BatchShape(b, q, c + q)
-        samples.append((shape, median((b, q, c)), curve.step_seconds(b * q)))
-    # the curve's own reference shapes carry their terms too: fit on the difference from them
-    refs = [reference_shape(b * q, context) for b, q, _ in shape_probes]
-    attention_s, gather_s = _nonnegative_least_squares([
-        (s.attention_pairs - r.attention_pairs, s.gathered_positions - r.gathered_positions, m - ref)
-        for (s, m, ref), r in zip(samples, refs)
-    ]) if samples else (0.0, 0.0)
+    attention_s, gather_s = fit_shape_terms([(BatchShape(b, q, c + q), median((b, q, c))) for b, q, c in shape_probes])
     return StepCostProfile(curve.tokens, curve.seconds, attention_s, gather_s, context)
 
 
