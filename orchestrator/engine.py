@@ -506,7 +506,7 @@ class Engine:
         self.stats.forward_seconds += forward_seconds
         self.stats.last_step_tokens = offset
         self.stats.last_step_draft_tokens = sum(len(d.tokens) for d in drafts.values())
-        if self.step_cost is not None:
+        if self.step_cost is not None and not admitted:  # a prompt's prefill is no point of the plan's curve
             self.step_cost.observe(offset, forward_seconds, shape)
         observed: list[tuple[_Request, list[int], int]] = []  # (request, committed tokens, first packed row)
         row = 0
