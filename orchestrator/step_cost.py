@@ -205,47 +205,43 @@ def measure_step_cost(
     shape_probes: Sequence[tuple[int, int, int]] = SHAPE_PROBES,
 ) -> StepCostProfile:
     """Times real forwards: SPS(N) on reference shapes (N tokens spread over ceil(N / 4) sequences with
-    `context` cached tokens each), then `shape_probes` to price attention and cache gathers. Sequences
-    sit in every other cache slot, as in a server whose requests come and go. Shapes are timed
-    round-robin, repeat by repeat, so a slow phase hits them alike."""
+    `context` cached tokens each), then `shape_probes` to price attention and cache gathers. Each
+    context's sequences are prefilled once; shapes are timed round-robin, repeat by repeat, so a slow
+    phase hits them alike."""
     ref_seqs = -(-max(token_counts) // TOKENS_PER_SEQUENCE)
-    probe_seqs = max((b for b, _, _ in shape_probes), default=0)
-    longest = max([context + TOKENS_PER_SEQUENCE] + [c + q for _, q, c in shape_probes])
-    cache = model.new_cache(2 * max(ref_seqs, probe_seqs), longest)
-    slots = [cache.allocate() for _ in range(cache.num_slots)][::2]
+    # one pool of sequences per context, filled once; used in descending slot order so the forward
+    # gathers their caches, as in a server whose requests come and go
+    needed = {context: ref_seqs}
+    for b, _, c in shape_probes:
+        needed[c] = max(needed.get(c, 0), b)
+    longest = max(c for c in needed) + max([TOKENS_PER_SEQUENCE] + [q for _, q, _ in shape_probes])
+    cache = model.new_cache(sum(needed.values()), longest)
     vocab = model.config.vocab_size
-    cached = [0] * len(slots)
-
-    def fill(used: list[int], length: int) -> None:
-        grow = [(i, length - cached[i]) for i in used if cached[i] < length]
-        if grow:
-            model(torch.randint(0, vocab, (sum(n for _, n in grow),)), [slots[i] for i, _ in grow],
-                  [n for _, n in grow], cache)
-        for i in used:
-            cache.truncate(slots[i], length)
-            cached[i] = length
+    pools: dict[int, list[int]] = {}
+    for c, count in needed.items():
+        pools[c] = [cache.allocate() for _ in range(count)]
+        model(torch.randint(0, vocab, (c * count,)), pools[c], [c] * count, cache)
 
     def shapes_of(n: int) -> list[int]:
         return [TOKENS_PER_SEQUENCE] * (n // TOKENS_PER_SEQUENCE) + (
             [n % TOKENS_PER_SEQUENCE] if n % TOKENS_PER_SEQUENCE else [])
 
-    jobs: list[tuple[object, list[int], list[int], int]] = []  # (key, sequence indices, new tokens, cached)
+    jobs: list[tuple[object, list[int], list[int], int]] = []  # (key, slots, new tokens, cached)
     for n in token_counts:
         new = shapes_of(n)
-        jobs.append((n, list(range(len(new))), new, context))
+        jobs.append((n, pools[context][: len(new)][::-1], new, context))
     for probe in shape_probes:
         b, q, c = probe
-        jobs.append((probe, list(range(b)), [q] * b, c))
+        jobs.append((probe, pools[c][:b][::-1], [q] * b, c))
     times: dict[object, list[float]] = {key: [] for key, *_ in jobs}
     for rep in range(repeats + 1):  # the first round warms every shape up
         for key, used, new, length in jobs:
-            fill(used, length)
             started = time.perf_counter()
-            model(torch.randint(0, vocab, (sum(new),)), [slots[i] for i in used], new, cache)
+            model(torch.randint(0, vocab, (sum(new),)), used, new, cache)
             if rep:
                 times[key].append(time.perf_counter() - started)
-            for i in used:
-                cache.truncate(slots[i], length)
+            for slot in used:
+                cache.truncate(slot, length)
 
     def median(key: object) -> float:
         return sorted(times[key])[len(times[key]) // 2]
