@@ -412,14 +412,11 @@ class Engine:
             known = r.predicted if r.predicted is not None and len(r.predicted) >= k else None
             predicted.append(known[:k] if known else self._acceptance.survival(k))
         batch = self._batch_plan(dspark, lambda r: len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0))
-        base_tokens = len(dspark) + sum(
-            len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0) for r in self._running if r not in dspark
-        )
         unit = self._draft_cost()
         if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
-            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, 0.0, unit, batch)
+            counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, 0.0, unit, batch)
         else:
-            counts = plan_drafting(predicted, base_tokens, len(self._running), self.step_cost, unit, batch=batch)
+            counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, unit, batch=batch)
         for r, count in zip(dspark, counts):
             if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
                 lengths[r.request_id] = count
@@ -447,10 +444,8 @@ class Engine:
         survival = [self._survival(r, drafts[r.request_id]) for r in planned]
         for r, row in zip(planned, survival):
             r.predicted = row
-        others = [r for r in self._running if r not in planned]
-        base_tokens = len(planned) + sum(len(self._step_tokens(r, admitted, drafts)) for r in others)
         batch = self._batch_plan(planned, lambda r: len(self._step_tokens(r, admitted, drafts)))
-        counts = plan_verification(survival, base_tokens, len(self._running), self.step_cost, draft_seconds,
+        counts = plan_verification(survival, batch.tokens, len(self._running), self.step_cost, draft_seconds,
                                    batch=batch)
         for r, count in zip(planned, counts):
             drafts[r.request_id].truncate(count)
@@ -462,7 +457,7 @@ class Engine:
         planned_ids = {r.request_id for r in planned}
         news = [1 if r.request_id in planned_ids else new_tokens(r) for r in self._running]
         ends = [int(cached[r.slot]) + n for r, n in zip(self._running, news)]
-        return BatchPlan(BatchShape(len(self._running), max(news), max(ends)),
+        return BatchPlan(sum(news), BatchShape(len(self._running), max(news), max(ends)),
                          [int(cached[r.slot]) + 1 for r in planned])
 
     @staticmethod

@@ -54,10 +54,12 @@ def expected_throughput(expected_tokens: float, tokens: int, cost: StepCost, ove
 
 
 class BatchPlan:
-    """The active batch a plan is priced on: the forward's tokens besides the drafts being planned, its
-    shape (BatchShape) without them, and the context of each planned request after its pending token."""
+    """The active batch a plan is priced on: the forward's tokens besides the drafts being planned
+    (`tokens`, the plan's base N), its shape without them, and each planned request's context after
+    its pending token."""
 
-    def __init__(self, base: BatchShape, contexts: Sequence[int]) -> None:
+    def __init__(self, tokens: int, base: BatchShape, contexts: Sequence[int]) -> None:
+        self.tokens = tokens
         self.base = base
         self.contexts = contexts
 

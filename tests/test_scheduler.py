@@ -353,12 +353,12 @@ def test_padded_attention_is_paid_once_for_the_whole_batch():
     from orchestrator.step_cost import BatchShape
 
     profile = StepCostProfile((1, 64), (0.050, 0.0505), attention_s=5e-6, context=128)
-    batch = BatchPlan(BatchShape(8, 1, 501), [501] * 8)
+    batch = BatchPlan(8, BatchShape(8, 1, 501), [501] * 8)
     survival = [[0.6, 0.06]] * 8
     shape_free = plan_verification(survival, 8, 8, profile, batch=None)
     assert sum(shape_free) > 8  # blind to padding, it verifies both positions everywhere
     plan = plan_verification(survival, 8, 8, profile, batch=batch)
     assert plan == [1] * 8
     # the same drafts 100 tokens into the answers are worth both positions; 4,000 in, none
-    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(BatchShape(8, 1, 101), [101] * 8)) == [2] * 8
-    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(BatchShape(8, 1, 4001), [4001] * 8)) == [0] * 8
+    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(8, BatchShape(8, 1, 101), [101] * 8)) == [2] * 8
+    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(8, BatchShape(8, 1, 4001), [4001] * 8)) == [0] * 8
