@@ -2,8 +2,9 @@
 
 One call processes the new tokens of several sequences packed back to back (prefill, AR decode
 and speculative verification are the same call with different ``num_new``). Projections and the
-MLP run on the packed ``[total_tokens, hidden]`` rows; only attention pads to ``[B, Lmax]`` and
-uses ``scaled_dot_product_attention`` with an explicit boolean mask.
+MLP run on the packed ``[total_tokens, hidden]`` rows; attention runs once per group of sequences with
+the same number of new tokens, unpadded (``scaled_dot_product_attention`` with a causal boolean mask
+where positions differ), so a prefill or a long draft never pads the other sequences' queries.
 """
 from __future__ import annotations
 
@@ -137,6 +138,29 @@ class DecoderLayer(nn.Module):
     def _project(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias) if self.linears is None else self.linears[name](x)
 
+    def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, group: "_AttentionGroup") -> torch.Tensor:
+        """Attention of one group's queries ``[Bg * Lq, H, D]`` (row-major: sequence, then new token) over
+        their slots' caches; returns ``[Bg * Lq, H * D]``."""
+        if group.slot_range is not None:
+            s0, s1 = group.slot_range
+            keys, values = kc[s0:s1, :, : group.kv_len], vc[s0:s1, :, : group.kv_len]
+        else:
+            # slice before gathering: copy the live kv_len positions of each slot, not its whole max_len
+            keys = kc[:, :, : group.kv_len].index_select(0, group.slots)
+            values = vc[:, :, : group.kv_len].index_select(0, group.slots)
+        # GQA without repeating K/V: the G query heads sharing a KV head are folded into the query
+        # length, giving SDPA [Bg, Hkv, G*Lq, D] queries against [Bg, Hkv, Lk, D] keys.
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        B, Lq, G = group.batch, group.q_len, H // Hkv
+        if Lq == 1:
+            qg = q.view(B, Hkv, G, D)
+        else:
+            qg = q.view(B, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lq, D)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=group.mask)
+        if Lq == 1:
+            return o.reshape(B, self.q_size)
+        return o.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B * Lq, self.q_size)
+
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, meta: "_BatchMeta") -> torch.Tensor:
         T = x.shape[0]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -154,32 +178,12 @@ class DecoderLayer(nn.Module):
         kc, vc = cache.k[layer], cache.v[layer]
         kc[meta.tok_slots, :, meta.positions] = k
         vc[meta.tok_slots, :, meta.positions] = v
-        if meta.slot_range is not None:
-            s0, s1 = meta.slot_range
-            keys, values = kc[s0:s1, :, : meta.kv_len], vc[s0:s1, :, : meta.kv_len]
+        if len(meta.groups) == 1:
+            o = self._attend(q, kc, vc, meta.groups[0])
         else:
-            # slice before gathering: copy the live kv_len positions of each slot, not its whole max_len
-            keys = kc[:, :, : meta.kv_len].index_select(0, meta.slots)
-            values = vc[:, :, : meta.kv_len].index_select(0, meta.slots)
-
-        # GQA without repeating K/V: the G query heads sharing a KV head are folded into the query
-        # length, giving SDPA [B, Hkv, G*Lq, D] queries against [B, Hkv, Lk, D] keys.
-        B, Lq, G = meta.batch, meta.q_len, H // Hkv
-        if meta.pad_index is not None:
-            qp = q.new_zeros(B * Lq, H, D)
-            qp[meta.pad_index] = q
-            q = qp
-        if Lq == 1:
-            qg = q.view(B, Hkv, G, D)
-        else:
-            qg = q.view(B, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lq, D)
-        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.mask)
-        if Lq == 1:
-            o = o.reshape(B, self.q_size)
-        else:
-            o = o.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B * Lq, self.q_size)
-        if meta.pad_index is not None:
-            o = o[meta.pad_index]
+            o = q.new_empty(T, self.q_size)
+            for group in meta.groups:
+                o.index_copy_(0, group.tokens, self._attend(q.index_select(0, group.tokens), kc, vc, group))
         x = x + self._project("o", o, self.o_proj, self.o_bias)
 
         h = rms_norm(x, self.mlp_norm, self.eps)
@@ -188,18 +192,27 @@ class DecoderLayer(nn.Module):
 
 
 @dataclass
-class _BatchMeta:
+class _AttentionGroup:
+    """Sequences of one step with the same number of new tokens: their attention runs as one
+    unpadded SDPA call, so a long prefill or draft does not pad every other sequence's queries."""
+
     batch: int
-    q_len: int  # longest number of new tokens
-    kv_len: int  # longest cached length after this call
-    slots: torch.Tensor  # [B] on the cache device
+    q_len: int  # new tokens of each sequence in the group
+    kv_len: int  # longest cached length in the group after this call
+    slots: torch.Tensor  # [Bg] on the cache device
+    slot_range: tuple[int, int] | None  # set when slots are consecutive ascending: slice instead of gather
+    tokens: torch.Tensor  # [Bg * q_len] packed rows of the group's tokens, sequence by sequence
+    mask: torch.Tensor | None  # bool [Bg, 1, G * q_len, kv_len]; None when every query sees every key
+
+
+@dataclass
+class _BatchMeta:
     slots_cpu: torch.Tensor  # [B]
     num_new_cpu: torch.Tensor  # [B]
-    slot_range: tuple[int, int] | None  # set when slots are consecutive ascending: slice instead of gather
+    kv_len: int  # longest cached length after this call
     tok_slots: torch.Tensor  # [T] slot of each packed token
     positions: torch.Tensor  # [T] absolute position of each packed token
-    pad_index: torch.Tensor | None  # [T] row of each packed token in [B * q_len]; None when all num_new equal
-    mask: torch.Tensor | None  # bool [B, 1, G * q_len, kv_len]; None when every query sees every key
+    groups: list[_AttentionGroup]
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D], first half negated (see apply_rope)
 
@@ -291,51 +304,47 @@ class Transformer(nn.Module):
         kv_len = max(ends)
         if kv_len > cache.max_len:
             raise ValueError(f"sequence would reach {kv_len} tokens; cache max_len is {cache.max_len}")
-        q_len = max(new_l)
-        uniform = min(new_l) == q_len
-
-        if uniform:
-            batch_of_tok = torch.arange(B).repeat_interleave(q_len) if q_len > 1 else torch.arange(B)
-            offset = torch.arange(q_len).repeat(B) if q_len > 1 else torch.zeros(B, dtype=torch.int64)
-            pad_index = None
-        else:
-            new_cpu = torch.tensor(new_l, dtype=torch.int64)
-            batch_of_tok = torch.arange(B).repeat_interleave(new_cpu)
-            first = torch.cumsum(new_cpu, 0) - new_cpu
-            offset = torch.arange(total) - first[batch_of_tok]
-            pad_index = batch_of_tok * q_len + offset
+        new_cpu = torch.tensor(new_l, dtype=torch.int64)
+        first = torch.cumsum(new_cpu, 0) - new_cpu
+        batch_of_tok = torch.arange(B).repeat_interleave(new_cpu)
         starts = torch.tensor(starts_l, dtype=torch.int64)
-        positions = starts[batch_of_tok] + offset
-        tok_slots = slots_cpu[batch_of_tok]
+        positions = starts[batch_of_tok] + torch.arange(total) - first[batch_of_tok]
+        dev = self.device
 
-        if q_len == 1 and min(ends) == kv_len:
-            mask = None
-        else:
-            # query i of sequence b sees keys 0 .. start_b + i (padded queries repeat the last real one)
-            new_t = torch.tensor(new_l, dtype=torch.int64)
-            q_off = torch.minimum(torch.arange(q_len)[None, :], (new_t - 1)[:, None])
-            q_pos = starts[:, None] + q_off  # [B, q_len]
-            mask = torch.arange(kv_len)[None, None, :] <= q_pos[:, :, None]  # [B, q_len, kv_len]
-            # queries are laid out [G * q_len] per KV head (see DecoderLayer.forward)
-            g = self.config.num_queries_per_kv
-            mask = mask[:, None, None].expand(B, 1, g, q_len, kv_len).reshape(B, 1, g * q_len, kv_len)
+        rows_by_len: dict[int, list[int]] = {}
+        for row, n in enumerate(new_l):
+            rows_by_len.setdefault(n, []).append(row)
+        groups = []
+        g = self.config.num_queries_per_kv
+        for q_len, rows in rows_by_len.items():
+            group_slots = [slots_l[r] for r in rows]
+            group_starts = torch.tensor([starts_l[r] for r in rows], dtype=torch.int64)
+            group_kv = max(ends[r] for r in rows)
+            if q_len == 1 and min(ends[r] for r in rows) == group_kv:
+                mask = None
+            else:
+                # query i of sequence b sees keys 0 .. start_b + i
+                q_pos = group_starts[:, None] + torch.arange(q_len)[None, :]  # [Bg, q_len]
+                mask = torch.arange(group_kv)[None, None, :] <= q_pos[:, :, None]  # [Bg, q_len, kv]
+                # queries are laid out [G * q_len] per KV head (see DecoderLayer._attend)
+                mask = mask[:, None, None].expand(len(rows), 1, g, q_len, group_kv).reshape(
+                    len(rows), 1, g * q_len, group_kv).to(dev)
+            tokens = (first[rows][:, None] + torch.arange(q_len)[None, :]).reshape(-1)
+            consecutive = group_slots == list(range(group_slots[0], group_slots[0] + len(rows)))
+            groups.append(_AttentionGroup(
+                batch=len(rows), q_len=q_len, kv_len=group_kv, slots=torch.tensor(group_slots).to(dev),
+                slot_range=(group_slots[0], group_slots[0] + len(rows)) if consecutive else None,
+                tokens=tokens.to(dev), mask=mask))
 
         cos_t, sin_t = self._rope_tables(kv_len)
-        dev = self.device
         positions_d = positions.to(dev)
-        slot_range = (slots_l[0], slots_l[0] + B) if slots_l == list(range(slots_l[0], slots_l[0] + B)) else None
         return _BatchMeta(
-            batch=B,
-            q_len=q_len,
-            kv_len=kv_len,
-            slots=slots_cpu.to(dev),
             slots_cpu=slots_cpu,
-            num_new_cpu=torch.tensor(new_l, dtype=torch.int64),
-            slot_range=slot_range,
-            tok_slots=tok_slots.to(dev),
+            num_new_cpu=new_cpu,
+            kv_len=kv_len,
+            tok_slots=slots_cpu[batch_of_tok].to(dev),
             positions=positions_d,
-            pad_index=None if pad_index is None else pad_index.to(dev),
-            mask=None if mask is None else mask.to(dev),
+            groups=groups,
             cos=cos_t[positions_d].unsqueeze(1),
             sin=sin_t[positions_d].unsqueeze(1),
         )

@@ -451,14 +451,13 @@ class Engine:
             drafts[r.request_id].truncate(count)
 
     def _batch_plan(self, planned: list[_Request], new_tokens: Callable[[_Request], int]) -> BatchPlan:
-        """The active batch as the plan prices it: every running request with the tokens it feeds anyway
-        (`new_tokens`; one pending token for the `planned` ones), and the planned ones' contexts."""
+        """The active batch as the plan prices it: every other running request with the tokens it feeds
+        anyway (`new_tokens`), and the `planned` ones' contexts after their pending token."""
         cached = self.cache.lengths
         planned_ids = {r.request_id for r in planned}
-        news = [1 if r.request_id in planned_ids else new_tokens(r) for r in self._running]
-        ends = [int(cached[r.slot]) + n for r, n in zip(self._running, news)]
-        return BatchPlan(sum(news), BatchShape(len(self._running), max(news), max(ends)),
-                         [int(cached[r.slot]) + 1 for r in planned])
+        others = [(n, int(cached[r.slot]) + n) for r in self._running if r.request_id not in planned_ids
+                  for n in (new_tokens(r),)]
+        return BatchPlan(others, [int(cached[r.slot]) + 1 for r in planned])
 
     @staticmethod
     def _step_tokens(request: _Request, admitted: list[_Request], drafts: dict[int, Draft]) -> list[int]:
@@ -486,8 +485,8 @@ class Engine:
             logits_rows.extend(range(first_row, offset + len(tokens)))
             new_tokens.append(tokens)
             offset += len(tokens)
-        shape = BatchShape(len(new_tokens), max(len(t) for t in new_tokens),
-                           max(int(self.cache.lengths[r.slot]) + len(t) for r, t in zip(self._running, new_tokens)))
+        shape = BatchShape(tuple((len(t), int(self.cache.lengths[r.slot]) + len(t))
+                                 for r, t in zip(self._running, new_tokens)))
         started = time.perf_counter()
         out = self.model(
             torch.tensor([t for seq in new_tokens for t in seq], dtype=torch.long),

@@ -54,43 +54,43 @@ def expected_throughput(expected_tokens: float, tokens: int, cost: StepCost, ove
 
 
 class BatchPlan:
-    """The active batch a plan is priced on: the forward's tokens besides the drafts being planned
-    (`tokens`, the plan's base N), its shape without them, and each planned request's context after
-    its pending token."""
+    """The active batch a plan is priced on: the forward's sequences besides the planned ones, as
+    (new tokens, context after the step) rows, and each planned request's context after its pending
+    token. `tokens` (the plan's base N) counts the others' tokens and one pending token per planned request."""
 
-    def __init__(self, tokens: int, base: BatchShape, contexts: Sequence[int]) -> None:
-        self.tokens = tokens
-        self.base = base
-        self.contexts = contexts
+    def __init__(self, others: Sequence[tuple[int, int]], contexts: Sequence[int]) -> None:
+        self.others = tuple(others)
+        self.contexts = tuple(contexts)
+        self.tokens = sum(new for new, _ in self.others) + len(self.contexts)
 
-    def shape(self, plan: Sequence[int], longest: int | None = None) -> BatchShape:
-        """The shape with `plan` draft tokens added (or, priced up front, every request at `longest`)."""
-        if longest is None:
-            extra = max(plan, default=0)
-            context = max((c + k for c, k in zip(self.contexts, plan)), default=0)
-        else:
-            extra, context = longest, max(self.contexts, default=0) + longest
-        return BatchShape(self.base.sequences, max(self.base.longest_new, 1 + extra),
-                          max(self.base.longest_context, context))
+    def shape(self, plan: Sequence[int]) -> BatchShape:
+        """The forward's shape when planned request r verifies `plan[r]` draft tokens (missing: none)."""
+        drafts = list(plan) + [0] * (len(self.contexts) - len(plan))
+        return BatchShape(self.others + tuple((1 + k, c + k) for c, k in zip(self.contexts, drafts)))
 
 
 def _admit_best_first(survival: Sequence[Sequence[float]], base_tokens: int, base_expected_tokens: float,
-                      cost: StepCost, overhead_s: float, shape: BatchShape | None = None) -> list[int]:
-    """Algorithm 1's greedy: slots best first while expected throughput rises (on one batch shape)."""
+                      cost: StepCost, overhead_s: float, batch: BatchPlan | None = None) -> list[int]:
+    """Algorithm 1's greedy: slots best first, each admitted when it raises expected throughput, priced
+    on the batch shape it makes. With a flat price per token the first slot that does not pay ends the
+    pass; with shape-dependent prices (a draft 4,000 tokens into its answer costs more attention than
+    one 100 tokens in) a later slot can still pay, so the pass goes on."""
     slots = sorted(
         ((p, k, r) for r, row in enumerate(survival) for k, p in enumerate(row)),
         key=lambda slot: (-slot[0], slot[1]),
     )
     chosen = [0] * len(survival)
     n, expected = base_tokens, base_expected_tokens
-    best = expected_throughput(expected, n, cost, overhead_s, shape)
+    best = expected_throughput(expected, n, cost, overhead_s, batch.shape(chosen) if batch is not None else None)
     for p, k, r in slots:
         if k != chosen[r]:
             continue  # a later position can only follow its prefix
-        gain = expected_throughput(expected + p, n + 1, cost, overhead_s, shape)
-        if gain <= best:
-            break
         chosen[r] += 1
+        gain = expected_throughput(expected + p, n + 1, cost, overhead_s,
+                                   batch.shape(chosen) if batch is not None else None)
+        if gain <= best:
+            chosen[r] -= 1  # not worth it here; a cheaper slot further down may still be
+            continue
         n += 1
         expected += p
         best = gain
@@ -114,11 +114,10 @@ def plan_verification(
     overhead_s: time the step spends besides the target forward (drafting already paid, or a block
     drafter's cost at any length); draft_step_s: for a drafter that drafts token by token (batched over
     requests), the time of one drafting step, paid once per position of the longest draft.
-    batch: the active batch's shape, when the cost depends on it: attention pads every sequence to the
-    longest draft, so the first draft token of a step costs more than the next ones.
-    Costs that grow with the longest draft (drafting steps, padded attention) make the greedy pass
-    alone stop at the first request's next position, which is nearly free for the others; so every
-    longest length L is planned with its cost paid up front, and the best plan wins.
+    batch: the active batch, when the cost depends on its shape (contexts, attention groups).
+    A drafter that drafts token by token makes the first token at each position cost a whole drafting
+    step, which the greedy pass alone would refuse; so every longest length L is planned with its
+    drafting paid up front, and the best plan wins.
     The plan depends only on these probabilities and the load, never on the draft tokens themselves,
     which keeps verification lossless.
     """
@@ -128,13 +127,12 @@ def plan_verification(
                                    overhead_s + draft_step_s * max(plan, default=0),
                                    batch.shape(plan) if batch is not None else None)
 
-    if draft_step_s <= 0.0 and batch is None:
-        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s)
+    if draft_step_s <= 0.0:
+        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s, batch)
     best = [0] * len(survival)
     for longest in range(1, max((len(row) for row in survival), default=0) + 1):
         plan = _admit_best_first([row[:longest] for row in survival], base_tokens, base_expected_tokens, cost,
-                                 overhead_s + draft_step_s * longest,
-                                 batch.shape([], longest) if batch is not None else None)
+                                 overhead_s + draft_step_s * longest, batch)
         if throughput(plan) > throughput(best):
             best = plan
     return best

@@ -4,9 +4,9 @@ The load-aware scheduler needs the real curve of this model, runtime, dtype and 
 memory-bound CPU verifying 8 tokens costs little more than 1, on a compute-bound kernel it grows
 almost linearly, and the right number of draft tokens to verify differs accordingly.
 
-N alone does not set a step's cost. Attention runs over the batch padded to its longest new-token
-count and longest context (``B x q x kv`` query-key pairs), and gathering each sequence's cache reads
-``B x kv`` positions; eight requests 300 tokens into their answers cost 2-3x what eight new tokens
+N alone does not set a step's cost. Attention runs per group of sequences with equal new-token
+counts, over keys padded to the group's longest context (``B x q x kv`` query-key pairs per group),
+and gathering each sequence's cache reads ``B x kv`` positions; eight requests 300 tokens into their answers cost 2-3x what eight new tokens
 of short sequences cost. So the profile is SPS(N) measured on a reference shape plus two measured
 coefficients for those terms, and the scheduler prices the batch it is actually planning.
 """
@@ -29,25 +29,50 @@ TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending to
 # Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections,
 # 3: measured kernel plans; 4: round-robin timing, lower monotone envelope), so profiles measured the old
 # way are not reused.
-FORWARD_REVISION = 5  # 5: batch-shape terms (attention, cache gather) beside SPS(N)
+FORWARD_REVISION = 6  # 5: batch-shape terms (attention, cache gather) beside SPS(N); 6: attention grouped by new tokens
 
 
 @dataclass(frozen=True)
 class BatchShape:
-    """What sets a forward's cost besides N: sequences in it, the most new tokens of one sequence, and
-    the longest context after the step (cached + new). Attention pads every sequence to the last two."""
+    """What sets a forward's cost besides N: each sequence's new tokens and its context after the step
+    (cached + new). Attention runs once per group of sequences with equal new-token counts
+    (models.transformer), over keys padded to the group's longest context, after gathering those
+    positions of each sequence's cache."""
 
-    sequences: int
-    longest_new: int
-    longest_context: int
+    rows: tuple[tuple[int, int], ...]  # (new tokens, context after the step) per sequence
+
+    @staticmethod
+    def uniform(sequences: int, new: int, context: int) -> "BatchShape":
+        """`sequences` sequences of `new` new tokens each, `context` positions after the step."""
+        return BatchShape(((new, context),) * sequences)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.rows)
+
+    @property
+    def tokens(self) -> int:
+        return sum(new for new, _ in self.rows)
+
+    @property
+    def longest_new(self) -> int:
+        return max((new for new, _ in self.rows), default=0)
+
+    def _groups(self) -> dict[int, tuple[int, int]]:
+        """new-token count -> (sequences, longest context) of its attention group."""
+        groups: dict[int, tuple[int, int]] = {}
+        for new, context in self.rows:
+            count, longest = groups.get(new, (0, 0))
+            groups[new] = (count + 1, max(longest, context))
+        return groups
 
     @property
     def attention_pairs(self) -> int:
-        return self.sequences * self.longest_new * self.longest_context
+        return sum(count * new * longest for new, (count, longest) in self._groups().items())
 
     @property
     def gathered_positions(self) -> int:
-        return self.sequences * self.longest_context
+        return sum(count * longest for count, longest in self._groups().values())
 
 
 class StepCost(Protocol):
@@ -58,15 +83,15 @@ class StepCost(Protocol):
 
 def reference_shape(n: int, context: int) -> BatchShape:
     """The shape SPS(N) is measured on: N tokens as sequences of TOKENS_PER_SEQUENCE new tokens."""
-    q = min(n, TOKENS_PER_SEQUENCE)
-    return BatchShape(-(-n // TOKENS_PER_SEQUENCE), q, context + q)
+    full, rest = divmod(n, TOKENS_PER_SEQUENCE)
+    return BatchShape(((TOKENS_PER_SEQUENCE, context + TOKENS_PER_SEQUENCE),) * full + (((rest, context + rest),) if rest else ()))
 
 
 @dataclass(frozen=True)
 class StepCostProfile:
     tokens: tuple[int, ...]     # N: tokens in one target forward, increasing
     seconds: tuple[float, ...]  # median wall time of that forward, on reference_shape(N, context)
-    attention_s: float = 0.0    # seconds per padded query-key pair (BatchShape.attention_pairs)
+    attention_s: float = 0.0    # seconds per query-key pair (BatchShape.attention_pairs)
     gather_s: float = 0.0       # seconds per gathered cache position (BatchShape.gathered_positions)
     context: int = 128          # cached tokens per sequence of the reference shapes
 
@@ -166,7 +191,7 @@ def fit_shape_terms(samples: Sequence[tuple[BatchShape, float]]) -> tuple[float,
     per N (the forwards of equal N differ only by attention pairs and gathered positions)."""
     groups: dict[int, list[tuple[BatchShape, float]]] = {}
     for shape, seconds in samples:
-        groups.setdefault(shape.sequences * shape.longest_new, []).append((shape, seconds))
+        groups.setdefault(shape.tokens, []).append((shape, seconds))
     rows = []
     for members in groups.values():
         if len(members) < 2:
@@ -248,7 +273,7 @@ def measure_step_cost(
 
     curve = StepCostProfile(tuple(token_counts), tuple(monotone_envelope([median(n) for n in token_counts])),
                             context=context)
-    attention_s, gather_s = fit_shape_terms([(BatchShape(b, q, c + q), median((b, q, c))) for b, q, c in shape_probes])
+    attention_s, gather_s = fit_shape_terms([(BatchShape.uniform(b, q, c + q), median((b, q, c))) for b, q, c in shape_probes])
     return StepCostProfile(curve.tokens, curve.seconds, attention_s, gather_s, context)
 
 

@@ -308,7 +308,7 @@ def test_online_step_cost_follows_the_machine_not_the_plan():
 
     profile = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080), attention_s=1e-7, context=128)
     online = OnlineStepCost(profile, weight=0.5)
-    plain, drafted = BatchShape(8, 1, 1001), BatchShape(8, 4, 1004)
+    plain, drafted = BatchShape.uniform(8, 1, 1001), BatchShape.uniform(8, 4, 1004)
     assert online.step_seconds(8, plain) == pytest.approx(profile.step_seconds(8, plain))
     for _ in range(20):
         online.observe(8, 2 * profile.step_seconds(8, plain), plain)
@@ -328,7 +328,7 @@ def test_batch_shape_terms_price_context_and_padding():
     profile = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080), attention_s=1e-7, gather_s=1e-6, context=128)
     assert profile.step_seconds(8, reference_shape(8, 128)) == pytest.approx(0.012)
     ref = reference_shape(8, 128)  # 2 sequences of 4 new tokens, 132 positions
-    long = BatchShape(8, 1, 532)   # 8 decoding sequences 531 tokens in
+    long = BatchShape.uniform(8, 1, 532)   # 8 decoding sequences 531 tokens in
     extra = 1e-7 * (8 * 532 - ref.attention_pairs) + 1e-6 * (8 * 532 - ref.gathered_positions)
     assert profile.step_seconds(8, long) == pytest.approx(0.012 + extra)
 
@@ -345,20 +345,32 @@ def test_shape_terms_are_recovered_by_the_nonnegative_fit():
     assert attention_s == 0.0 and gather_s > 0
 
 
-def test_padded_attention_is_paid_once_for_the_whole_batch():
-    """Eight decoding sequences: the first draft token of any of them pads all eight (q 1 -> 2), so one
-    token alone does not pay, while a first token for every request does. A greedy pass that prices
-    slots one by one stops at the first; planning each longest length with its padding paid finds it."""
-    from orchestrator.scheduler import BatchPlan
+def test_attention_groups_price_each_sequence_on_its_own_context():
+    """Attention runs per group of equal new-token counts: one long draft among decoding sequences
+    pays for its own queries, not for padding the others; each group's keys span its longest context."""
     from orchestrator.step_cost import BatchShape
 
-    profile = StepCostProfile((1, 64), (0.050, 0.0505), attention_s=5e-6, context=128)
-    batch = BatchPlan(8, BatchShape(8, 1, 501), [501] * 8)
-    survival = [[0.6, 0.06]] * 8
-    shape_free = plan_verification(survival, 8, 8, profile, batch=None)
-    assert sum(shape_free) > 8  # blind to padding, it verifies both positions everywhere
-    plan = plan_verification(survival, 8, 8, profile, batch=batch)
-    assert plan == [1] * 8
-    # the same drafts 100 tokens into the answers are worth both positions; 4,000 in, none
-    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(8, BatchShape(8, 1, 101), [101] * 8)) == [2] * 8
-    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan(8, BatchShape(8, 1, 4001), [4001] * 8)) == [0] * 8
+    mixed = BatchShape(((1, 501),) * 7 + ((5, 505),))
+    assert mixed.tokens == 12 and mixed.longest_new == 5
+    assert mixed.attention_pairs == 7 * 1 * 501 + 1 * 5 * 505
+    assert mixed.gathered_positions == 7 * 501 + 505
+    two = BatchShape(((2, 102), (2, 4002), (1, 300)))
+    assert two.attention_pairs == 2 * 2 * 4002 + 300 and two.gathered_positions == 2 * 4002 + 300
+
+
+def test_drafts_go_where_their_attention_is_cheap():
+    """Same drafts, four requests 100 tokens in and four 4,000 in, attention dear: the short ones verify
+    their drafts, the long ones do not (a padded batch would have priced every draft at 4,000)."""
+    from orchestrator.scheduler import BatchPlan
+
+    profile = StepCostProfile((1, 64), (0.050, 0.0505), attention_s=2e-6, context=128)
+    survival = [[0.4, 0.2]] * 8
+    contexts = [101] * 4 + [4001] * 4
+    plan = plan_verification(survival, 8, 8, profile, batch=BatchPlan([], contexts))
+    assert plan[:4] == [2] * 4 and plan[4:] == [0] * 4
+    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan([], [101] * 8)) == [2] * 8
+    assert plan_verification(survival, 8, 8, profile, batch=BatchPlan([], [4001] * 8)) == [0] * 8
+    # a prefill in the same step is its own group: it does not make the others' drafts dearer
+    with_prefill = BatchPlan([(300, 300)], [101] * 4)
+    assert with_prefill.tokens == 304
+    assert plan_verification(survival[:4], 304, 4, profile, batch=with_prefill) == [2] * 4

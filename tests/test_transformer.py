@@ -138,10 +138,13 @@ def test_decode_logits_match_transformers_full_forward(smol, smol_hf, smol_promp
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("slot_order", [[0, 1, 2], [2, 0, 1]])
+@pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 0, 3, 1, 2]])
 def test_batched_varlen_equals_separate_forwards(smol, smol_prompts, slot_order) -> None:
-    prefixes = [smol_prompts[0][:5], smol_prompts[1][:9], smol_prompts[2][:2]]
-    new = [smol_prompts[3][:1], smol_prompts[3][1:5], smol_prompts[2][2:9]]  # 1, 4, 7 new tokens
+    # sequences sharing a new-token count attend together (1 and 4 twice, at different positions)
+    prefixes = [smol_prompts[0][:5], smol_prompts[1][:9], smol_prompts[2][:2], smol_prompts[1][:3], smol_prompts[3][:2]]
+    new = [smol_prompts[3][:1], smol_prompts[3][1:5], smol_prompts[2][2:9], smol_prompts[2][:1], smol_prompts[3][2:6]]
+    counts = [len(n) for n in new]
+    assert counts == [1, 4, 7, 1, 4]
 
     separate = []
     for pre, nw in zip(prefixes, new):
@@ -149,20 +152,20 @@ def test_batched_varlen_equals_separate_forwards(smol, smol_prompts, slot_order)
         prefill(smol, cache, 0, pre)
         separate.append(prefill(smol, cache, 0, nw))
 
-    cache = smol.new_cache(3, 32)
+    cache = smol.new_cache(5, 32)
     for slot, pre in zip(slot_order, prefixes):
         prefill(smol, cache, slot, pre)
-    out = smol(torch.tensor([t for nw in new for t in nw]), slot_order, [len(n) for n in new], cache)
-    assert out.logits.shape == (12, smol.config.vocab_size)
+    out = smol(torch.tensor([t for nw in new for t in nw]), slot_order, counts, cache)
+    assert out.logits.shape == (17, smol.config.vocab_size)
     assert_logits_close(out.logits, torch.cat(separate))
-    assert cache.lengths[slot_order].tolist() == [6, 13, 9]
+    assert cache.lengths[slot_order].tolist() == [6, 13, 9, 4, 6]
 
     # selected rows only: the last token of each sequence
-    cache2 = smol.new_cache(3, 32)
+    cache2 = smol.new_cache(5, 32)
     for slot, pre in zip(slot_order, prefixes):
         prefill(smol, cache2, slot, pre)
-    idx = smol.last_token_indices([1, 4, 7])
-    sel = smol(torch.tensor([t for nw in new for t in nw]), slot_order, [1, 4, 7], cache2, logits_indices=idx)
+    idx = smol.last_token_indices(counts)
+    sel = smol(torch.tensor([t for nw in new for t in nw]), slot_order, counts, cache2, logits_indices=idx)
     assert_logits_close(sel.logits, torch.stack([s[-1] for s in separate]))
 
 
