@@ -372,9 +372,10 @@ def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, toke
     click.echo(f"{'tokens':>8}{'ms/step':>10}{'steps/s':>10}{'vs 1 token':>12}")
     for n, seconds in zip(result.tokens, result.seconds):
         click.echo(f"{n:>8}{seconds * 1e3:>10.1f}{1 / seconds:>10.1f}{seconds / result.seconds[0]:>11.2f}x")
-    click.echo(f"plus {result.attention_s * 1e9:.0f} ns per padded query-key pair (attention) and "
-               f"{result.gather_s * 1e6:.2f} us per cached position read (cache gather), beyond the "
-               f"{result.context}-token reference context")
+    click.echo(f"plus {result.attention_s * 1e9:.0f} ns per query-key pair (attention), "
+               f"{result.gather_s * 1e6:.2f} us per cached position read (cache gather) and "
+               f"{result.group_s * 1e3:.2f} ms per extra attention group (sequences of another new-token count), "
+               f"beyond the {result.context}-token reference shape")
     click.echo(f"saved {path}")
 
 

@@ -29,7 +29,7 @@ TOKENS_PER_SEQUENCE = 4  # a verify batch: several requests, each its pending to
 # Part of a saved profile's key: bump when the forward's kernels change (2: few-row projections,
 # 3: measured kernel plans; 4: round-robin timing, lower monotone envelope), so profiles measured the old
 # way are not reused.
-FORWARD_REVISION = 6  # 5: batch-shape terms (attention, cache gather) beside SPS(N); 6: attention grouped by new tokens
+FORWARD_REVISION = 6  # 5: batch-shape terms (attention, cache gather) beside SPS(N); 6: attention per group
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,11 @@ class BatchShape:
     def gathered_positions(self) -> int:
         return sum(count * longest for count, longest in self._groups().values())
 
+    @property
+    def attention_groups(self) -> int:
+        """Attention calls per layer (each with its own cache gather, query gather and output scatter)."""
+        return len(self._groups())
+
 
 class StepCost(Protocol):
     """What the scheduler reads: seconds of one target forward over N tokens (of this batch shape)."""
@@ -90,9 +95,10 @@ def reference_shape(n: int, context: int) -> BatchShape:
 @dataclass(frozen=True)
 class StepCostProfile:
     tokens: tuple[int, ...]     # N: tokens in one target forward, increasing
-    seconds: tuple[float, ...]  # median wall time of that forward, on reference_shape(N, context)
+    seconds: tuple[float, ...]  # fastest wall time of that forward, on reference_shape(N, context)
     attention_s: float = 0.0    # seconds per query-key pair (BatchShape.attention_pairs)
     gather_s: float = 0.0       # seconds per gathered cache position (BatchShape.gathered_positions)
+    group_s: float = 0.0        # seconds per attention group beyond the first (BatchShape.attention_groups)
     context: int = 128          # cached tokens per sequence of the reference shapes
 
     def step_seconds(self, n: int, shape: BatchShape | None = None) -> float:
@@ -110,6 +116,7 @@ class StepCostProfile:
             ref = reference_shape(n, self.context)
             base += self.attention_s * (shape.attention_pairs - ref.attention_pairs)
             base += self.gather_s * (shape.gathered_positions - ref.gathered_positions)
+            base += self.group_s * (shape.attention_groups - ref.attention_groups)
         return max(base, 1e-9)
 
     def steps_per_second(self, n: int) -> float:
@@ -123,7 +130,7 @@ class StepCostProfile:
     def load(cls, path: Path) -> "StepCostProfile":
         data = json.loads(path.read_text())
         return cls(tuple(data["tokens"]), tuple(data["seconds"]), data.get("attention_s", 0.0),
-                   data.get("gather_s", 0.0), data.get("context", 128))
+                   data.get("gather_s", 0.0), data.get("group_s", 0.0), data.get("context", 128))
 
 
 class OnlineStepCost:
@@ -164,9 +171,9 @@ class OnlineStepCost:
 
 
 def monotone_envelope(seconds: Sequence[float]) -> list[float]:
-    """The cheapest non-decreasing curve under measured medians: cost(N) = min over M >= N of cost(M).
+    """The cheapest non-decreasing curve under measured times: cost(N) = min over M >= N of cost(M).
 
-    A step never costs less with more tokens, so a median above a later one is noise (a shared host's
+    A step never costs less with more tokens, so a time above a later one is noise (a shared host's
     slow phase hits single shapes); carrying the max forward instead would spread one spike over
     every larger N and make the scheduler refuse drafts it should verify.
     """
@@ -177,18 +184,31 @@ def monotone_envelope(seconds: Sequence[float]) -> list[float]:
     return out[::-1]
 
 
-# (sequences, new tokens each, cached tokens) timed beside the N sweep to price the shape terms: groups
-# of equal N, so differences inside a group cancel N's own cost and the fit never leans on the curve
-SHAPE_PROBES = (
-    (8, 1, 512), (2, 4, 512), (1, 8, 512), (8, 1, 128),
-    (16, 1, 512), (4, 4, 512), (2, 8, 512), (16, 1, 128),
-    (8, 4, 512), (4, 8, 512), (16, 2, 512), (8, 4, 128),
+# Batch shapes timed beside the N sweep to price the shape terms, as (new tokens, cached tokens) per
+# sequence: groups of equal N, so differences inside a group cancel N's own cost and the fit never leans
+# on the curve; uniform shapes vary attention and gathers, mixed ones the number of attention groups.
+def _uniform(sequences: int, new: int, cached: int) -> tuple[tuple[int, int], ...]:
+    return ((new, cached),) * sequences
+
+
+def _rows(new: Sequence[int], cached: int) -> tuple[tuple[int, int], ...]:
+    return tuple((n, cached) for n in new)
+
+
+SHAPE_PROBES: tuple[tuple[tuple[int, int], ...], ...] = (
+    _uniform(8, 1, 512), _uniform(2, 4, 512), _uniform(1, 8, 512), _uniform(8, 1, 128),
+    _uniform(16, 1, 512), _uniform(4, 4, 512), _uniform(2, 8, 512), _uniform(16, 1, 128),
+    _uniform(8, 4, 512), _uniform(4, 8, 512), _uniform(16, 2, 512), _uniform(8, 4, 128),
+    # the same 8 sequences and tokens in 1 to 7 attention groups: only the group count differs
+    _uniform(8, 2, 512), _rows([1, 3] * 4, 512), _rows([1, 1, 2, 2, 2, 2, 3, 3], 512), _rows([1, 2, 3, 5, 1, 1, 2, 1], 512),
+    _rows([1, 7] * 4, 512), _rows([1, 2, 3, 4, 5, 6, 7, 4], 512),
 )
+SHAPE_TERMS = ("attention_pairs", "gathered_positions", "attention_groups")
 
 
-def fit_shape_terms(samples: Sequence[tuple[BatchShape, float]]) -> tuple[float, float]:
-    """(attention_s, gather_s) >= 0 from measured (shape, seconds): least squares with one free constant
-    per N (the forwards of equal N differ only by attention pairs and gathered positions)."""
+def fit_shape_terms(samples: Sequence[tuple[BatchShape, float]]) -> tuple[float, ...]:
+    """(attention_s, gather_s, group_s) >= 0 from measured (shape, seconds): least squares with one free
+    constant per N (the forwards of equal N differ only by the shape terms)."""
     groups: dict[int, list[tuple[BatchShape, float]]] = {}
     for shape, seconds in samples:
         groups.setdefault(shape.tokens, []).append((shape, seconds))
@@ -196,29 +216,32 @@ def fit_shape_terms(samples: Sequence[tuple[BatchShape, float]]) -> tuple[float,
     for members in groups.values():
         if len(members) < 2:
             continue
-        mean_a = sum(s.attention_pairs for s, _ in members) / len(members)
-        mean_g = sum(s.gathered_positions for s, _ in members) / len(members)
+        terms = [[float(getattr(s, t)) for t in SHAPE_TERMS] for s, _ in members]
+        means = [sum(col) / len(members) for col in zip(*terms)]
         mean_t = sum(t for _, t in members) / len(members)
-        rows += [(s.attention_pairs - mean_a, s.gathered_positions - mean_g, t - mean_t) for s, t in members]
-    return _nonnegative_least_squares(rows) if rows else (0.0, 0.0)
+        rows += [([x - m for x, m in zip(xs, means)], t - mean_t) for xs, (_, t) in zip(terms, members)]
+    return _nonnegative_least_squares(rows) if rows else (0.0,) * len(SHAPE_TERMS)
 
 
-def _nonnegative_least_squares(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
-    """min ||a x1 + b x2 - y|| over x >= 0, two unknowns: the unconstrained solution, else the best of
-    each one alone (clipped at 0)."""
-    A = torch.tensor([(a, b) for a, b, _ in rows], dtype=torch.float64)
-    y = torch.tensor([v for _, _, v in rows], dtype=torch.float64)[:, None]
-    both = torch.linalg.lstsq(A, y).solution[:, 0].tolist()
-    if min(both) >= 0:
-        return both[0], both[1]
-    candidates = []
-    for j in range(2):
-        col = A[:, j]
-        x = max(float(col @ y[:, 0]) / max(float(col @ col), 1e-30), 0.0)
-        fit = [x if k == j else 0.0 for k in range(2)]
-        candidates.append((float(((A @ torch.tensor(fit, dtype=torch.float64)) - y[:, 0]).square().sum()), fit))
-    best = min(candidates)[1]
-    return best[0], best[1]
+def _nonnegative_least_squares(rows: Sequence[tuple[Sequence[float], float]]) -> tuple[float, ...]:
+    """min ||A x - y|| over x >= 0 for a few unknowns: the best unconstrained solution over each subset
+    of terms (the others held at 0) that comes out nonnegative."""
+    A = torch.tensor([list(xs) for xs, _ in rows], dtype=torch.float64)
+    y = torch.tensor([v for _, v in rows], dtype=torch.float64)
+    k = A.shape[1]
+    best: tuple[float, list[float]] = (float(y.square().sum()), [0.0] * k)
+    for subset in range(1, 2 ** k):
+        cols = [j for j in range(k) if subset >> j & 1]
+        solution = torch.linalg.lstsq(A[:, cols], y[:, None]).solution[:, 0]
+        if float(solution.min()) < 0:
+            continue
+        fit = [0.0] * k
+        for j, x in zip(cols, solution.tolist()):
+            fit[j] = x
+        residual = float((A @ torch.tensor(fit, dtype=torch.float64) - y).square().sum())
+        if residual < best[0]:
+            best = (residual, fit)
+    return tuple(best[1])
 
 
 @torch.inference_mode()
@@ -226,20 +249,21 @@ def measure_step_cost(
     model: Transformer,
     token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
     context: int = 128,
-    repeats: int = 5,
-    shape_probes: Sequence[tuple[int, int, int]] = SHAPE_PROBES,
+    repeats: int = 7,
+    shape_probes: Sequence[Sequence[tuple[int, int]]] = SHAPE_PROBES,
 ) -> StepCostProfile:
     """Times real forwards: SPS(N) on reference shapes (N tokens spread over ceil(N / 4) sequences with
-    `context` cached tokens each), then `shape_probes` to price attention and cache gathers. Each
-    context's sequences are prefilled once; shapes are timed round-robin, repeat by repeat, so a slow
-    phase hits them alike."""
+    `context` cached tokens each), then `shape_probes` to price attention, cache gathers and attention
+    groups. Each context's sequences are prefilled once; shapes are timed round-robin, repeat by repeat,
+    so a slow phase hits them alike."""
     ref_seqs = -(-max(token_counts) // TOKENS_PER_SEQUENCE)
     # one pool of sequences per context, filled once; used in descending slot order so the forward
     # gathers their caches, as in a server whose requests come and go
     needed = {context: ref_seqs}
-    for b, _, c in shape_probes:
-        needed[c] = max(needed.get(c, 0), b)
-    longest = max(c for c in needed) + max([TOKENS_PER_SEQUENCE] + [q for _, q, _ in shape_probes])
+    for probe in shape_probes:
+        for c in {c for _, c in probe}:
+            needed[c] = max(needed.get(c, 0), sum(1 for _, cc in probe if cc == c))
+    longest = max(needed) + max([TOKENS_PER_SEQUENCE] + [q for probe in shape_probes for q, _ in probe])
     cache = model.new_cache(sum(needed.values()), longest)
     vocab = model.config.vocab_size
     pools: dict[int, list[int]] = {}
@@ -251,30 +275,41 @@ def measure_step_cost(
         return [TOKENS_PER_SEQUENCE] * (n // TOKENS_PER_SEQUENCE) + (
             [n % TOKENS_PER_SEQUENCE] if n % TOKENS_PER_SEQUENCE else [])
 
-    jobs: list[tuple[object, list[int], list[int], int]] = []  # (key, slots, new tokens, cached)
-    for n in token_counts:
-        new = shapes_of(n)
-        jobs.append((n, pools[context][: len(new)][::-1], new, context))
-    for probe in shape_probes:
-        b, q, c = probe
-        jobs.append((probe, pools[c][:b][::-1], [q] * b, c))
-    times: dict[object, list[float]] = {key: [] for key, *_ in jobs}
+    def rows_of(n: int) -> tuple[tuple[int, int], ...]:
+        return tuple((q, context) for q in shapes_of(n))
+
+    def slots_for(rows: Sequence[tuple[int, int]]) -> list[int]:
+        """A pooled sequence of the right context for each row, in descending slot order."""
+        taken: dict[int, int] = {}
+        used = []
+        for _, c in rows:
+            used.append(pools[c][taken.get(c, 0)])
+            taken[c] = taken.get(c, 0) + 1
+        return used
+
+    jobs: list[tuple[object, tuple[tuple[int, int], ...]]] = [(n, rows_of(n)) for n in token_counts]
+    jobs += [(tuple(probe), tuple(probe)) for probe in shape_probes]
+    times: dict[object, list[float]] = {key: [] for key, _ in jobs}
     for rep in range(repeats + 1):  # the first round warms every shape up
-        for key, used, new, length in jobs:
+        for key, rows in jobs:
+            used, new = slots_for(rows)[::-1], [q for q, _ in rows][::-1]
             started = time.perf_counter()
             model(torch.randint(0, vocab, (sum(new),)), used, new, cache)
             if rep:
                 times[key].append(time.perf_counter() - started)
-            for slot in used:
-                cache.truncate(slot, length)
+            for slot, (_, c) in zip(used, rows[::-1]):
+                cache.truncate(slot, c)
 
-    def median(key: object) -> float:
-        return sorted(times[key])[len(times[key]) // 2]
+    def fastest(key: object) -> float:
+        # a shared host's slow phases (2x for seconds at a time here) only ever add time, and may cover
+        # some shapes' repeats but not others': the fastest repeat is the forward's own cost
+        return min(times[key])
 
-    curve = StepCostProfile(tuple(token_counts), tuple(monotone_envelope([median(n) for n in token_counts])),
+    curve = StepCostProfile(tuple(token_counts), tuple(monotone_envelope([fastest(n) for n in token_counts])),
                             context=context)
-    attention_s, gather_s = fit_shape_terms([(BatchShape.uniform(b, q, c + q), median((b, q, c))) for b, q, c in shape_probes])
-    return StepCostProfile(curve.tokens, curve.seconds, attention_s, gather_s, context)
+    terms = fit_shape_terms([(BatchShape(tuple((q, c + q) for q, c in probe)), fastest(tuple(probe)))
+                             for probe in shape_probes])
+    return StepCostProfile(curve.tokens, curve.seconds, *terms, context=context)
 
 
 def profile_path(root: Path, model_dir: Path, runtime: str, dtype: str, threads: int) -> Path:

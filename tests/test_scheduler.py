@@ -336,13 +336,25 @@ def test_batch_shape_terms_price_context_and_padding():
 def test_shape_terms_are_recovered_by_the_nonnegative_fit():
     from orchestrator.step_cost import _nonnegative_least_squares
 
-    truth = (3e-7, 5e-6)
-    rows = [(a, g, truth[0] * a + truth[1] * g) for a, g in [(1000, 500), (8000, 2000), (4000, 4000), (500, 3000)]]
+    truth = (3e-7, 5e-6, 2e-3)
+    shapes = [(1000, 500, 1), (8000, 2000, 1), (4000, 4000, 3), (500, 3000, 2), (2500, 100, 5)]
+    rows = [((a, g, k), truth[0] * a + truth[1] * g + truth[2] * k) for a, g, k in shapes]
     assert _nonnegative_least_squares(rows) == pytest.approx(truth, rel=1e-6)
-    # a term that would come out negative is held at zero and the other refitted
-    rows = [(a, g, 1e-6 * g - 1e-9 * a) for a, g in [(1000, 500), (8000, 2000), (4000, 4000)]]
-    attention_s, gather_s = _nonnegative_least_squares(rows)
-    assert attention_s == 0.0 and gather_s > 0
+    # a term that would come out negative is held at zero and the others refitted
+    rows = [((a, g, k), 1e-6 * g + 1e-3 * k - 1e-9 * a) for a, g, k in shapes]
+    attention_s, gather_s, group_s = _nonnegative_least_squares(rows)
+    assert attention_s == 0.0 and gather_s > 0 and group_s > 0
+
+
+def test_mixed_shapes_pay_per_attention_group():
+    """Each distinct new-token count is one more attention call per layer: priced by group_s."""
+    from orchestrator.step_cost import BatchShape
+
+    profile = StepCostProfile((1, 64), (0.050, 0.0505), group_s=0.002, context=128)
+    uniform = BatchShape.uniform(4, 3, 300)
+    mixed = BatchShape(((1, 300), (2, 300), (3, 300), (6, 300)))
+    assert uniform.attention_groups == 1 and mixed.attention_groups == 4 and uniform.tokens == mixed.tokens == 12
+    assert profile.step_seconds(12, mixed) - profile.step_seconds(12, uniform) == pytest.approx(0.006)
 
 
 def test_attention_groups_price_each_sequence_on_its_own_context():
