@@ -57,6 +57,9 @@ class Policy:
         return {"spec_mode": self.spec_mode, "num_draft_tokens": self.num_draft_tokens}
 
 
+TIME_LIMIT = "cancelled at the time limit"
+
+
 @dataclass
 class RequestRecord:
     """What one request did, times in seconds on the monotonic clock."""
@@ -70,6 +73,11 @@ class RequestRecord:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     error: str | None = None
+
+    @property
+    def cut(self) -> bool:
+        """Cancelled by the cell's time limit: not an error of the server."""
+        return self.error == TIME_LIMIT
 
     @property
     def completed(self) -> bool:
@@ -116,7 +124,7 @@ class CellStats:
     concurrency: int | None
     rate: float | None
     requests: int
-    errors: int
+    errors: int                        # failed requests (the cell's time limit cuts are `cut`)
     tokens: int
     window_s: float
     ttft_p50: float | None
@@ -131,6 +139,7 @@ class CellStats:
     acceptance_rate: float | None
     draft_rounds: int
     repeat: int = 0                    # which pass of an interleaved sweep (run_sweep's `repeats`)
+    cut: int = 0                       # requests still running at the cell's time limit, cancelled
 
     @property
     def load(self) -> str:
@@ -147,7 +156,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def aggregate(records: Iterable[RequestRecord], policy: str, mode: str, concurrency: int | None = None,
               rate: float | None = None, repeat: int = 0) -> CellStats:
-    """Stats over the completed requests of one cell (errors and cancelled requests are only counted)."""
+    """Stats over the completed requests of one cell (failed and time-limit-cut requests are only counted)."""
     records = list(records)
     done = [r for r in records if r.completed and r.tokens > 0]
     window = (max(r.end for r in done) - min(r.start for r in done)) if done else 0.0
@@ -160,7 +169,8 @@ def aggregate(records: Iterable[RequestRecord], policy: str, mode: str, concurre
     accepted = sum(r.accepted_tokens for r in done)
     return CellStats(
         policy=policy, mode=mode, concurrency=concurrency, rate=rate,
-        requests=len(done), errors=len(records) - len(done), tokens=tokens, window_s=window,
+        requests=len(done), errors=sum(1 for r in records if not r.completed and not r.cut),
+        cut=sum(1 for r in records if r.cut), tokens=tokens, window_s=window,
         ttft_p50=_percentile([r.ttft for r in done], 50), ttft_p90=_percentile([r.ttft for r in done], 90),
         itl_p50=_percentile(itl, 50), itl_p90=_percentile(itl, 90),
         e2e_p50=_percentile([r.e2e for r in done], 50),
@@ -197,7 +207,7 @@ class _StreamWorker:
             try:
                 now, result, error = self.responses.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
-                record.error = "cancelled at the time limit"
+                record.error = TIME_LIMIT
                 return False
             if error is not None:
                 record.error = error.message() if isinstance(error, InferenceServerException) else str(error)
@@ -250,7 +260,7 @@ class _OpenAIWorker:
                 for chunk in stream:
                     now = time.monotonic()
                     if now >= deadline:
-                        record.error = "cancelled at the time limit"
+                        record.error = TIME_LIMIT
                         return False
                     if chunk.usage is None:
                         continue
@@ -263,7 +273,7 @@ class _OpenAIWorker:
                     record.draft_tokens = spec.get("draft_tokens", 0)
                     record.accepted_tokens = spec.get("accepted_tokens", 0)
         except self.openai.APITimeoutError:
-            record.error = "cancelled at the time limit"
+            record.error = TIME_LIMIT
             return False
         except self.openai.APIError as exc:
             record.error = str(exc)
@@ -386,6 +396,7 @@ def run_sweep(url: str, prompts: Sequence[str], config: SweepConfig,
             cell = aggregate(records, name, "open", rate=load.rate, repeat=repeat)
         if log:
             log(f"{cell.policy:>16} {cell.load:>8} #{repeat}: {cell.requests} ok, {cell.errors} failed, "
+                f"{cell.cut} cut at the time limit, "
                 f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total")
         cells.append(cell)
     return cells

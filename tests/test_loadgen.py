@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.prompt_sets import load_prompt_set
-from clients.loadgen import (CellStats, LoadSpec, Policy, RequestRecord, SweepConfig, aggregate, check_loopback,
-                             comparison_table, run_load, run_sweep, write_results)
+from clients.loadgen import (TIME_LIMIT, CellStats, LoadSpec, Policy, RequestRecord, SweepConfig, aggregate,
+                             check_loopback, comparison_table, run_load, run_sweep, write_results)
 from clients.perf_analyzer import PerfAnalyzerUnavailable, run_perf_analyzer, summarize_profile, write_input_data
 
 PROMPTS = load_prompt_set("code")
@@ -22,7 +22,8 @@ def _synthetic() -> list[RequestRecord]:
                       draft_rounds=1, draft_tokens=4, accepted_tokens=1)
     b = RequestRecord(1, start=0.5, chunk_times=[1.5, 2.5], chunk_tokens=[1, 1], end=3.0)
     c = RequestRecord(2, start=0.2, error="boom", end=0.3)
-    return [a, b, c]
+    d = RequestRecord(3, start=2.5, chunk_times=[2.9], chunk_tokens=[1], error=TIME_LIMIT)
+    return [a, b, c, d]
 
 
 def test_inter_token_latencies_spread_a_response_over_its_tokens():
@@ -31,7 +32,7 @@ def test_inter_token_latencies_spread_a_response_over_its_tokens():
 
 def test_aggregate_on_synthetic_timings():
     s = aggregate(_synthetic(), "static:4", "closed", concurrency=2)
-    assert (s.requests, s.errors, s.tokens) == (2, 1, 6)
+    assert (s.requests, s.errors, s.cut, s.tokens) == (2, 1, 1, 6)  # the cut request's token is not counted
     assert s.window_s == pytest.approx(3.0)                     # first start 0.0 -> last end 3.0
     assert s.total_tps == pytest.approx(2.0)
     assert s.ttft_p50 == pytest.approx(1.0)
