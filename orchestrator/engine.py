@@ -41,7 +41,7 @@ from orchestrator.verification import VerifyResult, verify_greedy, verify_sampli
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_INTERVAL_S = 0.05  # asking the frontend whether a client left costs an IPC round trip
-DRAFT_COST_SAMPLES = 8  # drafting steps timed before the drafting cost is fixed (keeps decisions repeatable)
+DRAFT_COST_SAMPLES = 8  # drafting steps timed per batch size before its cost is fixed (keeps decisions repeatable)
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Engine:
         self.step_cost = OnlineStepCost(step_cost) if step_cost is not None else None
         self.external_waiting = 0  # requests queued in front of the engine (Triton's pending count): shown, not planned
         self._acceptance = PrefixAcceptance(MAX_DRAFT_TOKENS)  # survival estimate without a confidence head
-        self._draft_timings: list[float] = []
+        self._draft_timings: dict[int, list[float]] = {}  # drafting sequences -> timed drafting steps
         self.tokenizer = tokenizer
         self.config = config
         self.cache: KVCache = model.new_cache(config.max_batch_size, config.max_context)
@@ -412,7 +412,7 @@ class Engine:
             known = r.predicted if r.predicted is not None and len(r.predicted) >= k else None
             predicted.append(known[:k] if known else self._acceptance.survival(k))
         batch = self._batch_plan(dspark, lambda r: len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0))
-        unit = self._draft_cost()
+        unit = self._draft_cost(len(dspark))
         if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
             counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, 0.0, unit, batch)
         else:
@@ -421,16 +421,29 @@ class Engine:
             if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
                 lengths[r.request_id] = count
 
-    def _draft_cost(self, seconds: float | None = None, positions: int = 1) -> float:
-        """The drafting time the scheduler plans with, per drafting step (a sequential drafter: per drafted
-        position, `seconds` having drafted `positions`): the median of the first drafting steps, then
-        fixed, so that the same requests on the same server get the same decisions (and seeded samples)."""
+    def _draft_cost(self, sequences: int, seconds: float | None = None, positions: int = 1) -> float:
+        """The drafting time the scheduler plans with, per drafting step of `sequences` sequences (a
+        sequential drafter: per drafted position, `seconds` having drafted `positions`).
+
+        A drafting step over 16 sequences costs several times one over 1 (a small LM's forward grows with
+        its batch), so the cost is kept per sequence count: the median of the first steps timed at that
+        count, then fixed, so that the same requests on the same server get the same decisions. A count
+        not timed yet is priced from the nearest timed one, scaled as the target's own profiled step
+        grows between those token counts (a forward of the same kind, and one it will then time)."""
         per = None if seconds is None else seconds / (max(positions, 1) if self.drafter.sequential else 1)
-        if per is not None and len(self._draft_timings) < DRAFT_COST_SAMPLES:
-            self._draft_timings.append(per)
-        if not self._draft_timings:
+        timed = self._draft_timings.setdefault(sequences, []) if per is not None else None
+        if timed is not None and len(timed) < DRAFT_COST_SAMPLES:
+            timed.append(per)
+        known = {n: sorted(t)[len(t) // 2] for n, t in self._draft_timings.items() if t}
+        if not known:
             return per or 0.0
-        return sorted(self._draft_timings)[len(self._draft_timings) // 2]
+        if sequences in known:
+            return known[sequences]
+        n = min(known, key=lambda m: (abs(m - sequences), m))
+        if self.step_cost is None:  # nothing is planned with it
+            return known[n]
+        profile = self.step_cost.profile
+        return known[n] * profile.step_seconds(sequences) / profile.step_seconds(n)
 
     def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft], draft_seconds: float) -> None:
         """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits (Algorithm 1).
@@ -476,7 +489,8 @@ class Engine:
         if not self._running:  # drafting failed every request
             return
         longest = max((len(d.tokens) for d in drafts.values()), default=0)
-        paid = self._draft_cost(draft_seconds, longest) * (longest if self.drafter.sequential else 1) if drafts else 0.0
+        paid = (self._draft_cost(len(drafts), draft_seconds, longest) * (longest if self.drafter.sequential else 1)
+                if drafts else 0.0)
         self._schedule(admitted, drafts, paid)
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:

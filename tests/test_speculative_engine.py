@@ -224,3 +224,21 @@ def test_spec_params_are_validated(target, encoder):
         engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("turbo", 3))
     with pytest.raises(InvalidRequestError, match="num_draft_tokens"):
         engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("off", 99))
+
+
+def test_drafting_is_priced_per_number_of_drafting_sequences(target, encoder):
+    """A small LM drafting for 16 sequences costs more than for 1: each sequence count keeps its own
+    timed cost, and a count not timed yet is scaled from the nearest timed one as the target's profiled
+    step grows, instead of reusing the one-sequence time at any load."""
+    profile = StepCostProfile((1, 16), (0.010, 0.030))
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, max_context=256, max_tokens_limit=64),
+                    ModelDrafter(shallow_copy(target, 2), SLOTS, 256), profile)
+    assert engine._draft_cost(1) == 0.0  # nothing timed: drafting is free until measured
+    engine._draft_cost(1, 0.004, positions=2)  # a sequential drafter: per drafted position
+    assert engine._draft_cost(1) == pytest.approx(0.002)
+    assert engine._draft_cost(16) == pytest.approx(0.002 * 3)  # the profile triples from 1 to 16 tokens
+    for _ in range(3):
+        engine._draft_cost(16, 0.008, positions=1)
+    assert engine._draft_cost(16) == pytest.approx(0.008)  # timed at 16: its own median
+    assert engine._draft_cost(1) == pytest.approx(0.002)   # and 1 keeps its own
+    assert engine._draft_cost(12) == pytest.approx(0.008 * profile.step_seconds(12) / profile.step_seconds(16))
