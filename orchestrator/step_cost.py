@@ -12,6 +12,7 @@ coefficients for those terms, and the scheduler prices the batch it is actually 
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ class BatchShape:
     def longest_new(self) -> int:
         return max((new for new, _ in self.rows), default=0)
 
+    @functools.cached_property
     def _groups(self) -> dict[int, tuple[int, int]]:
         """new-token count -> (sequences, longest context) of its attention group."""
         groups: dict[int, tuple[int, int]] = {}
@@ -68,16 +70,16 @@ class BatchShape:
 
     @property
     def attention_pairs(self) -> int:
-        return sum(count * new * longest for new, (count, longest) in self._groups().items())
+        return sum(count * new * longest for new, (count, longest) in self._groups.items())
 
     @property
     def gathered_positions(self) -> int:
-        return sum(count * longest for count, longest in self._groups().values())
+        return sum(count * longest for count, longest in self._groups.values())
 
     @property
     def attention_groups(self) -> int:
         """Attention calls per layer (each with its own cache gather, query gather and output scatter)."""
-        return len(self._groups())
+        return len(self._groups)
 
 
 class StepCost(Protocol):
