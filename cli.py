@@ -14,7 +14,7 @@ import click
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Explain in two sentences why speculative decoding makes LLM inference faster."
-# The shipped drafter's training data and draft vocabulary (cli.py train / draft-vocab defaults):
+# The shipped drafter's training data and draft vocabulary (cli.py train defaults):
 # prompts per source (training/sources.py; a source gives at most what its split holds).
 TRAIN_PROMPTS = "stdlib=700,humaneval=164,mmlu=242,mmlu_math=40,pydoc=400,chat_tmpl=70,math_tmpl=70"
 CALIB_PROMPTS = "stdlib=40,humaneval=164,mmlu=242,mmlu_math=40,pydoc=24,chat_tmpl=6,math_tmpl=6"
@@ -30,14 +30,21 @@ def cli() -> None:
 @cli.command()
 @click.argument("names", nargs=-1)
 @click.option("--list", "list_only", is_flag=True, help="List the models that can be fetched.")
-def fetch(names: tuple[str, ...], list_only: bool) -> None:
+@click.option("--gguf", "gguf_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Install one model from a copy of its GGUF file (checked against its SHA-256) instead of "
+                   "downloading it: for hosts that reach no registry.")
+def fetch(names: tuple[str, ...], list_only: bool, gguf_file: Path | None) -> None:
     """Download and convert models (default: the embedded default model) into the cache."""
-    from hub.fetch import KNOWN_MODELS, fetch_model
+    from hub.fetch import KNOWN_MODELS, fetch_model, install_gguf
 
     if list_only:
         for name in KNOWN_MODELS:
             click.echo(name)
         return
+    if gguf_file is not None:
+        if len(names) > 1:
+            raise click.UsageError("--gguf installs one model; name it once")
+        install_gguf(names[0] if names else DEFAULT_MODEL, gguf_file)
     for name in names or (DEFAULT_MODEL,):
         click.echo(f"{name}: {fetch_model(name)}")
 
@@ -259,21 +266,81 @@ def _source_counts(spec: str) -> dict[str, int]:
     return {k: int(v) for k, v in (part.split("=") for part in spec.split(",") if part)}
 
 
-@cli.command("draft-vocab")
-@click.argument("drafter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--size", default=DRAFT_VOCAB_SIZE, show_default=True, help="Tokens to keep (0 = the full vocabulary).")
-@click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="The data the drafter was trained on.")
-@click.option("--heldout-prompts", default=CALIB_PROMPTS, show_default=True, help="For the coverage figure.")
-@click.option("--max-new-tokens", default=TRAIN_ANSWER_TOKENS, show_default=True)
-def draft_vocab_command(drafter_dir: Path, size: int, train_prompts: str, heldout_prompts: str,
-                        max_new_tokens: int) -> None:
-    """Set the draft vocabulary of a drafter trained on the full vocabulary: the most frequent tokens of the
-    target's answers."""
-    from training.pipeline import add_draft_vocab
+def _data_options(command):
+    """The options that say which prompts the target answers and how (shared by train and train-data)."""
+    options = [
+        click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source."),
+        click.option("--calib-prompts", default=CALIB_PROMPTS, show_default=True,
+                     help="Held-out prompts per source: calibration and the run's held-out figures."),
+        click.option("--prompts-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Read train.json and calib.json written by `cli.py prompts` instead of the sources "
+                          "(a host without the source packages gets the same prompts)."),
+        click.option("--max-new-tokens", default=TRAIN_ANSWER_TOKENS, show_default=True,
+                     help="Length of the target's answers."),
+        click.option("--answer-temperatures", default="0", show_default=True,
+                     help="One answer per prompt per temperature (0 = greedy), e.g. 0,0.7,1."),
+        click.option("--generation-batch", default=128, show_default=True,
+                     help="Prompts answered per batch (one shard each)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    result = add_draft_vocab(drafter_dir, _source_counts(train_prompts), _source_counts(heldout_prompts),
-                             max_new_tokens, size)
-    click.echo(json.dumps(result, indent=2))
+
+def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_tokens: int, temperatures: str,
+                generation_batch: int):
+    from training.data import AnswerSpec
+    from training.pipeline import SplitData
+
+    answers = AnswerSpec(max_new_tokens, tuple(float(t) for t in temperatures.split(",")), generation_batch)
+    if prompts_dir is not None:
+        return SplitData(split, answers, prompts_file=prompts_dir / f"{split}.json")
+    return SplitData(split, answers, per_source=tuple(_source_counts(per_source).items()))
+
+
+@cli.command()
+@click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source.")
+@click.option("--calib-prompts", default=CALIB_PROMPTS, show_default=True, help="Held-out prompts per source.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
+    """Write the training and calib prompts to OUT/train.json and OUT/calib.json, for `train --prompts-dir`
+    on a host that has the model file but not the packages the prompts come from."""
+    from training.pipeline import SplitData
+    from training.data import AnswerSpec
+
+    out.mkdir(parents=True, exist_ok=True)
+    for split, spec in (("train", train_prompts), ("calib", calib_prompts)):
+        data = SplitData(split, AnswerSpec(0), per_source=tuple(_source_counts(spec).items()))
+        items = [p.__dict__ for p in data.prompts()]
+        (out / f"{split}.json").write_text(json.dumps(items) + "\n")
+        click.echo(f"{split}: {len(items)} prompts -> {out / f'{split}.json'}")
+
+
+@cli.command("train-data")
+@click.option("--target", default=DEFAULT_MODEL, show_default=True)
+@_data_options
+@click.option("--device", default="cpu", show_default=True, help="Where the target answers: cpu or cuda.")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir: Path | None,
+               max_new_tokens: int, answer_temperatures: str, generation_batch: int, device: str,
+               threads: int | None) -> None:
+    """Generate (or resume) the training data alone: the target's answers with its tapped features,
+    calib split first. Stop it any time; `train --no-generate` trains on the shards done so far."""
+    import torch
+
+    from hub.fetch import fetch_model
+    from models.drafters import default_tap_layers
+    from models.loading import load_config
+    from training.pipeline import data_dir, dataset
+
+    if threads:
+        torch.set_num_threads(threads)
+    taps = default_tap_layers(load_config(fetch_model(target)).num_layers)
+    for split, spec in (("calib", calib_prompts), ("train", train_prompts)):
+        data = _split_data(split, spec, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+        seqs = dataset(target, data, taps, device)
+        answer_tokens = sum(len(s.tokens) - s.prompt_len for s in seqs)
+        click.echo(f"{split}: {len(seqs)} answers, {answer_tokens} answer tokens in {data_dir(target, data, taps)}")
 
 
 @cli.command()
@@ -290,16 +357,14 @@ def draft_vocab_command(drafter_dir: Path, size: int, train_prompts: str, heldou
 @click.option("--intermediate-size", default=1024, show_default=True, help="Drafter FFN width.")
 @click.option("--markov-rank", default=32, show_default=True)
 @click.option("--block-size", default=7, show_default=True)
-@click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source.")
-@click.option("--calib-prompts", default=CALIB_PROMPTS, show_default=True,
-              help="Held-out prompts per source: calibration and the run's held-out figures.")
-@click.option("--max-new-tokens", default=TRAIN_ANSWER_TOKENS, show_default=True, help="Length of the target's answers.")
+@_data_options
 @click.option("--draft-vocab", default=DRAFT_VOCAB_SIZE, show_default=True,
               help="Train and draft inside the N most frequent answer tokens (0 = the full vocabulary).")
 @click.option("--eval-every", default=200, show_default=True, help="Steps between held-out figures (0: none).")
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda (bf16 autocast).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, or cuda (bf16 autocast; the target also answers there).")
 @click.option("--bf16", is_flag=True, help="bf16 autocast on the CPU too (CPUs with AVX512-BF16).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: <cache>/drafters/<target>-<drafter>.")
 @click.option("--export-bf16", is_flag=True, help="Store the final weights in bfloat16 (half the size).")
@@ -307,7 +372,8 @@ def draft_vocab_command(drafter_dir: Path, size: int, train_prompts: str, heldou
               help="Train on the answer shards generated so far (a fair sample of the mix) instead of finishing them.")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
           layers: int, intermediate_size: int, markov_rank: int, block_size: int, train_prompts: str, calib_prompts: str,
-          max_new_tokens: int, draft_vocab: int, eval_every: int, checkpoint_every: int, threads: int | None, device: str,
+          prompts_dir: Path | None, max_new_tokens: int, answer_temperatures: str, generation_batch: int,
+          draft_vocab: int, eval_every: int, checkpoint_every: int, threads: int | None, device: str,
           bf16: bool, out: Path | None, export_bf16: bool, no_generate: bool) -> None:
     """Train a drafter on answers regenerated by the target (resumes from --out when it holds a run)."""
     import torch
@@ -323,9 +389,10 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
         steps = TrainConfig.steps
     cfg = TrainConfig(steps=steps, batch_size=batch_size, anchors=anchors, lr=lr, max_minutes=max_minutes,
                       eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16)
-    result = run_training(kind, target, out, cfg, _source_counts(train_prompts), _source_counts(calib_prompts),
-                          max_new_tokens, torch.bfloat16 if export_bf16 else None, draft_vocab, layers,
-                          intermediate_size, markov_rank, block_size, generate=not no_generate)
+    data = [_split_data(split, spec, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+            for split, spec in (("train", train_prompts), ("calib", calib_prompts))]
+    result = run_training(kind, target, out, cfg, *data, torch.bfloat16 if export_bf16 else None, draft_vocab,
+                          layers, intermediate_size, markov_rank, block_size, generate=not no_generate)
     click.echo(json.dumps(result, indent=2))
     click.echo(f"checkpoint: {out}")
 

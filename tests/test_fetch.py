@@ -19,6 +19,7 @@ from hub.fetch import (
     ChecksumError,
     fetch_gguf,
     fetch_model,
+    install_gguf,
     join_gguf,
     model_dir_if_cached,
     sha256_file,
@@ -105,6 +106,22 @@ def test_verify_sha256_reports_mismatch(tmp_path: Path) -> None:
     wrong = "0" * 64
     with pytest.raises(ChecksumError, match=f"expected {wrong}, got {good}"):
         verify_sha256(path, wrong)
+
+
+def test_a_copied_gguf_installs_offline_only_when_it_is_the_pinned_file(
+        smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"unexpected subprocess {a}"))
+    corrupt = tmp_path / "corrupt.gguf"
+    data = bytearray(smollm2_gguf.read_bytes())
+    data[len(data) // 2] ^= 1
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError):
+        install_gguf("smollm2-135m-instruct", corrupt, progress=False)
+    assert not (tmp_path / "cache" / "downloads" / "smollm2-135m-instruct" / ".verified").exists()
+    installed = install_gguf("smollm2-135m-instruct", smollm2_gguf, progress=False)
+    assert fetch_gguf("smollm2-135m-instruct", progress=False) == installed  # no download
+    assert sha256_file(installed) == KNOWN_MODELS["smollm2-135m-instruct"].sha256
 
 
 def test_join_orders_parts_numerically(tmp_path: Path) -> None:

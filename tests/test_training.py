@@ -7,7 +7,7 @@ import torch
 
 from models.drafters import default_config, load_drafter
 from training.calibration import cumulative_survival, expected_calibration_error, sequential_temperature_scaling
-from training.data import Sequence, generate_with_features
+from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features, tapped_sequences
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import build_prompts, split_of
 from training.train import (
@@ -73,7 +73,64 @@ def test_prompt_splits_are_disjoint_and_deterministic() -> None:
 def _tiny_data(target, taps, count: int, seed: int) -> list[Sequence]:
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 64, (8,), generator=gen).tolist() for _ in range(count)]
-    return generate_with_features(target, prompts, taps, max_new_tokens=24, batch_size=count, progress=False)
+    return generate_with_features(target, prompts, taps, max_new_tokens=24)
+
+
+def test_teacher_forced_features_equal_those_of_step_by_step_decoding() -> None:
+    target = tiny_target()
+    taps = (1, 2)
+    prompts = [[5, 9, 13, 7], [11, 3, 40], [8, 8, 21, 30, 6, 17]]
+    answers = generate_answers(target, prompts, [0.0] * 3, max_new_tokens=10)
+    seqs = tapped_sequences(target, [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts], taps,
+                            max_tokens=12)  # forces several forwards
+    final = target.config.num_layers
+    for p, a, seq in zip(prompts, answers, seqs):
+        cache = target.new_cache(1, 64)
+        fed, feats, finals, lses = p, [], [], []
+        for tok in [None] + a[:-1]:
+            ids = fed if tok is None else [tok]
+            res = target(torch.tensor(ids), [0], [len(ids)], cache, tap_layers=taps + (final,))
+            feats.append(torch.cat([res.hidden_states[t] for t in taps], -1))
+            finals.append(res.hidden_states[final][-1:])
+            lses.append(torch.logsumexp(res.logits[-1:], -1))
+            assert tok is not None or int(res.logits[-1].argmax()) == a[0]
+        assert seq.tokens.tolist() == p + a and seq.prompt_len == len(p)
+        torch.testing.assert_close(seq.features.float(), torch.cat(feats).half().float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(seq.final_hidden.float(), torch.cat(finals).half().float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(seq.target_lse, torch.cat(lses), atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_answers_follow_the_target_distribution_and_replay_from_the_seed() -> None:
+    target = tiny_target()
+    prompt, n = [5, 9, 13, 7], 3000
+    cache = target.new_cache(1, 8)
+    logits = target(torch.tensor(prompt), [0], [4], cache).logits[-1]
+    for temperature in (1.0, 0.5):
+        probs = torch.softmax(logits / temperature, -1)
+        first = [a[0] for a in generate_answers(target, [prompt] * n, [temperature] * n, 1,
+                                                torch.Generator().manual_seed(0))]
+        freq = torch.bincount(torch.tensor(first), minlength=probs.numel()).float() / n
+        assert (freq - probs).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 sigma of the worst-case bin
+    again = lambda: generate_answers(target, [prompt] * 4, [1.0] * 4, 8, torch.Generator().manual_seed(3))
+    assert again() == again()
+    mixed = generate_answers(target, [prompt] * 2, [0.0, 1.0], 8, torch.Generator().manual_seed(3))
+    assert mixed[0] == generate_answers(target, [prompt], [0.0], 8)[0]
+
+
+def test_dataset_answers_each_prompt_once_per_temperature_and_rebuilds_a_lost_shard(tmp_path) -> None:
+    from training.sources import Prompt
+
+    target = tiny_target()
+    prompts = [Prompt("chat", "chat_tmpl", f"p{i}") for i in range(5)]
+    encode = lambda text: [3 + int(text[1:]), 9, 17]
+    spec = AnswerSpec(max_new_tokens=6, temperatures=(0.0, 1.0), batch_size=4)
+    seqs = build_dataset(tmp_path, target, encode, prompts, (1,), spec, progress=False)
+    assert len(seqs) == 10 and len(list(tmp_path.glob("shard-*.pt"))) == 3
+    prompt_of = lambda s: tuple(s.tokens[:s.prompt_len].tolist())
+    assert sorted(prompt_of(s) for s in seqs) == sorted(tuple(encode(p.text)) for p in prompts for _ in range(2))
+    (tmp_path / "shard-00001.pt").unlink()
+    rebuilt = build_dataset(tmp_path, target, encode, prompts, (1,), spec, progress=False)
+    assert [s.tokens.tolist() for s in rebuilt] == [s.tokens.tolist() for s in seqs]
 
 
 def test_training_raises_heldout_acceptance_and_resume_continues_the_same_run(tmp_path) -> None:
@@ -143,3 +200,23 @@ def test_draft_vocabulary_keeps_the_most_frequent_answer_tokens() -> None:
     assert draft_vocabulary(train, 10, 5).tolist() == [1, 2, 3, 4, 9]  # then prompt tokens, the answers' source
     with pytest.raises(ValueError):
         draft_vocabulary(train, 10, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_data_generation_training_and_calibration_run_on_cuda(tmp_path) -> None:
+    target = tiny_target()
+    config = default_config("dspark", target, num_layers=2, intermediate_size=48, markov_rank=8, draft_vocab_size=48)
+    prompts = [[5, 9, 13, 7], [11, 3, 40]]
+    on_cpu = generate_answers(target, prompts, [0.0, 0.0], 12)
+    gpu_target = tiny_target().cuda()
+    assert generate_answers(gpu_target, prompts, [0.0, 0.0], 12) == on_cpu
+    gen = torch.Generator("cuda").manual_seed(0)
+    train = generate_with_features(gpu_target, prompts * 4, config.tap_layers, 24, [1.0] * 8, gen)
+    assert train[0].features.device.type == "cpu"
+    cfg = TrainConfig(steps=20, batch_size=4, anchors=6, max_len=64, device="cuda", eval_every=10)
+    result = train_drafter(target, config, train, tmp_path, cfg, draft_vocab=torch.arange(2, 50), heldout=train,
+                           progress=False)
+    assert result["steps"] == 20 and result["heldout"]["tau"] > 1.0
+    calibration = calibrate_confidence(result["drafter"], train, tmp_path, cfg)
+    assert calibration["greedy"]["ece_after"] <= calibration["greedy"]["ece_before"] + 1e-6
+    assert load_drafter(tmp_path, target).config == config

@@ -1,14 +1,15 @@
 """Prompts answered by the target itself, with the target's tapped features kept for training.
 
 The target answers in large batches with our own batched forward (on this CPU, bf16, one thread:
-411 answer tokens/s at batch 128, against 147 for transformers' batched ``generate`` at batch 64).
-On the way it hands out everything training needs, so no target forward runs while training:
-the fused taps of every fed position (the drafter's context), and for the answer positions the
-final-norm output and the log-partition of the full-vocabulary logits, which make the target's
-probabilities over any draft vocabulary exact (see ``training.losses``).
+411 answer tokens/s at batch 128, against 147 for transformers' batched ``generate`` at batch 64),
+greedily or sampled per answer, then one teacher-forced pass over the finished sequences keeps
+everything training needs, so no target forward runs while training: the fused taps of every fed
+position (the drafter's context), and for the answer positions the final-norm output and the
+log-partition of the full-vocabulary logits, which make the target's probabilities over any draft
+vocabulary exact (see ``training.losses``).
 
 Generation writes one shard per batch and skips shards already on disk, so an interrupted build
-resumes; greedy answers and a fixed prompt order make a rebuilt shard identical.
+resumes; a fixed prompt order and per-shard sampling seeds make a rebuilt shard the same.
 """
 from __future__ import annotations
 
@@ -39,93 +40,139 @@ class Sequence:
         """Rows of final_hidden / target_lse for absolute positions (>= prompt_len - 1)."""
         return positions - (self.prompt_len - 1)
 
+    def to(self, device: str | torch.device) -> "Sequence":
+        return Sequence(self.tokens.to(device), self.prompt_len, self.features.to(device),
+                        self.final_hidden.to(device), self.target_lse.to(device))
+
+
+@dataclass(frozen=True)
+class AnswerSpec:
+    """How the target answers each prompt: one answer per temperature (0 = greedy), at most
+    ``max_new_tokens`` long, ``batch_size`` prompts per generation batch (one shard each). Sampled
+    answers draw from a generator seeded by ``seed`` and the shard, so a rebuilt shard is the same."""
+
+    max_new_tokens: int
+    temperatures: tuple[float, ...] = (0.0,)
+    batch_size: int = 128
+    seed: int = 0
+
 
 @torch.no_grad()
-def generate_with_features(target: Transformer, prompts: list[list[int]], tap_layers: tuple[int, ...],
-                           max_new_tokens: int, batch_size: int = 16, progress: bool = True) -> list[Sequence]:
-    """Greedy batched answers from the target, keeping what training needs of every fed token."""
+def generate_answers(target: Transformer, prompts: list[list[int]], temperatures: list[float], max_new_tokens: int,
+                     generator: torch.Generator | None = None) -> list[list[int]]:
+    """Answer all prompts in one batch: row i greedy when temperatures[i] is 0, else sampled at that
+    temperature (``generator`` on the target's device). Each answer ends at EOS (kept) or at
+    ``max_new_tokens``."""
+    B = len(prompts)
+    if len(temperatures) != B:
+        raise ValueError(f"need one temperature per prompt, got {len(temperatures)} for {B}")
+    eos = torch.tensor(sorted(target.config.eos_token_ids), device=target.device)
+    temps = torch.tensor(temperatures, dtype=torch.float32, device=target.device)
+    cache = target.new_cache(B, max(len(p) for p in prompts) + max_new_tokens + 1)
+    answers: list[list[int]] = [[] for _ in range(B)]
+    rows = torch.arange(B)
+    num_new = [len(p) for p in prompts]
+    ids = torch.tensor([t for p in prompts for t in p])
+    for _ in range(max_new_tokens):
+        logits = target(ids, rows.tolist(), num_new, cache, logits_indices=target.last_token_indices(num_new)).logits
+        t = temps[rows.to(temps.device)]
+        nxt = logits.argmax(-1)
+        hot = t > 0
+        if bool(hot.any()):
+            probs = torch.softmax(logits[hot] / t[hot, None], -1)
+            nxt[hot] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        going = ~torch.isin(nxt, eos)
+        for row, tok in zip(rows.tolist(), nxt.tolist()):
+            answers[row].append(tok)
+        if not bool(going.any()):
+            break
+        rows, ids = rows[going.cpu()], nxt[going]
+        num_new = [1] * len(rows)
+    return answers
+
+
+@torch.no_grad()
+def tapped_sequences(target: Transformer, sequences: list[list[int]], prompt_lens: list[int],
+                     tap_layers: tuple[int, ...], max_tokens: int = 8192) -> list[Sequence]:
+    """What training needs of each finished sequence, from teacher-forced forwards of up to
+    ``max_tokens`` fed tokens each: the fused taps of every fed position and, at the answer
+    positions, the final-norm output and the log-partition of the full logits (tensors on the CPU)."""
     final_layer = target.config.num_layers
     taps = tuple(tap_layers) + (final_layer,)
-    eos = set(target.config.eos_token_ids)
     out: list[Sequence] = []
-    bar = tqdm(total=len(prompts), desc="target answers", disable=not progress)
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        B = len(batch)
-        cache = target.new_cache(B, max(len(p) for p in batch) + max_new_tokens + 1)
-        slots = list(range(B))
-        feats: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        finals: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        lses: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        new_tokens: list[list[int]] = [[] for _ in range(B)]
-        num_new = [len(p) for p in batch]
-        ids = torch.tensor([t for p in batch for t in p])
-        for _ in range(max_new_tokens):
-            last = target.last_token_indices(num_new)
-            res = target(ids, slots, num_new, cache, logits_indices=last, tap_layers=taps)
-            fused = torch.cat([res.hidden_states[t] for t in tap_layers], -1).half()
-            final = res.hidden_states[final_layer].index_select(0, last).half()
-            lse = torch.logsumexp(res.logits.float(), -1)
-            for row, (b, chunk) in enumerate(zip(slots, torch.split(fused, num_new))):
-                feats[b].append(chunk)
-                finals[b].append(final[row:row + 1])
-                lses[b].append(lse[row:row + 1])
-            nxt = res.logits.argmax(-1)
-            keep = []
-            for b, tok in zip(slots, nxt.tolist()):
-                new_tokens[b].append(tok)
-                if tok not in eos:
-                    keep.append((b, tok))
-            if not keep:
-                break
-            slots = [b for b, _ in keep]
-            num_new = [1] * len(slots)
-            ids = torch.tensor([t for _, t in keep])
-        for b in range(B):
-            n = len(new_tokens[b])
-            out.append(Sequence(tokens=torch.tensor(batch[b] + new_tokens[b]), prompt_len=len(batch[b]),
-                                features=torch.cat(feats[b])[: len(batch[b]) + n - 1],
-                                final_hidden=torch.cat(finals[b])[:n], target_lse=torch.cat(lses[b])[:n]))
-        bar.update(B)
-    bar.close()
+    start = 0
+    while start < len(sequences):
+        end, fed = start, 0
+        while end < len(sequences) and (end == start or fed + len(sequences[end]) - 1 <= max_tokens):
+            fed += len(sequences[end]) - 1
+            end += 1
+        chunk, lens = sequences[start:end], prompt_lens[start:end]
+        num_new = [len(s) - 1 for s in chunk]
+        offsets = torch.tensor([0] + num_new[:-1]).cumsum(0)
+        answer_rows = torch.cat([off + torch.arange(p - 1, n) for off, p, n in zip(offsets.tolist(), lens, num_new)])
+        cache = target.new_cache(len(chunk), max(num_new))
+        res = target(torch.tensor([t for s in chunk for t in s[:-1]]), list(range(len(chunk))), num_new, cache,
+                     logits_indices=answer_rows, tap_layers=taps)
+        fused = torch.cat([res.hidden_states[t] for t in tap_layers], -1).half().cpu()
+        final = res.hidden_states[final_layer].index_select(0, answer_rows.to(target.device)).half().cpu()
+        lse = torch.logsumexp(res.logits.float(), -1).cpu()
+        answer_counts = [n - p + 1 for p, n in zip(lens, num_new)]
+        for s, p, f, h, z in zip(chunk, lens, torch.split(fused, num_new), torch.split(final, answer_counts),
+                                 torch.split(lse, answer_counts)):
+            out.append(Sequence(tokens=torch.tensor(s), prompt_len=p, features=f.clone(), final_hidden=h.clone(),
+                                target_lse=z.clone()))
+        start = end
     return out
 
 
+def generate_with_features(target: Transformer, prompts: list[list[int]], tap_layers: tuple[int, ...],
+                           max_new_tokens: int, temperatures: list[float] | None = None,
+                           generator: torch.Generator | None = None) -> list[Sequence]:
+    """Answer the prompts in one batch (greedy unless ``temperatures`` say otherwise), then keep what
+    training needs of every sequence."""
+    answers = generate_answers(target, prompts, temperatures or [0.0] * len(prompts), max_new_tokens, generator)
+    return tapped_sequences(target, [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts], tap_layers)
+
+
 def _shards(directory: Path, count: int, batch_size: int) -> tuple[list[list[int]], list[Path]]:
-    """Prompt indices of each shard (a fixed shuffle) and the shard files."""
+    """Item indices of each shard (a fixed shuffle) and the shard files."""
     order = list(range(count))
     random.Random(0).shuffle(order)
     shards = [order[i:i + batch_size] for i in range(0, count, batch_size)]
     return shards, [Path(directory) / f"shard-{i:05d}.pt" for i in range(len(shards))]
 
 
-def generated_prompts(directory: Path, prompts: list[Prompt], batch_size: int = 128) -> list[Prompt]:
-    """The prompts whose answers are on disk."""
-    shards, paths = _shards(directory, len(prompts), batch_size)
-    return [prompts[j] for shard, path in zip(shards, paths) if path.exists() for j in shard]
+def generated_prompts(directory: Path, prompts: list[Prompt], spec: AnswerSpec) -> list[Prompt]:
+    """The prompts (once per answer) whose answers are on disk."""
+    shards, paths = _shards(directory, len(prompts) * len(spec.temperatures), spec.batch_size)
+    return [prompts[j % len(prompts)] for shard, path in zip(shards, paths) if path.exists() for j in shard]
 
 
 def build_dataset(directory: Path, target: Transformer | None, encode: Callable[[str], list[int]] | None,
-                  prompts: list[Prompt], tap_layers: tuple[int, ...], max_new_tokens: int, batch_size: int = 128,
-                  progress: bool = True, generate: bool = True) -> list[Sequence]:
-    """The dataset in ``directory`` (one torch file per batch of prompts), generating missing shards
+                  prompts: list[Prompt], tap_layers: tuple[int, ...], spec: AnswerSpec, progress: bool = True,
+                  generate: bool = True) -> list[Sequence]:
+    """The dataset in ``directory`` (one torch file per batch of answers), generating missing shards
     (or, with ``generate`` False, just the shards already there).
 
-    Prompts are shuffled with a fixed seed first, so any finished prefix of shards is a fair
-    sample of the whole mix. ``target`` and ``encode`` may be None when no shard is generated.
+    Item j answers prompt j % P at temperature ``spec.temperatures[j // P]``; items are shuffled
+    with a fixed seed first, so any finished prefix of shards is a fair sample of the whole mix.
+    ``target`` and ``encode`` may be None when no shard is generated.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards, paths = _shards(directory, len(prompts), batch_size)
+    P = len(prompts)
+    shards, paths = _shards(directory, P * len(spec.temperatures), spec.batch_size)
     missing = [i for i, p in enumerate(paths) if not p.exists()] if generate else []
     (directory / "prompts.json").write_text(json.dumps([p.__dict__ for p in prompts]) + "\n")
-    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(len(shards[i]) for i in missing),
-               desc="target answers", disable=not progress or not missing)
+    total = P * len(spec.temperatures)
+    bar = tqdm(total=total, initial=total - sum(len(shards[i]) for i in missing), desc="target answers",
+               disable=not progress or not missing)
     for i in missing:
         if target is None or encode is None:
             raise ValueError(f"{paths[i]} is missing and no target was given to generate it")
-        seqs = generate_with_features(target, [encode(prompts[j].text) for j in shards[i]], tap_layers,
-                                      max_new_tokens, batch_size=batch_size, progress=False)
+        generator = torch.Generator(target.device).manual_seed(spec.seed * 1_000_003 + i)
+        seqs = generate_with_features(target, [encode(prompts[j % P].text) for j in shards[i]], tap_layers,
+                                      spec.max_new_tokens, [spec.temperatures[j // P] for j in shards[i]], generator)
         tmp = paths[i].with_suffix(".tmp")
         torch.save([s.__dict__ for s in seqs], tmp)
         tmp.replace(paths[i])

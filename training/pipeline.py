@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,37 +13,57 @@ from hub.fetch import cache_dir, fetch_model
 from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
-from training.data import Sequence, build_dataset, generated_prompts
+from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
 from training.sources import Prompt, build_prompts
 from training.train import STATE_FILE, TrainConfig, calibrate_confidence, train_drafter
 from training.vocab import coverage, draft_vocabulary
 
-DATA_VERSION = 3  # bump when what a shard holds changes
+DATA_VERSION = 4  # bump when what a shard holds changes
 # The target answers in bf16: 2.3x faster than fp32 on this CPU; greedy answers differ only at near-ties.
 GENERATION_DTYPE = torch.bfloat16
 
 
-def data_dir(target_name: str, split: str, per_source: dict[str, int], tap_layers: tuple[int, ...],
-             max_new_tokens: int) -> Path:
+@dataclass(frozen=True)
+class SplitData:
+    """One split's prompts, built from the sources (``per_source``) or read from a file written by
+    ``cli.py prompts`` (``prompts_file``: how a host without the source packages gets the same
+    prompts), and how the target answers them."""
+
+    split: str
+    answers: AnswerSpec
+    per_source: tuple[tuple[str, int], ...] = ()
+    prompts_file: Path | None = None
+
+    def prompts(self) -> list[Prompt]:
+        if self.prompts_file is not None:
+            return [Prompt(**p) for p in json.loads(Path(self.prompts_file).read_text())]
+        return build_prompts(self.split, dict(self.per_source))
+
+
+def data_dir(target_name: str, data: SplitData, tap_layers: tuple[int, ...]) -> Path:
     """Where a split's shards live: named by everything that shapes them."""
-    key = json.dumps([DATA_VERSION, target_name, split, sorted(per_source.items()), list(tap_layers), max_new_tokens])
-    return cache_dir() / "drafter-data" / target_name / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    prompts = hashlib.sha256(json.dumps([p.__dict__ for p in data.prompts()]).encode()).hexdigest()
+    a = data.answers
+    key = json.dumps([DATA_VERSION, target_name, prompts, list(tap_layers), a.max_new_tokens, list(a.temperatures),
+                      a.batch_size, a.seed])
+    return cache_dir() / "drafter-data" / target_name / f"{data.split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def dataset(target_name: str, split: str, per_source: dict[str, int], tap_layers: tuple[int, ...],
-            max_new_tokens: int, progress: bool = True, generate: bool = True) -> list[Sequence]:
+def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], device: str = "cpu",
+            progress: bool = True, generate: bool = True) -> list[Sequence]:
     """Target-answered sequences of a split, cached (and resumed) under the cache dir by everything
-    that shapes them; ``generate`` False takes the shards generated so far."""
+    that shapes them; ``generate`` False takes the shards generated so far. The target answers on
+    ``device``."""
     model_dir = fetch_model(target_name)
-    directory = data_dir(target_name, split, per_source, tap_layers, max_new_tokens)
-    prompts = build_prompts(split, per_source)
+    directory = data_dir(target_name, data, tap_layers)
+    prompts = data.prompts()
     if (directory / "complete").exists() or not generate:
-        return build_dataset(directory, None, None, prompts, tap_layers, max_new_tokens, progress=progress,
+        return build_dataset(directory, None, None, prompts, tap_layers, data.answers, progress=progress,
                              generate=False)
-    target = load_transformer(model_dir, GENERATION_DTYPE)
+    target = load_transformer(model_dir, GENERATION_DTYPE).to(device)
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
     seqs = build_dataset(directory, target, lambda text: encoder.encode(text, True), prompts, tap_layers,
-                         max_new_tokens, progress=progress)
+                         data.answers, progress=progress)
     (directory / "complete").write_text(json.dumps(source_counts(prompts)) + "\n")
     return seqs
 
@@ -55,21 +76,21 @@ def source_counts(prompts: list[Prompt]) -> dict[str, int]:
     return counts
 
 
-def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_prompts: dict[str, int],
-                 calib_prompts: dict[str, int], max_new_tokens: int, export_dtype: torch.dtype | None = None,
-                 draft_vocab_size: int = 0, num_layers: int = 2, intermediate_size: int = 1024,
-                 markov_rank: int = 32, block_size: int = 7, generate: bool = True) -> dict:
+def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: SplitData,
+                 calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
+                 num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
+                 generate: bool = True) -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
     ``draft_vocab_size`` most frequent answer tokens (0 = the full vocabulary); DSpark also gets its
     confidences calibrated (STS, per regime). The calib split gives the held-out figures. With
     ``generate`` False the training split is the shards generated so far; a resumed run keeps the
-    draft vocabulary it started with."""
+    draft vocabulary it started with. Missing data is generated on ``cfg.device``."""
     target = load_transformer(fetch_model(target_name))
     config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                             intermediate_size=intermediate_size, markov_rank=markov_rank,
                             draft_vocab_size=draft_vocab_size)
-    train = dataset(target_name, "train", train_prompts, config.tap_layers, max_new_tokens, generate=generate)
-    calib = dataset(target_name, "calib", calib_prompts, config.tap_layers, max_new_tokens)
+    calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
+    train = dataset(target_name, train_data, config.tap_layers, cfg.device, generate=generate)
     vocab = None
     if draft_vocab_size:
         started = out_dir / STATE_FILE
@@ -77,8 +98,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
                  else draft_vocabulary(train, config.vocab_size, draft_vocab_size))
     result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib)
     drafter = result.pop("drafter")
-    result["data"] = {"train": data_summary(target_name, "train", train_prompts, config.tap_layers, max_new_tokens, train),
-                      "calib": data_summary(target_name, "calib", calib_prompts, config.tap_layers, max_new_tokens, calib)}
+    result["data"] = {"train": data_summary(target_name, train_data, config.tap_layers, train),
+                      "calib": data_summary(target_name, calib_data, config.tap_layers, calib)}
     if vocab is not None:
         result["draft_vocab"] = {"size": int(vocab.numel()), "calib_coverage": coverage(vocab, calib, config.vocab_size)}
     if config.confidence:
@@ -88,17 +109,16 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     return result
 
 
-def data_summary(target_name: str, split: str, per_source: dict[str, int], tap_layers: tuple[int, ...],
-                 max_new_tokens: int, seqs: list[Sequence]) -> dict:
-    """Prompts per source (of the shards used), sequences and answer tokens of a split."""
-    used = generated_prompts(data_dir(target_name, split, per_source, tap_layers, max_new_tokens),
-                             build_prompts(split, per_source))
-    return {"prompts_per_source": source_counts(used), "sequences": len(seqs),
+def data_summary(target_name: str, data: SplitData, tap_layers: tuple[int, ...], seqs: list[Sequence]) -> dict:
+    """Prompts per source (of the shards used, once per answer), answers per prompt and their
+    temperatures, sequences and answer tokens of a split."""
+    used = generated_prompts(data_dir(target_name, data, tap_layers), data.prompts(), data.answers)
+    return {"prompts_per_source": source_counts(used), "answer_temperatures": list(data.answers.temperatures),
+            "max_new_tokens": data.answers.max_new_tokens, "sequences": len(seqs),
             "answer_tokens": sum(len(s.tokens) - s.prompt_len for s in seqs)}
 
 
-def add_draft_vocab(directory: Path, train_prompts: dict[str, int], heldout_prompts: dict[str, int],
-                    max_new_tokens: int, size: int) -> dict:
+def add_draft_vocab(directory: Path, train_data: SplitData, heldout_data: SplitData, size: int) -> dict:
     """Give a drafter trained on the full vocabulary a draft vocabulary from the data it was trained
     on (0 removes it); one trained inside its draft vocabulary keeps it."""
     config = DrafterConfig.from_json((Path(directory) / "config.json").read_text())
@@ -109,8 +129,8 @@ def add_draft_vocab(directory: Path, train_prompts: dict[str, int], heldout_prom
     drafter = load_drafter(directory, target)
     saved_dtype = next(iter(load_file(str(Path(directory) / "model.safetensors")).values())).dtype
     if size:
-        train = dataset(target_name, "train", train_prompts, drafter.tap_layers, max_new_tokens)
-        heldout = dataset(target_name, "calib", heldout_prompts, drafter.tap_layers, max_new_tokens)
+        train = dataset(target_name, train_data, drafter.tap_layers)
+        heldout = dataset(target_name, heldout_data, drafter.tap_layers)
         result = attach_draft_vocab(drafter, train, heldout, size)
     else:
         drafter.set_draft_vocab(None)

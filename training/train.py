@@ -66,8 +66,10 @@ def usable(seqs: list[Sequence], block: int) -> list[Sequence]:
 
 
 def make_batch(seqs: list[Sequence], cfg: TrainConfig, block: int, gen: torch.Generator) -> Batch:
-    """Pad sequences into a batch and draw up to ``cfg.anchors`` distinct anchors in each answer."""
+    """Pad sequences into a batch and draw up to ``cfg.anchors`` distinct anchors in each answer
+    (on the sequences' device; ``gen`` is a CPU generator)."""
     B, A = len(seqs), cfg.anchors
+    dev = seqs[0].tokens.device
     crops = []
     for s in seqs:
         n = min(len(s.tokens), cfg.max_len)
@@ -75,12 +77,10 @@ def make_batch(seqs: list[Sequence], cfg: TrainConfig, block: int, gen: torch.Ge
         crops.append((start, start + n))
     S = max(e - st for st, e in crops)
     feat_dim, hid = seqs[0].features.shape[1], seqs[0].final_hidden.shape[1]
-    tokens = torch.zeros(B, S, dtype=torch.int64)
-    feats = torch.zeros(B, S, feat_dim)
+    tokens = torch.zeros(B, S, dtype=torch.int64, device=dev)
+    feats = torch.zeros(B, S, feat_dim, device=dev)
     anchors = torch.zeros(B, A, dtype=torch.int64)
     weight = torch.zeros(B, A)
-    finals = torch.zeros(B, A, block, hid)
-    lse = torch.zeros(B, A, block)
     for b, (s, (st, e)) in enumerate(zip(seqs, crops)):
         n = e - st
         tokens[b, :n] = s.tokens[st:e]
@@ -96,9 +96,11 @@ def make_batch(seqs: list[Sequence], cfg: TrainConfig, block: int, gen: torch.Ge
             anchors[b, :count] = torch.arange(lo, hi + 1)
             anchors[b, count:] = lo
             weight[b, :count] = 1.0
-        rows = s.answer_rows(st + anchors[b].unsqueeze(-1) + torch.arange(block))
-        finals[b] = s.final_hidden[rows].float()
-        lse[b] = s.target_lse[rows]
+    anchors, weight = anchors.to(dev), weight.to(dev)
+    offsets = torch.arange(block, device=dev)
+    rows = [s.answer_rows(st + anchors[b].unsqueeze(-1) + offsets) for b, (s, (st, _)) in enumerate(zip(seqs, crops))]
+    finals = torch.stack([s.final_hidden[r].float() for s, r in zip(seqs, rows)])
+    lse = torch.stack([s.target_lse[r] for s, r in zip(seqs, rows)])
     return Batch(tokens, feats, anchors, weight, finals, lse)
 
 
@@ -195,8 +197,8 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
         tmp.replace(state_file)
 
     block = config.block_size
-    train = usable(train, block)
-    eval_batches = heldout_batches(heldout, cfg, block) if heldout and cfg.eval_every else []
+    train = [s.to(cfg.device) for s in usable(train, block)]
+    eval_batches = [b.to(cfg.device) for b in heldout_batches(heldout, cfg, block)] if heldout and cfg.eval_every else []
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {config.kind}", disable=not progress)
     ema = None
     stop_at = step + cfg.session_steps if cfg.session_steps else None
@@ -242,7 +244,7 @@ def calibrate_confidence(drafter, heldout: list[Sequence], out_dir: Path, cfg: T
     the second half, temperatures stored in the drafter, figures in calibration.json and reliability.png."""
     block = drafter.config.block_size
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    seqs = usable(heldout, block)
+    seqs = [s.to(cfg.device) for s in usable(heldout, block)]
     drafter.confidence_temperature.fill_(1.0)
     confs, greedy, sampled = [], [], []
     for _ in range(rounds):

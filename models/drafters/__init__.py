@@ -36,6 +36,11 @@ _CLASSES = {"dspark": DSparkDrafter, "dflash": DFlashDrafter, "eagle3": Eagle3Dr
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: the token ids drafting scores (see DraftVocabMixin)
 
 
+def default_tap_layers(num_layers: int) -> tuple[int, ...]:
+    """Low, middle and high target layers whose outputs a drafter reads (the paper's taps)."""
+    return (1, num_layers // 2, num_layers - 3)
+
+
 def default_config(kind: str, target: Transformer, target_name: str = "", block_size: int = 7,
                    num_layers: int = 1, intermediate_size: int = 1024, markov_rank: int = 32,
                    draft_vocab_size: int = 0) -> DrafterConfig:
@@ -45,7 +50,7 @@ def default_config(kind: str, target: Transformer, target_name: str = "", block_
     return DrafterConfig(
         kind=kind, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
         num_layers=1 if kind == "eagle3" else num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-        head_dim=t.head_dim, intermediate_size=intermediate_size, tap_layers=(1, n // 2, n - 3),
+        head_dim=t.head_dim, intermediate_size=intermediate_size, tap_layers=default_tap_layers(n),
         block_size=block_size, markov_rank=markov_rank if kind == "dspark" else 0, confidence=kind == "dspark",
         rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, target=target_name, draft_vocab_size=draft_vocab_size,
     )
