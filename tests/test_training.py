@@ -162,6 +162,22 @@ def test_training_raises_heldout_acceptance_and_resume_continues_the_same_run(tm
     assert load_drafter(tmp_path / "d", target).config == config
 
 
+def test_a_run_can_start_from_another_drafters_weights(tmp_path) -> None:
+    target = tiny_target()
+    config = default_config("dspark", target, intermediate_size=48, markov_rank=8, draft_vocab_size=48)
+    train = _tiny_data(target, config.tap_layers, 8, 0)
+    cfg = TrainConfig(steps=5, batch_size=4, anchors=6, max_len=64)
+    first = train_drafter(target, config, train, tmp_path / "a", cfg, draft_vocab=torch.arange(2, 50), progress=False)
+    init = {k: v.clone() for k, v in first["drafter"].state_dict().items()}
+    started = train_drafter(target, config, train, tmp_path / "b", TrainConfig(**{**cfg.__dict__, "steps": 0}),
+                            draft_vocab=torch.arange(2, 50), progress=False, init=init)["drafter"]
+    for name, value in started.state_dict().items():
+        torch.testing.assert_close(value, init[name], msg=name)
+    fresh = train_drafter(target, config, train, tmp_path / "c", TrainConfig(**{**cfg.__dict__, "steps": 0}),
+                          draft_vocab=torch.arange(2, 50), progress=False)["drafter"]
+    assert not torch.equal(fresh.fc.weight, init["fc.weight"])
+
+
 def test_calibration_stores_one_set_of_temperatures_per_regime(tmp_path) -> None:
     target = tiny_target()
     config = default_config("dspark", target, intermediate_size=48, markov_rank=8, draft_vocab_size=48)

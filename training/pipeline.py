@@ -79,24 +79,34 @@ def source_counts(prompts: list[Prompt]) -> dict[str, int]:
 def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: SplitData,
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
                  num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
-                 generate: bool = True) -> dict:
+                 generate: bool = True, init_dir: Path | None = None) -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
     ``draft_vocab_size`` most frequent answer tokens (0 = the full vocabulary); DSpark also gets its
     confidences calibrated (STS, per regime). The calib split gives the held-out figures. With
     ``generate`` False the training split is the shards generated so far; a resumed run keeps the
-    draft vocabulary it started with. Missing data is generated on ``cfg.device``."""
+    draft vocabulary it started with. Missing data is generated on ``cfg.device``. With ``init_dir``
+    (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
+    and draft vocabulary, and the shape arguments are unused."""
     target = load_transformer(fetch_model(target_name))
-    config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
-                            intermediate_size=intermediate_size, markov_rank=markov_rank,
-                            draft_vocab_size=draft_vocab_size)
+    if init_dir is not None:
+        config = DrafterConfig.from_json((Path(init_dir) / "config.json").read_text())
+        if config.kind != kind or config.target != target_name:
+            raise ValueError(f"{init_dir} holds a {config.kind} drafter for {config.target!r}, not {kind} for {target_name!r}")
+    else:
+        config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
+                                 intermediate_size=intermediate_size, markov_rank=markov_rank,
+                                 draft_vocab_size=draft_vocab_size)
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     train = dataset(target_name, train_data, config.tap_layers, cfg.device, generate=generate)
     vocab = None
-    if draft_vocab_size:
-        started = out_dir / STATE_FILE
-        vocab = (load_file(str(out_dir / DRAFT_VOCAB_FILE))["token_ids"] if started.exists()
-                 else draft_vocabulary(train, config.vocab_size, draft_vocab_size))
-    result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib)
+    if config.draft_vocab_size:
+        source = out_dir if (out_dir / STATE_FILE).exists() else init_dir and Path(init_dir)
+        vocab = (load_file(str(source / DRAFT_VOCAB_FILE))["token_ids"] if source is not None
+                 else draft_vocabulary(train, config.vocab_size, config.draft_vocab_size))
+    init = load_file(str(Path(init_dir) / "model.safetensors")) if init_dir is not None else None
+    result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init)
+    if init_dir is not None:
+        result["initialised_from"] = Path(init_dir).name
     drafter = result.pop("drafter")
     result["data"] = {"train": data_summary(target_name, train_data, config.tap_layers, train),
                       "calib": data_summary(target_name, calib_data, config.tap_layers, calib)}

@@ -161,10 +161,11 @@ def heldout_batches(heldout: list[Sequence], cfg: TrainConfig, block: int) -> li
 
 def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequence], out_dir: Path,
                   cfg: TrainConfig, draft_vocab: torch.Tensor | None = None, heldout: list[Sequence] | None = None,
-                  resume: bool = True, progress: bool = True) -> dict:
+                  resume: bool = True, progress: bool = True, init: dict[str, torch.Tensor] | None = None) -> dict:
     """Train (or resume) a drafter inside ``draft_vocab`` (None: the full vocabulary); returns the final
     figures and the drafter. ``out_dir`` holds the drafter (model.safetensors, config.json) and
-    training_state.pt (weights, optimizer, data RNG, step, training time, history)."""
+    training_state.pt (weights, optimizer, data RNG, step, training time, history). A new run starts
+    from ``init`` (a state dict of the same configuration) when given, else from random weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.steps is None and not cfg.max_minutes:
@@ -173,6 +174,8 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     drafter = build_drafter(config, target).float()
     drafter.embed, drafter.lm_head = drafter.embed.float().to(cfg.device), drafter.lm_head.float().to(cfg.device)
     drafter.set_draft_vocab(draft_vocab)
+    if init is not None:
+        drafter.load_state_dict({k: v.float() for k, v in init.items()})
     drafter.to(cfg.device).train()
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
