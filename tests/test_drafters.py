@@ -7,6 +7,8 @@ import torch
 
 from benchmarks.acceptance import simulate
 from models.config import TransformerConfig
+from models.drafters.common import PlannedLinear
+from models.projection import KernelPlan
 from models.drafters import DrafterConfig, build_drafter, default_config, greedy_sample, load_drafter, save_drafter
 from models.transformer import Transformer
 
@@ -80,6 +82,21 @@ def test_draft_shapes_and_batch_equals_single(target, kind) -> None:
         single = d.draft(s1, [0], anchors[i:i + 1], 5, greedy_sample)
         assert torch.equal(single.tokens[0], blk.tokens[i])
         assert torch.allclose(single.probs[0], blk.probs[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_drafting_through_a_kernel_plan_proposes_the_same_block(target, kind) -> None:
+    d = drafter_for(kind, target)
+    seqs = [[3, 4, 5, 6, 7, 8], [10, 11, 12]]
+    state, cache = d.new_state(2, 64), target.new_cache(2, 64)
+    context(target, d, seqs, [0, 1], state, cache)
+    plain = d.draft(state, [0, 1], torch.tensor([30, 31]), 5, greedy_sample)
+    d.use_kernel_plan(KernelPlan((1, 64), ("weight_left", "weight_left")))
+    assert all(m.kernel is not None for m in d.modules() if isinstance(m, PlannedLinear))
+    planned = d.draft(state, [0, 1], torch.tensor([30, 31]), 5, greedy_sample)
+    d.use_kernel_plan(None)
+    assert torch.equal(planned.tokens, plain.tokens)
+    torch.testing.assert_close(planned.probs, plain.probs, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["dspark", "eagle3"])

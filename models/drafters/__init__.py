@@ -88,7 +88,9 @@ def load_drafter(directory: str | Path, target: DrafterTarget) -> Drafter:
     drafter.load_state_dict(state)
     if (directory / DRAFT_VOCAB_FILE).exists():
         drafter.set_draft_vocab(load_file(str(directory / DRAFT_VOCAB_FILE))["token_ids"])
-    return drafter.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
+    drafter = drafter.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
+    drafter.use_kernel_plan(getattr(target, "kernel_plan", None))  # the target's measured few-row kernels
+    return drafter
 
 
 __all__ = [

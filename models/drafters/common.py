@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.projection import KernelPlan, Linear, project
 from models.transformer import apply_rope, rms_norm
 
 # sample_fn(logits [B, V]) -> (tokens [B], probs [B, V]): the engine's own warping and draw.
@@ -127,6 +128,17 @@ def packed_positions(lengths: torch.Tensor, slots: Sequence[int], num_new: Seque
     return tok_slot, lengths[tok_slot] + offset
 
 
+class PlannedLinear(nn.Linear):
+    """``nn.Linear`` that serves inference through a kernel plan once one is set (see
+    ``models.projection``): a drafter's few-row projections then take the target's fast kernels
+    (oneDNN's prepacked bf16 GEMM is ~1.4x F.linear at 1-8 rows on AVX512-BF16 CPUs)."""
+
+    kernel: Linear | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.kernel is None else self.kernel(x)
+
+
 class DrafterLayer(nn.Module):
     """Pre-norm decoder layer whose attention also sees precomputed context keys/values."""
 
@@ -137,13 +149,13 @@ class DrafterLayer(nn.Module):
         self.eps, self.theta = c.rms_norm_eps, c.rope_theta
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.attn_norm = nn.Parameter(torch.ones(attn_in))
-        self.q_proj = nn.Linear(attn_in, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(attn_in, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(attn_in, c.num_kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.q_proj = PlannedLinear(attn_in, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = PlannedLinear(attn_in, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = PlannedLinear(attn_in, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = PlannedLinear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.mlp_norm = nn.Parameter(torch.ones(c.hidden_size))
-        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up = PlannedLinear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down = PlannedLinear(c.intermediate_size, c.hidden_size, bias=False)
 
     def key_values(self, a: torch.Tensor, positions: torch.Tensor, normed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (RoPE applied) and values [..., kv_heads, D] for inputs a [..., attn_in] at positions [...]."""
@@ -212,7 +224,7 @@ class DraftVocabMixin:
         size = self.config.draft_vocab_size
         if size and (token_ids is None or token_ids.numel() != size):
             raise ValueError(f"this drafter was trained inside a draft vocabulary of {size} tokens; it needs exactly that many")
-        self.draft_vocab, self._draft_head = token_ids, None
+        self.draft_vocab, self._draft_head, self._head_kernel = token_ids, None, None
 
     def draft_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The rows of a [vocab, ...] weight that drafting scores."""
@@ -224,6 +236,23 @@ class DraftVocabMixin:
         if head is None or head.dtype != self.lm_head.dtype or head.device != self.lm_head.device:
             head = self._draft_head = self.draft_rows(self.lm_head)
         return head
+
+    _head_kernel: Linear | None = None
+
+    def use_kernel_plan(self, plan: KernelPlan | None) -> None:
+        """Serve drafting's projections (layers, context, draft head) through ``plan``, the target's
+        measured few-row kernels. Inference only (kernels hold detached copies): call again after
+        the weights or the draft vocabulary change; None returns to F.linear."""
+        for module in self.modules():
+            if isinstance(module, PlannedLinear):
+                module.kernel = None if plan is None else Linear(module.weight, module.bias, plan)
+        self._head_kernel = None if plan is None else Linear(self.draft_head(), None, plan)
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits over the draft vocabulary [..., Vd] for drafting's hidden states [..., H]."""
+        if self._head_kernel is not None:
+            return self._head_kernel(hidden).float()
+        return project(hidden, self.draft_head().to(hidden.dtype)).float()
 
     def to_draft_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary ids -> their index in the draft vocabulary, -1 for tokens outside it."""

@@ -21,12 +21,12 @@ from models.drafters.common import (
     DrafterConfig,
     DrafterLayer,
     DrafterState,
+    PlannedLinear,
     SampleFn,
     fused_features,
     gather_context,
     packed_positions,
 )
-from models.projection import project
 from models.transformer import rms_norm
 
 GREEDY, SAMPLED = 0, 1  # rows of the confidence temperatures: the two regimes the server verifies in
@@ -40,7 +40,7 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         c = self.config = config
         # Shared with the target and frozen: plain attributes, so they stay out of state_dict.
         self.embed, self.lm_head = embed, lm_head
-        self.fc = nn.Linear(len(c.tap_layers) * c.hidden_size, c.hidden_size, bias=False)
+        self.fc = PlannedLinear(len(c.tap_layers) * c.hidden_size, c.hidden_size, bias=False)
         self.context_norm = nn.Parameter(torch.ones(c.hidden_size))
         self.mask_embed = nn.Parameter(torch.randn(c.hidden_size) * 0.02)
         self.layers = nn.ModuleList(DrafterLayer(c) for _ in range(c.num_layers))
@@ -163,7 +163,7 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         ctx_mask = (torch.arange(S, device=dev)[None, :] < lengths_d[:, None]).unsqueeze(1)
         anchors = anchor_tokens.to(dev, torch.int64)
         hidden = self.backbone(anchors.unsqueeze(1), lengths_d.unsqueeze(1), ctx_kv, ctx_mask)[:, 0, :num_tokens]
-        base = project(hidden, self.draft_head().to(hidden.dtype)).float()
+        base = self.draft_logits(hidden)
         markov_w2 = self.markov_out() if self.config.markov_rank else None
         temps = self.confidence_temperature[GREEDY if greedy else SAMPLED] if self.config.confidence else None
         tokens, probs, confs = [], [], []

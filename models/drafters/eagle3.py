@@ -19,6 +19,7 @@ from models.drafters.common import (
     DrafterConfig,
     DrafterLayer,
     DrafterState,
+    PlannedLinear,
     SampleFn,
     fused_features,
     gather_context,
@@ -35,7 +36,7 @@ class Eagle3Drafter(DraftVocabMixin, nn.Module):
             raise ValueError("Eagle3Drafter needs an eagle3 config with num_layers == 1")
         c = self.config = config
         self.embed, self.lm_head = embed, lm_head  # shared with the target, frozen, not saved
-        self.fc = nn.Linear(len(c.tap_layers) * c.hidden_size, c.hidden_size, bias=False)
+        self.fc = PlannedLinear(len(c.tap_layers) * c.hidden_size, c.hidden_size, bias=False)
         self.embed_norm = nn.Parameter(torch.ones(c.hidden_size))
         self.feature_norm = nn.Parameter(torch.ones(c.hidden_size))
         self.layer = DrafterLayer(c, attn_in=2 * c.hidden_size)
