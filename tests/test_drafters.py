@@ -7,9 +7,9 @@ import torch
 
 from benchmarks.acceptance import simulate
 from models.config import TransformerConfig
+from models.drafters import DrafterConfig, build_drafter, default_config, greedy_sample, load_drafter, save_drafter
 from models.drafters.common import PlannedLinear
 from models.projection import KernelPlan
-from models.drafters import DrafterConfig, build_drafter, default_config, greedy_sample, load_drafter, save_drafter
 from models.transformer import Transformer
 
 
