@@ -401,7 +401,10 @@ class Engine:
         and with a sequential drafter only as many tokens as the plan expects to verify.
 
         Decided before drafting, from what is known already: each request's last block's survival (else
-        the measured prefix acceptance), this step's active batch, and the measured drafting cost.
+        the measured prefix acceptance), this step's active batch, and the measured drafting cost. A
+        block's survival speaks for the next step only: a request that skips drafting is priced by the
+        measured acceptance afterwards, else one pessimistic block would stop its drafting for good
+        (no new block, no new confidences).
         """
         dspark = [r for r in self._running if r.spec.mode == "dspark" and lengths.get(r.request_id, 0) > 0]
         if not dspark or self.step_cost is None:
@@ -420,6 +423,8 @@ class Engine:
         for r, count in zip(dspark, counts):
             if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
                 lengths[r.request_id] = count
+            if count == 0:
+                r.predicted = None
 
     def _draft_cost(self, sequences: int, seconds: float | None = None, positions: int = 1) -> float:
         """The drafting time the scheduler plans with, per drafting step of `sequences` sequences (a

@@ -386,3 +386,27 @@ def test_drafts_go_where_their_attention_is_cheap():
     with_prefill = BatchPlan([(300, 300)], [101] * 4)
     assert with_prefill.tokens == 304
     assert plan_verification(survival[:4], 304, 4, profile, batch=with_prefill) == [2] * 4
+
+class OnePessimisticBlockDrafter(FixedDrafter):
+    """Confidences of 0.01 on its first block, 0.9 afterwards."""
+
+    def __init__(self, tokens):
+        super().__init__(tokens, None)
+        self.calls = 0
+
+    def propose(self, requests):
+        self.calls += 1
+        confidence = 0.01 if self.calls == 1 else 0.9
+        return [Draft(self.tokens[: r.num_tokens], None, [confidence] * r.num_tokens) for r in requests]
+
+
+def test_one_pessimistic_block_does_not_stop_drafting_for_good():
+    drafter = OnePessimisticBlockDrafter([5, 6, 7, 8])
+    curve = StepCostProfile((1, 8, 64), (0.010, 0.016, 0.080))  # a token costs 8.6% of a step: 0.01 does not pay
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(4, 128, 32), drafter, curve)
+    engine.submit([2, 3, 4], SamplingParams(max_tokens=24), lambda c: None, spec=SpeculationParams("dspark", 4))
+    for _ in range(8):
+        engine.step()
+    # the step after the pessimistic block skips drafting; the next one is priced by the measured
+    # acceptance and drafts again, and so does every step after it
+    assert drafter.calls >= 5
