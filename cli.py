@@ -305,13 +305,11 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
 def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
     """Write the training and calib prompts to OUT/train.json and OUT/calib.json, for `train --prompts-dir`
     on a host that has the model file but not the packages the prompts come from."""
-    from training.pipeline import SplitData
-    from training.data import AnswerSpec
+    from training.sources import build_prompts
 
     out.mkdir(parents=True, exist_ok=True)
     for split, spec in (("train", train_prompts), ("calib", calib_prompts)):
-        data = SplitData(split, AnswerSpec(0), per_source=tuple(_source_counts(spec).items()))
-        items = [p.__dict__ for p in data.prompts()]
+        items = [p.__dict__ for p in build_prompts(split, _source_counts(spec))]
         (out / f"{split}.json").write_text(json.dumps(items) + "\n")
         click.echo(f"{split}: {len(items)} prompts -> {out / f'{split}.json'}")
 

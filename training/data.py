@@ -161,10 +161,10 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     P = len(prompts)
-    shards, paths = _shards(directory, P * len(spec.temperatures), spec.batch_size)
+    total = P * len(spec.temperatures)
+    shards, paths = _shards(directory, total, spec.batch_size)
     missing = [i for i, p in enumerate(paths) if not p.exists()] if generate else []
     (directory / "prompts.json").write_text(json.dumps([p.__dict__ for p in prompts]) + "\n")
-    total = P * len(spec.temperatures)
     bar = tqdm(total=total, initial=total - sum(len(shards[i]) for i in missing), desc="target answers",
                disable=not progress or not missing)
     for i in missing:

@@ -1,6 +1,7 @@
 """End-to-end `cli.py train`: load the target, build or reuse the cached data, train, calibrate, save."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from hub.fetch import cache_dir, fetch_model
-from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
+from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
@@ -34,7 +35,9 @@ class SplitData:
     per_source: tuple[tuple[str, int], ...] = ()
     prompts_file: Path | None = None
 
+    @functools.cached_property
     def prompts(self) -> list[Prompt]:
+        """Built once per SplitData: the sources walk the standard library and package files."""
         if self.prompts_file is not None:
             return [Prompt(**p) for p in json.loads(Path(self.prompts_file).read_text())]
         return build_prompts(self.split, dict(self.per_source))
@@ -42,7 +45,7 @@ class SplitData:
 
 def data_dir(target_name: str, data: SplitData, tap_layers: tuple[int, ...]) -> Path:
     """Where a split's shards live: named by everything that shapes them."""
-    prompts = hashlib.sha256(json.dumps([p.__dict__ for p in data.prompts()]).encode()).hexdigest()
+    prompts = hashlib.sha256(json.dumps([p.__dict__ for p in data.prompts]).encode()).hexdigest()
     a = data.answers
     key = json.dumps([DATA_VERSION, target_name, prompts, list(tap_layers), a.max_new_tokens, list(a.temperatures),
                       a.batch_size, a.seed])
@@ -56,7 +59,7 @@ def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], devi
     ``device``."""
     model_dir = fetch_model(target_name)
     directory = data_dir(target_name, data, tap_layers)
-    prompts = data.prompts()
+    prompts = data.prompts
     if (directory / "complete").exists() or not generate:
         return build_dataset(directory, None, None, prompts, tap_layers, data.answers, progress=progress,
                              generate=False)
@@ -122,33 +125,7 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
 def data_summary(target_name: str, data: SplitData, tap_layers: tuple[int, ...], seqs: list[Sequence]) -> dict:
     """Prompts per source (of the shards used, once per answer), answers per prompt and their
     temperatures, sequences and answer tokens of a split."""
-    used = generated_prompts(data_dir(target_name, data, tap_layers), data.prompts(), data.answers)
+    used = generated_prompts(data_dir(target_name, data, tap_layers), data.prompts, data.answers)
     return {"prompts_per_source": source_counts(used), "answer_temperatures": list(data.answers.temperatures),
             "max_new_tokens": data.answers.max_new_tokens, "sequences": len(seqs),
             "answer_tokens": sum(len(s.tokens) - s.prompt_len for s in seqs)}
-
-
-def add_draft_vocab(directory: Path, train_data: SplitData, heldout_data: SplitData, size: int) -> dict:
-    """Give a drafter trained on the full vocabulary a draft vocabulary from the data it was trained
-    on (0 removes it); one trained inside its draft vocabulary keeps it."""
-    config = DrafterConfig.from_json((Path(directory) / "config.json").read_text())
-    if config.draft_vocab_size:
-        raise ValueError(f"{directory} was trained inside its draft vocabulary of {config.draft_vocab_size} tokens")
-    target_name = config.target
-    target = load_transformer(fetch_model(target_name))
-    drafter = load_drafter(directory, target)
-    saved_dtype = next(iter(load_file(str(Path(directory) / "model.safetensors")).values())).dtype
-    if size:
-        train = dataset(target_name, train_data, drafter.tap_layers)
-        heldout = dataset(target_name, heldout_data, drafter.tap_layers)
-        result = attach_draft_vocab(drafter, train, heldout, size)
-    else:
-        drafter.set_draft_vocab(None)
-        result = {"size": 0}
-    save_drafter(drafter, directory, dtype=saved_dtype)
-    summary = Path(directory) / "train_result.json"
-    if summary.exists():
-        recorded = json.loads(summary.read_text())
-        recorded["draft_vocab"] = result
-        summary.write_text(json.dumps(recorded, indent=2) + "\n")
-    return result
