@@ -35,7 +35,7 @@ def cli() -> None:
                    "downloading it: for hosts that reach no registry.")
 def fetch(names: tuple[str, ...], list_only: bool, gguf_file: Path | None) -> None:
     """Download and convert models (default: the embedded default model) into the cache."""
-    from hub.fetch import KNOWN_MODELS, fetch_model, install_gguf
+    from hub.fetch import KNOWN_MODELS, ChecksumError, fetch_model, install_gguf
 
     if list_only:
         for name in KNOWN_MODELS:
@@ -44,7 +44,10 @@ def fetch(names: tuple[str, ...], list_only: bool, gguf_file: Path | None) -> No
     if gguf_file is not None:
         if len(names) > 1:
             raise click.UsageError("--gguf installs one model; name it once")
-        install_gguf(names[0] if names else DEFAULT_MODEL, gguf_file)
+        try:
+            install_gguf(names[0] if names else DEFAULT_MODEL, gguf_file)
+        except (ChecksumError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
     for name in names or (DEFAULT_MODEL,):
         click.echo(f"{name}: {fetch_model(name)}")
 
@@ -294,6 +297,9 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
 
     answers = AnswerSpec(max_new_tokens, tuple(float(t) for t in temperatures.split(",")), generation_batch)
     if prompts_dir is not None:
+        if not (prompts_dir / f"{split}.json").is_file():
+            raise click.BadParameter(f"{prompts_dir} has no {split}.json (write it with `cli.py prompts --out DIR`)",
+                                     param_hint="--prompts-dir")
         return SplitData(split, answers, prompts_file=prompts_dir / f"{split}.json")
     return SplitData(split, answers, per_source=tuple(_source_counts(per_source).items()))
 
