@@ -67,6 +67,11 @@ class Drafter(Protocol):
     def commit(self, key: int, num_committed: int) -> None:
         """The first num_committed tokens of the request's context are final: drop any state beyond."""
 
+    def uncached(self, key: int, context_length: int) -> int:
+        """Tokens of the request's context (`context_length` long) the drafter has yet to read before it
+        can draft: a small LM that skipped steps reads them in its first drafting forward, which the
+        scheduler prices (consulted for sequential drafters). 0 for drafters that keep up every step."""
+
     def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         """Newly committed tokens of several requests (one list per key) and the target's tapped hidden
         states for them, rows packed in the same order ([sum of lengths, H] per layer): one call per step."""
@@ -131,6 +136,9 @@ class PromptLookupDrafter(_NoFeatures):
     def commit(self, key: int, num_committed: int) -> None:
         pass
 
+    def uncached(self, key: int, context_length: int) -> int:
+        return 0  # reads the context afresh at no cost
+
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         return [
             Draft(_allowed_prefix(propose_ngram_draft(r.context, r.num_tokens, self.max_ngram, self.min_ngram), r.banned))
@@ -168,6 +176,9 @@ class ModelDrafter(_NoFeatures):
         slot = self._slots[key]
         if int(self.cache.lengths[slot]) > num_committed:
             self.cache.truncate(slot, num_committed)
+
+    def uncached(self, key: int, context_length: int) -> int:
+        return context_length - int(self.cache.lengths[self._slots[key]])
 
     def _logits(self, ids: torch.Tensor, slots: list[int], num_new: list[int]) -> torch.Tensor:
         """[len(slots), vocab] float32 logits of each sequence's last new token (-inf outside the draft vocabulary)."""
@@ -271,6 +282,9 @@ class FeatureDrafter:
         slot = self._slots[key]
         if int(self.state.lengths[slot]) > num_committed:
             self.state.truncate(slot, num_committed)
+
+    def uncached(self, key: int, context_length: int) -> int:
+        return 0  # `observe` extends the feature cache every step, drafting or not
 
     def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         self.module.extend_context(

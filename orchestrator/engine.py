@@ -401,8 +401,8 @@ class Engine:
         and with a sequential drafter only as many tokens as the plan expects to verify.
 
         Decided before drafting, from what is known already: each request's last block's survival (else
-        the measured prefix acceptance), this step's active batch, and the measured drafting cost. A
-        block's survival speaks for the next step only: a request that skips drafting is priced by the
+        the measured prefix acceptance), this step's active batch, and the measured drafting cost (for a
+        small LM, also the context it must read first after skipped steps). A block's survival speaks for the next step only: a request that skips drafting is priced by the
         measured acceptance afterwards, else one pessimistic block would stop its drafting for good
         (no new block, no new confidences).
         """
@@ -417,7 +417,8 @@ class Engine:
         batch = self._batch_plan(dspark, lambda r: len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0))
         unit = self._draft_cost(len(dspark))
         if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
-            counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, 0.0, unit, batch)
+            counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, 0.0, unit, batch,
+                                   self._catch_up_costs(dspark, unit))
         else:
             counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, unit, batch=batch)
         for r, count in zip(dspark, counts):
@@ -425,6 +426,18 @@ class Engine:
                 lengths[r.request_id] = count
             if count == 0:
                 r.predicted = None
+
+    def _catch_up_costs(self, requests: list[_Request], unit: float) -> list[float]:
+        """Seconds each request adds to the first drafting forward by the context it has yet to read (a
+        small LM skips the steps it does not draft, then reads them all at once). That forward feeds
+        each drafting sequence one token besides; the rest are priced as the target's profile grows
+        with extra tokens, the same scaling `_draft_cost` uses between batch sizes."""
+        profile = self.step_cost.profile
+        n = len(requests)
+        base = profile.step_seconds(n)
+        return [unit * (profile.step_seconds(n + extra) / base - 1.0)
+                for r in requests
+                for extra in (max(self.drafter.uncached(r.request_id, len(r.prompt_ids) + len(r.output_ids)) - 1, 0),)]
 
     def _draft_cost(self, sequences: int, seconds: float | None = None, positions: int = 1) -> float:
         """The drafting time the scheduler plans with, per drafting step of `sequences` sequences (a

@@ -70,29 +70,33 @@ class BatchPlan:
 
 
 def _admit_best_first(survival: Sequence[Sequence[float]], base_tokens: int, base_expected_tokens: float,
-                      cost: StepCost, overhead_s: float, batch: BatchPlan | None = None) -> list[int]:
+                      cost: StepCost, overhead_s: float, batch: BatchPlan | None = None,
+                      first_cost_s: Sequence[float] | None = None) -> list[int]:
     """Algorithm 1's greedy: slots best first, each admitted when it raises expected throughput, priced
     on the batch shape it makes. With a flat price per token the first slot that does not pay ends the
     pass; with shape-dependent prices (a draft 4,000 tokens into its answer costs more attention than
-    one 100 tokens in) a later slot can still pay, so the pass goes on."""
+    one 100 tokens in) a later slot can still pay, so the pass goes on. A request's first slot also
+    pays its `first_cost_s` (what drafting it at all costs)."""
     slots = sorted(
         ((p, k, r) for r, row in enumerate(survival) for k, p in enumerate(row)),
         key=lambda slot: (-slot[0], slot[1]),
     )
     chosen = [0] * len(survival)
-    n, expected = base_tokens, base_expected_tokens
-    best = expected_throughput(expected, n, cost, overhead_s, batch.shape(chosen) if batch is not None else None)
+    n, expected, paid = base_tokens, base_expected_tokens, overhead_s
+    best = expected_throughput(expected, n, cost, paid, batch.shape(chosen) if batch is not None else None)
     for p, k, r in slots:
         if k != chosen[r]:
             continue  # a later position can only follow its prefix
         chosen[r] += 1
-        gain = expected_throughput(expected + p, n + 1, cost, overhead_s,
+        extra = first_cost_s[r] if first_cost_s is not None and k == 0 else 0.0
+        gain = expected_throughput(expected + p, n + 1, cost, paid + extra,
                                    batch.shape(chosen) if batch is not None else None)
         if gain <= best:
             chosen[r] -= 1  # not worth it here; a cheaper slot further down may still be
             continue
         n += 1
         expected += p
+        paid += extra
         best = gain
     return chosen
 
@@ -105,6 +109,7 @@ def plan_verification(
     overhead_s: float = 0.0,
     draft_step_s: float = 0.0,
     batch: BatchPlan | None = None,
+    first_cost_s: Sequence[float] | None = None,
 ) -> list[int]:
     """How many draft tokens each request verifies this step.
 
@@ -115,6 +120,8 @@ def plan_verification(
     drafter's cost at any length); draft_step_s: for a drafter that drafts token by token (batched over
     requests), the time of one drafting step, paid once per position of the longest draft.
     batch: the active batch, when the cost depends on its shape (contexts, attention groups).
+    first_cost_s[r]: seconds request r adds to the step if it drafts at all (a small LM reading the
+    context it skipped while it did not draft).
     A drafter that drafts token by token makes the first token at each position cost a whole drafting
     step, which the greedy pass alone would refuse; so every longest length L is planned with its
     drafting paid up front, and the best plan wins.
@@ -124,18 +131,23 @@ def plan_verification(
     def throughput(plan: list[int]) -> float:
         expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(survival, plan))
         return expected_throughput(expected, base_tokens + sum(plan), cost,
-                                   overhead_s + draft_step_s * max(plan, default=0),
+                                   overhead_s + draft_step_s * max(plan, default=0) + _first_costs(plan, first_cost_s),
                                    batch.shape(plan) if batch is not None else None)
 
     if draft_step_s <= 0.0:
-        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s, batch)
+        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s, batch, first_cost_s)
     best = [0] * len(survival)
     for longest in range(1, max((len(row) for row in survival), default=0) + 1):
         plan = _admit_best_first([row[:longest] for row in survival], base_tokens, base_expected_tokens, cost,
-                                 overhead_s + draft_step_s * longest, batch)
+                                 overhead_s + draft_step_s * longest, batch, first_cost_s)
         if throughput(plan) > throughput(best):
             best = plan
     return best
+
+
+def _first_costs(plan: Sequence[int], first_cost_s: Sequence[float] | None) -> float:
+    """What the requests that draft in `plan` pay for drafting at all."""
+    return 0.0 if first_cost_s is None else sum(c for c, k in zip(first_cost_s, plan) if k > 0)
 
 
 def plan_drafting(
@@ -146,6 +158,7 @@ def plan_drafting(
     draft_seconds: float,
     draft_step_s: float = 0.0,
     batch: BatchPlan | None = None,
+    first_cost_s: Sequence[float] | None = None,
 ) -> list[int]:
     """How many tokens each request should draft this step (0: none), decided before drafting from
     predicted survival probabilities.
@@ -153,13 +166,14 @@ def plan_drafting(
     predicted[r]: request r's survival estimate per draft position (e.g. its previous block's
     calibrated confidences, or the measured prefix acceptance). Drafting is worth its cost only if the
     best verification plan, paying `draft_seconds` for the drafting (plus `draft_step_s` per position
-    of the longest draft, for drafters that draft token by token), beats a plain step; then each
-    request gets the count that plan would verify. Taken every step, so speculation returns as soon
+    of the longest draft, for drafters that draft token by token, and each drafting request's
+    `first_cost_s`), beats a plain step; then each request gets the count that plan would verify. Taken every step, so speculation returns as soon
     as the load (base_tokens) drops or predictions improve.
     """
-    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s, batch)
+    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s, batch,
+                               first_cost_s)
     expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, counts))
-    paid = draft_seconds + draft_step_s * max(counts, default=0)
+    paid = draft_seconds + draft_step_s * max(counts, default=0) + _first_costs(counts, first_cost_s)
     with_drafts, plain = (batch.shape(counts), batch.shape([])) if batch is not None else (None, None)
     speculative = expected_throughput(expected, base_tokens + sum(counts), cost, paid, with_drafts)
     if speculative <= expected_throughput(base_expected_tokens, base_tokens, cost, 0.0, plain):

@@ -12,7 +12,7 @@ from orchestrator.drafting import Draft
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams
-from orchestrator.scheduler import plan_verification, survival_probabilities
+from orchestrator.scheduler import plan_drafting, plan_verification, survival_probabilities
 from orchestrator.step_cost import StepCostProfile, measure_step_cost, monotone_envelope
 
 FLAT = StepCostProfile((1, 64), (0.050, 0.052))      # memory-bound: 64 tokens cost ~ 1
@@ -114,6 +114,9 @@ class FixedDrafter:
 
     def commit(self, key, n):
         pass
+
+    def uncached(self, key, context_length):
+        return 0
 
     def observe(self, keys, token_ids, hidden):
         pass
@@ -257,6 +260,49 @@ def test_a_sequential_drafter_drafts_only_what_the_plan_would_verify(sequential)
     assert drafter.asked[:1] == [1 if sequential else 3]  # the first round, before any acceptance is measured
 
 
+def test_a_request_whose_drafting_costs_more_first_is_left_out():
+    """Two requests with the same survival; drafting the second first costs a whole step (a small LM
+    reading what it skipped): the plan drafts for the first only."""
+    survival = [[0.9, 0.8, 0.7]] * 2
+    flat = StepCostProfile((1, 64), (0.3, 0.3))
+    assert plan_drafting(survival, 2, 2, flat, 0.0, draft_step_s=0.02) == [3, 3]
+    assert plan_drafting(survival, 2, 2, flat, 0.0, draft_step_s=0.02, first_cost_s=[0.0, 0.3]) == [3, 0]
+
+
+class BackloggedDrafter(FixedDrafter):
+    """A small LM (sequential) whose second request has 400 context tokens still to read."""
+
+    sequential = True
+
+    def __init__(self):
+        super().__init__([5, 6, 7, 8], None)
+        self.keys, self.asked = [], []
+
+    def admit(self, key):
+        self.keys.append(key)
+
+    def uncached(self, key, context_length):
+        return 400 if key == self.keys[1] else 1
+
+    def propose(self, requests):
+        self.asked += [(self.keys.index(r.key), r.num_tokens) for r in requests]
+        return super().propose(requests)
+
+
+def test_the_context_a_small_lm_must_read_first_is_priced():
+    """A drafter step costs 2 ms per drafted position; reading 400 skipped tokens first costs what 400
+    more tokens cost the forward (~0.4 s here): the backlogged request does not draft, the other does."""
+    drafter = BackloggedDrafter()
+    curve = StepCostProfile((1, 2, 8, 64, 1024), (0.010, 0.010, 0.0102, 0.080, 1.0))
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(4, 128, 100), drafter, curve)
+    engine._draft_cost(2, 0.002)  # drafting timed already: 2 ms per position for two sequences
+    for i in range(2):
+        engine.submit([1 + i, 2, 3], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("dspark", 3))
+    engine.step()  # both prompts
+    engine.step()  # the first drafted step
+    assert {index for index, _ in drafter.asked} == {0}
+
+
 def test_prefix_acceptance_estimates_the_true_prefix_survival():
     """Synthetic verify rounds: position k is accepted with conditional rate q[k] once reached, drafts of
     random lengths (the scheduler truncates them). The estimate must match the true survival products;
@@ -285,8 +331,6 @@ def test_prefix_acceptance_estimates_the_true_prefix_survival():
 
 
 def test_drafting_is_decided_per_step_and_returns_when_load_drops():
-    from orchestrator.scheduler import plan_drafting
-
     curve = StepCostProfile((1, 8, 64), (0.010, 0.012, 0.080))
     good = [0.9, 0.8, 0.7, 0.6]
     idle = plan_drafting([good], base_tokens=1, base_expected_tokens=1, cost=curve, draft_seconds=0.002)

@@ -8,7 +8,7 @@ import torch
 
 from models.drafters import load_drafter
 from models.transformer import Transformer
-from orchestrator.drafting import FeatureDrafter, ModelDrafter, PromptLookupDrafter
+from orchestrator.drafting import DraftRequest, FeatureDrafter, ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
@@ -186,6 +186,18 @@ def test_rollback_leaves_the_cache_as_a_fresh_prefill_would(target, encoder):
         fresh = target(torch.tensor(context), [fresh_cache.allocate()], [len(context)], fresh_cache,
                        logits_indices=last).logits
     torch.testing.assert_close(after_rollback, fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_a_small_lm_drafter_reports_the_context_it_has_not_read(target, encoder):
+    """What the scheduler prices before a skipped request drafts again: context not yet in its cache."""
+    drafter = ModelDrafter(shallow_copy(target, 2), 2, 256)
+    drafter.admit(7)
+    context = encoder.encode(PROMPTS[0], True)
+    assert drafter.uncached(7, len(context)) == len(context)
+    drafter.propose([DraftRequest(7, context, 3, SamplingParams(max_tokens=8), torch.Generator())])
+    assert drafter.uncached(7, len(context) + 5) == 3  # it read the context and its first two drafts
+    drafter.commit(7, len(context))  # only the context survived verification
+    assert drafter.uncached(7, len(context) + 4) == 4
 
 
 def test_seeded_speculative_sampling_is_reproducible(target, encoder):
