@@ -269,10 +269,13 @@ def _source_counts(spec: str) -> dict[str, int]:
     return {k: int(v) for k, v in (part.split("=") for part in spec.split(",") if part)}
 
 
-def _data_options(command):
-    """The options that say which prompts the target answers and how (shared by train and train-data)."""
+def _data_options(train: bool = True):
+    """The options that say which prompts the target answers and how (shared by train, train-data and,
+    for the calib split alone, calibrate)."""
     options = [
         click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source."),
+    ] if train else []
+    options += [
         click.option("--calib-prompts", default=CALIB_PROMPTS, show_default=True,
                      help="Held-out prompts per source: calibration and the run's held-out figures."),
         click.option("--prompts-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -285,9 +288,13 @@ def _data_options(command):
         click.option("--generation-batch", default=128, show_default=True,
                      help="Prompts answered per batch (one shard each)."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_tokens: int, temperatures: str,
@@ -322,7 +329,7 @@ def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
 
 @cli.command("train-data")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True)
-@_data_options
+@_data_options()
 @click.option("--device", default="cpu", show_default=True, help="Where the target answers: cpu or cuda.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
 def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir: Path | None,
@@ -361,7 +368,7 @@ def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir:
 @click.option("--intermediate-size", default=1024, show_default=True, help="Drafter FFN width.")
 @click.option("--markov-rank", default=32, show_default=True)
 @click.option("--block-size", default=7, show_default=True)
-@_data_options
+@_data_options()
 @click.option("--draft-vocab", default=DRAFT_VOCAB_SIZE, show_default=True,
               help="Train and draft inside the N most frequent answer tokens (0 = the full vocabulary).")
 @click.option("--eval-every", default=200, show_default=True, help="Steps between held-out figures (0: none).")
@@ -403,6 +410,25 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
                           init_dir=init_dir)
     click.echo(json.dumps(result, indent=2))
     click.echo(f"checkpoint: {out}")
+
+
+@cli.command()
+@click.option("--drafter", "drafter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A trained DSpark drafter directory (rewritten in place).")
+@_data_options(train=False)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+def calibrate(drafter_dir: Path, calib_prompts: str, prompts_dir: Path | None, max_new_tokens: int,
+              answer_temperatures: str, generation_batch: int, threads: int | None) -> None:
+    """Refit a DSpark drafter's confidence calibration (per regime, on the calib split) without training:
+    rewrites its calibration buffers, calibration.json and reliability.png."""
+    import torch
+
+    from training.pipeline import recalibrate
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = _split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+    click.echo(json.dumps(recalibrate(drafter_dir, data), indent=2))
 
 
 def _int_list(text: str) -> list[int]:

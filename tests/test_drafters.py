@@ -215,20 +215,23 @@ def test_confidences_use_the_calibration_of_the_request_regime(target, tmp_path)
     with torch.no_grad():
         d.confidence_temperature[0] = 0.5  # greedy
         d.confidence_temperature[1] = 3.0  # sampled
+        d.confidence_bias[1] = -0.7
     state, cache = d.new_state(1, 64), target.new_cache(1, 64)
     context(target, d, [[3, 4, 5, 6]], [0], state, cache)
     greedy = d.draft(state, [0], torch.tensor([9]), 4, greedy_sample, greedy=True).confidences
     sampled = d.draft(state, [0], torch.tensor([9]), 4, greedy_sample, greedy=False).confidences
     logit = torch.logit(greedy) * 0.5  # undo the greedy temperature
-    torch.testing.assert_close(sampled, torch.sigmoid(logit / 3.0))
+    torch.testing.assert_close(sampled, torch.sigmoid(logit / 3.0 - 0.7))
     # A checkpoint calibrated before regimes had one row of temperatures: it serves both.
     from safetensors.torch import load_file, save_file
 
     save_drafter(d, tmp_path)
     state_dict = load_file(str(tmp_path / "model.safetensors"))
     state_dict["confidence_temperature"] = torch.full((d.config.block_size,), 2.0)
+    del state_dict["confidence_bias"]  # and no biases: calibrated by temperature alone
     save_file(state_dict, str(tmp_path / "model.safetensors"))
-    assert (load_drafter(tmp_path, target).confidence_temperature == 2.0).all()
+    loaded = load_drafter(tmp_path, target)
+    assert (loaded.confidence_temperature == 2.0).all() and (loaded.confidence_bias == 0.0).all()
 
 
 def test_prompt_lookup_simulation_is_lossless(target) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.drafters import default_config, load_drafter
-from training.calibration import cumulative_survival, expected_calibration_error, sequential_temperature_scaling
+from training.calibration import cumulative_survival, expected_calibration_error, sequential_calibration
 from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features, tapped_sequences
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import build_prompts, split_of
@@ -48,16 +48,20 @@ def test_loss_uses_the_full_l1_and_skips_labels_outside_the_vocabulary() -> None
     assert padded.tv == pytest.approx(head.tv) and padded.tau == pytest.approx(head.tau)
 
 
-def test_sts_lowers_ece_of_the_cumulative_survival() -> None:
+def test_sequential_calibration_undoes_scale_and_shift_of_the_cumulative_survival() -> None:
+    """Confidence logits off by a scale and a shift per position: the fit recovers both (a temperature
+    alone cannot undo a shift) and the held-out ECE of the product falls below 2%."""
     gen = torch.Generator().manual_seed(0)
-    true_logit = torch.randn(6000, 4, generator=gen) + 1.5
+    true_logit = torch.randn(20000, 4, generator=gen) + 1.5
     accepted = torch.bernoulli(torch.sigmoid(true_logit), generator=gen).cumprod(-1)  # prefix acceptance
-    miscalibrated = true_logit * torch.tensor([3.0, 2.0, 0.5, 1.5])
-    temps = sequential_temperature_scaling(miscalibrated[:3000], accepted[:3000])
-    before = expected_calibration_error(cumulative_survival(miscalibrated[3000:], torch.ones(4)), accepted[3000:])
-    after = expected_calibration_error(cumulative_survival(miscalibrated[3000:], temps), accepted[3000:])
+    scale, shift = torch.tensor([3.0, 2.0, 0.5, 1.5]), torch.tensor([1.0, -1.0, 0.5, 0.0])
+    miscalibrated = true_logit * scale + shift
+    temps, biases = sequential_calibration(miscalibrated[:10000], accepted[:10000])
+    before = expected_calibration_error(cumulative_survival(miscalibrated[10000:], torch.ones(4)), accepted[10000:])
+    after = expected_calibration_error(cumulative_survival(miscalibrated[10000:], temps, biases), accepted[10000:])
     assert after < 0.5 * before and after < 0.02
-    assert temps[0] > 1.0 and temps[2] < 1.0
+    torch.testing.assert_close(temps, scale, rtol=0.2, atol=0.0)
+    torch.testing.assert_close(biases, -shift / scale, rtol=0.0, atol=0.2)
 
 
 def test_prompt_splits_are_disjoint_and_deterministic() -> None:
@@ -188,7 +192,16 @@ def test_calibration_stores_one_set_of_temperatures_per_regime(tmp_path) -> None
     for row, regime in enumerate(("greedy", "sampled")):
         assert result[regime]["ece_after"] <= result[regime]["ece_before"] + 1e-6
         torch.testing.assert_close(drafter.confidence_temperature[row], torch.tensor(result[regime]["temperatures"]))
+        torch.testing.assert_close(drafter.confidence_bias[row], torch.tensor(result[regime]["biases"]))
     assert (tmp_path / "reliability.png").exists() and (tmp_path / "calibration.json").exists()
+
+
+def test_recalibrating_a_drafter_without_a_confidence_head_is_refused(tmp_path) -> None:
+    from training.pipeline import SplitData, recalibrate
+
+    (tmp_path / "config.json").write_text(default_config("dflash", tiny_target()).to_json())
+    with pytest.raises(ValueError, match="no confidence head"):
+        recalibrate(tmp_path, SplitData("calib", AnswerSpec(8)))
 
 
 def test_learning_rate_warms_up_then_anneals_by_steps_or_run_time() -> None:

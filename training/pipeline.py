@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from hub.fetch import cache_dir, fetch_model
-from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, save_drafter
+from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
@@ -119,6 +119,28 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
         result["calibration"] = calibrate_confidence(drafter, calib, out_dir, cfg)
     save_drafter(drafter, out_dir, dtype=export_dtype)
     (out_dir / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def recalibrate(drafter_dir: Path, calib_data: SplitData, cfg: TrainConfig | None = None) -> dict:
+    """Refit a saved DSpark drafter's confidence calibration on the calib split, in place: its weights
+    are untouched (and stored back in the dtype they had), train_result.json gets the new figures."""
+    drafter_dir = Path(drafter_dir)
+    config = DrafterConfig.from_json((drafter_dir / "config.json").read_text())
+    if not config.confidence:
+        raise ValueError(f"{drafter_dir} holds a {config.kind} drafter: it has no confidence head to calibrate")
+    target = load_transformer(fetch_model(config.target))
+    drafter = load_drafter(drafter_dir, target)
+    stored = load_file(str(drafter_dir / "model.safetensors"))
+    dtype = next(v.dtype for v in stored.values() if v.is_floating_point())
+    calib = dataset(config.target, calib_data, config.tap_layers)
+    result = calibrate_confidence(drafter, calib, drafter_dir, cfg or TrainConfig())
+    save_drafter(drafter, drafter_dir, dtype=dtype)
+    summary = drafter_dir / "train_result.json"
+    if summary.exists():
+        record = json.loads(summary.read_text())
+        record["calibration"] = result
+        summary.write_text(json.dumps(record, indent=2) + "\n")
     return result
 
 

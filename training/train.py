@@ -20,7 +20,7 @@ from training.calibration import (
     cumulative_survival,
     expected_calibration_error,
     reliability_diagram,
-    sequential_temperature_scaling,
+    sequential_calibration,
 )
 from training.data import Sequence
 from training.losses import LossWeights, drafter_loss, subset_total_variation
@@ -243,12 +243,14 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
 
 @torch.no_grad()
 def calibrate_confidence(drafter, heldout: list[Sequence], out_dir: Path, cfg: TrainConfig, rounds: int = 2) -> dict:
-    """STS per regime on held-out blocks: fit on the first half, ECE of the cumulative survival on
-    the second half, temperatures stored in the drafter, figures in calibration.json and reliability.png."""
+    """Sequential calibration per regime on held-out blocks: fit on the first half, ECE of the cumulative
+    survival on the second half, temperatures and biases stored in the drafter, figures in
+    calibration.json and reliability.png."""
     block = drafter.config.block_size
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     seqs = [s.to(cfg.device) for s in usable(heldout, block)]
     drafter.confidence_temperature.fill_(1.0)
+    drafter.confidence_bias.fill_(0.0)
     confs, greedy, sampled = [], [], []
     for _ in range(rounds):
         for i in range(0, len(seqs), cfg.batch_size):
@@ -265,11 +267,13 @@ def calibrate_confidence(drafter, heldout: list[Sequence], out_dir: Path, cfg: T
     result: dict = {"blocks": int(logit.shape[0]), "fit_blocks": half}
     panels = {}
     for name, row, outcome in (("greedy", GREEDY, torch.cat(greedy)), ("sampled", SAMPLED, torch.cat(sampled))):
-        temps = sequential_temperature_scaling(logit[:half], outcome[:half])
+        with torch.enable_grad():
+            temps, biases = sequential_calibration(logit[:half], outcome[:half])
         before = cumulative_survival(logit[half:], torch.ones_like(temps))
-        after = cumulative_survival(logit[half:], temps)
+        after = cumulative_survival(logit[half:], temps, biases)
         drafter.confidence_temperature[row] = temps.to(drafter.confidence_temperature)
-        result[name] = {"temperatures": temps.tolist(),
+        drafter.confidence_bias[row] = biases.to(drafter.confidence_bias)
+        result[name] = {"temperatures": temps.tolist(), "biases": biases.tolist(),
                         "ece_before": expected_calibration_error(before, outcome[half:]),
                         "ece_after": expected_calibration_error(after, outcome[half:]),
                         "mean_prefix_acceptance": [round(float(x), 4) for x in outcome.mean(0)]}

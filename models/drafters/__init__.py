@@ -84,7 +84,9 @@ def load_drafter(directory: str | Path, target: DrafterTarget) -> Drafter:
     state = load_file(str(directory / "model.safetensors"))
     temps = state.get("confidence_temperature")
     if temps is not None and temps.dim() == 1:  # calibrated before per-regime temperatures: one row for both
-        state["confidence_temperature"] = temps.expand(2, -1).clone()
+        state["confidence_temperature"] = temps = temps.expand(2, -1).clone()
+    if temps is not None and "confidence_bias" not in state:  # calibrated by temperature alone
+        state["confidence_bias"] = torch.zeros_like(temps)
     drafter.load_state_dict(state)
     if (directory / DRAFT_VOCAB_FILE).exists():
         drafter.set_draft_vocab(load_file(str(directory / DRAFT_VOCAB_FILE))["token_ids"])

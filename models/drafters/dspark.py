@@ -52,9 +52,10 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             nn.init.zeros_(self.markov_w2.weight)  # start as the plain backbone
         if c.confidence:
             self.confidence_head = nn.Linear(c.hidden_size + c.markov_rank, 1)
-            # Sequential temperature scaling, per regime (row GREEDY: T=0 requests, row SAMPLED:
-            # T>0) and block position; 1 = uncalibrated.
+            # Sequential calibration (training.calibration), per regime (row GREEDY: T=0 requests,
+            # row SAMPLED: T>0) and block position: sigmoid(z / temperature + bias); 1 and 0 = uncalibrated.
             self.register_buffer("confidence_temperature", torch.ones(2, c.block_size))
+            self.register_buffer("confidence_bias", torch.zeros(2, c.block_size))
 
     @property
     def tap_layers(self) -> tuple[int, ...]:
@@ -165,7 +166,9 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         hidden = self.backbone(anchors.unsqueeze(1), lengths_d.unsqueeze(1), ctx_kv, ctx_mask)[:, 0, :num_tokens]
         base = self.draft_logits(hidden)
         markov_w2 = self.markov_out() if self.config.markov_rank else None
-        temps = self.confidence_temperature[GREEDY if greedy else SAMPLED] if self.config.confidence else None
+        regime = GREEDY if greedy else SAMPLED
+        temps, biases = ((self.confidence_temperature[regime], self.confidence_bias[regime]) if self.config.confidence
+                         else (None, None))
         tokens, probs, confs = [], [], []
         prev = anchors
         for j in range(num_tokens):
@@ -173,7 +176,7 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             if markov_w2 is not None:
                 logits = logits + self.markov_bias(prev, markov_w2).float()
             if self.config.confidence:
-                confs.append(torch.sigmoid(self.confidence_logits(hidden[:, j], prev) / temps[j]))
+                confs.append(torch.sigmoid(self.confidence_logits(hidden[:, j], prev) / temps[j] + biases[j]))
             prev, p = self.sample_draft(logits, sample_fn)
             tokens.append(prev)
             probs.append(p)
