@@ -99,6 +99,28 @@ def test_drafting_through_a_kernel_plan_proposes_the_same_block(target, kind) ->
     torch.testing.assert_close(planned.probs, plain.probs, atol=1e-5, rtol=1e-4)
 
 
+def test_a_drafted_block_equals_its_teacher_forced_training_pass(target) -> None:
+    """Serving drafts left to right (Markov bias from the token just drawn); training scores the same
+    block teacher-forced. Fed the drafted tokens, training's logits, confidences and argmax must match."""
+    d = drafter_for("dspark", target)
+    with torch.no_grad():
+        d.confidence_temperature.fill_(1.7)
+        d.confidence_bias.fill_(-0.3)
+    committed, anchor, W = [3, 4, 5, 6, 7], 9, d.config.block_size
+    state, cache = d.new_state(1, 64), target.new_cache(1, 64)
+    out = context(target, d, [committed], [0], state, cache)
+    argmax_with_softmax = lambda logits: (logits.argmax(-1), torch.softmax(logits.float(), -1))  # noqa: E731
+    block = d.draft(state, [0], torch.tensor([anchor]), W, argmax_with_softmax, greedy=True)
+    drafted = block.tokens[0]
+    tokens = torch.tensor(committed + [anchor] + drafted.tolist()).unsqueeze(0)
+    features = torch.cat([torch.cat([out.hidden_states[t] for t in d.tap_layers], -1),
+                          torch.zeros(1 + W, len(d.tap_layers) * 32)]).unsqueeze(0)  # after the anchor: unseen
+    logits, conf = d.train_forward(features, tokens, torch.tensor([[len(committed)]]))
+    assert torch.equal(logits[0, 0].argmax(-1), drafted)
+    torch.testing.assert_close(block.probs[0], torch.softmax(logits[0, 0], -1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(block.confidences[0], torch.sigmoid(conf[0, 0] / 1.7 - 0.3), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["dspark", "eagle3"])
 def test_extend_then_truncate_equals_fresh_state(target, kind) -> None:
     d = drafter_for(kind, target)

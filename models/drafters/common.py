@@ -196,8 +196,10 @@ def fused_features(target_hidden: dict[int, torch.Tensor], tap_layers: Sequence[
 
 
 def gather_context(state: DrafterState, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context keys/values [B, kv_heads, length, D] of the given slots."""
-    return state.k[layer].index_select(0, slots)[:, :, :length], state.v[layer].index_select(0, slots)[:, :, :length]
+    """Context keys/values [B, kv_heads, length, D] of the given slots (sliced before the gather, which
+    then copies `length` positions per slot rather than the state's whole max_len)."""
+    return (state.k[layer][:, :, :length].index_select(0, slots),
+            state.v[layer][:, :, :length].index_select(0, slots))
 
 
 class DraftVocabMixin:
@@ -265,9 +267,15 @@ class DraftVocabMixin:
     def sample_draft(self, logits: torch.Tensor, sample_fn: SampleFn) -> tuple[torch.Tensor, torch.Tensor]:
         """sample_fn over draft-vocabulary logits [B, Vd] -> token ids and probabilities over the full vocabulary."""
         tokens, probs = sample_fn(logits)
+        return self.full_vocab_ids(tokens), self.full_vocab_probs(probs)
+
+    def full_vocab_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices -> full-vocabulary token ids (any shape)."""
+        return tokens if self.draft_vocab is None else self.draft_vocab.to(tokens.device)[tokens]
+
+    def full_vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities over the draft vocabulary [..., Vd] -> over the full vocabulary [..., V] (zero outside)."""
         if self.draft_vocab is None:
-            return tokens, probs
-        vocab = self.draft_vocab.to(logits.device)
-        full = probs.new_zeros(probs.shape[0], self.config.vocab_size)
-        full.index_copy_(1, vocab, probs)
-        return vocab[tokens], full
+            return probs
+        full = probs.new_zeros(*probs.shape[:-1], self.config.vocab_size)
+        return full.index_copy_(-1, self.draft_vocab.to(probs.device), probs)

@@ -169,19 +169,24 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         regime = GREEDY if greedy else SAMPLED
         temps, biases = ((self.confidence_temperature[regime], self.confidence_bias[regime]) if self.config.confidence
                          else (None, None))
-        tokens, probs, confs = [], [], []
+        # Only the Markov bias needs the token drawn just before: the loop is that and sampling; the
+        # confidences and the full-vocabulary probabilities are computed once for the whole block.
+        tokens, probs = [], []
         prev = anchors
         for j in range(num_tokens):
             logits = base[:, j]
             if markov_w2 is not None:
                 logits = logits + self.markov_bias(prev, markov_w2).float()
-            if self.config.confidence:
-                confs.append(torch.sigmoid(self.confidence_logits(hidden[:, j], prev) / temps[j] + biases[j]))
-            prev, p = self.sample_draft(logits, sample_fn)
+            drawn, p = sample_fn(logits)
+            prev = self.full_vocab_ids(drawn)
             tokens.append(prev)
             probs.append(p)
-        return DraftBlock(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1).float(),
-                          confidences=torch.stack(confs, 1) if confs else None)
+        tokens_t = torch.stack(tokens, 1)
+        confs = None
+        if self.config.confidence:
+            before = torch.cat([anchors.unsqueeze(1), tokens_t[:, :-1]], dim=1)  # x_{j-1} of each position
+            confs = torch.sigmoid(self.confidence_logits(hidden, before) / temps[:num_tokens] + biases[:num_tokens])
+        return DraftBlock(tokens=tokens_t, probs=self.full_vocab_probs(torch.stack(probs, 1)).float(), confidences=confs)
 
 
 class DSparkDrafter(BlockDrafter):
