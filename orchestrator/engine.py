@@ -402,9 +402,10 @@ class Engine:
 
         Decided before drafting, from what is known already: each request's last block's survival (else
         the measured prefix acceptance), this step's active batch, and the measured drafting cost (for a
-        small LM, also the context it must read first after skipped steps). A block's survival speaks for the next step only: a request that skips drafting is priced by the
-        measured acceptance afterwards, else one pessimistic block would stop its drafting for good
-        (no new block, no new confidences).
+        small LM, also the context it must read first after skipped steps). A block's survival speaks
+        for the next step only: a request that skips drafting is priced by the measured acceptance
+        afterwards, else one pessimistic block would stop its drafting for good (no new block, no new
+        confidences).
         """
         dspark = [r for r in self._running if r.spec.mode == "dspark" and lengths.get(r.request_id, 0) > 0]
         if not dspark or self.step_cost is None:
@@ -435,9 +436,11 @@ class Engine:
         profile = self.step_cost.profile
         n = len(requests)
         base = profile.step_seconds(n)
-        return [unit * (profile.step_seconds(n + extra) / base - 1.0)
-                for r in requests
-                for extra in (max(self.drafter.uncached(r.request_id, len(r.prompt_ids) + len(r.output_ids)) - 1, 0),)]
+        costs = []
+        for r in requests:
+            extra = max(self.drafter.uncached(r.request_id, len(r.prompt_ids) + len(r.output_ids)) - 1, 0)
+            costs.append(unit * (profile.step_seconds(n + extra) / base - 1.0))
+        return costs
 
     def _draft_cost(self, sequences: int, seconds: float | None = None, positions: int = 1) -> float:
         """The drafting time the scheduler plans with, per drafting step of `sequences` sequences (a

@@ -167,8 +167,9 @@ def plan_drafting(
     calibrated confidences, or the measured prefix acceptance). Drafting is worth its cost only if the
     best verification plan, paying `draft_seconds` for the drafting (plus `draft_step_s` per position
     of the longest draft, for drafters that draft token by token, and each drafting request's
-    `first_cost_s`), beats a plain step; then each request gets the count that plan would verify. Taken every step, so speculation returns as soon
-    as the load (base_tokens) drops or predictions improve.
+    `first_cost_s`), beats a plain step; then each request gets the count that plan would verify.
+    Taken every step, so speculation returns as soon as the load (base_tokens) drops or predictions
+    improve.
     """
     counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s, batch,
                                first_cost_s)

@@ -31,12 +31,13 @@ def cumulative_survival(logits: torch.Tensor, temps: torch.Tensor, biases: torch
     return torch.sigmoid(z if biases is None else z + biases).cumprod(-1)
 
 
+@torch.enable_grad()  # calibration runs inside no-grad code; the fit needs gradients
 def sequential_calibration(logits: torch.Tensor, prefix_outcome: torch.Tensor,
                            max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position temperatures and biases ([W] each) for confidence logits [N, W] against prefix
     acceptance [N, W] (binary or soft): position k minimises the cross-entropy of
     survival_{k-1} * sigmoid(z_k / T_k + b_k), with positions before k fixed."""
-    logits, prefix_outcome = logits.float(), prefix_outcome.float()
+    logits, prefix_outcome = logits.detach().float(), prefix_outcome.detach().float()
     temps, biases = [], []
     survival = torch.ones(logits.shape[0])
     for k in range(logits.shape[1]):

@@ -267,8 +267,7 @@ def calibrate_confidence(drafter, heldout: list[Sequence], out_dir: Path, cfg: T
     result: dict = {"blocks": int(logit.shape[0]), "fit_blocks": half}
     panels = {}
     for name, row, outcome in (("greedy", GREEDY, torch.cat(greedy)), ("sampled", SAMPLED, torch.cat(sampled))):
-        with torch.enable_grad():
-            temps, biases = sequential_calibration(logit[:half], outcome[:half])
+        temps, biases = sequential_calibration(logit[:half], outcome[:half])
         before = cumulative_survival(logit[half:], torch.ones_like(temps))
         after = cumulative_survival(logit[half:], temps, biases)
         drafter.confidence_temperature[row] = temps.to(drafter.confidence_temperature)
