@@ -115,7 +115,10 @@ class CellStats:
         queueing and prefill included.
     decode_tps: mean over requests of (tokens after the first response) / (last - first response):
         the streaming rate once output has started, which speculation is meant to raise.
-    total_tps: all completed tokens / the measured window (first start to last end).
+    total_tps: every token streamed (completed requests, and those cut at the time limit up to the cut) /
+        the measured window (first start to last response). Counting only completed requests would drop
+        the partial work of the requests running at the limit but keep its time, by an amount that depends
+        on where the limit falls in their lifetimes.
     tokens_per_round: 1 + accepted / rounds over all requests' speculative rounds; None without any.
     """
 
@@ -125,7 +128,7 @@ class CellStats:
     rate: float | None
     requests: int
     errors: int                        # failed requests (the cell's time limit cuts are `cut`)
-    tokens: int
+    tokens: int                        # streamed: completed requests and the cut ones up to the cut
     window_s: float
     ttft_p50: float | None
     ttft_p90: float | None
@@ -156,11 +159,14 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def aggregate(records: Iterable[RequestRecord], policy: str, mode: str, concurrency: int | None = None,
               rate: float | None = None, repeat: int = 0) -> CellStats:
-    """Stats over the completed requests of one cell (failed and time-limit-cut requests are only counted)."""
+    """Stats of one cell: latencies over the completed requests, throughput over every streamed token
+    (failed requests are only counted)."""
     records = list(records)
     done = [r for r in records if r.completed and r.tokens > 0]
-    window = (max(r.end for r in done) - min(r.start for r in done)) if done else 0.0
-    tokens = sum(r.tokens for r in done)
+    streamed = done + [r for r in records if r.cut and r.tokens > 0]
+    window = (max(r.end if r.completed else r.chunk_times[-1] for r in streamed)
+              - min(r.start for r in streamed)) if streamed else 0.0
+    tokens = sum(r.tokens for r in streamed)
     itl = [x for r in done for x in r.inter_token_latencies()]
     decode = [(r.tokens - r.chunk_tokens[0]) / (r.chunk_times[-1] - r.chunk_times[0])
               for r in done if r.chunk_times[-1] > r.chunk_times[0]]

@@ -30,11 +30,26 @@ def test_inter_token_latencies_spread_a_response_over_its_tokens():
     assert _synthetic()[0].inter_token_latencies() == [0.25, 0.25, 0.5]
 
 
+def test_total_throughput_does_not_depend_on_where_the_time_limit_falls():
+    """Two users each stream a token a second; the limit (9.5 s) cuts both mid-request. Counting only
+    completed requests over first start -> last completion would read 14 tokens / 8 s = 1.75 tok/s, and
+    another phase of the same load another figure: every streamed token counts, up to the last one."""
+    def tokens(start: int, stop: int) -> dict:
+        return dict(chunk_times=[float(t) for t in range(start + 1, stop + 1)], chunk_tokens=[1] * (stop - start))
+    records = [RequestRecord(0, 0.0, **tokens(0, 4), end=4.0), RequestRecord(2, 4.0, **tokens(4, 8), end=8.0),
+               RequestRecord(4, 8.0, **tokens(8, 9), error=TIME_LIMIT),
+               RequestRecord(1, 0.0, **tokens(0, 6), end=6.0), RequestRecord(3, 6.0, **tokens(6, 9), error=TIME_LIMIT)]
+    s = aggregate(records, "off", "closed", concurrency=2)
+    assert (s.requests, s.cut, s.tokens) == (3, 2, 18)
+    assert s.window_s == pytest.approx(9.0)
+    assert s.total_tps == pytest.approx(2.0)
+
+
 def test_aggregate_on_synthetic_timings():
     s = aggregate(_synthetic(), "static:4", "closed", concurrency=2)
-    assert (s.requests, s.errors, s.cut, s.tokens) == (2, 1, 1, 6)  # the cut request's token is not counted
-    assert s.window_s == pytest.approx(3.0)                     # first start 0.0 -> last end 3.0
-    assert s.total_tps == pytest.approx(2.0)
+    assert (s.requests, s.errors, s.cut, s.tokens) == (2, 1, 1, 7)  # the cut request's token is streamed too
+    assert s.window_s == pytest.approx(3.0)                     # first start 0.0 -> last response 3.0
+    assert s.total_tps == pytest.approx(7 / 3.0)
     assert s.ttft_p50 == pytest.approx(1.0)
     assert s.itl_p50 == pytest.approx(0.375)                    # median of 0.25, 0.25, 0.5, 1.0
     assert s.user_tps == pytest.approx((4 / 2.0 + 2 / 2.5) / 2)
