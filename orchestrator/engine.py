@@ -327,8 +327,9 @@ class Engine:
         wanted = draft_length(request.spec, request.adaptive_length, len(self._running), self.config.spec_batch_limit)
         return max(0, min(wanted, room_tokens, room_context))
 
-    def _propose(self, admitted: list[_Request]) -> dict[int, Draft]:
-        """Drafts for the running requests that speculate this step, each checked before it joins the batch.
+    def _propose(self, admitted: list[_Request]) -> tuple[dict[int, Draft], bool]:
+        """Drafts for the running requests that speculate this step, each checked before it joins the batch,
+        and whether the call also read a backlog (context beyond the pending token and the last draft).
 
         If the batched drafter call fails, each request is drafted alone to find the one at fault;
         only the requests whose drafting fails (or whose draft is malformed) are failed."""
@@ -341,7 +342,8 @@ class Engine:
             if lengths.get(r.request_id, 0) > 0
         ]
         if not asks:
-            return {}
+            return {}, False
+        backlog = any(self.drafter.uncached(ask.key, len(ask.context)) > 2 for ask in asks)
         try:
             proposed = list(zip(asks, self._drafter_call(asks)))
         except Exception:
@@ -360,7 +362,7 @@ class Engine:
                 self._fail(by_key[ask.key], f"drafter returned {problem}")
             else:
                 drafts[ask.key] = draft
-        return drafts
+        return drafts, backlog
 
     @staticmethod
     def _draft_rule(request: _Request) -> Callable[[Sequence[int]], list[int]] | None:
@@ -448,9 +450,10 @@ class Engine:
 
         A drafting step over 16 sequences costs several times one over 1 (a small LM's forward grows with
         its batch), so the cost is kept per sequence count: the median of the first steps timed at that
-        count, then fixed, so that the same requests on the same server get the same decisions. A count
-        not timed yet is priced from the nearest timed one, scaled as the target's own profiled step
-        grows between those token counts (a forward of the same kind, and one it will then time)."""
+        count (steps that also read a backlog are not timed), then fixed, so that the same requests on the
+        same server get the same decisions. A count not timed yet is priced from the nearest timed one,
+        scaled as the target's own profiled step grows between those token counts (a forward of the same
+        kind, and one it will then time)."""
         per = None if seconds is None else seconds / (max(positions, 1) if self.drafter.sequential else 1)
         timed = self._draft_timings.setdefault(sequences, []) if per is not None else None
         if timed is not None and len(timed) < DRAFT_COST_SAMPLES:
@@ -504,13 +507,14 @@ class Engine:
     def _decode_step(self, admitted: list[_Request]) -> None:
         """Draft, schedule, then one target forward: prompts of new requests, pending token + draft of the others."""
         started = time.perf_counter()
-        drafts = self._propose(admitted)
+        drafts, read_backlog = self._propose(admitted)
         draft_seconds = time.perf_counter() - started
         self.stats.draft_seconds += draft_seconds
         if not self._running:  # drafting failed every request
             return
         longest = max((len(d.tokens) for d in drafts.values()), default=0)
-        paid = (self._draft_cost(len(drafts), draft_seconds, longest) * (longest if self.drafter.sequential else 1)
+        timed = None if read_backlog else draft_seconds  # a backlog is priced apart (_catch_up_costs)
+        paid = (self._draft_cost(len(drafts), timed, longest) * (longest if self.drafter.sequential else 1)
                 if drafts else 0.0)
         self._schedule(admitted, drafts, paid)
         new_tokens, logits_rows, offset = [], [], 0

@@ -94,6 +94,14 @@ def reference_shape(n: int, context: int) -> BatchShape:
     return BatchShape(((TOKENS_PER_SEQUENCE, context + TOKENS_PER_SEQUENCE),) * full + (((rest, context + rest),) if rest else ()))
 
 
+@functools.lru_cache(maxsize=1024)
+def _reference_terms(n: int, context: int) -> tuple[int, int, int]:
+    """The shape terms of reference_shape(n, context): the scheduler prices hundreds of candidate
+    batches a step against the same few references."""
+    ref = reference_shape(n, context)
+    return ref.attention_pairs, ref.gathered_positions, ref.attention_groups
+
+
 @dataclass(frozen=True)
 class StepCostProfile:
     tokens: tuple[int, ...]     # N: tokens in one target forward, increasing
@@ -115,10 +123,10 @@ class StepCostProfile:
                 base = ys[i - 1] + slope * (m - xs[i - 1])
                 break
         if shape is not None:
-            ref = reference_shape(n, self.context)
-            base += self.attention_s * (shape.attention_pairs - ref.attention_pairs)
-            base += self.gather_s * (shape.gathered_positions - ref.gathered_positions)
-            base += self.group_s * (shape.attention_groups - ref.attention_groups)
+            pairs, gathered, groups = _reference_terms(n, self.context)
+            base += self.attention_s * (shape.attention_pairs - pairs)
+            base += self.gather_s * (shape.gathered_positions - gathered)
+            base += self.group_s * (shape.attention_groups - groups)
         return max(base, 1e-9)
 
     def steps_per_second(self, n: int) -> float:

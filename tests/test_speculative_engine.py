@@ -254,3 +254,17 @@ def test_drafting_is_priced_per_number_of_drafting_sequences(target, encoder):
     assert engine._draft_cost(16) == pytest.approx(0.008)  # timed at 16: its own median
     assert engine._draft_cost(1) == pytest.approx(0.002)   # and 1 keeps its own
     assert engine._draft_cost(12) == pytest.approx(0.008 * profile.step_seconds(12) / profile.step_seconds(16))
+
+
+def test_a_drafting_step_that_reads_a_backlog_does_not_set_the_drafting_price(target, encoder):
+    """A small LM's first drafting step also reads the prompt (later ones, whatever was skipped), which
+    `_catch_up_costs` prices apart: timing that step as a drafting step would overprice every later one."""
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, max_context=256, max_tokens_limit=64),
+                    ModelDrafter(shallow_copy(target, 2), SLOTS, 256))
+    engine.submit(encoder.encode(PROMPTS[0], True), SamplingParams(max_tokens=16), lambda c: None,
+                  spec=SpeculationParams("static", 3))
+    engine.step()  # prefill
+    engine.step()  # drafts after reading the whole prompt
+    assert engine.stats.draft_seconds > 0 and not any(engine._draft_timings.values())
+    engine.step()  # drafts with the context already read
+    assert [len(t) for t in engine._draft_timings.values()] == [1]
