@@ -417,13 +417,14 @@ class Engine:
             k = lengths[r.request_id]
             known = r.predicted if r.predicted is not None and len(r.predicted) >= k else None
             predicted.append(known[:k] if known else self._acceptance.survival(k))
-        batch = self._batch_plan(dspark, lambda r: len(r.prompt_ids) if r in admitted else 1 + lengths.get(r.request_id, 0))
+        batch = self._batch_plan(dspark, admitted, lambda r: 1 + lengths.get(r.request_id, 0))
+        decoding = len(self._running) - len(admitted)
         unit = self._draft_cost(len(dspark))
         if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
-            counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, 0.0, unit, batch,
+            counts = plan_drafting(predicted, batch.tokens, decoding, self.step_cost, 0.0, unit, batch,
                                    self._catch_up_costs(dspark, unit))
         else:
-            counts = plan_drafting(predicted, batch.tokens, len(self._running), self.step_cost, unit, batch=batch)
+            counts = plan_drafting(predicted, batch.tokens, decoding, self.step_cost, unit, batch=batch)
         for r, count in zip(dspark, counts):
             if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
                 lengths[r.request_id] = count
@@ -472,8 +473,9 @@ class Engine:
     def _schedule(self, admitted: list[_Request], drafts: dict[int, Draft], draft_seconds: float) -> None:
         """Cuts the drafts of dspark-mode requests to what the load-aware scheduler admits (Algorithm 1).
 
-        The load is this step's active batch: every running request's tokens in the forward (prefills,
-        pending tokens, other modes' drafts). Requests still queued are not tokens of this forward.
+        The load is this step's active batch: every decoding request's tokens in the forward (pending
+        tokens, other modes' drafts). Requests still queued are not tokens of this forward, and prompts
+        prefilled in it are left out too (see `_batch_plan`).
         """
         planned = [r for r in self._running if r.spec.mode == "dspark" and r.request_id in drafts]
         if not planned:
@@ -481,18 +483,24 @@ class Engine:
         survival = [self._survival(r, drafts[r.request_id]) for r in planned]
         for r, row in zip(planned, survival):
             r.predicted = row
-        batch = self._batch_plan(planned, lambda r: len(self._step_tokens(r, admitted, drafts)))
-        counts = plan_verification(survival, batch.tokens, len(self._running), self.step_cost, draft_seconds,
-                                   batch=batch)
+        batch = self._batch_plan(planned, admitted, lambda r: len(self._step_tokens(r, admitted, drafts)))
+        counts = plan_verification(survival, batch.tokens, len(self._running) - len(admitted), self.step_cost,
+                                   draft_seconds, batch=batch)
         for r, count in zip(planned, counts):
             drafts[r.request_id].truncate(count)
 
-    def _batch_plan(self, planned: list[_Request], new_tokens: Callable[[_Request], int]) -> BatchPlan:
-        """The active batch as the plan prices it: every other running request with the tokens it feeds
-        anyway (`new_tokens`), and the `planned` ones' contexts after their pending token."""
+    def _batch_plan(self, planned: list[_Request], admitted: list[_Request],
+                    new_tokens: Callable[[_Request], int]) -> BatchPlan:
+        """The active batch as the plan prices it: every other decoding request with the tokens it feeds
+        anyway (`new_tokens`), and the `planned` ones' contexts after their pending token.
+
+        Prompts prefilled in the same forward (`admitted`) are left out. A prefill makes the step slow and
+        its plain output rate low, so against that step any drafting that yields tokens faster than it
+        would look like a gain, while its time delays every request; drafting must beat the decode rate,
+        which is the step without them."""
         cached = self.cache.lengths
-        planned_ids = {r.request_id for r in planned}
-        others = [(n, int(cached[r.slot]) + n) for r in self._running if r.request_id not in planned_ids
+        skipped = {r.request_id for r in planned} | {r.request_id for r in admitted}
+        others = [(n, int(cached[r.slot]) + n) for r in self._running if r.request_id not in skipped
                   for n in (new_tokens(r),)]
         return BatchPlan(others, [int(cached[r.slot]) + 1 for r in planned])
 

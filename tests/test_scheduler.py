@@ -454,3 +454,22 @@ def test_one_pessimistic_block_does_not_stop_drafting_for_good():
     # the step after the pessimistic block skips drafting; the next one is priced by the measured
     # acceptance and drafts again, and so does every step after it
     assert drafter.calls >= 5
+
+
+def test_a_prompt_prefilled_beside_does_not_make_drafting_look_cheap():
+    """A long prefill makes the step slow and its plain output rate low (2 tokens in 0.6 s), so any
+    drafting that yields tokens faster than that looks like a gain for the step, while it delays every
+    request by its drafting time. Drafting must beat the decode rate: where it does not pay in a decode
+    step, it does not pay beside a prefill either."""
+    drafter = CountingDrafter()
+    curve = StepCostProfile((1, 2, 64), (0.010, 0.0105, 0.640))
+    engine = Engine(_tiny_model(), _Tok(), EngineConfig(4, 128, 100), drafter, curve)
+    engine._draft_timings[1] = [0.05]  # drafting costs 5 decode steps: it does not pay
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=30), lambda c: None, spec=SpeculationParams("dspark", 3))
+    engine.step()  # prefill
+    engine.step()  # decode, not drafted
+    assert drafter.calls == []
+    engine.submit(list(range(1, 61)), SamplingParams(max_tokens=4), lambda c: None, spec=SpeculationParams("off"))
+    engine.step()  # the 60-token prompt's prefill beside the dspark request's decode
+    engine.step()
+    assert drafter.calls == []
