@@ -343,7 +343,8 @@ class Engine:
         ]
         if not asks:
             return {}, False
-        backlog = any(self.drafter.uncached(ask.key, len(ask.context)) > 2 for ask in asks)
+        backlog = self.drafter.sequential and any(
+            self.drafter.uncached(ask.key, len(ask.context)) > 2 for ask in asks)
         try:
             proposed = list(zip(asks, self._drafter_call(asks)))
         except Exception:
