@@ -419,13 +419,12 @@ class Engine:
             known = r.predicted if r.predicted is not None and len(r.predicted) >= k else None
             predicted.append(known[:k] if known else self._acceptance.survival(k))
         batch = self._batch_plan(dspark, admitted, lambda r: 1 + lengths.get(r.request_id, 0))
-        decoding = len(self._running) - len(admitted)
         unit = self._draft_cost(len(dspark))
         if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
-            counts = plan_drafting(predicted, batch.tokens, decoding, self.step_cost, 0.0, unit, batch,
+            counts = plan_drafting(predicted, batch.tokens, batch.sequences, self.step_cost, 0.0, unit, batch,
                                    self._catch_up_costs(dspark, unit))
         else:
-            counts = plan_drafting(predicted, batch.tokens, decoding, self.step_cost, unit, batch=batch)
+            counts = plan_drafting(predicted, batch.tokens, batch.sequences, self.step_cost, unit, batch=batch)
         for r, count in zip(dspark, counts):
             if count == 0 or self.drafter.sequential:  # a small LM drafts only what will be verified
                 lengths[r.request_id] = count
@@ -485,8 +484,8 @@ class Engine:
         for r, row in zip(planned, survival):
             r.predicted = row
         batch = self._batch_plan(planned, admitted, lambda r: len(self._step_tokens(r, admitted, drafts)))
-        counts = plan_verification(survival, batch.tokens, len(self._running) - len(admitted), self.step_cost,
-                                   draft_seconds, batch=batch)
+        counts = plan_verification(survival, batch.tokens, batch.sequences, self.step_cost, draft_seconds,
+                                   batch=batch)
         for r, count in zip(planned, counts):
             drafts[r.request_id].truncate(count)
 

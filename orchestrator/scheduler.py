@@ -63,6 +63,11 @@ class BatchPlan:
         self.contexts = tuple(contexts)
         self.tokens = sum(new for new, _ in self.others) + len(self.contexts)
 
+    @property
+    def sequences(self) -> int:
+        """Sequences in the forward: each yields one token for sure (the plan's base expected tokens)."""
+        return len(self.others) + len(self.contexts)
+
     def shape(self, plan: Sequence[int]) -> BatchShape:
         """The forward's shape when planned request r verifies `plan[r]` draft tokens (missing: none)."""
         drafts = list(plan) + [0] * (len(self.contexts) - len(plan))
