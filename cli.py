@@ -243,7 +243,10 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     onnx_path = export_onnx(model_dir, out, dtype, taps) if out else cached_onnx(model_dir, dtype, taps)
     click.echo(f"onnx: {onnx_path}")
     if target == "tensorrt":
-        plan = build_engine(onnx_path, trt_profile(max_batch_size, max_context, max_context))
+        from models.loading import load_config
+
+        kv_heads = load_config(model_dir).num_kv_heads
+        plan = build_engine(onnx_path, trt_profile(max_batch_size, max_context, max_context, kv_heads))
         click.echo(f"tensorrt engine: {plan}")
 
 

@@ -1,27 +1,37 @@
-"""Export our Transformer to one ONNX graph that ONNX Runtime and TensorRT both run.
+"""Export our Transformer to one packed step graph that ONNX Runtime and TensorRT both run.
 
-The graph is a padded batch step over B sequences, each bringing up to L new tokens on top of
-P cached ones (B, L, P dynamic):
+The graph runs T new tokens of B sequences packed back to back (no padding in the projections,
+the MLP or the LM head) on top of the caller's KV cache, which it reads in place:
 
-inputs   input_ids       int64 [B, L]      new tokens (padding: any id)
-         positions       int64 [B, L]      absolute position of each new token
-         attention_mask  bool  [B, L, P+L] True where query i may read key j (past keys first)
-         logit_rows      int64 [N]         rows of the flattened [B*L] batch that get logits
-         past_key_<i>    dtype [B, kv_heads, P, head_dim]   per layer
-         past_value_<i>  dtype [B, kv_heads, P, head_dim]
-outputs  logits          float32 [N, vocab]
-         new_key_<i>     dtype [B, kv_heads, L, head_dim]   K/V of the new tokens, per layer
-         new_value_<i>   dtype [B, kv_heads, L, head_dim]
-         hidden_<t>      dtype [B, L, hidden]               for each tapped layer t
+inputs   input_ids          int64 [T]                 new tokens of all sequences, concatenated
+         positions          int64 [T]                 absolute position of each new token
+         logit_rows         int64 [N]                 packed rows that get logits
+         token_rows         int64 [T]                 row of each packed token in the groups' outputs
+         group<g>_rows      int64 [B_g, L_g]          packed row of each query of attention group g
+         group<g>_mask      bool  [B_g, L_g, C_g+L_g] True where query i may read key j (cached keys first)
+         group<g>_cache_pages int64 [B_g, kv_heads, P_g]  pages of cached keys (C_g = P_g * PAGE_SIZE)
+         key_cache_<i>      dtype [cache_pages, PAGE_SIZE * head_dim]  layer i's whole cache (read only)
+         value_cache_<i>    dtype [cache_pages, PAGE_SIZE * head_dim]
+outputs  logits             float32 [N, vocab]
+         new_key_<i>        dtype [T, kv_heads, head_dim]  K/V of the new tokens, per layer
+         new_value_<i>      dtype [T, kv_heads, head_dim]
+         hidden_<t>         dtype [T, hidden]              for each tapped layer t
 
-Only the new K/V rows leave the graph: the caller owns the cache (our KVCache) and scatters
-them into its slots, so one cache layout serves every runtime. ``logit_rows`` keeps the LM head
-(the largest matmul for small models) to the rows the engine samples from.
+Attention is the only part that needs a per-sequence layout. The caller splits the sequences
+into ATTENTION_GROUPS groups by their number of new tokens (decodes and verifies in one, a
+prompt's prefill in the other), so a long prefill does not pad every decode to its length; each
+group gathers its sequences' cached keys straight from the cache in pages of PAGE_SIZE
+positions (one Gather of 4 KiB rows per layer, over the live pages of those slots only) and
+attends over them plus its new keys. The
+cache never enters or leaves as a copy: the graph reads it where the runtime keeps it (an ONNX
+Runtime input over the cache's memory, a TensorRT binding of its device pointer) and returns
+only the new tokens' K/V, which the caller writes into its slots.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,20 +48,24 @@ from models.loading import load_transformer
 from models.transformer import Transformer
 
 # Bump when the graph's inputs, outputs or maths change: it is part of every cache key.
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2
 OPSET = 17
+ATTENTION_GROUPS = 2
+PAGE_SIZE = 16  # cached positions per gathered row; cache lengths are rounded up to it
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 META_FILE = "export.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GROUP_INPUTS = ("rows", "mask", "cache_pages")
 
 
 def io_names(num_layers: int, tap_layers: Sequence[int]) -> tuple[list[str], list[str]]:
     """Graph input and output names, in order."""
-    inputs = ["input_ids", "positions", "attention_mask", "logit_rows"]
+    inputs = ["input_ids", "positions", "logit_rows", "token_rows"]
+    inputs += [f"group{g}_{kind}" for g in range(ATTENTION_GROUPS) for kind in GROUP_INPUTS]
     outputs = ["logits"]
     for i in range(num_layers):
-        inputs += [f"past_key_{i}", f"past_value_{i}"]
+        inputs += [f"key_cache_{i}", f"value_cache_{i}"]
         outputs += [f"new_key_{i}", f"new_value_{i}"]
     outputs += [f"hidden_{t}" for t in tap_layers]
     return inputs, outputs
@@ -74,8 +88,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-class PaddedBatchStep(nn.Module):
-    """The Transformer's maths on a padded [B, L] batch with explicit past K/V (the export graph).
+class PackedStep(nn.Module):
+    """The Transformer's maths on packed tokens over a flat, read-only KV cache (the export graph).
 
     Reads the Transformer's parameters; the maths is written here in export-friendly ops rather
     than shared, so that speed work on the torch path cannot break the exported graph.
@@ -90,95 +104,119 @@ class PaddedBatchStep(nn.Module):
             raise ValueError(f"tap layers {bad} out of range 0..{model.config.num_layers}")
         self.register_buffer("inv_freq", model._inv_freq.clone(), persistent=False)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attention_mask: torch.Tensor,
-        logit_rows: torch.Tensor,
-        *past: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,
+                token_rows: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m, c = self.model, self.model.config
         dtype = m.dtype
+        n = len(GROUP_INPUTS)
+        groups = [tuple(rest[n * g:n * (g + 1)]) for g in range(ATTENTION_GROUPS)]
+        caches = rest[n * ATTENTION_GROUPS:]
         # RoPE tables computed like Transformer._rope_tables: float32 outer product, then cast.
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * m._attn_scaling).to(dtype).unsqueeze(2)  # [B, L, 1, D]
-        sin = (emb.sin() * m._attn_scaling).to(dtype).unsqueeze(2)
-        mask = attention_mask.unsqueeze(1)  # [B, 1, L, P+L]
+        cos = (emb.cos() * m._attn_scaling).to(dtype).unsqueeze(1)  # [T, 1, D]
+        sin = (emb.sin() * m._attn_scaling).to(dtype).unsqueeze(1)
 
-        x = F.embedding(input_ids, m.embed)  # [B, L, hidden]
+        x = F.embedding(input_ids, m.embed)  # [T, hidden]
         new_kv: list[torch.Tensor] = []
         hidden: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(m.layers):
-            x, k, v = self._layer(layer, x, past[2 * i], past[2 * i + 1], cos, sin, mask)
+            x, k, v = self._layer(layer, x, caches[2 * i], caches[2 * i + 1], cos, sin, groups, token_rows)
             new_kv += [k, v]
             if i in self.tap_layers:
                 hidden[i] = x
         x = rms_norm(x, m.norm, c.rms_norm_eps)
         if c.num_layers in self.tap_layers:
             hidden[c.num_layers] = x
-        rows = x.reshape(-1, c.hidden_size).index_select(0, logit_rows)
-        logits = F.linear(rows, m.lm_head_weight).float()
+        logits = F.linear(x.index_select(0, logit_rows), m.lm_head_weight).float()
         return (logits, *new_kv, *(hidden[t] for t in self.tap_layers))
 
     @staticmethod
-    def _layer(layer, x, past_k, past_v, cos, sin, mask):
-        B, L = x.shape[0], x.shape[1]
+    def _attend(layer, q, k, v, key_cache, value_cache, rows, mask, cache_pages) -> torch.Tensor:
+        """One group's attention: queries [B, L] of packed rows over their cached keys and new keys.
+
+        Grouped-query attention without repeating K/V: the G query heads of each KV head are
+        folded into the query length, [B, kv_heads, G*L, D] against [B, kv_heads, C+L, D].
+        Returns [B*L, heads*D], row-major by sequence then query.
+        """
+        B, L = rows.shape[0], rows.shape[1]
+        H, Hkv, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        G = H // Hkv
+        flat = rows.reshape(-1)
+        qg = q.index_select(0, flat).reshape(B, L, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * L, D)
+        kg = k.index_select(0, flat).reshape(B, L, Hkv, D).transpose(1, 2)
+        vg = v.index_select(0, flat).reshape(B, L, Hkv, D).transpose(1, 2)
+        past = cache_pages.reshape(-1)
+        C = cache_pages.shape[2] * PAGE_SIZE
+        past_k = key_cache.index_select(0, past).reshape(B, Hkv, C, D)
+        past_v = value_cache.index_select(0, past).reshape(B, Hkv, C, D)
+        # Scores against cached and new keys apart, then one softmax over both: concatenating the
+        # scores (G*L per key) instead of the keys (D per key) keeps the cache read to one gather.
+        scale = 1.0 / math.sqrt(D)
+        scores = torch.cat((torch.matmul(qg, past_k.transpose(2, 3)), torch.matmul(qg, kg.transpose(2, 3))), dim=3)
+        allowed = mask.unsqueeze(1).unsqueeze(1).expand(B, 1, G, L, C + L).reshape(B, 1, G * L, C + L)
+        probs = torch.softmax((scores.float() * scale).masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+        o = torch.matmul(probs[..., :C], past_v) + torch.matmul(probs[..., C:], vg)  # [B, Hkv, G*L, D]
+        return o.reshape(B, Hkv, G, L, D).permute(0, 3, 1, 2, 4).reshape(B * L, H * D)
+
+    @classmethod
+    def _layer(cls, layer, x, key_cache, value_cache, cos, sin, groups, token_rows):
+        T = x.shape[0]
         h = rms_norm(x, layer.attn_norm, layer.eps)
         qkv = F.linear(h, layer.qkv_proj, layer.qkv_bias)
         q, k, v = qkv.split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
-        q = q.reshape(B, L, layer.num_heads, layer.head_dim)
-        k = k.reshape(B, L, layer.num_kv_heads, layer.head_dim)
-        v = v.reshape(B, L, layer.num_kv_heads, layer.head_dim)
+        q = q.reshape(T, layer.num_heads, layer.head_dim)
+        k = k.reshape(T, layer.num_kv_heads, layer.head_dim)
+        v = v.reshape(T, layer.num_kv_heads, layer.head_dim)
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, layer.eps)
             k = rms_norm(k, layer.k_norm, layer.eps)
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, heads, L, D]
-        k = apply_rope(k, cos, sin).transpose(1, 2)  # [B, kv_heads, L, D]
-        v = v.transpose(1, 2)
-        keys = torch.cat((past_k, k), dim=2)
-        values = torch.cat((past_v, v), dim=2)
-        rep = layer.num_heads // layer.num_kv_heads
-        if rep > 1:  # grouped-query attention: repeat each kv head for its query heads
-            S = keys.shape[2]
-            keys = keys.unsqueeze(2).expand(B, layer.num_kv_heads, rep, S, layer.head_dim).reshape(
-                B, layer.num_heads, S, layer.head_dim)
-            values = values.unsqueeze(2).expand(B, layer.num_kv_heads, rep, S, layer.head_dim).reshape(
-                B, layer.num_heads, S, layer.head_dim)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        o = o.transpose(1, 2).reshape(B, L, layer.q_size)
-        x = x + F.linear(o, layer.o_proj, layer.o_bias)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = torch.cat([cls._attend(layer, q, k, v, key_cache, value_cache, *g) for g in groups], dim=0)
+        x = x + F.linear(o.index_select(0, token_rows), layer.o_proj, layer.o_bias)
         h = rms_norm(x, layer.mlp_norm, layer.eps)
         gate, up = F.linear(h, layer.gate_up_proj).split(layer.intermediate_size, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer.down_proj), k, v
 
 
-def example_inputs(config: TransformerConfig, dtype: torch.dtype, batch: int = 2, new: int = 3,
-                   past: int = 4) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs; every dynamic dim is > 1 and distinct so the tracer specialises none of them."""
-    ids = torch.zeros(batch, new, dtype=torch.int64)
-    positions = past + torch.arange(new).repeat(batch, 1)
-    mask = torch.ones(batch, new, past + new, dtype=torch.bool).tril(past)
-    rows = torch.arange(batch * new, dtype=torch.int64)
-    kv = torch.zeros(batch, config.num_kv_heads, past, config.head_dim, dtype=dtype)
-    return (ids, positions, mask, rows, *([kv] * (2 * config.num_layers)))
+def example_inputs(config: TransformerConfig, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs: valid indices, and every dynamic dim > 1 and distinct from the others, so
+    the tracer specialises none of them. Group 0: 2 sequences of up to 3 new tokens over 5 cached
+    ones; group 1: 4 sequences of up to 6 over 11; 9 packed tokens; 8 cache slots of 4 pages."""
+    hkv, d = config.num_kv_heads, config.head_dim
+    T, slots, pages = 9, 8, 4
+    ids = torch.zeros(T, dtype=torch.int64)
+    positions = torch.arange(T, dtype=torch.int64)
+    logit_rows = torch.arange(7, dtype=torch.int64)
+    token_rows = torch.arange(T, dtype=torch.int64)
+    inputs = [ids, positions, logit_rows, token_rows]
+    for B, L, P in ((2, 3, 2), (4, 5, 3)):
+        rows = torch.arange(B * L, dtype=torch.int64).remainder(T).view(B, L)
+        mask = torch.ones(B, L, P * PAGE_SIZE + L, dtype=torch.bool)
+        cache_pages = torch.arange(B * hkv * P, dtype=torch.int64).view(B, hkv, P)
+        inputs += [rows, mask, cache_pages]
+    cache = torch.zeros(slots * hkv * pages, PAGE_SIZE * d, dtype=dtype)
+    return (*inputs, *([cache] * (2 * config.num_layers)))
 
 
 def _dynamic_axes(num_layers: int, tap_layers: Sequence[int]) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch", 1: "new"},
-        "positions": {0: "batch", 1: "new"},
-        "attention_mask": {0: "batch", 1: "new", 2: "total"},
+        "input_ids": {0: "tokens"},
+        "positions": {0: "tokens"},
         "logit_rows": {0: "rows"},
+        "token_rows": {0: "tokens"},
         "logits": {0: "rows"},
     }
+    for g in range(ATTENTION_GROUPS):
+        axes[f"group{g}_rows"] = {0: f"group{g}_batch", 1: f"group{g}_new"}
+        axes[f"group{g}_mask"] = {0: f"group{g}_batch", 1: f"group{g}_new", 2: f"group{g}_keys"}
+        axes[f"group{g}_cache_pages"] = {0: f"group{g}_batch", 2: f"group{g}_pages"}
     for i in range(num_layers):
         for kind in ("key", "value"):
-            axes[f"past_{kind}_{i}"] = {0: "batch", 2: "past"}
-            axes[f"new_{kind}_{i}"] = {0: "batch", 2: "new"}
+            axes[f"{kind}_cache_{i}"] = {0: "cache_pages"}
+            axes[f"new_{kind}_{i}"] = {0: "tokens"}
     for t in tap_layers:
-        axes[f"hidden_{t}"] = {0: "batch", 1: "new"}
+        axes[f"hidden_{t}"] = {0: "tokens"}
     return axes
 
 
@@ -187,7 +225,7 @@ def export_transformer(model: Transformer, out_dir: Path, tap_layers: Sequence[i
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data`` with the weights) and check it."""
     import onnx
 
-    step = PaddedBatchStep(model, tap_layers).eval()
+    step = PackedStep(model, tap_layers).eval()
     n = model.config.num_layers
     inputs, outputs = io_names(n, step.tap_layers)
     out_dir.mkdir(parents=True, exist_ok=True)

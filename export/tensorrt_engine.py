@@ -23,10 +23,40 @@ def import_tensorrt():
     return tensorrt
 
 
-def trt_profile(max_batch: int, max_new: int, max_context: int) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of each dynamic dim: tuned for decode (one new token), half-full batch and context."""
-    return {"batch": (1, max(1, max_batch // 2), max_batch), "new": (1, 1, max_new),
-            "past": (1, max(1, max_context // 2), max_context)}
+def trt_profile(max_batch: int, max_new: int, max_context: int, kv_heads: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each dynamic dim: tuned for decode (one new token), half-full batch and context.
+
+    tokens: packed new tokens of a step (a prefill chunk beside every other sequence's verify);
+    batch/new/past: one attention group's sequences, new tokens and cached keys; cache_rows: the
+    cache in pages (max_batch slots of max_context positions per KV head).
+    """
+    from export.onnx_export import PAGE_SIZE
+
+    pages = -(-max_context // PAGE_SIZE)
+    half_batch = max(1, max_batch // 2)
+    return {"tokens": (1, half_batch, max_new + max_batch * 8), "rows": (1, half_batch, max_new + max_batch * 8),
+            "batch": (1, half_batch, max_batch), "new": (1, 1, max_new),
+            "pages": (1, max(1, pages // 2), pages),
+            "cache_pages": (kv_heads * pages, kv_heads * pages * max_batch, kv_heads * pages * max_batch)}
+
+
+def _input_shapes(name: str, shape: tuple[int, ...], profile: dict[str, tuple[int, int, int]]) -> list[tuple[int, ...]]:
+    """(min, opt, max) shapes of one packed-graph input (see export.onnx_export for the layout)."""
+    dim = profile
+    if name in ("input_ids", "positions", "token_rows"):
+        return [(dim["tokens"][k],) for k in range(3)]
+    if name == "logit_rows":
+        return [(dim["rows"][k],) for k in range(3)]
+    from export.onnx_export import PAGE_SIZE
+
+    if name.startswith("group") and name.endswith("_cache_pages"):  # [B, kv_heads, P]
+        return [(dim["batch"][k], shape[1], dim["pages"][k]) for k in range(3)]
+    if name.startswith("group") and name.endswith("_rows"):  # [B, L]
+        return [(dim["batch"][k], dim["new"][k]) for k in range(3)]
+    if name.startswith("group") and name.endswith("_mask"):  # [B, L, C + L]
+        return [(dim["batch"][k], dim["new"][k], dim["pages"][k] * PAGE_SIZE + dim["new"][k]) for k in range(3)]
+    # key_cache_<i> / value_cache_<i> [cache_pages, PAGE_SIZE * head_dim]
+    return [(dim["cache_pages"][k], shape[1]) for k in range(3)]
 
 
 def engine_key(onnx_path: Path, profile: dict[str, tuple[int, int, int]]) -> str:
@@ -66,20 +96,9 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[int, int, int]], engi
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     opt = builder.create_optimization_profile()
-    b, n, p = profile["batch"], profile["new"], profile["past"]
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        name = tensor.name
-        if name in ("input_ids", "positions"):
-            shapes = [(b[k], n[k]) for k in range(3)]
-        elif name == "attention_mask":
-            shapes = [(b[k], n[k], p[k] + n[k]) for k in range(3)]
-        elif name == "logit_rows":
-            shapes = [(1,), (b[1] * n[1],), (b[2] * n[2],)]
-        else:  # past_key_i / past_value_i [B, kv_heads, P, head_dim]
-            heads, dim = tensor.shape[1], tensor.shape[3]
-            shapes = [(b[k], heads, p[k], dim) for k in range(3)]
-        opt.set_shape(name, *shapes)
+        opt.set_shape(tensor.name, *_input_shapes(tensor.name, tuple(tensor.shape), profile))
     config.add_optimization_profile(opt)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -1,9 +1,9 @@
-"""What the graph runtimes share: a packed engine call laid out for the exported padded-batch graph.
+"""What the graph runtimes share: a packed engine call laid out for the exported packed step graph.
 
-The ONNX Runtime and TensorRT runners run the exported padded-batch graph (see export.onnx_export):
-around each call they gather the slots' cached K/V into [B, kv_heads, P, head_dim], build the mask,
-and scatter the new K/V rows back, so every runtime shares our KVCache and the engine cannot tell
-them apart.
+The ONNX Runtime and TensorRT runners run the exported graph (see export.onnx_export): around
+each call they split the sequences into the graph's attention groups, point the graph at the
+cached keys it may read, and write the new K/V rows it returns into the cache, so every runtime
+shares our KVCache and the engine cannot tell them apart.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from export.onnx_export import PAGE_SIZE
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.loading import load_token_matrices
@@ -20,27 +21,75 @@ from models.transformer import ForwardOutput
 
 
 @dataclass
-class PaddedBatch:
-    """One engine call laid out for the padded graph (all CPU tensors)."""
+class AttentionGroup:
+    """Sequences whose attention runs as one [B, L] block in the graph (CPU tensors)."""
 
-    input_ids: torch.Tensor  # int64 [B, L]
-    positions: torch.Tensor  # int64 [B, L]
-    mask: torch.Tensor  # bool [B, L, P + L]
-    logit_rows: torch.Tensor  # int64 [N] rows of [B * L]
+    rows: torch.Tensor  # int64 [B, L] packed row of each query (padding repeats the sequence's last)
+    mask: torch.Tensor  # bool [B, L, C + L] cached keys first, then the group's new keys
+    cache_pages: torch.Tensor  # int64 [B, kv_heads, C / PAGE_SIZE] pages of the cache each sequence reads
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rows, self.mask, self.cache_pages
+
+
+@dataclass
+class PackedBatch:
+    """One engine call laid out for the packed graph (all CPU tensors)."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    logit_rows: torch.Tensor  # int64 [N]
+    token_rows: torch.Tensor  # int64 [T] row of each packed token in the groups' concatenated outputs
+    groups: list[AttentionGroup]
     slots: torch.Tensor  # int64 [B]
-    past_len: int  # P
-    pad_index: torch.Tensor  # int64 [T] row of each packed token in [B * L]
-    tok_slots: torch.Tensor  # int64 [T]
-    tok_positions: torch.Tensor  # int64 [T]
     num_new: torch.Tensor  # int64 [B]
+    tok_slots: torch.Tensor  # int64 [T]
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The graph's leading inputs, in io_names order (the caches follow)."""
+        out = [self.input_ids, self.positions, self.logit_rows, self.token_rows]
+        for group in self.groups:
+            out += group.tensors()
+        return out
 
 
-def pad_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
-              logits_indices: torch.Tensor | None) -> PaddedBatch:
-    """Check a packed call like the Transformer does and lay it out as a padded batch.
+def _pages(cached: int) -> int:
+    """Pages a sequence with ``cached`` keys reads (at least one: zero-sized dims trouble TensorRT)."""
+    return max(1, -(-cached // PAGE_SIZE))
 
-    P is at least 1 (a masked dummy key when every sequence is new): TensorRT profiles and some
-    kernels dislike zero-sized dimensions, and one masked key costs nothing.
+
+def _attention_cost(new: list[int], past: list[int]) -> int:
+    """Score entries of one group's padded attention: B * L * (C + L)."""
+    L, C = max(new), _pages(max(past)) * PAGE_SIZE
+    return len(new) * L * (C + L)
+
+
+def split_groups(num_new: list[int], starts: list[int]) -> list[list[int]]:
+    """Sequences (indices) of the graph's two attention groups, cut where padded attention costs least.
+
+    Attention pads each group's sequences to its longest query run and cached length; sorting by
+    (new tokens, cached length) and cutting once puts a prompt's prefill apart from the one-token
+    decodes and short verifies beside it. On a tie everything stays in the first group (the second
+    is then empty).
+    """
+    order = sorted(range(len(num_new)), key=lambda b: (num_new[b], starts[b]))
+    best_cost, best_cut = None, len(order)
+    for cut in range(len(order), 0, -1):
+        parts = [p for p in (order[:cut], order[cut:]) if p]
+        cost = sum(_attention_cost([num_new[b] for b in p], [starts[b] for b in p]) for p in parts)
+        if best_cost is None or cost < best_cost:
+            best_cost, best_cut = cost, cut
+    return [order[:best_cut], order[best_cut:]]
+
+
+def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
+               logits_indices: torch.Tensor | None) -> PackedBatch:
+    """Check a packed call like the Transformer does and lay it out for the packed graph.
+
+    An attention group reads at least one page of cached keys (masked when the sequences are
+    new) and an empty group is a one-query dummy whose output no token reads: TensorRT profiles
+    and some kernels dislike zero-sized dimensions, and one masked page costs nothing. The cache's
+    max_len must be a multiple of PAGE_SIZE (the graph runners' new_cache rounds it up).
     """
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be 1-D packed tokens, got shape {tuple(input_ids.shape)}")
@@ -58,27 +107,47 @@ def pad_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[i
     slots_t = torch.tensor(slots_l, dtype=torch.int64)
     new_t = torch.tensor(new_l, dtype=torch.int64)
     starts = cache.lengths.index_select(0, slots_t)
-    if int((starts + new_t).max()) > cache.max_len:
-        raise ValueError(f"sequence would reach {int((starts + new_t).max())} tokens; cache max_len is {cache.max_len}")
-    L = max(new_l)
-    P = max(1, int(starts.max()))
+    starts_l = starts.tolist()
+    if max(s + n for s, n in zip(starts_l, new_l)) > cache.max_len:
+        raise ValueError(f"sequence would reach {max(s + n for s, n in zip(starts_l, new_l))} tokens; "
+                         f"cache max_len is {cache.max_len}")
+    first = torch.cumsum(new_t, 0) - new_t
     batch_of_tok = torch.arange(B).repeat_interleave(new_t)
-    offset = torch.arange(T) - (torch.cumsum(new_t, 0) - new_t)[batch_of_tok]
-    pad_index = batch_of_tok * L + offset
+    offset = torch.arange(T) - first[batch_of_tok]
+    if cache.max_len % PAGE_SIZE:
+        raise ValueError(f"the graph reads the cache in pages of {PAGE_SIZE}; max_len {cache.max_len} is not a multiple")
+    hkv, slot_pages = cache.config.num_kv_heads, cache.max_len // PAGE_SIZE
+    heads = torch.arange(hkv)
 
-    ids = torch.zeros(B * L, dtype=torch.int64)
-    ids[pad_index] = input_ids.to(torch.int64).cpu()
-    # padded queries repeat the last real position: finite everywhere, their outputs are dropped
-    q_off = torch.minimum(torch.arange(L)[None, :], (new_t - 1)[:, None])
-    positions = starts[:, None] + q_off  # [B, L]
-    past_mask = torch.arange(P)[None, None, :] < starts[:, None, None]  # [B, 1, P]
-    new_mask = torch.ones(L, L, dtype=torch.bool).tril()  # query i sees new keys 0..i
-    mask = torch.cat((past_mask.expand(B, L, P), new_mask.expand(B, L, L)), dim=2)
-    rows = pad_index if logits_indices is None else pad_index.index_select(0, logits_indices.cpu().to(torch.int64))
-    return PaddedBatch(
-        input_ids=ids.view(B, L), positions=positions, mask=mask, logit_rows=rows.contiguous(), slots=slots_t,
-        past_len=P, pad_index=pad_index, tok_slots=slots_t[batch_of_tok], tok_positions=starts[batch_of_tok] + offset,
-        num_new=new_t,
+    groups: list[AttentionGroup] = []
+    token_rows = torch.empty(T, dtype=torch.int64)
+    base = 0
+    for members in split_groups(new_l, starts_l):
+        if not members:  # dummy: one query over the first cached page of slot 0, read by no token
+            mask = torch.zeros(1, 1, PAGE_SIZE + 1, dtype=torch.bool)
+            mask[0, 0, 0] = True
+            groups.append(AttentionGroup(rows=torch.zeros(1, 1, dtype=torch.int64), mask=mask,
+                                         cache_pages=(heads * slot_pages).view(1, hkv, 1)))
+            base += 1
+            continue
+        idx = torch.tensor(members, dtype=torch.int64)
+        g_new, g_start, g_first = new_t[idx], starts[idx], first[idx]
+        L, P = int(g_new.max()), _pages(int(g_start.max()))
+        C = P * PAGE_SIZE
+        q_off = torch.minimum(torch.arange(L)[None, :], (g_new - 1)[:, None])  # padding repeats the last row
+        rows = g_first[:, None] + q_off
+        past_mask = (torch.arange(C)[None, :] < g_start[:, None])[:, None, :].expand(len(members), L, C)
+        new_mask = torch.ones(L, L, dtype=torch.bool).tril().expand(len(members), L, L)
+        pages = (slots_t[idx][:, None, None] * hkv + heads[None, :, None]) * slot_pages + torch.arange(P)[None, None, :]
+        groups.append(AttentionGroup(rows=rows, mask=torch.cat((past_mask, new_mask), dim=2), cache_pages=pages))
+        for local, b in enumerate(members):
+            n = new_l[b]
+            token_rows[int(first[b]):int(first[b]) + n] = base + local * L + torch.arange(n)
+        base += len(members) * L
+    rows = torch.arange(T) if logits_indices is None else logits_indices.cpu().to(torch.int64)
+    return PackedBatch(
+        input_ids=input_ids.to(torch.int64).cpu(), positions=starts[batch_of_tok] + offset, logit_rows=rows.contiguous(),
+        token_rows=token_rows, groups=groups, slots=slots_t, num_new=new_t, tok_slots=slots_t[batch_of_tok],
     )
 
 
@@ -119,32 +188,30 @@ class _GraphRunner:
         return self._shared()[1]
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        """A KVCache whose max_len is rounded up to whole pages (the graph reads it in pages)."""
+        max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
         return KVCache(self.config, num_slots, max_len, dtype=self.dtype, device=self.device)
 
     def last_token_indices(self, num_new: Sequence[int]) -> torch.Tensor:
         """Packed row of each sequence's last new token (as Transformer.last_token_indices)."""
         return torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
 
-    def _past(self, cache: KVCache, batch: PaddedBatch) -> list[torch.Tensor]:
-        """[B, kv_heads, P, D] per layer, K then V, contiguous (a copy: the graph reads dense tensors)."""
-        slots = batch.slots.to(self.device)
-        P = batch.past_len
-        past: list[torch.Tensor] = []
+    def _caches(self, cache: KVCache) -> list[torch.Tensor]:
+        """Each layer's K and V as the graph reads them: [pages, PAGE_SIZE * head_dim] views of the
+        cache's own memory (no copy)."""
+        row = PAGE_SIZE * self.config.head_dim
+        out: list[torch.Tensor] = []
         for layer in range(self.config.num_layers):
-            past.append(cache.k[layer].index_select(0, slots)[:, :, :P].contiguous())
-            past.append(cache.v[layer].index_select(0, slots)[:, :, :P].contiguous())
-        return past
+            out += [cache.k[layer].view(-1, row), cache.v[layer].view(-1, row)]
+        return out
 
-    def _finish(self, cache: KVCache, batch: PaddedBatch, logits: torch.Tensor, new_kv: Sequence[torch.Tensor],
+    def _finish(self, cache: KVCache, batch: PackedBatch, logits: torch.Tensor, new_kv: Sequence[torch.Tensor],
                 hidden: dict[int, torch.Tensor], taps: list[int]) -> ForwardOutput:
-        """Scatter the new K/V rows into the cache, advance lengths, pack taps back to [T, hidden]."""
-        B, L = batch.input_ids.shape
-        pad_index = batch.pad_index.to(self.device)
-        tok_slots, tok_pos = batch.tok_slots.to(self.device), batch.tok_positions.to(self.device)
+        """Write the new K/V rows into the cache, advance lengths, return logits and taps [T, hidden]."""
+        tok_slots = batch.tok_slots.to(self.device)
+        tok_pos = batch.positions.to(self.device)
         for layer in range(self.config.num_layers):
             for store, new in ((cache.k[layer], new_kv[2 * layer]), (cache.v[layer], new_kv[2 * layer + 1])):
-                rows = new.transpose(1, 2).reshape(B * L, self.config.num_kv_heads, self.config.head_dim)
-                store[tok_slots, :, tok_pos] = rows.index_select(0, pad_index).to(store.dtype)
+                store[tok_slots, :, tok_pos] = new.to(store.dtype)
         cache.lengths.index_add_(0, batch.slots, batch.num_new)
-        packed = {t: hidden[t].reshape(B * L, -1).index_select(0, pad_index) for t in taps}
-        return ForwardOutput(logits=logits.float(), hidden_states=packed)
+        return ForwardOutput(logits=logits.float(), hidden_states={t: hidden[t] for t in taps})

@@ -1,4 +1,4 @@
-"""The ONNX Runtime runner: the exported graph in an ONNX Runtime session (CPU by default)."""
+"""The ONNX Runtime runner: the exported packed graph in an ONNX Runtime session (CPU by default)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +10,15 @@ from export.onnx_export import DTYPES, io_names, read_metadata
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
-from runtimes.graph import _check_taps, _GraphRunner, pad_batch
+from runtimes.graph import _check_taps, _GraphRunner, pack_batch
 
 
 class OnnxRuntimeRunner(_GraphRunner):
-    """The exported graph on ONNX Runtime (CPU by default), with our KVCache on the CPU."""
+    """The exported graph on ONNX Runtime (CPU by default), with our KVCache on the CPU.
+
+    The cache goes in as numpy views of its own memory, which ONNX Runtime's CPU provider reads
+    in place: a step copies only the rows attention reads, and the new K/V rows come back.
+    """
 
     def __init__(self, onnx_path: Path, config: TransformerConfig, num_threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
@@ -35,9 +39,9 @@ class OnnxRuntimeRunner(_GraphRunner):
     def __call__(self, input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
                  logits_indices: torch.Tensor | None = None, tap_layers: Sequence[int] = ()) -> ForwardOutput:
         taps = _check_taps(tap_layers, self.tap_layers)
-        batch = pad_batch(input_ids, slots, num_new, cache, logits_indices)
-        feeds = dict(zip(self.input_names, (batch.input_ids.numpy(), batch.positions.numpy(), batch.mask.numpy(),
-                                            batch.logit_rows.numpy(), *(t.numpy() for t in self._past(cache, batch)))))
+        batch = pack_batch(input_ids, slots, num_new, cache, logits_indices)
+        tensors = batch.inputs() + self._caches(cache)
+        feeds = {name: t.numpy() for name, t in zip(self.input_names, tensors)}
         outs = [torch.from_numpy(o) for o in self.session.run(self.output_names, feeds)]
         n = 2 * self.config.num_layers
         hidden = dict(zip(self.tap_layers, outs[1 + n:]))

@@ -1,4 +1,4 @@
-"""The TensorRT runner: the exported graph as a TensorRT engine (built by export.tensorrt_engine) on a CUDA GPU."""
+"""The TensorRT runner: the exported packed graph as a TensorRT engine (built by export.tensorrt_engine) on a CUDA GPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,16 +6,19 @@ from typing import Sequence
 
 import torch
 
-from export.onnx_export import DTYPES, io_names, read_metadata
+from export.onnx_export import DTYPES, PAGE_SIZE, io_names, read_metadata
 from export.tensorrt_engine import build_engine, import_tensorrt, trt_profile
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
-from runtimes.graph import PaddedBatch, _check_taps, _GraphRunner, pad_batch
+from runtimes.graph import PackedBatch, _check_taps, _GraphRunner, pack_batch
 
 
 class TensorRTRunner(_GraphRunner):
     """The exported graph as a TensorRT engine on a CUDA GPU, with our KVCache on that GPU.
+
+    The cache is bound by its device pointer (the graph reads it in place); a step uploads the
+    batch layout and writes back only the new tokens' K/V.
 
     The engine is built once per (ONNX content, precision, profile, TensorRT version, GPU) and
     cached under ``<cache>/tensorrt/<hash>.plan``; later starts deserialize it in seconds.
@@ -31,7 +34,7 @@ class TensorRTRunner(_GraphRunner):
         self.dtype = DTYPES[meta.get("dtype", "float16")]
         self.device = torch.device("cuda")
         self.tap_layers = tuple(meta.get("tap_layers", ()))
-        self.profile = trt_profile(max_batch, max_new, max_context)
+        self.profile = trt_profile(max_batch, max_new, max_context, config.num_kv_heads)
         plan = build_engine(onnx_path, self.profile, engine_dir)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan.read_bytes())
@@ -42,9 +45,14 @@ class TensorRTRunner(_GraphRunner):
                              trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
         self._trt = trt
 
-    def _check_profile(self, batch: PaddedBatch) -> None:
-        B, L = batch.input_ids.shape
-        for name, value in (("batch", B), ("new", L), ("past", batch.past_len + L)):
+    def _check_profile(self, batch: PackedBatch, cache: KVCache) -> None:
+        dims = {"tokens": int(batch.input_ids.shape[0]), "rows": int(batch.logit_rows.shape[0]),
+                "cache_pages": cache.num_slots * self.config.num_kv_heads * cache.max_len // PAGE_SIZE}
+        for group in batch.groups:
+            B, L, P = group.cache_pages.shape[0], group.rows.shape[1], group.cache_pages.shape[2]
+            dims["batch"], dims["new"], dims["pages"] = max(dims.get("batch", 0), B), max(dims.get("new", 0), L), \
+                max(dims.get("pages", 0), P)
+        for name, value in dims.items():
             if value > self.profile[name][2]:
                 raise ValueError(f"{name}={value} exceeds the TensorRT profile maximum {self.profile[name][2]}; "
                                  "rebuild with larger max_batch_size / max_context")
@@ -52,11 +60,10 @@ class TensorRTRunner(_GraphRunner):
     def __call__(self, input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
                  logits_indices: torch.Tensor | None = None, tap_layers: Sequence[int] = ()) -> ForwardOutput:
         taps = _check_taps(tap_layers, self.tap_layers)
-        batch = pad_batch(input_ids, slots, num_new, cache, logits_indices)
-        self._check_profile(batch)
+        batch = pack_batch(input_ids, slots, num_new, cache, logits_indices)
+        self._check_profile(batch, cache)
         with torch.cuda.stream(self.stream):
-            inputs = [batch.input_ids, batch.positions, batch.mask, batch.logit_rows]
-            inputs = [t.to(self.device, non_blocking=True) for t in inputs] + self._past(cache, batch)
+            inputs = [t.to(self.device, non_blocking=True) for t in batch.inputs()] + self._caches(cache)
             for name, tensor in zip(self.input_names, inputs):
                 self.context.set_input_shape(name, tuple(tensor.shape))
                 self.context.set_tensor_address(name, tensor.data_ptr())
