@@ -225,12 +225,22 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
               help="Directory for model.onnx (default: the cache, keyed by content hash).")
 @click.option("--max-batch-size", default=16, show_default=True, help="TensorRT profile: largest batch.")
 @click.option("--max-context", default=2048, show_default=True, help="TensorRT profile: longest sequence.")
+@click.option("--drafter", default="",
+              help="Also export a trained block drafter (DSpark, DFlash-style): its checkpoint directory, or "
+                   "'auto' for the target's default. Its taps become target outputs. ONNX graphs only: on "
+                   "tensorrt the drafter runs in torch on the GPU.")
 def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out: Path | None,
-               max_batch_size: int, max_context: int) -> None:
-    """Export the target to ONNX (checked), and for --to tensorrt build its engine on this GPU."""
+               max_batch_size: int, max_context: int, drafter: str) -> None:
+    """Export the target (and a drafter) to ONNX (checked), and for --to tensorrt build the target's engine on this GPU."""
+    import torch
+
+    from export.drafter_export import cached_drafter_export, export_drafter
     from export.onnx_export import cached_onnx, export_onnx
+    from export.repository import drafter_checkpoint
     from export.tensorrt_engine import build_engine, import_tensorrt, trt_profile
-    from hub.fetch import fetch_model
+    from hub.fetch import default_drafter, fetch_model
+    from models.drafters import BlockDrafter, load_drafter
+    from models.loading import load_transformer
 
     if target == "tensorrt":
         try:
@@ -240,8 +250,23 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     dtype = dtype or ("float16" if target == "tensorrt" else "float32")
     taps = [int(t) for t in tap_layers.split(",") if t.strip()]
     model_dir = fetch_model(model)
+    checkpoint = None
+    if drafter:
+        setting = default_drafter(model_dir) if drafter == "auto" else drafter
+        checkpoint = drafter_checkpoint(setting) or Path(drafter)
+        if not (checkpoint / "config.json").is_file():
+            raise click.ClickException(f"{checkpoint} is not a drafter checkpoint (no config.json); "
+                                       f"the target's default drafter is {default_drafter(model_dir)}")
+        module = load_drafter(checkpoint, load_transformer(model_dir, torch.float32))
+        if not isinstance(module, BlockDrafter):
+            raise click.ClickException(f"{module.config.kind} drafters draft through their own layer "
+                                       "autoregressively and are not exported; they run on the torch runtime")
+        taps = sorted(set(taps) | set(module.tap_layers))
     onnx_path = export_onnx(model_dir, out, dtype, taps) if out else cached_onnx(model_dir, dtype, taps)
     click.echo(f"onnx: {onnx_path}")
+    if checkpoint is not None:
+        graphs = export_drafter(module, out / "drafter") if out else cached_drafter_export(module, checkpoint)
+        click.echo(f"drafter onnx: {graphs}")
     if target == "tensorrt":
         from models.loading import load_config
 

@@ -5,7 +5,8 @@ parameters (runtime, dtype, model, sizes) in its config.pbtxt. For onnxruntime /
 ONNX graph is exported (or taken from the cache) and shipped in ``dspark/1/onnx/``, so the
 server never exports at start; TensorRT engines are GPU-specific and are built from that graph
 on the serving machine at first load (cached by content hash). The graph outputs the hidden
-states the configured drafter taps, so a trained DSpark drafter serves on every runtime.
+states the configured drafter taps, so a trained DSpark drafter serves on every runtime; for
+onnxruntime the drafter's own graphs ship too, in ``dspark/1/drafter_onnx/``.
 """
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
+from export.drafter_export import cached_drafter_export
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
 from hub.fetch import default_drafter
-from models.drafters import DrafterConfig
+from models.drafters import BlockDrafter, DrafterConfig, load_drafter
+from models.loading import load_transformer
 from runtimes.protocol import RUNTIMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
 ONNX_SUBDIR = "onnx"
+DRAFTER_SUBDIR = "drafter_onnx"
 # What each runtime runs in by default: ONNX Runtime's CPU kernels want float32; TensorRT fp16.
 DEFAULT_DTYPE = {"torch": "auto", "onnxruntime": "float32", "tensorrt": "float16"}
 
@@ -59,7 +65,8 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
         shutil.rmtree(out_dir)
     shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     config = out_dir / ENGINE_MODEL / "config.pbtxt"
-    values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", **(parameters or {})}
+    values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", "drafter_onnx": "",
+              **(parameters or {})}
     if runtime != "torch":
         # A trained drafter reads the target's hidden states: the graph exports the layers it taps.
         drafter = values.get("drafter") or read_parameters(config.read_text()).get("drafter", "none")
@@ -71,6 +78,12 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
         for name in (ONNX_FILE, ONNX_DATA_FILE, META_FILE):
             _link_or_copy(exported.parent / name, target / name)
         values["onnx_model"] = f"{ONNX_SUBDIR}/{ONNX_FILE}"
+        if runtime == "onnxruntime" and (graphs := _drafter_graphs(drafter, model_dir)) is not None:
+            shipped = out_dir / ENGINE_MODEL / "1" / DRAFTER_SUBDIR
+            shipped.mkdir()
+            for path in graphs.iterdir():
+                _link_or_copy(path, shipped / path.name)
+            values["drafter_onnx"] = DRAFTER_SUBDIR
     config.write_text(set_parameters(config.read_text(), values))
     return out_dir
 
@@ -78,6 +91,15 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
 def drafter_checkpoint(drafter: str) -> Path | None:
     """The directory of a server's ``checkpoint:<dir>`` drafter setting (relative to the project), else None."""
     return PROJECT_ROOT / drafter[len("checkpoint:"):] if drafter.startswith("checkpoint:") else None
+
+
+def _drafter_graphs(drafter: str, model_dir: Path) -> Path | None:
+    """The exported graphs of a server's trained block drafter (from or into the cache), else None."""
+    checkpoint = drafter_checkpoint(drafter)
+    if checkpoint is None:
+        return None
+    module = load_drafter(checkpoint, load_transformer(model_dir, torch.float32))
+    return cached_drafter_export(module, checkpoint) if isinstance(module, BlockDrafter) else None
 
 
 def drafter_tap_layers(drafter: str) -> tuple[int, ...]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from export.drafter_export import cached_drafter_export
 from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx
 from export.tensorrt_engine import import_tensorrt
+from models.drafters import BlockDrafter, Drafter, load_drafter
 from models.hardware import resolve_dtype
 from models.loading import load_config, load_transformer
+from runtimes.drafter_runner import OnnxRuntimeBlockDrafter
 from runtimes.graph import _GraphRunner
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner
 from runtimes.protocol import RUNTIMES, ModelRunner
@@ -51,3 +54,18 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
         runner = TensorRTRunner(path, config, max_batch, max_new, max_context)
     runner.model_dir = model_dir
     return runner
+
+
+def load_feature_drafter(checkpoint: Path, target: ModelRunner, runtime: str = "torch", export_dir: Path | None = None,
+                         num_threads: int | None = None) -> Drafter | OnnxRuntimeBlockDrafter:
+    """A trained drafter for a target on the target's runtime.
+
+    On onnxruntime a block drafter (DSpark, DFlash-style) runs from its exported graphs
+    (``export_dir``, e.g. shipped in a built repository, else exported into the cache); on torch,
+    and for EAGLE-3-style drafters, it is the torch module (on tensorrt: on the target's GPU).
+    """
+    module = load_drafter(checkpoint, target)
+    if runtime != "onnxruntime" or not isinstance(module, BlockDrafter):
+        return module
+    export_dir = Path(export_dir) if export_dir is not None else cached_drafter_export(module, Path(checkpoint))
+    return OnnxRuntimeBlockDrafter(module, export_dir, target.embed, num_threads)

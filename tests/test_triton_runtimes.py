@@ -64,6 +64,10 @@ def ort_repository(tmp_path_factory, smollm2_dir: Path) -> Path:
     assert params["drafter"] == default_drafter(smollm2_dir) and params["drafter"].startswith("checkpoint:")
     meta = read_metadata(out / ENGINE_MODEL / "1" / params["onnx_model"])
     assert set(drafter_tap_layers(params["drafter"])) <= set(meta["tap_layers"])
+    # ... and that drafter's own graphs ship beside it
+    graphs = out / ENGINE_MODEL / "1" / params["drafter_onnx"]
+    assert params["drafter_onnx"] and {"context.onnx", "block.onnx", "markov.onnx", "confidence.onnx"} <= {
+        p.name for p in graphs.iterdir()}
     return out
 
 
@@ -91,3 +95,5 @@ def test_onnxruntime_server_greedy_equals_torch_server(triton, ort_repository, s
                                    num_draft_tokens=4))
         assert spec.draft_rounds > 0 and spec.draft_tokens >= spec.draft_rounds
         assert spec.token_ids == plain.token_ids
+    # the drafter ran from its graphs, not as a torch module
+    assert "target on onnxruntime, drafter dspark on onnxruntime" in (tmp_path / "server.log").read_text()

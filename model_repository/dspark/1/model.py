@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from export.repository import drafter_checkpoint, drafter_tap_layers
 from hub.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
-from models.drafters import DrafterConfig, load_drafter
+from models.drafters import DrafterConfig
 from models.hardware import resolve_dtype, usable_cores
 from models.loading import load_config
 from orchestrator.draft_vocab import cached_draft_vocab
@@ -28,7 +28,7 @@ from orchestrator.policies import SpeculationParams
 from orchestrator.prompting import PromptEncoder
 from orchestrator.request_inputs import parse_bool, parse_prompt_ids, parse_sampling_params, parse_speculation
 from orchestrator.step_cost import load_or_measure, profile_path
-from runtimes.loading import load_runner
+from runtimes.loading import load_feature_drafter, load_runner
 from serving.load_monitor import LoadMonitor
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -187,8 +187,11 @@ def _check_drafter(choice: str, model_dir: Path) -> None:
                                             "DSPARK_DRAFTER) to one trained for this target, or to auto") from exc
 
 
-def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
-    """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None)."""
+def _make_drafter(choice: str, dtype: str, config: EngineConfig, target, runtime: str, drafter_onnx: Path | None):
+    """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None).
+
+    A trained drafter runs on the target's runtime (its exported graphs on onnxruntime: the ones
+    shipped in ``drafter_onnx``, else exported into the cache)."""
     if choice == "none":
         return None
     if choice == "prompt_lookup":
@@ -200,7 +203,8 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig, target):
         return ModelDrafter(model, config.max_batch_size, config.max_context, vocab)
     checkpoint = drafter_checkpoint(choice)
     if checkpoint is not None:
-        return FeatureDrafter(load_drafter(checkpoint, target), config.max_batch_size, config.max_context)
+        module = load_feature_drafter(checkpoint, target, runtime, drafter_onnx)
+        return FeatureDrafter(module, config.max_batch_size, config.max_context)
     raise pb_utils.TritonModelException(
         f"unknown drafter '{choice}' (none | prompt_lookup | model:<name> | checkpoint:<dir>)")
 
@@ -233,8 +237,13 @@ class TritonPythonModel:
             tap_layers=drafter_tap_layers(drafter_choice), num_threads=threads, max_batch=config.max_batch_size,
             max_new=config.max_context, max_context=config.max_context,
         )
-        drafter = _make_drafter(drafter_choice, dtype, config, runner)
         runtime = params.get("runtime", "torch")
+        drafter_onnx = params.get("drafter_onnx", "")
+        drafter = _make_drafter(drafter_choice, dtype, config, runner, runtime,
+                                Path(args["model_repository"]) / args["model_version"] / drafter_onnx if drafter_onnx else None)
+        if isinstance(drafter, FeatureDrafter):
+            pb_utils.Logger.log_info(f"dspark: target on {runtime}, drafter {drafter.name} on "
+                                     f"{getattr(drafter.module, 'runtime', 'torch')}")
         step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, dtype, threads), runner)
         self.engine = Engine(runner, self.encoder.tokenizer, config, drafter, step_cost)
         self.engine.start()

@@ -1,0 +1,127 @@
+"""A block drafter (DSpark, DFlash-style) run from its exported graphs on ONNX Runtime.
+
+It is a drop-in for the torch module inside orchestrator.drafting.FeatureDrafter: same
+``new_state`` / ``extend_context`` / ``draft`` and draft-vocabulary helpers, same DrafterState
+(its K/V read in place by the graphs, in pages like the target's cache). No torch module runs
+per step: the forwards are the graphs of export.drafter_export; what stays in torch is the
+engine's sampling between positions, the confidence calibration and index bookkeeping.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from export.drafter_export import GRAPHS
+from export.onnx_export import PAGE_SIZE
+from models.drafters import BlockDrafter
+from models.drafters.common import DraftBlock, DrafterState, SampleFn, fused_features, packed_positions
+from models.drafters.dspark import GREEDY, SAMPLED
+
+
+class OnnxRuntimeBlockDrafter:
+    """The exported graphs of ``module`` (whose weights they hold) in ONNX Runtime sessions.
+
+    ``module`` stays for what is not a forward: config, draft vocabulary maps, calibration.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, module: BlockDrafter, export_dir: Path, embed: torch.Tensor, num_threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.module = module
+        self.config = module.config
+        self.embed = embed  # the target's table: the anchor's row is the block graph's input
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = num_threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.sessions = {name: ort.InferenceSession(str(Path(export_dir) / f"{name}.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+                         for name in GRAPHS if (Path(export_dir) / f"{name}.onnx").is_file()}
+        if "block" not in self.sessions or "context" not in self.sessions:
+            raise FileNotFoundError(f"{export_dir} lacks the drafter's context/block graphs")
+
+    # -- what FeatureDrafter and its sampler read from a drafter module
+    @property
+    def tap_layers(self) -> tuple[int, ...]:
+        return self.config.tap_layers
+
+    @property
+    def draft_vocab(self) -> torch.Tensor | None:
+        return self.module.draft_vocab
+
+    def to_draft_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.module.to_draft_ids(token_ids)
+
+    def new_state(self, num_slots: int, max_len: int) -> DrafterState:
+        """float32 context cache on the CPU, max_len rounded up to whole pages."""
+        max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
+        return DrafterState(self.config, num_slots, max_len, torch.float32, torch.device("cpu"), keep_features=False)
+
+    def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        session = self.sessions[name]
+        outputs = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        return [torch.from_numpy(o) for o in outputs]
+
+    @torch.no_grad()
+    def extend_context(self, state: DrafterState, slots: Sequence[int], num_new: Sequence[int],
+                       target_hidden: dict[int, torch.Tensor], input_ids: torch.Tensor | None = None) -> None:
+        """Append the committed tokens' context K/V (BlockDrafter.extend_context through the context graph)."""
+        tok_slot, pos = packed_positions(state.lengths, slots, num_new)
+        if int(pos.max()) >= state.max_len:
+            raise ValueError(f"drafter context would exceed max_len {state.max_len}")
+        features = fused_features(target_hidden, self.tap_layers).to(torch.float32).contiguous()
+        kv = self._run("context", {"features": features, "positions": pos})
+        for i in range(self.config.num_layers):
+            state.k[i][tok_slot, :, pos] = kv[2 * i]
+            state.v[i][tok_slot, :, pos] = kv[2 * i + 1]
+        state.lengths.index_add_(0, torch.tensor([int(s) for s in slots]), torch.tensor([int(n) for n in num_new]))
+
+    @torch.no_grad()
+    def draft(self, state: DrafterState, slots: Sequence[int], anchor_tokens: torch.Tensor, num_tokens: int,
+              sample_fn: SampleFn, greedy: bool = False) -> DraftBlock:
+        """BlockDrafter.draft through the block, Markov and confidence graphs."""
+        c, m = self.config, self.module
+        if not 1 <= num_tokens <= c.block_size:
+            raise ValueError(f"num_tokens must be in 1..{c.block_size}, got {num_tokens}")
+        slot_t = torch.tensor([int(s) for s in slots], dtype=torch.int64)
+        lengths = state.lengths.index_select(0, slot_t)
+        if int(lengths.min()) < 1:
+            raise ValueError("every slot needs at least one committed token before drafting")
+        pages = -(-int(lengths.max()) // PAGE_SIZE)
+        slot_pages = state.max_len // PAGE_SIZE
+        cache_pages = ((slot_t[:, None, None] * c.num_kv_heads + torch.arange(c.num_kv_heads)[None, :, None])
+                       * slot_pages + torch.arange(pages)[None, None, :])
+        anchors = anchor_tokens.to(torch.int64).cpu()
+        feeds = {"anchor_embeds": self.embed.index_select(0, anchors).to(torch.float32),
+                 "anchor_positions": lengths, "context_mask": torch.arange(pages * PAGE_SIZE)[None, :] < lengths[:, None],
+                 "cache_pages": cache_pages}
+        row = PAGE_SIZE * c.head_dim
+        for i in range(c.num_layers):
+            feeds[f"key_cache_{i}"] = state.k[i].view(-1, row)
+            feeds[f"value_cache_{i}"] = state.v[i].view(-1, row)
+        hidden, base = self._run("block", feeds)
+        hidden = hidden[:, :num_tokens].contiguous()
+        tokens, probs = [], []
+        prev = anchors
+        for j in range(num_tokens):
+            logits = base[:, j].contiguous()
+            if c.markov_rank:
+                logits = self._run("markov", {"logits": logits, "previous": prev})[0]
+            drawn, p = sample_fn(logits)
+            prev = m.full_vocab_ids(drawn)
+            tokens.append(prev)
+            probs.append(p)
+        tokens_t = torch.stack(tokens, 1)
+        confs = None
+        if c.confidence:
+            regime = GREEDY if greedy else SAMPLED
+            before = torch.cat([anchors.unsqueeze(1), tokens_t[:, :-1]], dim=1)
+            z = self._run("confidence", {"hidden": hidden, "previous": before})[0]
+            temps = m.confidence_temperature[regime, :num_tokens].float()
+            biases = m.confidence_bias[regime, :num_tokens].float()
+            confs = torch.sigmoid(z / temps + biases)
+        return DraftBlock(tokens=tokens_t, probs=m.full_vocab_probs(torch.stack(probs, 1)).float(), confidences=confs)

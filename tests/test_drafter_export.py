@@ -1,0 +1,108 @@
+"""Exported block drafters (ONNX Runtime) against the torch drafter they came from (float32).
+
+Tolerance: the graphs run the same float32 maths in another order, so probabilities and
+confidences move by float32 rounding (measured ~1e-7 on the shipped SmolLM2 drafter); 1e-5
+absolute is far below any real defect (a wrong mask or position moves them by 1e-2 and more).
+Greedy drafts must be identical.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.drafter_export import export_drafter
+from models.drafters import default_config, build_drafter, load_drafter
+from models.loading import load_transformer
+from runtimes.drafter_runner import OnnxRuntimeBlockDrafter
+from test_drafters import drafter_for, tiny_target
+
+ATOL = 1e-5
+
+
+class _Recorder:
+    """A greedy sample_fn that keeps the logits it was given."""
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.logits.append(logits.clone())
+        tokens = logits.argmax(-1)
+        return tokens, torch.softmax(logits.float(), -1)
+
+
+def _compare(target, torch_drafter, graph_drafter, prompts: list[list[int]], slots: list[int]) -> None:
+    """Same context (two extensions, slots out of order), then greedy blocks of every length and regime."""
+    cache = target.new_cache(4, 96)
+    for _ in range(4):
+        cache.allocate()
+    states = [d.new_state(4, 90) for d in (torch_drafter, graph_drafter)]
+    for part in (slice(None, -3), slice(-3, None)):  # a prefill, then a few committed tokens more
+        seqs = [p[part] for p in prompts]
+        ids = torch.tensor([t for s in seqs for t in s])
+        out = target(ids, slots, [len(s) for s in seqs], cache, tap_layers=torch_drafter.tap_layers)
+        for d, state in zip((torch_drafter, graph_drafter), states):
+            d.extend_context(state, slots, [len(s) for s in seqs], out.hidden_states, ids)
+    n = int(states[0].lengths.max())
+    assert torch.equal(states[0].lengths, states[1].lengths)
+    assert torch.allclose(states[0].k[..., :n, :], states[1].k[..., :n, :], atol=ATOL)
+    anchors = torch.tensor([p[-1] for p in prompts])
+    for k in (1, torch_drafter.config.block_size):
+        for greedy in (True, False):
+            rec = [_Recorder(), _Recorder()]
+            a, b = (d.draft(s, slots[::-1], anchors.flip(0), k, r, greedy=greedy)
+                    for d, s, r in zip((torch_drafter, graph_drafter), states, rec))
+            assert torch.equal(a.tokens, b.tokens)
+            for x, y in zip(*(r.logits for r in rec)):
+                assert torch.allclose(x, y, atol=ATOL * max(1.0, float(x.abs().max())))
+            assert torch.allclose(a.probs, b.probs, atol=ATOL)
+            if a.confidences is None:
+                assert b.confidences is None
+            else:
+                assert torch.allclose(a.confidences, b.confidences, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["dspark", "dflash"])
+def test_tiny_block_drafter_graphs_match_torch(tmp_path, kind) -> None:
+    target = tiny_target()
+    drafter = drafter_for(kind, target)
+    if kind == "dspark":  # calibrated, so the regimes differ
+        drafter.confidence_temperature.copy_(torch.tensor([[0.5] * 7, [2.0] * 7]))
+        drafter.confidence_bias.fill_(0.3)
+    graphs = export_drafter(drafter, tmp_path)
+    expected = {"context.onnx", "block.onnx"} | ({"markov.onnx", "confidence.onnx"} if kind == "dspark" else set())
+    assert {p.name for p in graphs.glob("*.onnx")} == expected
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (9, 20, 5)]  # 20: two cache pages
+    _compare(target, drafter, OnnxRuntimeBlockDrafter(drafter, graphs, target.embed, 1), prompts, [2, 0, 3])
+
+
+def test_drafter_inside_a_draft_vocabulary_proposes_from_it(tmp_path) -> None:
+    target = tiny_target()
+    torch.manual_seed(1)
+    drafter = build_drafter(default_config("dspark", target, intermediate_size=48, markov_rank=8, draft_vocab_size=15),
+                            target).eval()
+    drafter.set_draft_vocab(torch.arange(3, 63, 4))
+    runner = OnnxRuntimeBlockDrafter(drafter, export_drafter(drafter, tmp_path), target.embed, 1)
+    _compare(target, drafter, runner, [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], [1, 0])
+
+
+def test_eagle3_is_not_exported(tmp_path) -> None:
+    target = tiny_target()
+    with pytest.raises(ValueError, match="torch runtime"):
+        export_drafter(drafter_for("eagle3", target), tmp_path)
+
+
+def test_shipped_smollm2_drafter_graphs_match_torch(tmp_path, smollm2_dir: Path) -> None:
+    from hub.fetch import default_drafter
+    from export.repository import drafter_checkpoint
+
+    target = load_transformer(smollm2_dir, torch.float32)
+    drafter = load_drafter(drafter_checkpoint(default_drafter(smollm2_dir)), target)
+    drafter.use_kernel_plan(None)
+    runner = OnnxRuntimeBlockDrafter(drafter, export_drafter(drafter, tmp_path), target.embed, 1)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 5000, (n,), generator=gen).tolist() for n in (23, 8, 40)]
+    _compare(target, drafter, runner, prompts, [3, 1, 2])
