@@ -560,14 +560,18 @@ def _prompt_set(spec: str) -> list[str]:
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Prompts as is, without the chat template.")
 @click.option("--threads", type=int, default=None)
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="Where the target (and a trained block drafter) run; onnxruntime runs float32.")
+@click.option("--device", default="cpu", show_default=True, help="Where the torch runtime runs (cpu, cuda).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str, new_tokens: int, raw: bool,
-                 threads: int | None, json_out: Path | None) -> None:
+                 threads: int | None, runtime: str, device: str, json_out: Path | None) -> None:
     """Greedy tokens/s and tokens per round: AR vs each drafter and draft length, in one run."""
     import torch
 
     from benchmarks.spec_decode import format_table, parse_configs, run_spec_decode_benchmark, summarize
     from hub.fetch import cache_dir, fetch_model
+    from models.drafters import DrafterConfig
     from models.hardware import cpu_flags, resolve_dtype
     from orchestrator.draft_vocab import cached_draft_vocab
     from orchestrator.drafting import ModelDrafter
@@ -576,9 +580,12 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     if threads:
         torch.set_num_threads(threads)
-    dtype = resolve_dtype(dtype)
+    dtype = "float32" if runtime == "onnxruntime" else resolve_dtype(dtype)
     target_dir = fetch_model(target)
-    model = load_runner(target_dir, "torch", dtype)
+    taps = sorted({t for spec in configs if spec.startswith("checkpoint=")  # a graph outputs what drafters read
+                   for t in DrafterConfig.from_json((Path(spec[len("checkpoint="):].rpartition(":")[0]) / "config.json")
+                                                    .read_text()).tap_layers})
+    model = load_runner(target_dir, runtime, dtype, tap_layers=taps, num_threads=threads, device=device)
     encoder = PromptEncoder.from_model_dir(target_dir, max_prompt_tokens=1024)
     prompt_ids = [encoder.encode(p, apply_chat_template=not raw)
                   for p in _prompt_set(prompts)]
@@ -591,18 +598,18 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     def model_drafter(name: str):
         drafter_dir = fetch_model(name)
-        drafter = load_runner(drafter_dir, "torch", dtype)
+        drafter = load_runner(drafter_dir, "torch", dtype, device=device)
         vocab = cached_draft_vocab(cache_dir(), drafter_dir, drafter.config.vocab_size,
                                    always=drafter.config.eos_token_ids)
         return ModelDrafter(drafter, 1, 2048, vocab)
 
     columns = parse_configs(list(configs or ("prompt_lookup:4",)), model_drafter, model, max_context=2048,
-                            load_hf_model=load_hf)
+                            load_hf_model=load_hf, runtime=runtime)
     summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens,
                                                   progress=True))
-    summary.update(target=target, dtype=dtype, new_tokens=new_tokens, prompts=len(prompt_ids),
+    summary.update(target=target, runtime=runtime, device=device, dtype=dtype, new_tokens=new_tokens, prompts=len(prompt_ids),
                    threads=torch.get_num_threads(), cpu_flags=cpu_flags())
-    click.echo(f"{target}, {dtype}, {summary['threads']} thread(s), {len(prompt_ids)} prompts x {new_tokens} tokens, "
+    click.echo(f"{target} on {runtime}, {dtype}, {summary['threads']} thread(s), {len(prompt_ids)} prompts x {new_tokens} tokens, "
                f"cpu: {summary['cpu_flags']}")
     click.echo(format_table(summary))
     if json_out:
@@ -650,6 +657,41 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
     result = run_runtimes_benchmark(fetch_model(model), list(runtimes or ("torch", "onnxruntime")), dtype,
                                     prompt_list, new_tokens, threads, device)
     click.echo(format_runtimes_table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@bench.command("steps")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--drafter", default="auto", show_default=True,
+              help="Trained drafter checkpoint directory, or auto (the model's default).")
+@click.option("--runtime", "runtimes", multiple=True,
+              help="RUNTIME[/DTYPE], repeatable; the first is the reference (default: torch/auto, onnxruntime/float32).")
+@click.option("--context", "contexts", default="128,512,1024,2048", show_default=True, help="Comma-separated context lengths.")
+@click.option("--batch", default=16, show_default=True, help="Requests in every step.")
+@click.option("--verify-tokens", default=8, show_default=True)
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True, help="Where the torch runtime runs (cpu, cuda).")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: str, batch: int, verify_tokens: int,
+                repeats: int, threads: int | None, device: str, json_out: Path | None) -> None:
+    """Target decode/verify and drafter extend/draft step times vs context length, per runtime, side by side."""
+    from benchmarks.step_time import format_table, run_step_time_benchmark
+    from export.repository import drafter_checkpoint
+    from hub.fetch import default_drafter, fetch_model
+    from models.hardware import cpu_flags, resolve_dtype
+
+    model_dir = fetch_model(model)
+    checkpoint = drafter_checkpoint(default_drafter(model_dir) if drafter == "auto" else drafter) or Path(drafter)
+    pairs = [(spec.partition("/")[0], spec.partition("/")[2] or ("float32" if spec.startswith("onnx") else "auto"))
+             for spec in (runtimes or ("torch/auto", "onnxruntime/float32"))]
+    result = run_step_time_benchmark(model_dir, checkpoint, [rt for rt, _ in pairs], [resolve_dtype(dt) for _, dt in pairs],
+                                     [int(c) for c in contexts.split(",")], batch, verify_tokens, repeats, threads,
+                                     device)
+    result.update(model=model, drafter=str(checkpoint.name), cpu_flags=cpu_flags())
+    click.echo(f"{model} + {checkpoint.name}, cpu: {result['cpu_flags']}")
+    click.echo(format_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
 

@@ -21,11 +21,11 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from models.transformer import Transformer
-from models.drafters import load_drafter
 from orchestrator.drafting import Drafter, FeatureDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
+from runtimes.loading import load_feature_drafter
 
 
 @dataclass
@@ -83,10 +83,11 @@ class DecodeResult:
 
 def parse_configs(
     specs: list[str], load_model_drafter: Callable[[str], Drafter], target: Transformer, max_context: int,
-    load_hf_model: Callable[[str | None], object] | None = None,
+    load_hf_model: Callable[[str | None], object] | None = None, runtime: str = "torch",
 ) -> list[DecodeConfig | HFAssistedConfig]:
     """'off', 'prompt_lookup:K', 'model=NAME:K', 'checkpoint=DIR:K', 'hf_assisted=NAME[:K]' -> configurations
-    (drafters loaded once). load_hf_model(None) loads the target in transformers, (NAME) a drafter."""
+    (drafters loaded once). load_hf_model(None) loads the target in transformers, (NAME) a drafter.
+    runtime: the target's; a trained drafter runs on it too (runtimes.loading.load_feature_drafter)."""
     configs: list[DecodeConfig | HFAssistedConfig] = [DecodeConfig("off", None, SpeculationParams("off"))]
     models: dict[str, Drafter] = {}
     hf: dict[str | None, object] = {}
@@ -113,7 +114,7 @@ def parse_configs(
         elif kind.startswith("checkpoint="):
             directory = kind[len("checkpoint="):]
             if directory not in models:
-                models[directory] = FeatureDrafter(load_drafter(directory, target), 1, max_context)
+                models[directory] = FeatureDrafter(load_feature_drafter(directory, target, runtime), 1, max_context)
             drafter = models[directory]
         else:
             raise ValueError(f"unknown configuration {spec!r} "
@@ -137,6 +138,8 @@ def _run_one(engine: Engine, prompt_ids: list[int], params: SamplingParams, spec
     while engine.step():
         pass
     seconds = time.perf_counter() - start
+    if chunks[-1].finish_reason == "error":  # a benchmark of a failed request would time nothing
+        raise RuntimeError(f"{spec.mode} request failed: {chunks[-1].error}")
     return ([t for c in chunks for t in c.token_ids], seconds, arrivals[0] - start, engine.stats.steps - steps_before,
             chunks[-1])
 

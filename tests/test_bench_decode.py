@@ -43,3 +43,19 @@ def test_columns_are_lossless_and_report_where_time_goes(smollm2_dir, smollm2_fp
     # a step that drafted nothing counts here but not in tokens per round
     assert 1.0 <= lookup["tokens_per_step"] <= (lookup["tokens_per_round"] or 1.0)
     assert hf["tokens_per_step"] > 1.5
+
+
+def test_a_failing_configuration_stops_the_benchmark(smollm2_dir, smollm2_encoder):
+    """A column whose requests fail must not print as a (nonsense) measurement: here the ONNX
+    Runtime target was exported without the layers the trained drafter reads."""
+    from export.repository import drafter_checkpoint
+    from hub.fetch import default_drafter
+    from runtimes.loading import load_runner
+
+    target = load_runner(smollm2_dir, "onnxruntime", "float32", num_threads=1)  # no taps exported
+    checkpoint = drafter_checkpoint(default_drafter(smollm2_dir))
+    columns = parse_configs([f"checkpoint={checkpoint}:4"], lambda name: None, target, max_context=512,
+                            runtime="onnxruntime")
+    prompts = [smollm2_encoder.encode(PROMPTS[0], apply_chat_template=True)]
+    with pytest.raises(RuntimeError, match="request failed: .*were not exported"):
+        run_spec_decode_benchmark(target, smollm2_encoder.tokenizer, prompts, columns, 8)
