@@ -34,8 +34,6 @@ from torch import nn
 
 from export.onnx_export import OPSET, PAGE_SIZE, check_onnx, rms_norm
 from models.drafters import BlockDrafter
-from models.drafters.common import rope_tables
-from models.transformer import apply_rope
 
 DRAFTER_GRAPH_VERSION = 1
 GRAPHS = ("context", "block", "markov", "confidence")
@@ -62,8 +60,7 @@ def _key_values(layer, a: torch.Tensor, positions: torch.Tensor) -> tuple[torch.
     """DrafterLayer.key_values in export ops: keys (positions applied as the drafter does) and values."""
     k = F.linear(a, layer.k_proj.weight).unflatten(-1, (layer.num_kv_heads, layer.head_dim))
     v = F.linear(a, layer.v_proj.weight).unflatten(-1, (layer.num_kv_heads, layer.head_dim))
-    cos, sin = rope_tables(positions, layer.head_dim, layer.theta, a.dtype)
-    return apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), v
+    return layer.rope(k, positions), v
 
 
 class BlockStep(nn.Module):
@@ -101,9 +98,7 @@ class BlockStep(nn.Module):
         H, Hkv, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
         G = H // Hkv
         a = rms_norm(x, layer.attn_norm, layer.eps)
-        q = F.linear(a, layer.q_proj.weight).unflatten(-1, (H, D))
-        cos, sin = rope_tables(positions, D, layer.theta, a.dtype)
-        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q = layer.rope(F.linear(a, layer.q_proj.weight).unflatten(-1, (H, D)), positions)
         k, v = _key_values(layer, a, positions)  # [B, W, Hkv, D]
         # grouped-query attention with the G query heads of a KV head folded into the query length
         qg = q.reshape(B, W, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * W, D)

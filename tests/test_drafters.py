@@ -2,6 +2,8 @@
 batch-vs-single equivalence, rollback, and greedy losslessness of the speculative loop."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -263,3 +265,24 @@ def test_prompt_lookup_simulation_is_lossless(target) -> None:
     reference = simulate(target, drafter_for("dspark", target), [prompt], 0.0, 4, 16)["outputs"][0]
     result = simulate_prompt_lookup(target, [prompt, [7, 8, 9]], 3, 16)
     assert result["outputs"][0][:16] == reference[:16] and result["tokens_per_round"] >= 1.0
+
+
+def test_drafter_positions_rotate_keys_so_attention_depends_on_distance(target) -> None:
+    """Rotary positions: the score of a query at m and a key at n depends on m - n only, and keys
+    keep their norm. Checkpoints from before this was fixed keep their (sin, sin) transform, which
+    is neither (it collapses some key pairs), and load as such."""
+    layer = drafter_for("dspark", target).layers[0]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, layer.num_heads, layer.head_dim, generator=gen)
+    k = torch.randn(1, layer.num_kv_heads, layer.head_dim, generator=gen)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        return (layer.rope(q, torch.tensor([m])) * layer.rope(k, torch.tensor([n])).repeat_interleave(2, 1)).sum(-1)
+
+    assert torch.allclose(score(3, 1), score(40, 38), atol=1e-5)
+    assert torch.allclose(layer.rope(k, torch.tensor([17])).norm(dim=-1), k.norm(dim=-1), atol=1e-5)
+    saved = drafter_for("dspark", target).config.to_json()
+    legacy = json.loads(saved)
+    del legacy["rope"]
+    assert DrafterConfig.from_json(json.dumps(legacy)).rope == "unsigned_sin"
+    assert DrafterConfig.from_json(saved).rope == "standard"

@@ -45,6 +45,10 @@ class DrafterConfig:
     # the Markov head's output rows cover only them); 0: trained on the full vocabulary.
     draft_vocab_size: int = 0
     extra: dict = field(default_factory=dict)  # training provenance, not used by the model
+    # "standard": rotary positions; "unsigned_sin": the first drafters' transform, which added
+    # rotate_half(x) * sin without its sign (not a rotation: scores depended on absolute positions
+    # and some key pairs collapsed). Checkpoints saved before this field load as "unsigned_sin".
+    rope: str = "standard"
 
     def __post_init__(self) -> None:
         if self.kind not in DRAFTER_KINDS:
@@ -55,6 +59,8 @@ class DrafterConfig:
             raise ValueError("a dspark drafter needs markov_rank >= 1 and the confidence head")
         if self.kind != "dspark" and (self.markov_rank or self.confidence):
             raise ValueError(f"a {self.kind} drafter has no Markov or confidence head")
+        if self.rope not in ("standard", "unsigned_sin"):
+            raise ValueError(f"rope must be 'standard' or 'unsigned_sin', got {self.rope!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -63,6 +69,7 @@ class DrafterConfig:
     def from_json(cls, text: str) -> "DrafterConfig":
         data = json.loads(text)
         data["tap_layers"] = tuple(data["tap_layers"])
+        data.setdefault("rope", "unsigned_sin")  # saved before the field: trained with that transform
         return cls(**data)
 
 
@@ -110,12 +117,15 @@ class DrafterState:
         self.lengths[slot] = 0
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [..., head_dim] for integer positions of any shape."""
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., head_dim] for integer positions of any shape, as models.transformer.apply_rope
+    takes them: sin = cat(-sin, sin) over the two halves (``signed=False``: (sin, sin), see DrafterConfig.rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1) if signed else emb.sin()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def packed_positions(lengths: torch.Tensor, slots: Sequence[int], num_new: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +156,7 @@ class DrafterLayer(nn.Module):
         super().__init__()
         c = config
         attn_in = attn_in or c.hidden_size
-        self.eps, self.theta = c.rms_norm_eps, c.rope_theta
+        self.eps, self.theta, self.signed_rope = c.rms_norm_eps, c.rope_theta, c.rope == "standard"
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.attn_norm = nn.Parameter(torch.ones(attn_in))
         self.q_proj = PlannedLinear(attn_in, c.num_heads * c.head_dim, bias=False)
@@ -163,8 +173,12 @@ class DrafterLayer(nn.Module):
             a = rms_norm(a, self.attn_norm, self.eps)
         k = self.k_proj(a).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(a).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        cos, sin = rope_tables(positions, self.head_dim, self.theta, a.dtype)
-        return apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), v
+        return self.rope(k, positions), v
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Positions applied to heads x [..., heads, D] at positions [...] (see DrafterConfig.rope)."""
+        cos, sin = rope_tables(positions, self.head_dim, self.theta, x.dtype, self.signed_rope)
+        return apply_rope(x, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
     def forward(self, x: torch.Tensor, a: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
                 ctx_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,9 +187,7 @@ class DrafterLayer(nn.Module):
         Returns the new residual and this call's own keys/values [B, kv_heads, Q, D]."""
         a = rms_norm(a, self.attn_norm, self.eps)
         B, Q = x.shape[:2]
-        q = self.q_proj(a).unflatten(-1, (self.num_heads, self.head_dim))
-        cos, sin = rope_tables(positions, self.head_dim, self.theta, a.dtype)
-        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q = self.rope(self.q_proj(a).unflatten(-1, (self.num_heads, self.head_dim)), positions)
         k, v = self.key_values(a, positions)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         keys = torch.cat([ctx_k, k], dim=2)
