@@ -396,6 +396,8 @@ def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir:
 @click.option("--intermediate-size", default=1024, show_default=True, help="Drafter FFN width.")
 @click.option("--markov-rank", default=32, show_default=True)
 @click.option("--block-size", default=7, show_default=True)
+@click.option("--rope", type=click.Choice(["standard", "unsigned_sin"]), default="standard", show_default=True,
+              help="Drafter positions: rotary, or the first drafters' transform (for A/B runs against them).")
 @_data_options()
 @click.option("--draft-vocab", default=DRAFT_VOCAB_SIZE, show_default=True,
               help="Train and draft inside the N most frequent answer tokens (0 = the full vocabulary).")
@@ -413,7 +415,8 @@ def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir:
               help="Start a new run from this drafter's weights, shape and draft vocabulary (e.g. one trained on a GPU "
                    "host with other data); the shape options are then unused.")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
-          layers: int, intermediate_size: int, markov_rank: int, block_size: int, train_prompts: str, calib_prompts: str,
+          layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str, train_prompts: str,
+          calib_prompts: str,
           prompts_dir: Path | None, max_new_tokens: int, answer_temperatures: str, generation_batch: int,
           draft_vocab: int, eval_every: int, checkpoint_every: int, threads: int | None, device: str,
           bf16: bool, out: Path | None, export_bf16: bool, no_generate: bool, init_dir: Path | None) -> None:
@@ -435,7 +438,7 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
             for split, spec in (("train", train_prompts), ("calib", calib_prompts))]
     result = run_training(kind, target, out, cfg, *data, torch.bfloat16 if export_bf16 else None, draft_vocab,
                           layers, intermediate_size, markov_rank, block_size, generate=not no_generate,
-                          init_dir=init_dir)
+                          init_dir=init_dir, rope=rope)
     click.echo(json.dumps(result, indent=2))
     click.echo(f"checkpoint: {out}")
 

@@ -82,14 +82,14 @@ def source_counts(prompts: list[Prompt]) -> dict[str, int]:
 def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: SplitData,
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
                  num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
-                 generate: bool = True, init_dir: Path | None = None) -> dict:
+                 generate: bool = True, init_dir: Path | None = None, rope: str = "standard") -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
     ``draft_vocab_size`` most frequent answer tokens (0 = the full vocabulary); DSpark also gets its
     confidences calibrated (STS, per regime). The calib split gives the held-out figures. With
     ``generate`` False the training split is the shards generated so far; a resumed run keeps the
     draft vocabulary it started with. Missing data is generated on ``cfg.device``. With ``init_dir``
     (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
-    and draft vocabulary, and the shape arguments are unused."""
+    and draft vocabulary, and the shape arguments (and ``rope``) are unused."""
     target = load_transformer(fetch_model(target_name))
     if init_dir is not None:
         config = DrafterConfig.from_json((Path(init_dir) / "config.json").read_text())
@@ -98,7 +98,7 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     else:
         config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                                  intermediate_size=intermediate_size, markov_rank=markov_rank,
-                                 draft_vocab_size=draft_vocab_size)
+                                 draft_vocab_size=draft_vocab_size, rope=rope)
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     train = dataset(target_name, train_data, config.tap_layers, cfg.device, generate=generate)
     vocab = None
