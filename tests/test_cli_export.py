@@ -1,0 +1,41 @@
+"""`cli.py export --drafter` and `cli.py bench steps` as a user runs them (SmolLM2, click's runner)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import cli
+from export.onnx_export import read_metadata
+from export.repository import drafter_tap_layers
+from hub.fetch import default_drafter
+
+
+def test_export_writes_the_target_with_the_drafters_taps_and_the_drafter(tmp_path, smollm2_dir: Path) -> None:
+    result = CliRunner().invoke(cli.cli, ["export", "--out", str(tmp_path), "--drafter", "auto", "--tap-layers", "3"])
+    assert result.exit_code == 0, result.output
+    taps = set(read_metadata(tmp_path / "model.onnx")["tap_layers"])
+    assert taps == {3} | set(drafter_tap_layers(default_drafter(smollm2_dir)))
+    assert {p.name for p in (tmp_path / "drafter").glob("*.onnx")} == {
+        "context.onnx", "block.onnx", "markov.onnx", "confidence.onnx"}
+    assert f"drafter onnx: {tmp_path / 'drafter'}" in result.output
+
+
+def test_export_refuses_a_directory_that_is_not_a_drafter(tmp_path, smollm2_dir: Path) -> None:
+    result = CliRunner().invoke(cli.cli, ["export", "--out", str(tmp_path / "out"), "--drafter", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "is not a drafter checkpoint" in result.output and "default drafter is checkpoint:" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_steps_times_every_phase_on_each_runtime(tmp_path, smollm2_dir: Path) -> None:
+    out = tmp_path / "steps.json"
+    result = CliRunner().invoke(cli.cli, ["bench", "steps", "--context", "20,40", "--batch", "2", "--repeats", "1",
+                                          "--threads", "1", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["runtimes"][1] == "onnxruntime/float32"
+    assert [(r["context"], r["phase"]) for r in data["rows"]] == [
+        (c, p) for c in (20, 40) for p in ("decode", "verify", "extend", "draft")]
+    assert all(r[label] > 0 for r in data["rows"] for label in data["runtimes"])
