@@ -52,6 +52,17 @@ def fetch(names: tuple[str, ...], list_only: bool, gguf_file: Path | None) -> No
         click.echo(f"{name}: {fetch_model(name)}")
 
 
+def served_model(model: str | None, model_repository: Path | None) -> str:
+    """The model a server loads: the one asked for, else the one a built repository names (its graphs were
+    exported from it), else the default."""
+    from export.repository import ENGINE_MODEL, read_parameters
+
+    if model is not None:
+        return model
+    config = model_repository / ENGINE_MODEL / "config.pbtxt" if model_repository else None
+    return (read_parameters(config.read_text()).get("model") if config and config.is_file() else None) or DEFAULT_MODEL
+
+
 def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,
                    model_repository: Path | None = None, drafter: str | None = None, dtype: str | None = None):
     from hub.fetch import cache_dir, fetch_model
@@ -90,7 +101,9 @@ def _default_pid_file() -> Path:
 
 
 @cli.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Known model name or a local HF model directory.")
+@click.option("--model", default=None,
+              help="Known model name or a local HF model directory (default: the served repository's model, "
+                   f"else {DEFAULT_MODEL}).")
 @port_options
 @click.option("--detach", is_flag=True, help="Return once the server is ready; stop it with `cli.py stop`.")
 @click.option("--pid-file", type=click.Path(path_type=Path), default=None, help="Where the server PID is written.")
@@ -104,10 +117,12 @@ def _default_pid_file() -> Path:
               help="Target dtype (default: the repository's setting, auto = bf16 where the CPU computes it natively).")
 @click.option("--openai-port", type=int, default=None,
               help="Also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) on this port.")
-def serve(model: str, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None,
+def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None,
           model_repository: Path | None, drafter: str | None, dtype: str | None, openai_port: int | None) -> None:
     """Start Triton with the DSpark model repository on loopback (and the OpenAI-compatible frontend)."""
     import signal
+
+    model = served_model(model, model_repository)
 
     from hub.fetch import cache_dir, fetch_model
     from serving.openai_frontend import pid_file_for, start_frontend
@@ -234,7 +249,7 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     """Export the target (and a drafter) to ONNX (checked), and for --to tensorrt build the target's engine on this GPU."""
     import torch
 
-    from export.drafter_export import cached_drafter_export, export_drafter
+    from export.drafter_export import cached_drafter_export, drafter_export_key, export_drafter
     from export.onnx_export import cached_onnx, export_onnx
     from export.repository import drafter_checkpoint
     from export.tensorrt_engine import build_engine, import_tensorrt, trt_profile
@@ -265,7 +280,8 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     onnx_path = export_onnx(model_dir, out, dtype, taps) if out else cached_onnx(model_dir, dtype, taps)
     click.echo(f"onnx: {onnx_path}")
     if checkpoint is not None:
-        graphs = export_drafter(module, out / "drafter") if out else cached_drafter_export(module, checkpoint)
+        meta = {"source": checkpoint.name, "dtype": "float32", "key": drafter_export_key(checkpoint, "float32", module.draft_vocab)}
+        graphs = export_drafter(module, out / "drafter", meta) if out else cached_drafter_export(module, checkpoint)
         click.echo(f"drafter onnx: {graphs}")
     if target == "tensorrt":
         from models.loading import load_config
@@ -686,7 +702,11 @@ def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: s
     from models.hardware import cpu_flags, resolve_dtype
 
     model_dir = fetch_model(model)
-    checkpoint = drafter_checkpoint(default_drafter(model_dir) if drafter == "auto" else drafter) or Path(drafter)
+    setting = default_drafter(model_dir) if drafter == "auto" else drafter
+    checkpoint = drafter_checkpoint(setting) or Path(setting)
+    if not (checkpoint / "config.json").is_file():
+        raise click.ClickException(f"{setting} is not a trained drafter checkpoint (no config.json): bench steps times "
+                                   "a target with its trained drafter; pass --drafter DIR")
     pairs = [(spec.partition("/")[0], spec.partition("/")[2] or ("float32" if spec.startswith("onnx") else "auto"))
              for spec in (runtimes or ("torch/auto", "onnxruntime/float32"))]
     result = run_step_time_benchmark(model_dir, checkpoint, [rt for rt, _ in pairs], [resolve_dtype(dt) for _, dt in pairs],

@@ -76,7 +76,7 @@ def run_step_time_benchmark(model_dir: Path, checkpoint: Path, runtimes: Sequenc
                         ids, slots, [verify_tokens] * batch, cache, tap_layers=taps), dev))
                     feats = {t: torch.randn(batch, hidden, generator=gen).to(target.device, target.dtype) for t in taps}
                     times["extend", label].append(_timed(lambda: drafter.extend_context(
-                        state, slots, [1] * batch, feats), dev))
+                        state, slots, [1] * batch, feats, ids[:batch]), dev))
                     state.lengths[slots] = context
                     times["draft", label].append(_timed(lambda: drafter.draft(
                         state, slots, ids[:batch], drafter.config.block_size, greedy_sample, greedy=True), dev))

@@ -35,7 +35,7 @@ from torch import nn
 from export.onnx_export import OPSET, PAGE_SIZE, check_onnx, rms_norm
 from models.drafters import BlockDrafter
 
-DRAFTER_GRAPH_VERSION = 1
+DRAFTER_GRAPH_VERSION = 2
 GRAPHS = ("context", "block", "markov", "confidence")
 META_FILE = "drafter_export.json"
 
@@ -184,6 +184,8 @@ def export_drafter(drafter: BlockDrafter, out_dir: Path, metadata: dict | None =
         raise ValueError(f"only block drafters (dspark, dflash) export; {drafter.config.kind} drafts "
                          "autoregressively through its own layer and runs on the torch runtime")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [out_dir / META_FILE] + [out_dir / f"{n}.onnx{ext}" for n in GRAPHS for ext in ("", ".data")]:
+        stale.unlink(missing_ok=True)  # a directory exported into before holds no graph of another drafter
     shapes = {}
     for name, (module, inputs, input_names, output_names, axes) in _graphs(drafter).items():
         raw = out_dir / f".{name}.raw.onnx"
@@ -217,6 +219,12 @@ def drafter_export_key(checkpoint: Path, dtype: str, draft_vocab: torch.Tensor |
     return digest.hexdigest()[:20]
 
 
+def exported_for(export_dir: Path, checkpoint: Path, drafter: BlockDrafter, dtype: str = "float32") -> bool:
+    """Whether the graphs in export_dir were exported from this checkpoint (and draft vocabulary)."""
+    meta = Path(export_dir) / META_FILE
+    return meta.is_file() and json.loads(meta.read_text()).get("key") == drafter_export_key(checkpoint, dtype, drafter.draft_vocab)
+
+
 def cached_drafter_export(drafter: BlockDrafter, checkpoint: Path, dtype: str = "float32") -> Path:
     """The drafter's graphs from the cache, exporting them first when absent (built in a temporary
     directory and renamed into place, so a crash never leaves a half export)."""
@@ -229,7 +237,7 @@ def cached_drafter_export(drafter: BlockDrafter, checkpoint: Path, dtype: str = 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        export_drafter(drafter, tmp, {"source": Path(checkpoint).name, "dtype": dtype})
+        export_drafter(drafter, tmp, {"source": Path(checkpoint).name, "dtype": dtype, "key": key})
         try:
             os.replace(tmp, target)
         except OSError:

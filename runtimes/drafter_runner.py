@@ -33,6 +33,7 @@ class OnnxRuntimeBlockDrafter:
 
         self.module = module
         self.config = module.config
+        self.export_dir = Path(export_dir)
         self.embed = embed  # the target's table: the anchor's row is the block graph's input
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

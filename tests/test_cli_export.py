@@ -39,3 +39,8 @@ def test_bench_steps_times_every_phase_on_each_runtime(tmp_path, smollm2_dir: Pa
     assert [(r["context"], r["phase"]) for r in data["rows"]] == [
         (c, p) for c in (20, 40) for p in ("decode", "verify", "extend", "draft")]
     assert all(r[label] > 0 for r in data["rows"] for label in data["runtimes"])
+
+
+def test_bench_steps_refuses_a_drafter_that_is_not_a_checkpoint(tmp_path, smollm2_dir: Path) -> None:
+    result = CliRunner().invoke(cli.cli, ["bench", "steps", "--drafter", "prompt_lookup", "--context", "20"])
+    assert result.exit_code != 0 and "prompt_lookup is not a trained drafter checkpoint" in result.output

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.drafter_export import export_drafter
-from models.drafters import default_config, build_drafter, load_drafter
+from export.drafter_export import cached_drafter_export, export_drafter, exported_for
+from models.drafters import build_drafter, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from runtimes.drafter_runner import OnnxRuntimeBlockDrafter
+from runtimes.loading import load_feature_drafter
 from test_drafters import drafter_for, tiny_target
 
 ATOL = 1e-5
@@ -106,3 +107,16 @@ def test_shipped_smollm2_drafter_graphs_match_torch(tmp_path, smollm2_dir: Path)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 5000, (n,), generator=gen).tolist() for n in (23, 8, 40)]
     _compare(target, drafter, runner, prompts, [3, 1, 2])
+
+
+def test_graphs_shipped_for_another_drafter_are_not_used(tmp_path) -> None:
+    """A server told to use drafter B on a repository that ships drafter A's graphs runs B's own."""
+    target = tiny_target()
+    for name, seed in (("a", 1), ("b", 2)):
+        save_drafter(drafter_for("dspark", target, seed=seed), tmp_path / name)
+    graphs_a = cached_drafter_export(load_drafter(tmp_path / "a", target), tmp_path / "a")
+    runner = load_feature_drafter(tmp_path / "b", target, "onnxruntime", export_dir=graphs_a)
+    b = load_drafter(tmp_path / "b", target)
+    assert runner.export_dir != graphs_a and exported_for(runner.export_dir, tmp_path / "b", b)
+    assert not exported_for(graphs_a, tmp_path / "b", b)
+    _compare(target, b, runner, [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], [1, 0])

@@ -97,3 +97,32 @@ def test_onnxruntime_server_greedy_equals_torch_server(triton, ort_repository, s
         assert spec.token_ids == plain.token_ids
     # the drafter ran from its graphs, not as a torch module
     assert "target on onnxruntime, drafter dspark on onnxruntime" in (tmp_path / "server.log").read_text()
+
+
+def test_serve_loads_the_model_a_built_repository_names(tmp_path, smollm2_dir: Path) -> None:
+    import cli
+
+    repo = build_repository(tmp_path / "repo", "torch", "qwen2.5-coder-0.5b-instruct", smollm2_dir)
+    assert cli.served_model(None, repo) == "qwen2.5-coder-0.5b-instruct"
+    assert cli.served_model("smollm2-135m-instruct", repo) == "smollm2-135m-instruct"
+    assert cli.served_model(None, None) == cli.DEFAULT_MODEL
+
+
+@pytest.mark.server
+def test_a_graph_exported_from_another_model_stops_the_server_at_start(ort_repository, smollm2_dir, tmp_path) -> None:
+    """The same weights under another model name stand in for another model: the shipped graph's
+    recorded source must match the model the server loads."""
+    from serving.triton_launcher import ServerConfig, TritonLaunchError, TritonServer
+
+    other = tmp_path / "another-model"
+    other.mkdir()
+    for path in smollm2_dir.iterdir():
+        if path.is_file():
+            (other / path.name).symlink_to(path)
+    server = TritonServer(ServerConfig(model_repository=ort_repository, http_port=_free_port(), grpc_port=_free_port(),
+                                       metrics_port=_free_port(), log_file=tmp_path / "server.log",
+                                       extra_env={"DSPARK_MODEL": str(other)}))
+    with pytest.raises(TritonLaunchError) as error:
+        server.start()
+    message = (tmp_path / "server.log").read_text() + str(error.value)
+    assert "was exported from smollm2-135m-instruct, but this server loads another-model" in message

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from export.onnx_export import read_metadata
 from export.repository import drafter_checkpoint, drafter_tap_layers
 from hub.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
 from models.drafters import DrafterConfig
@@ -187,6 +188,15 @@ def _check_drafter(choice: str, model_dir: Path) -> None:
                                             "DSPARK_DRAFTER) to one trained for this target, or to auto") from exc
 
 
+def _check_graph_source(onnx_path: Path, model_dir: Path) -> None:
+    """Refuses a shipped graph exported from another model than the one this server loads."""
+    source = read_metadata(onnx_path).get("source")
+    if source and source != model_dir.name:
+        raise pb_utils.TritonModelException(
+            f"{onnx_path} was exported from {source}, but this server loads {model_dir.name}: serve the model the "
+            f"repository was built for (cli.py serve --model {source}), or build one for {model_dir.name}")
+
+
 def _make_drafter(choice: str, dtype: str, config: EngineConfig, target, runtime: str, drafter_onnx: Path | None):
     """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None).
 
@@ -227,6 +237,8 @@ class TritonPythonModel:
         # (written by `cli.py build`), else the export is taken from or made into the cache.
         # An export made here outputs the hidden states the drafter taps.
         onnx_model = params.get("onnx_model", "")
+        if onnx_model:
+            _check_graph_source(Path(args["model_repository"]) / args["model_version"] / onnx_model, model_dir)
         drafter_choice = os.environ.get("DSPARK_DRAFTER") or params["drafter"]
         if drafter_choice == "auto":
             drafter_choice = default_drafter(model_dir)
