@@ -133,6 +133,7 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
                                          drafter, dtype))
     server.start()
     click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  (pid {server.pid})")
+    click.echo(f"server log: {server.log_file}")
     frontend = None
     if openai_port is not None:
         try:
@@ -275,7 +276,7 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
         module = load_drafter(checkpoint, load_transformer(model_dir, torch.float32))
         if not isinstance(module, BlockDrafter):
             raise click.ClickException(f"{module.config.kind} drafters draft through their own layer "
-                                       "autoregressively and are not exported; they run on the torch runtime")
+                                       "autoregressively and are not exported; they run as torch modules beside any runtime")
         taps = sorted(set(taps) | set(module.tap_layers))
     onnx_path = export_onnx(model_dir, out, dtype, taps) if out else cached_onnx(model_dir, dtype, taps)
     click.echo(f"onnx: {onnx_path}")

@@ -182,7 +182,7 @@ def export_drafter(drafter: BlockDrafter, out_dir: Path, metadata: dict | None =
 
     if not isinstance(drafter, BlockDrafter):
         raise ValueError(f"only block drafters (dspark, dflash) export; {drafter.config.kind} drafts "
-                         "autoregressively through its own layer and runs on the torch runtime")
+                         "autoregressively through its own layer and runs as a torch module beside any runtime")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [out_dir / META_FILE] + [out_dir / f"{n}.onnx{ext}" for n in GRAPHS for ext in ("", ".data")]:
         stale.unlink(missing_ok=True)  # a directory exported into before holds no graph of another drafter
