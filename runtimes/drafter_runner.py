@@ -17,7 +17,7 @@ from export.drafter_export import GRAPHS
 from export.onnx_export import PAGE_SIZE
 from models.drafters import BlockDrafter
 from models.drafters.common import DraftBlock, DrafterState, SampleFn, fused_features, packed_positions
-from models.drafters.dspark import GREEDY, SAMPLED
+from runtimes.graph import page_rows, paged_views, whole_pages
 
 
 class OnnxRuntimeBlockDrafter:
@@ -59,8 +59,8 @@ class OnnxRuntimeBlockDrafter:
 
     def new_state(self, num_slots: int, max_len: int) -> DrafterState:
         """float32 context cache on the CPU, max_len rounded up to whole pages."""
-        max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
-        return DrafterState(self.config, num_slots, max_len, torch.float32, torch.device("cpu"), keep_features=False)
+        return DrafterState(self.config, num_slots, whole_pages(max_len), torch.float32, torch.device("cpu"),
+                            keep_features=False)
 
     def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         session = self.sessions[name]
@@ -92,37 +92,16 @@ class OnnxRuntimeBlockDrafter:
         lengths = state.lengths.index_select(0, slot_t)
         if int(lengths.min()) < 1:
             raise ValueError("every slot needs at least one committed token before drafting")
-        pages = -(-int(lengths.max()) // PAGE_SIZE)
-        slot_pages = state.max_len // PAGE_SIZE
-        cache_pages = ((slot_t[:, None, None] * c.num_kv_heads + torch.arange(c.num_kv_heads)[None, :, None])
-                       * slot_pages + torch.arange(pages)[None, None, :])
+        pages = whole_pages(int(lengths.max())) // PAGE_SIZE
         anchors = anchor_tokens.to(torch.int64).cpu()
+        names = [f"{kind}_cache_{i}" for i in range(c.num_layers) for kind in ("key", "value")]
         feeds = {"anchor_embeds": self.embed.index_select(0, anchors).to(torch.float32),
                  "anchor_positions": lengths, "context_mask": torch.arange(pages * PAGE_SIZE)[None, :] < lengths[:, None],
-                 "cache_pages": cache_pages}
-        row = PAGE_SIZE * c.head_dim
-        for i in range(c.num_layers):
-            feeds[f"key_cache_{i}"] = state.k[i].view(-1, row)
-            feeds[f"value_cache_{i}"] = state.v[i].view(-1, row)
+                 "cache_pages": page_rows(slot_t, c.num_kv_heads, state.max_len, pages),
+                 **dict(zip(names, paged_views(state.k, state.v, c.head_dim)))}
         hidden, base = self._run("block", feeds)
         hidden = hidden[:, :num_tokens].contiguous()
-        tokens, probs = [], []
-        prev = anchors
-        for j in range(num_tokens):
-            logits = base[:, j].contiguous()
-            if c.markov_rank:
-                logits = self._run("markov", {"logits": logits, "previous": prev})[0]
-            drawn, p = sample_fn(logits)
-            prev = m.full_vocab_ids(drawn)
-            tokens.append(prev)
-            probs.append(p)
-        tokens_t = torch.stack(tokens, 1)
-        confs = None
-        if c.confidence:
-            regime = GREEDY if greedy else SAMPLED
-            before = torch.cat([anchors.unsqueeze(1), tokens_t[:, :-1]], dim=1)
-            z = self._run("confidence", {"hidden": hidden, "previous": before})[0]
-            temps = m.confidence_temperature[regime, :num_tokens].float()
-            biases = m.confidence_bias[regime, :num_tokens].float()
-            confs = torch.sigmoid(z / temps + biases)
-        return DraftBlock(tokens=tokens_t, probs=m.full_vocab_probs(torch.stack(probs, 1)).float(), confidences=confs)
+        markov = (lambda logits, prev: self._run("markov", {"logits": logits.contiguous(), "previous": prev})[0]) \
+            if c.markov_rank else None
+        return m.walk_block(base[:, :num_tokens], anchors, sample_fn, markov,
+                            lambda before: self._run("confidence", {"hidden": hidden, "previous": before})[0], greedy)

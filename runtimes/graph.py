@@ -58,6 +58,25 @@ def _pages(cached: int) -> int:
     return max(1, -(-cached // PAGE_SIZE))
 
 
+def whole_pages(max_len: int) -> int:
+    """max_len rounded up to whole pages: the length of every cache a graph reads."""
+    return -(-max_len // PAGE_SIZE) * PAGE_SIZE
+
+
+def page_rows(slots: torch.Tensor, kv_heads: int, max_len: int, pages: int) -> torch.Tensor:
+    """int64 [B, kv_heads, pages]: row of each read page in a [slots, kv_heads, max_len, D] cache seen as
+    [pages, PAGE_SIZE * D] (see paged_views)."""
+    return ((slots[:, None, None] * kv_heads + torch.arange(kv_heads)[None, :, None]) * (max_len // PAGE_SIZE)
+            + torch.arange(pages)[None, None, :])
+
+
+def paged_views(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], head_dim: int) -> list[torch.Tensor]:
+    """Each layer's K and V [slots, kv_heads, max_len, D] as the graphs read them, K then V per layer:
+    [pages, PAGE_SIZE * D] views of the cache's own memory (no copy)."""
+    row = PAGE_SIZE * head_dim
+    return [t.view(-1, row) for pair in zip(k, v) for t in pair]
+
+
 def _attention_cost(new: list[int], past: list[int]) -> int:
     """Score entries of one group's padded attention: B * L * (C + L)."""
     L, C = max(new), _pages(max(past)) * PAGE_SIZE
@@ -116,8 +135,7 @@ def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[
     offset = torch.arange(T) - first[batch_of_tok]
     if cache.max_len % PAGE_SIZE:
         raise ValueError(f"the graph reads the cache in pages of {PAGE_SIZE}; max_len {cache.max_len} is not a multiple")
-    hkv, slot_pages = cache.config.num_kv_heads, cache.max_len // PAGE_SIZE
-    heads = torch.arange(hkv)
+    hkv = cache.config.num_kv_heads
 
     groups: list[AttentionGroup] = []
     token_rows = torch.empty(T, dtype=torch.int64)
@@ -127,7 +145,7 @@ def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[
             mask = torch.zeros(1, 1, PAGE_SIZE + 1, dtype=torch.bool)
             mask[0, 0, 0] = True
             groups.append(AttentionGroup(rows=torch.zeros(1, 1, dtype=torch.int64), mask=mask,
-                                         cache_pages=(heads * slot_pages).view(1, hkv, 1)))
+                                         cache_pages=page_rows(torch.zeros(1, dtype=torch.int64), hkv, cache.max_len, 1)))
             base += 1
             continue
         idx = torch.tensor(members, dtype=torch.int64)
@@ -138,8 +156,8 @@ def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[
         rows = g_first[:, None] + q_off
         past_mask = (torch.arange(C)[None, :] < g_start[:, None])[:, None, :].expand(len(members), L, C)
         new_mask = torch.ones(L, L, dtype=torch.bool).tril().expand(len(members), L, L)
-        pages = (slots_t[idx][:, None, None] * hkv + heads[None, :, None]) * slot_pages + torch.arange(P)[None, None, :]
-        groups.append(AttentionGroup(rows=rows, mask=torch.cat((past_mask, new_mask), dim=2), cache_pages=pages))
+        groups.append(AttentionGroup(rows=rows, mask=torch.cat((past_mask, new_mask), dim=2),
+                                     cache_pages=page_rows(slots_t[idx], hkv, cache.max_len, P)))
         for local, b in enumerate(members):
             n = new_l[b]
             token_rows[int(first[b]):int(first[b]) + n] = base + local * L + torch.arange(n)
@@ -189,21 +207,15 @@ class _GraphRunner:
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         """A KVCache whose max_len is rounded up to whole pages (the graph reads it in pages)."""
-        max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
-        return KVCache(self.config, num_slots, max_len, dtype=self.dtype, device=self.device)
+        return KVCache(self.config, num_slots, whole_pages(max_len), dtype=self.dtype, device=self.device)
 
     def last_token_indices(self, num_new: Sequence[int]) -> torch.Tensor:
         """Packed row of each sequence's last new token (as Transformer.last_token_indices)."""
         return torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
 
     def _caches(self, cache: KVCache) -> list[torch.Tensor]:
-        """Each layer's K and V as the graph reads them: [pages, PAGE_SIZE * head_dim] views of the
-        cache's own memory (no copy)."""
-        row = PAGE_SIZE * self.config.head_dim
-        out: list[torch.Tensor] = []
-        for layer in range(self.config.num_layers):
-            out += [cache.k[layer].view(-1, row), cache.v[layer].view(-1, row)]
-        return out
+        """Each layer's K and V as the graph reads them (paged_views of the cache)."""
+        return paged_views(cache.k, cache.v, self.config.head_dim)
 
     def _finish(self, cache: KVCache, batch: PackedBatch, logits: torch.Tensor, new_kv: Sequence[torch.Tensor],
                 hidden: dict[int, torch.Tensor], taps: list[int]) -> ForwardOutput:

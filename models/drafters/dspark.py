@@ -9,7 +9,7 @@ how likely each token is to survive verification, for the scheduler.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,18 +165,29 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         anchors = anchor_tokens.to(dev, torch.int64)
         hidden = self.backbone(anchors.unsqueeze(1), lengths_d.unsqueeze(1), ctx_kv, ctx_mask)[:, 0, :num_tokens]
         base = self.draft_logits(hidden)
-        markov_w2 = self.markov_out() if self.config.markov_rank else None
-        regime = GREEDY if greedy else SAMPLED
-        temps, biases = ((self.confidence_temperature[regime], self.confidence_bias[regime]) if self.config.confidence
-                         else (None, None))
-        # Only the Markov bias needs the token drawn just before: the loop is that and sampling; the
-        # confidences and the full-vocabulary probabilities are computed once for the whole block.
+        markov = None
+        if self.config.markov_rank:
+            w2 = self.markov_out()
+            markov = lambda logits, prev: logits + self.markov_bias(prev, w2).float()  # noqa: E731
+        return self.walk_block(base, anchors, sample_fn, markov, lambda before: self.confidence_logits(hidden, before),
+                               greedy)
+
+    def walk_block(self, base: torch.Tensor, anchors: torch.Tensor, sample_fn: SampleFn,
+                   markov: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+                   confidence_logits: Callable[[torch.Tensor], torch.Tensor], greedy: bool) -> DraftBlock:
+        """The left-to-right part of drafting, after the backbone: base logits [B, k, Vd] over the
+        draft vocabulary, anchors [B]. ``markov(logits [B, Vd], previous [B])`` adds the Markov bias
+        (None without the head); ``confidence_logits(previous [B, k])`` scores the drawn block.
+
+        Only the Markov bias needs the token drawn just before: the loop is that and sampling; the
+        confidences and the full-vocabulary probabilities are computed once for the whole block.
+        """
         tokens, probs = [], []
         prev = anchors
-        for j in range(num_tokens):
+        for j in range(base.shape[1]):
             logits = base[:, j]
-            if markov_w2 is not None:
-                logits = logits + self.markov_bias(prev, markov_w2).float()
+            if markov is not None:
+                logits = markov(logits, prev)
             drawn, p = sample_fn(logits)
             prev = self.full_vocab_ids(drawn)
             tokens.append(prev)
@@ -185,7 +196,9 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         confs = None
         if self.config.confidence:
             before = torch.cat([anchors.unsqueeze(1), tokens_t[:, :-1]], dim=1)  # x_{j-1} of each position
-            confs = torch.sigmoid(self.confidence_logits(hidden, before) / temps[:num_tokens] + biases[:num_tokens])
+            regime, k = GREEDY if greedy else SAMPLED, tokens_t.shape[1]
+            temps, biases = self.confidence_temperature[regime, :k], self.confidence_bias[regime, :k]
+            confs = torch.sigmoid(confidence_logits(before) / temps + biases)
         return DraftBlock(tokens=tokens_t, probs=self.full_vocab_probs(torch.stack(probs, 1)).float(), confidences=confs)
 
 
