@@ -22,7 +22,20 @@ TRAIN_ANSWER_TOKENS = 256
 DRAFT_VOCAB_SIZE = 8192
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """Errors a user can act on (a server that would not start, with its log tail) end the command with
+    their message, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from serving.triton_launcher import TritonLaunchError
+
+        try:
+            return super().invoke(ctx)
+        except TritonLaunchError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """DSpark on Triton: confidence-scheduled speculative decoding served by Triton Inference Server."""
 
@@ -243,8 +256,9 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
 @click.option("--max-context", default=2048, show_default=True, help="TensorRT profile: longest sequence.")
 @click.option("--drafter", default="",
               help="Also export a trained block drafter (DSpark, DFlash-style): its checkpoint directory, or "
-                   "'auto' for the target's default. Its taps become target outputs. ONNX graphs only: on "
-                   "tensorrt the drafter runs in torch on the GPU.")
+                   "'auto' for the target's default. Its taps become target outputs. Its graphs are float32 "
+                   "whatever --dtype says (--dtype is the target's). ONNX graphs only: on tensorrt the drafter "
+                   "runs in torch on the GPU.")
 def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out: Path | None,
                max_batch_size: int, max_context: int, drafter: str) -> None:
     """Export the target (and a drafter) to ONNX (checked), and for --to tensorrt build the target's engine on this GPU."""
@@ -283,7 +297,7 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     if checkpoint is not None:
         meta = {"source": checkpoint.name, "dtype": "float32", "key": drafter_export_key(checkpoint, "float32", module.draft_vocab)}
         graphs = export_drafter(module, out / "drafter", meta) if out else cached_drafter_export(module, checkpoint)
-        click.echo(f"drafter onnx: {graphs}")
+        click.echo(f"drafter onnx (float32): {graphs}")
     if target == "tensorrt":
         from models.loading import load_config
 
@@ -600,6 +614,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     if threads:
         torch.set_num_threads(threads)
+    prompt_texts = _prompt_set(prompts)  # a bad set fails before the model loads
     dtype = "float32" if runtime == "onnxruntime" else resolve_dtype(dtype)
     target_dir = fetch_model(target)
     taps = sorted({t for spec in configs if spec.startswith("checkpoint=")  # a graph outputs what drafters read
@@ -607,8 +622,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
                                                     .read_text()).tap_layers})
     model = load_runner(target_dir, runtime, dtype, tap_layers=taps, num_threads=threads, device=device)
     encoder = PromptEncoder.from_model_dir(target_dir, max_prompt_tokens=1024)
-    prompt_ids = [encoder.encode(p, apply_chat_template=not raw)
-                  for p in _prompt_set(prompts)]
+    prompt_ids = [encoder.encode(p, apply_chat_template=not raw) for p in prompt_texts]
 
     def load_hf(name: str | None):
         from transformers import AutoModelForCausalLM

@@ -252,7 +252,8 @@ def summarize(results: list[DecodeResult]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    header = (f"{'config':<34}{'tok/s':>9}{'vs AR':>8}{'TTFT s':>8}{'decode tok/s':>13}{'vs AR':>8}{'tok/step':>9}"
+    w = max([34] + [len(row["config"]) + 2 for row in summary["rows"]])  # long checkpoint paths keep columns aligned
+    header = (f"{'config':<{w}}{'tok/s':>9}{'vs AR':>8}{'TTFT s':>8}{'decode tok/s':>13}{'vs AR':>8}{'tok/step':>9}"
               f"{'tok/round':>10}{'accept':>8}{'same as AR':>12}{'forward':>9}{'draft':>7}{'rest':>6}")
     lines = [header, "-" * len(header)]
     for row in summary["rows"]:
@@ -262,7 +263,7 @@ def format_table(summary: dict) -> str:
         split = "" if row["forward_share"] is None else (
             f"{row['forward_share']:>8.0%}{row['draft_share']:>7.0%}{1 - row['forward_share'] - row['draft_share']:>6.0%}")
         lines.append(
-            f"{row['config']:<34}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{row['ttft_s']:>8.2f}"
+            f"{row['config']:<{w}}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{row['ttft_s']:>8.2f}"
             f"{row['decode_tokens_per_s']:>13.2f}{row['decode_speedup_vs_ar']:>7.2f}x{tps:>9}{tpr:>10}{acc:>8}"
             f"{str(row['identical_to_ar']):>12}{split}"
         )

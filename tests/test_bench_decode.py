@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.spec_decode import parse_configs, run_spec_decode_benchmark, summarize
+from benchmarks.spec_decode import format_table, parse_configs, run_spec_decode_benchmark, summarize
 
 PROMPTS = ["def add(a, b):", "List three colors."]
 
@@ -43,6 +43,11 @@ def test_columns_are_lossless_and_report_where_time_goes(smollm2_dir, smollm2_fp
     # a step that drafted nothing counts here but not in tokens per round
     assert 1.0 <= lookup["tokens_per_step"] <= (lookup["tokens_per_round"] or 1.0)
     assert hf["tokens_per_step"] > 1.5
+    # a label longer than the default column (a checkpoint path) keeps the figures aligned under the header
+    summary["rows"][1]["config"] = "checkpoint=" + "/very/long/path" * 4 + ":7"
+    header, _, *rows, _ = format_table(summary).splitlines()
+    assert all(row.index(f"{r['tokens_per_s']:.2f}") + len(f"{r['tokens_per_s']:.2f}") == header.index("tok/s") + 5
+               for row, r in zip(rows, summary["rows"]))
 
 
 def test_a_failing_configuration_stops_the_benchmark(smollm2_dir, smollm2_encoder):

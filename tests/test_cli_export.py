@@ -19,7 +19,7 @@ def test_export_writes_the_target_with_the_drafters_taps_and_the_drafter(tmp_pat
     assert taps == {3} | set(drafter_tap_layers(default_drafter(smollm2_dir)))
     assert {p.name for p in (tmp_path / "drafter").glob("*.onnx")} == {
         "context.onnx", "block.onnx", "markov.onnx", "confidence.onnx"}
-    assert f"drafter onnx: {tmp_path / 'drafter'}" in result.output
+    assert f"drafter onnx (float32): {tmp_path / 'drafter'}" in result.output
 
 
 def test_export_refuses_a_directory_that_is_not_a_drafter(tmp_path, smollm2_dir: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from serving.triton_launcher import (
     SHM_PREFIX,
@@ -117,6 +118,22 @@ def test_crashing_server_reports_log_tail(tmp_path: Path) -> None:
     http, grpc, metrics = free_ports(3)
     with pytest.raises(TritonLaunchError, match="exited with code"):
         TritonServer(ServerConfig(tmp_path / "bad_repo", http, grpc, metrics, ready_timeout_s=60)).start()
+
+
+def test_cli_serve_failure_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    """A server that will not start ends `cli.py serve` with exit code 1 and the log tail."""
+    import cli
+
+    bad = tmp_path / "bad_repo" / "broken"
+    (bad / "1").mkdir(parents=True)
+    (bad / "config.pbtxt").write_text('name: "broken"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 1\n')
+    http, grpc, metrics = free_ports(3)
+    result = CliRunner().invoke(cli.cli, ["serve", "--detach", "--model-repository", str(tmp_path / "bad_repo"),
+                                          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
+                                          str(metrics), "--pid-file", str(tmp_path / "server.pid")])
+    assert result.exit_code == 1, result.output
+    assert "exited with code" in result.output and "broken" in result.output
+    assert not isinstance(result.exception, TritonLaunchError)  # handled: click's own exit
 
 
 def test_stop_from_stale_pid_file(tmp_path: Path) -> None:
