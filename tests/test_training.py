@@ -2,6 +2,10 @@
 survival, a few hundred steps raise held-out acceptance, and a resumed run is the same run."""
 from __future__ import annotations
 
+import os
+import shutil
+import time
+
 import pytest
 import torch
 
@@ -135,6 +139,39 @@ def test_dataset_answers_each_prompt_once_per_temperature_and_rebuilds_a_lost_sh
     (tmp_path / "shard-00001.pt").unlink()
     rebuilt = build_dataset(tmp_path, target, encode, prompts, (1,), spec, progress=False)
     assert [s.tokens.tolist() for s in rebuilt] == [s.tokens.tolist() for s in seqs]
+
+
+def test_dataset_workers_share_shards_by_claims(tmp_path) -> None:
+    """A shard claimed by a live worker is left to it (and waited for); a dead worker's claim is taken over."""
+    import socket
+    import threading
+
+    from training.sources import Prompt
+
+    target = tiny_target()
+    prompts = [Prompt("chat", "chat_tmpl", f"p{i}") for i in range(6)]
+    encode = lambda text: [3 + int(text[1:]), 9, 17]
+    spec = AnswerSpec(max_new_tokens=4, batch_size=2)
+    reference = build_dataset(tmp_path / "ref", target, encode, prompts, (1,), spec, progress=False)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "shard-00000.claim").write_text(f"{socket.gethostname()} 999999999")  # its worker is gone
+    (shared / "shard-00001.claim").write_text(f"{socket.gethostname()} {os.getpid()}")  # alive: another worker
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(
+        build_dataset(shared, target, encode, prompts, (1,), spec, progress=False)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not (shared / "shard-00002.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker.join(timeout=1)
+    assert worker.is_alive() and not (shared / "shard-00001.pt").exists()  # waits for the other worker's shard
+    assert (shared / "shard-00000.pt").exists() and not (shared / "shard-00000.claim").exists()
+    shutil.copy(tmp_path / "ref" / "shard-00001.pt", shared / "shard-00001.pt")  # the other worker finishes
+    (shared / "shard-00001.claim").unlink()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert [s.tokens.tolist() for s in result[0]] == [s.tokens.tolist() for s in reference]
 
 
 def test_training_raises_heldout_acceptance_and_resume_continues_the_same_run(tmp_path) -> None:

@@ -9,12 +9,16 @@ log-partition of the full-vocabulary logits, which make the target's probabiliti
 vocabulary exact (see ``training.losses``).
 
 Generation writes one shard per batch and skips shards already on disk, so an interrupted build
-resumes; a fixed prompt order and per-shard sampling seeds make a rebuilt shard the same.
+resumes; a fixed prompt order and per-shard sampling seeds make a rebuilt shard the same. Several
+workers may build one directory at once (one per core): each claims a shard before answering it.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -142,6 +146,31 @@ def _shards(directory: Path, count: int, batch_size: int) -> tuple[list[list[int
     return shards, [Path(directory) / f"shard-{i:05d}.pt" for i in range(len(shards))]
 
 
+def _claim(shard: Path) -> Path | None:
+    """Claim a shard for this process (None when another live worker holds it). The claim file names
+    host and pid, so a claim left by a worker that died on this host is taken over."""
+    claim = shard.with_suffix(".claim")
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = claim.read_text().partition(" ")
+            if host != socket.gethostname() or not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                return None
+            claim.unlink(missing_ok=True)  # its worker is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return claim
+    return None
+
+
+def shards_complete(directory: Path, prompts: list[Prompt], spec: AnswerSpec) -> bool:
+    """Whether every shard of the dataset is on disk."""
+    return all(p.exists() for p in _shards(directory, len(prompts) * len(spec.temperatures), spec.batch_size)[1])
+
+
 def generated_prompts(directory: Path, prompts: list[Prompt], spec: AnswerSpec) -> list[Prompt]:
     """The prompts (once per answer) whose answers are on disk."""
     shards, paths = _shards(directory, len(prompts) * len(spec.temperatures), spec.batch_size)
@@ -163,19 +192,34 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
     P = len(prompts)
     total = P * len(spec.temperatures)
     shards, paths = _shards(directory, total, spec.batch_size)
-    missing = [i for i, p in enumerate(paths) if not p.exists()] if generate else []
+    pending = [i for i, p in enumerate(paths) if not p.exists()] if generate else []
+    if pending and (target is None or encode is None):
+        raise ValueError(f"{paths[pending[0]]} is missing and no target was given to generate it")
     (directory / "prompts.json").write_text(json.dumps([p.__dict__ for p in prompts]) + "\n")
-    bar = tqdm(total=total, initial=total - sum(len(shards[i]) for i in missing), desc="target answers",
-               disable=not progress or not missing)
-    for i in missing:
-        if target is None or encode is None:
-            raise ValueError(f"{paths[i]} is missing and no target was given to generate it")
-        generator = torch.Generator(target.device).manual_seed(spec.seed * 1_000_003 + i)
-        seqs = generate_with_features(target, [encode(prompts[j % P].text) for j in shards[i]], tap_layers,
-                                      spec.max_new_tokens, [spec.temperatures[j // P] for j in shards[i]], generator)
-        tmp = paths[i].with_suffix(".tmp")
-        torch.save([s.__dict__ for s in seqs], tmp)
-        tmp.replace(paths[i])
-        bar.update(len(shards[i]))
+    bar = tqdm(total=total, initial=total - sum(len(shards[i]) for i in pending), desc="target answers",
+               disable=not progress or not pending)
+    while pending:
+        for i in pending:
+            claim = None if paths[i].exists() else _claim(paths[i])
+            if claim is None:  # done, or being done by another worker
+                continue
+            try:
+                if paths[i].exists():  # finished by another worker just before we claimed it
+                    continue
+                generator = torch.Generator(target.device).manual_seed(spec.seed * 1_000_003 + i)
+                seqs = generate_with_features(target, [encode(prompts[j % P].text) for j in shards[i]], tap_layers,
+                                              spec.max_new_tokens, [spec.temperatures[j // P] for j in shards[i]],
+                                              generator)
+                tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
+                torch.save([s.__dict__ for s in seqs], tmp)
+                tmp.replace(paths[i])
+            finally:
+                claim.unlink(missing_ok=True)
+        waiting = [i for i in pending if not paths[i].exists()]
+        bar.n = total - sum(len(shards[i]) for i in waiting)  # other workers' shards count too
+        bar.refresh()
+        if waiting:  # other workers hold them; a dead worker's claim is taken over on the next pass
+            time.sleep(5)
+        pending = waiting
     bar.close()
     return [Sequence(**d) for p in paths if p.exists() for d in torch.load(p)]
