@@ -17,7 +17,7 @@ from export.drafter_export import GRAPHS
 from export.onnx_export import PAGE_SIZE
 from models.drafters import BlockDrafter
 from models.drafters.common import DraftBlock, DrafterState, SampleFn, fused_features, packed_positions
-from runtimes.graph import page_rows, paged_views, whole_pages
+from runtimes.graph import page_rows, paged_views, pages_read, whole_pages
 
 
 class OnnxRuntimeBlockDrafter:
@@ -92,7 +92,7 @@ class OnnxRuntimeBlockDrafter:
         lengths = state.lengths.index_select(0, slot_t)
         if int(lengths.min()) < 1:
             raise ValueError("every slot needs at least one committed token before drafting")
-        pages = whole_pages(int(lengths.max())) // PAGE_SIZE
+        pages = pages_read(int(lengths.max()))
         anchors = anchor_tokens.to(torch.int64).cpu()
         names = [f"{kind}_cache_{i}" for i in range(c.num_layers) for kind in ("key", "value")]
         feeds = {"anchor_embeds": self.embed.index_select(0, anchors).to(torch.float32),

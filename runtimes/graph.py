@@ -53,7 +53,7 @@ class PackedBatch:
         return out
 
 
-def _pages(cached: int) -> int:
+def pages_read(cached: int) -> int:
     """Pages a sequence with ``cached`` keys reads (at least one: zero-sized dims trouble TensorRT)."""
     return max(1, -(-cached // PAGE_SIZE))
 
@@ -79,7 +79,7 @@ def paged_views(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], head_dim: 
 
 def _attention_cost(new: list[int], past: list[int]) -> int:
     """Score entries of one group's padded attention: B * L * (C + L)."""
-    L, C = max(new), _pages(max(past)) * PAGE_SIZE
+    L, C = max(new), pages_read(max(past)) * PAGE_SIZE
     return len(new) * L * (C + L)
 
 
@@ -150,7 +150,7 @@ def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[
             continue
         idx = torch.tensor(members, dtype=torch.int64)
         g_new, g_start, g_first = new_t[idx], starts[idx], first[idx]
-        L, P = int(g_new.max()), _pages(int(g_start.max()))
+        L, P = int(g_new.max()), pages_read(int(g_start.max()))
         C = P * PAGE_SIZE
         q_off = torch.minimum(torch.arange(L)[None, :], (g_new - 1)[:, None])  # padding repeats the last row
         rows = g_first[:, None] + q_off

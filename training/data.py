@@ -166,11 +166,6 @@ def _claim(shard: Path) -> Path | None:
     return None
 
 
-def shards_complete(directory: Path, prompts: list[Prompt], spec: AnswerSpec) -> bool:
-    """Whether every shard of the dataset is on disk."""
-    return all(p.exists() for p in _shards(directory, len(prompts) * len(spec.temperatures), spec.batch_size)[1])
-
-
 def generated_prompts(directory: Path, prompts: list[Prompt], spec: AnswerSpec) -> list[Prompt]:
     """The prompts (once per answer) whose answers are on disk."""
     shards, paths = _shards(directory, len(prompts) * len(spec.temperatures), spec.batch_size)
@@ -181,7 +176,7 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
                   prompts: list[Prompt], tap_layers: tuple[int, ...], spec: AnswerSpec, progress: bool = True,
                   generate: bool = True) -> list[Sequence]:
     """The dataset in ``directory`` (one torch file per batch of answers), generating missing shards
-    (or, with ``generate`` False, just the shards already there).
+    and waiting for those other workers hold (or, with ``generate`` False, just the shards already there).
 
     Item j answers prompt j % P at temperature ``spec.temperatures[j // P]``; items are shuffled
     with a fixed seed first, so any finished prefix of shards is a fair sample of the whole mix.
@@ -198,13 +193,18 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
     (directory / "prompts.json").write_text(json.dumps([p.__dict__ for p in prompts]) + "\n")
     bar = tqdm(total=total, initial=total - sum(len(shards[i]) for i in pending), desc="target answers",
                disable=not progress or not pending)
+
+    def show_done() -> None:  # other workers' shards count too
+        bar.n = total - sum(len(shards[j]) for j in pending if not paths[j].exists())
+        bar.refresh()
+
     while pending:
         for i in pending:
-            claim = None if paths[i].exists() else _claim(paths[i])
-            if claim is None:  # done, or being done by another worker
+            claim = _claim(paths[i])
+            if claim is None:  # being done by another worker
                 continue
             try:
-                if paths[i].exists():  # finished by another worker just before we claimed it
+                if paths[i].exists():  # done already
                     continue
                 generator = torch.Generator(target.device).manual_seed(spec.seed * 1_000_003 + i)
                 seqs = generate_with_features(target, [encode(prompts[j % P].text) for j in shards[i]], tap_layers,
@@ -215,9 +215,9 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
                 tmp.replace(paths[i])
             finally:
                 claim.unlink(missing_ok=True)
+            show_done()
+        show_done()
         waiting = [i for i in pending if not paths[i].exists()]
-        bar.n = total - sum(len(shards[i]) for i in waiting)  # other workers' shards count too
-        bar.refresh()
         if waiting:  # other workers hold them; a dead worker's claim is taken over on the next pass
             time.sleep(5)
         pending = waiting

@@ -14,7 +14,7 @@ from hub.fetch import cache_dir, fetch_model
 from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
-from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts, shards_complete
+from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
 from training.sources import Prompt, build_prompts
 from training.train import STATE_FILE, TrainConfig, calibrate_confidence, train_drafter
 from training.vocab import coverage, draft_vocabulary
@@ -67,8 +67,7 @@ def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], devi
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
     seqs = build_dataset(directory, target, lambda text: encoder.encode(text, True), prompts, tap_layers,
                          data.answers, progress=progress)
-    if shards_complete(directory, prompts, data.answers):  # other workers may still be answering
-        (directory / "complete").write_text(json.dumps(source_counts(prompts)) + "\n")
+    (directory / "complete").write_text(json.dumps(source_counts(prompts)) + "\n")
     return seqs
 
 
