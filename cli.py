@@ -589,7 +589,8 @@ def _prompt_set(spec: str) -> list[str]:
               help="auto: the server's choice for this CPU (bf16 where it is native).")
 @click.option("--config", "configs", multiple=True,
               help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K] (repeatable; "
-                   "AR is always the baseline). Default: prompt_lookup:4.")
+                   "AR is always the baseline). K = dspark[=MAX]: the server's dspark mode, verifying what the "
+                   "scheduler admits (MAX: the drafter's block size by default). Default: prompt_lookup:4.")
 @click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Prompts as is, without the chat template.")
@@ -603,13 +604,14 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     """Greedy tokens/s and tokens per round: AR vs each drafter and draft length, in one run."""
     import torch
 
-    from benchmarks.spec_decode import format_table, parse_configs, run_spec_decode_benchmark, summarize
+    from benchmarks.spec_decode import DecodeConfig, format_table, parse_configs, run_spec_decode_benchmark, summarize
     from hub.fetch import cache_dir, fetch_model
     from models.drafters import DrafterConfig
     from models.hardware import cpu_flags, resolve_dtype
     from orchestrator.draft_vocab import cached_draft_vocab
     from orchestrator.drafting import ModelDrafter
     from orchestrator.prompting import PromptEncoder
+    from orchestrator.step_cost import load_or_measure, profile_path
     from runtimes.loading import load_runner
 
     if threads:
@@ -637,10 +639,16 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
                                    always=drafter.config.eos_token_ids)
         return ModelDrafter(drafter, 1, 2048, vocab)
 
-    columns = parse_configs(list(configs or ("prompt_lookup:4",)), model_drafter, model, max_context=2048,
-                            load_hf_model=load_hf, runtime=runtime)
+    try:
+        columns = parse_configs(list(configs or ("prompt_lookup:4",)), model_drafter, model, max_context=2048,
+                                load_hf_model=load_hf, runtime=runtime)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config") from exc
+    step_cost = None
+    if any(isinstance(c, DecodeConfig) and c.spec.mode == "dspark" for c in columns):  # measured once, then cached
+        step_cost = load_or_measure(profile_path(cache_dir(), target_dir, runtime, dtype, torch.get_num_threads()), model)
     summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens,
-                                                  progress=True))
+                                                  progress=True, step_cost=step_cost))
     summary.update(target=target, runtime=runtime, device=device, dtype=dtype, new_tokens=new_tokens, prompts=len(prompt_ids),
                    threads=torch.get_num_threads(), cpu_flags=cpu_flags())
     click.echo(f"{target} on {runtime}, {dtype}, {summary['threads']} thread(s), {len(prompt_ids)} prompts x {new_tokens} tokens, "

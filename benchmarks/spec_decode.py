@@ -9,6 +9,9 @@ what speculation speeds up). The wall time of our engine is split into the targe
 ``hf_assisted=NAME[:K]`` adds Hugging Face ``transformers`` assisted generation with the same target
 and drafter model (same dtype and threads) as a column: its own greedy loop, its own draft-length
 rule (HF's defaults, or a constant K).
+A draft length of ``dspark`` (``dspark=K`` for drafters without a block size) runs the server's
+dspark mode instead of a constant K: each round verifies the tokens the load-aware scheduler admits
+from the drafter's confidences and the target's measured step cost (paper Algorithm 1, at batch 1).
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ from orchestrator.drafting import Drafter, FeatureDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
+from orchestrator.step_cost import StepCostProfile
 from runtimes.loading import load_feature_drafter
+
+CONFIG_FORMS = "off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K]; K may be dspark[=MAX]"
 
 
 @dataclass
@@ -86,7 +92,9 @@ def parse_configs(
     load_hf_model: Callable[[str | None], object] | None = None, runtime: str = "torch",
 ) -> list[DecodeConfig | HFAssistedConfig]:
     """'off', 'prompt_lookup:K', 'model=NAME:K', 'checkpoint=DIR:K', 'hf_assisted=NAME[:K]' -> configurations
-    (drafters loaded once). load_hf_model(None) loads the target in transformers, (NAME) a drafter.
+    (drafters loaded once). K is a constant draft length, or ``dspark`` / ``dspark=MAX`` for the dspark
+    mode (MAX defaults to the drafter's block size). load_hf_model(None) loads the target in
+    transformers, (NAME) a drafter.
     runtime: the target's; a trained drafter runs on it too (runtimes.loading.load_feature_drafter)."""
     configs: list[DecodeConfig | HFAssistedConfig] = [DecodeConfig("off", None, SpeculationParams("off"))]
     models: dict[str, Drafter] = {}
@@ -117,10 +125,23 @@ def parse_configs(
                 models[directory] = FeatureDrafter(load_feature_drafter(directory, target, runtime), 1, max_context)
             drafter = models[directory]
         else:
-            raise ValueError(f"unknown configuration {spec!r} "
-                             "(off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K])")
-        configs.append(DecodeConfig(spec, drafter, SpeculationParams("static", int(k))))
+            raise ValueError(f"unknown configuration {spec!r} ({CONFIG_FORMS})")
+        configs.append(DecodeConfig(spec, drafter, _speculation(spec, k, drafter)))
     return configs
+
+
+def _speculation(spec: str, k: str, drafter: Drafter) -> SpeculationParams:
+    """A constant draft length K, or the dspark mode up to MAX tokens (default: the drafter's block size)."""
+    mode, _, limit = k.partition("=")
+    if mode != "dspark":
+        if not k.isdigit():
+            raise ValueError(f"{spec!r}: the draft length must be a number or dspark[=MAX] ({CONFIG_FORMS})")
+        return SpeculationParams("static", int(k))
+    if not limit and getattr(drafter, "block_size", None) is None:
+        raise ValueError(f"{spec!r}: this drafter has no block size; give the longest draft as dspark=MAX")
+    if limit and not limit.isdigit():
+        raise ValueError(f"{spec!r}: MAX in dspark=MAX must be a number")
+    return SpeculationParams("dspark", int(limit) if limit else drafter.block_size)
 
 
 def _run_one(engine: Engine, prompt_ids: list[int], params: SamplingParams, spec: SpeculationParams):
@@ -189,9 +210,14 @@ def run_spec_decode_benchmark(
     new_tokens: int,
     max_context: int = 2048,
     progress: bool = False,
+    step_cost: StepCostProfile | None = None,
 ) -> list[DecodeResult]:
+    """``step_cost``: the target's profile, which dspark-mode columns plan with (required by them)."""
+    if step_cost is None and any(isinstance(c, DecodeConfig) and c.spec.mode == "dspark" for c in configs):
+        raise ValueError("dspark-mode configurations need the target's step-cost profile")
     params = SamplingParams(max_tokens=new_tokens)
-    engines = [Engine(target, tokenizer, EngineConfig(1, max_context, new_tokens), c.drafter)
+    engines = [Engine(target, tokenizer, EngineConfig(1, max_context, new_tokens), c.drafter,
+                      step_cost if c.spec.mode == "dspark" else None)
                if isinstance(c, DecodeConfig) else None for c in configs]
     results = [DecodeResult(c.label) for c in configs]
     warmup = prompts[0][:16]
@@ -242,6 +268,7 @@ def summarize(results: list[DecodeResult]) -> dict:
                                      if base.decode_tokens_per_s else None),
             "ttft_s": round(r.first_token_seconds / len(r.outputs), 3) if r.outputs else None,
             "tokens_per_round": round(r.tokens_per_round, 3) if r.tokens_per_round else None,
+            "verified_per_round": round(r.drafted / r.rounds, 3) if r.drafted else None,
             "tokens_per_step": round(r.tokens_per_step, 3) if r.tokens_per_step else None,
             "acceptance_rate": round(r.accepted / r.drafted, 3) if r.drafted else None,
             "identical_to_ar": r.outputs == base.outputs,
@@ -254,20 +281,21 @@ def summarize(results: list[DecodeResult]) -> dict:
 def format_table(summary: dict) -> str:
     w = max([34] + [len(row["config"]) + 2 for row in summary["rows"]])  # long checkpoint paths keep columns aligned
     header = (f"{'config':<{w}}{'tok/s':>9}{'vs AR':>8}{'TTFT s':>8}{'decode tok/s':>13}{'vs AR':>8}{'tok/step':>9}"
-              f"{'tok/round':>10}{'accept':>8}{'same as AR':>12}{'forward':>9}{'draft':>7}{'rest':>6}")
+              f"{'tok/round':>10}{'verify':>8}{'accept':>8}{'same as AR':>12}{'forward':>9}{'draft':>7}{'rest':>6}")
     lines = [header, "-" * len(header)]
     for row in summary["rows"]:
         tpr = f"{row['tokens_per_round']:.2f}" if row["tokens_per_round"] else "-"
         tps = f"{row['tokens_per_step']:.2f}" if row["tokens_per_step"] else "-"
         acc = f"{row['acceptance_rate']:.2f}" if row["acceptance_rate"] is not None else "-"
+        ver = f"{row['verified_per_round']:.2f}" if row.get("verified_per_round") else "-"
         split = "" if row["forward_share"] is None else (
             f"{row['forward_share']:>8.0%}{row['draft_share']:>7.0%}{1 - row['forward_share'] - row['draft_share']:>6.0%}")
         lines.append(
             f"{row['config']:<{w}}{row['tokens_per_s']:>9.2f}{row['speedup_vs_ar']:>7.2f}x{row['ttft_s']:>8.2f}"
-            f"{row['decode_tokens_per_s']:>13.2f}{row['decode_speedup_vs_ar']:>7.2f}x{tps:>9}{tpr:>10}{acc:>8}"
+            f"{row['decode_tokens_per_s']:>13.2f}{row['decode_speedup_vs_ar']:>7.2f}x{tps:>9}{tpr:>10}{ver:>8}{acc:>8}"
             f"{str(row['identical_to_ar']):>12}{split}"
         )
     lines.append("(tok/s: wall time with prefill; decode: after the first token; tok/step: tokens per decode forward "
                  "of the target, what a flat verify step turns into speedup; tok/round: per round that verified a draft; "
-                 "forward / draft / rest: shares of our engine's wall time; hf_assisted rows: transformers' own loop)")
+                 "verify: draft tokens verified per such round; forward / draft / rest: shares of our engine's wall time; hf_assisted rows: transformers' own loop)")
     return "\n".join(lines)

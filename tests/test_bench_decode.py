@@ -64,3 +64,32 @@ def test_a_failing_configuration_stops_the_benchmark(smollm2_dir, smollm2_encode
     prompts = [smollm2_encoder.encode(PROMPTS[0], apply_chat_template=True)]
     with pytest.raises(RuntimeError, match="request failed: .*were not exported"):
         run_spec_decode_benchmark(target, smollm2_encoder.tokenizer, prompts, columns, 8)
+
+
+def test_dspark_columns_plan_with_the_step_cost(smollm2_dir, smollm2_fp32, smollm2_encoder):
+    """A ``:dspark`` column runs the server's dspark mode: lossless, and what it verifies follows the
+    step-cost profile (a flat verify step admits drafts, a steep one none)."""
+    from export.repository import drafter_checkpoint
+    from hub.fetch import default_drafter
+    from orchestrator.policies import SpeculationParams
+    from orchestrator.step_cost import StepCostProfile
+
+    checkpoint = drafter_checkpoint(default_drafter(smollm2_dir))
+    with pytest.raises(ValueError, match="no block size"):
+        parse_configs(["prompt_lookup:dspark"], lambda name: None, smollm2_fp32, max_context=512)
+    with pytest.raises(ValueError, match="must be a number"):
+        parse_configs(["prompt_lookup:four"], lambda name: None, smollm2_fp32, max_context=512)
+    columns = parse_configs([f"checkpoint={checkpoint}:dspark", "prompt_lookup:dspark=5"], lambda name: None,
+                            smollm2_fp32, max_context=512)
+    assert [c.spec for c in columns[1:]] == [SpeculationParams("dspark", 7), SpeculationParams("dspark", 5)]
+    prompts = [smollm2_encoder.encode(PROMPTS[0], apply_chat_template=True)]
+    with pytest.raises(ValueError, match="step-cost profile"):
+        run_spec_decode_benchmark(smollm2_fp32, smollm2_encoder.tokenizer, prompts, columns, 16)
+    flat = summarize(run_spec_decode_benchmark(smollm2_fp32, smollm2_encoder.tokenizer, prompts, columns, 24,
+                                               step_cost=StepCostProfile((1, 64), (0.05, 0.052))))
+    steep = summarize(run_spec_decode_benchmark(smollm2_fp32, smollm2_encoder.tokenizer, prompts, columns, 24,
+                                                step_cost=StepCostProfile((1, 64), (0.01, 0.64))))
+    for summary in (flat, steep):
+        assert all(row["identical_to_ar"] for row in summary["rows"])  # fp32 greedy: the same tokens as AR
+    for row_flat, row_steep in zip(flat["rows"][1:], steep["rows"][1:]):  # nearly free verification admits more
+        assert row_flat["verified_per_round"] > (row_steep["verified_per_round"] or 0)
