@@ -604,7 +604,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     """Greedy tokens/s and tokens per round: AR vs each drafter and draft length, in one run."""
     import torch
 
-    from benchmarks.spec_decode import DecodeConfig, format_table, parse_configs, run_spec_decode_benchmark, summarize
+    from benchmarks.spec_decode import format_table, needs_step_cost, parse_configs, run_spec_decode_benchmark, summarize
     from hub.fetch import cache_dir, fetch_model
     from models.drafters import DrafterConfig
     from models.hardware import cpu_flags, resolve_dtype
@@ -645,7 +645,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from exc
     step_cost = None
-    if any(isinstance(c, DecodeConfig) and c.spec.mode == "dspark" for c in columns):  # measured once, then cached
+    if needs_step_cost(columns):  # measured once, then cached
         step_cost = load_or_measure(profile_path(cache_dir(), target_dir, runtime, dtype, torch.get_num_threads()), model)
     summary = summarize(run_spec_decode_benchmark(model, encoder.tokenizer, prompt_ids, columns, new_tokens,
                                                   progress=True, step_cost=step_cost))

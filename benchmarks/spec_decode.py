@@ -9,7 +9,7 @@ what speculation speeds up). The wall time of our engine is split into the targe
 ``hf_assisted=NAME[:K]`` adds Hugging Face ``transformers`` assisted generation with the same target
 and drafter model (same dtype and threads) as a column: its own greedy loop, its own draft-length
 rule (HF's defaults, or a constant K).
-A draft length of ``dspark`` (``dspark=K`` for drafters without a block size) runs the server's
+A draft length of ``dspark`` (``dspark=MAX`` for drafters without a block size) runs the server's
 dspark mode instead of a constant K: each round verifies the tokens the load-aware scheduler admits
 from the drafter's confidences and the target's measured step cost (paper Algorithm 1, at batch 1).
 """
@@ -137,11 +137,19 @@ def _speculation(spec: str, k: str, drafter: Drafter) -> SpeculationParams:
         if not k.isdigit():
             raise ValueError(f"{spec!r}: the draft length must be a number or dspark[=MAX] ({CONFIG_FORMS})")
         return SpeculationParams("static", int(k))
-    if not limit and getattr(drafter, "block_size", None) is None:
+    if limit:
+        if not limit.isdigit():
+            raise ValueError(f"{spec!r}: MAX in dspark=MAX must be a number")
+        return SpeculationParams("dspark", int(limit))
+    block_size = getattr(drafter, "block_size", None)
+    if block_size is None:
         raise ValueError(f"{spec!r}: this drafter has no block size; give the longest draft as dspark=MAX")
-    if limit and not limit.isdigit():
-        raise ValueError(f"{spec!r}: MAX in dspark=MAX must be a number")
-    return SpeculationParams("dspark", int(limit) if limit else drafter.block_size)
+    return SpeculationParams("dspark", block_size)
+
+
+def needs_step_cost(configs: list[DecodeConfig | HFAssistedConfig]) -> bool:
+    """Whether a column runs the dspark mode, which plans with the target's step-cost profile."""
+    return any(isinstance(c, DecodeConfig) and c.spec.mode == "dspark" for c in configs)
 
 
 def _run_one(engine: Engine, prompt_ids: list[int], params: SamplingParams, spec: SpeculationParams):
@@ -213,7 +221,7 @@ def run_spec_decode_benchmark(
     step_cost: StepCostProfile | None = None,
 ) -> list[DecodeResult]:
     """``step_cost``: the target's profile, which dspark-mode columns plan with (required by them)."""
-    if step_cost is None and any(isinstance(c, DecodeConfig) and c.spec.mode == "dspark" for c in configs):
+    if step_cost is None and needs_step_cost(configs):
         raise ValueError("dspark-mode configurations need the target's step-cost profile")
     params = SamplingParams(max_tokens=new_tokens)
     engines = [Engine(target, tokenizer, EngineConfig(1, max_context, new_tokens), c.drafter,
@@ -287,7 +295,7 @@ def format_table(summary: dict) -> str:
         tpr = f"{row['tokens_per_round']:.2f}" if row["tokens_per_round"] else "-"
         tps = f"{row['tokens_per_step']:.2f}" if row["tokens_per_step"] else "-"
         acc = f"{row['acceptance_rate']:.2f}" if row["acceptance_rate"] is not None else "-"
-        ver = f"{row['verified_per_round']:.2f}" if row.get("verified_per_round") else "-"
+        ver = f"{row['verified_per_round']:.2f}" if row["verified_per_round"] else "-"
         split = "" if row["forward_share"] is None else (
             f"{row['forward_share']:>8.0%}{row['draft_share']:>7.0%}{1 - row['forward_share'] - row['draft_share']:>6.0%}")
         lines.append(

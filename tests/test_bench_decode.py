@@ -68,7 +68,7 @@ def test_a_failing_configuration_stops_the_benchmark(smollm2_dir, smollm2_encode
 
 def test_dspark_columns_plan_with_the_step_cost(smollm2_dir, smollm2_fp32, smollm2_encoder):
     """A ``:dspark`` column runs the server's dspark mode: lossless, and what it verifies follows the
-    step-cost profile (a flat verify step admits drafts, a steep one none)."""
+    step-cost profile (a nearly flat verify step admits more draft tokens per round than a steep one)."""
     from export.repository import drafter_checkpoint
     from hub.fetch import default_drafter
     from orchestrator.policies import SpeculationParams
