@@ -332,7 +332,10 @@ def _data_options(train: bool = True):
     """The options that say which prompts the target answers and how (shared by train, train-data and,
     for the calib split alone, calibrate)."""
     options = [
-        click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source."),
+        click.option("--train-prompts", multiple=True, default=(TRAIN_PROMPTS,), show_default=True,
+                     help="Prompts per source, optionally with their own answer temperatures after '@' "
+                          "(stdlib_more=1600,stdlib_doc=1160@0). Repeat it to train on several sets at once: "
+                          "each is answered and cached on its own, so a set added later reuses the earlier ones."),
     ] if train else []
     options += [
         click.option("--calib-prompts", default=CALIB_PROMPTS, show_default=True,
@@ -358,10 +361,12 @@ def _data_options(train: bool = True):
 
 def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_tokens: int, temperatures: str,
                 generation_batch: int):
+    """One split's prompt set; ``per_source`` may end in '@TEMPERATURES', which then replace ``temperatures``."""
     from training.data import AnswerSpec
     from training.pipeline import SplitData
 
-    answers = AnswerSpec(max_new_tokens, tuple(float(t) for t in temperatures.split(",")), generation_batch)
+    per_source, _, own = per_source.partition("@")
+    answers = AnswerSpec(max_new_tokens, tuple(float(t) for t in (own or temperatures).split(",")), generation_batch)
     if prompts_dir is not None:
         if not (prompts_dir / f"{split}.json").is_file():
             raise click.BadParameter(f"{prompts_dir} has no {split}.json (write it with `cli.py prompts --out DIR`)",
@@ -370,8 +375,18 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
     return SplitData(split, answers, per_source=tuple(_source_counts(per_source).items()))
 
 
+def _train_sets(train_prompts: tuple[str, ...], prompts_dir: Path | None, max_new_tokens: int, temperatures: str,
+                generation_batch: int) -> list:
+    """The training split's prompt sets (one per --train-prompts)."""
+    if prompts_dir is not None and len(train_prompts) > 1:
+        raise click.BadParameter("--prompts-dir holds one training set; give --train-prompts once with it",
+                                 param_hint="--train-prompts")
+    return [_split_data("train", spec, prompts_dir, max_new_tokens, temperatures, generation_batch)
+            for spec in train_prompts]
+
+
 @cli.command()
-@click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source.")
+@click.option("--train-prompts", default=TRAIN_PROMPTS, show_default=True, help="Prompts per source (one set).")
 @click.option("--calib-prompts", default=CALIB_PROMPTS, show_default=True, help="Held-out prompts per source.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
@@ -391,7 +406,7 @@ def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
 @_data_options()
 @click.option("--device", default="cpu", show_default=True, help="Where the target answers: cpu or cuda.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
-def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir: Path | None,
+def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, prompts_dir: Path | None,
                max_new_tokens: int, answer_temperatures: str, generation_batch: int, device: str,
                threads: int | None) -> None:
     """Generate (or resume) the training data alone: the target's answers with its tapped features,
@@ -406,11 +421,12 @@ def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir:
     if threads:
         torch.set_num_threads(threads)
     taps = default_tap_layers(load_config(fetch_model(target)).num_layers)
-    for split, spec in (("calib", calib_prompts), ("train", train_prompts)):
-        data = _split_data(split, spec, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+    sets = [_split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)]
+    sets += _train_sets(train_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+    for data in sets:
         seqs = dataset(target, data, taps, device)
         answer_tokens = sum(len(s.tokens) - s.prompt_len for s in seqs)
-        click.echo(f"{split}: {len(seqs)} answers, {answer_tokens} answer tokens in {data_dir(target, data, taps)}")
+        click.echo(f"{data.split}: {len(seqs)} answers, {answer_tokens} answer tokens in {data_dir(target, data, taps)}")
 
 
 @cli.command()
@@ -446,7 +462,8 @@ def train_data(target: str, train_prompts: str, calib_prompts: str, prompts_dir:
               help="Start a new run from this drafter's weights, shape and draft vocabulary (e.g. one trained on a GPU "
                    "host with other data); the shape options are then unused.")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
-          layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str, train_prompts: str,
+          layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str,
+          train_prompts: tuple[str, ...],
           calib_prompts: str,
           prompts_dir: Path | None, max_new_tokens: int, answer_temperatures: str, generation_batch: int,
           draft_vocab: int, eval_every: int, checkpoint_every: int, threads: int | None, device: str,
@@ -465,9 +482,9 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
         steps = TrainConfig.steps
     cfg = TrainConfig(steps=steps, batch_size=batch_size, anchors=anchors, lr=lr, max_minutes=max_minutes,
                       eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16)
-    data = [_split_data(split, spec, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
-            for split, spec in (("train", train_prompts), ("calib", calib_prompts))]
-    result = run_training(kind, target, out, cfg, *data, torch.bfloat16 if export_bf16 else None, draft_vocab,
+    train_sets = _train_sets(train_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+    calib = _split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+    result = run_training(kind, target, out, cfg, train_sets, calib, torch.bfloat16 if export_bf16 else None, draft_vocab,
                           layers, intermediate_size, markov_rank, block_size, generate=not no_generate,
                           init_dir=init_dir, rope=rope)
     click.echo(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ from models.drafters import default_config, load_drafter
 from training.calibration import cumulative_survival, expected_calibration_error, sequential_calibration
 from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features, tapped_sequences
 from training.losses import LossWeights, drafter_loss, subset_total_variation
-from training.sources import build_prompts, split_of
+from training.sources import BENCHMARK_SOURCES, build_prompts, domain_prompts, source_items, split_of
 from training.train import (
     STATE_FILE,
     TrainConfig,
@@ -76,6 +76,31 @@ def test_prompt_splits_are_disjoint_and_deterministic() -> None:
     assert build_prompts("train", spec) == train
     assert {p.domain for p in train} >= {"chat", "math"}
     assert split_of("stdlib:json/decoder.py:f:1") == split_of("stdlib:json/decoder.py:f:1")
+
+
+def test_added_standard_library_sources_are_new_prompts_and_leave_the_benchmark_alone() -> None:
+    first, more = source_items("stdlib", 0), source_items("stdlib_more", 0)
+    assert len(more) > len(first) > 1000
+    assert not {k for k, _ in first} & {k for k, _ in more}
+    assert not {t for _, t in first} & {t for _, t in more}
+    docs = source_items("stdlib_doc", 0)
+    assert len(docs) > 500 and all(">>>" not in t and len(t) >= 300 for _, t in docs)
+    for domain in ("code", "chat", "math"):  # the held-out benchmark draws its fixed sources only
+        assert {p.source for p in domain_prompts("heldout", domain, 12, seed=1)} <= set(BENCHMARK_SOURCES)
+    assert {p.source for p in domain_prompts("heldout", "code", 12, seed=1)} == {"stdlib", "humaneval"}
+
+
+def test_training_sets_take_their_own_answer_temperatures(tmp_path) -> None:
+    import click
+
+    from cli import _train_sets
+
+    default, own = _train_sets(("chat_tmpl=4", "stdlib_doc=3@0,0.7"), None, 32, "1", 16)
+    assert default.answers.temperatures == (1.0,) and own.answers.temperatures == (0.0, 0.7)
+    assert dict(own.per_source) == {"stdlib_doc": 3} and own.split == "train"
+    (tmp_path / "train.json").write_text("[]")
+    with pytest.raises(click.BadParameter, match="one training set"):
+        _train_sets(("chat_tmpl=4", "math_tmpl=4"), tmp_path, 32, "0", 16)
 
 
 def _tiny_data(target, taps, count: int, seed: int) -> list[Sequence]:

