@@ -251,7 +251,7 @@ def test_drafting_is_priced_per_number_of_drafting_sequences(target, encoder):
     assert engine._draft_cost(16) == pytest.approx(0.002 * 3)  # the profile triples from 1 to 16 tokens
     for _ in range(3):
         engine._draft_cost(16, 0.008, positions=1)
-    assert engine._draft_cost(16) == pytest.approx(0.008)  # timed at 16: its own median
+    assert engine._draft_cost(16) == pytest.approx(0.008)  # timed at 16: its own price
     assert engine._draft_cost(1) == pytest.approx(0.002)   # and 1 keeps its own
     assert engine._draft_cost(12) == pytest.approx(0.008 * profile.step_seconds(12) / profile.step_seconds(16))
 
