@@ -448,8 +448,8 @@ class Engine:
         verified or not, so the schedule's cuts do not bias it); until enough blocks were drafted at
         each position (one pessimistic first block must not keep drafting out), the measured prefix
         acceptance."""
-        if self._block_counts[:positions] and min(self._block_counts[:positions]) >= BLOCK_SURVIVAL_MIN_BLOCKS \
-                and len(self._block_counts) >= positions:
+        # a block drafted at a position was drafted at every earlier one: the last count is the least
+        if len(self._block_counts) >= positions and self._block_counts[positions - 1] >= BLOCK_SURVIVAL_MIN_BLOCKS:
             return self._block_survival[:positions]
         return self._acceptance.survival(positions)
 
@@ -485,9 +485,9 @@ class Engine:
         count (steps that also read a backlog are not timed). A drafter's first calls at each shape run
         several times slower than its steady state (kernel set-up: 240 ms against 5 ms for the fp32
         SmolLM2 drafter), as do steps a neighbour process slows; a median over so few samples kept
-        such a price, and with it drafting out, until DRAFT_PROBE_EVERY probes had outvoted it. A count not timed yet is priced from the nearest timed one, scaled as the
-        target's own profiled step grows between those token counts (a forward of the same kind, and
-        one it will then time)."""
+        such a price, and with it drafting out, until DRAFT_PROBE_EVERY probes had outvoted it. A count
+        not timed yet is priced from the nearest timed one, scaled as the target's own profiled step
+        grows between those token counts (a forward of the same kind, and one it will then time)."""
         per = None if seconds is None else seconds / (max(positions, 1) if self.drafter.sequential else 1)
         if per is not None:
             self._draft_timings.setdefault(sequences, deque(maxlen=DRAFT_COST_SAMPLES)).append(per)

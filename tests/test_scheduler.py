@@ -494,7 +494,7 @@ def test_a_prompt_prefilled_beside_does_not_make_drafting_look_cheap():
     drafter = CountingDrafter()
     curve = StepCostProfile((1, 2, 64), (0.010, 0.0105, 0.640))
     engine = Engine(_tiny_model(), _Tok(), EngineConfig(4, 128, 100), drafter, curve)
-    engine._draft_timings[1] = [0.05]  # drafting costs 5 decode steps: it does not pay
+    engine._draft_cost(1, 0.05)  # drafting timed at 5 decode steps: it does not pay
     engine.submit([1, 2, 3], SamplingParams(max_tokens=30), lambda c: None, spec=SpeculationParams("dspark", 3))
     engine.step()  # prefill
     engine.step()  # decode, not drafted
