@@ -445,6 +445,9 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
 @click.option("--block-size", default=7, show_default=True)
 @click.option("--rope", type=click.Choice(["standard", "unsigned_sin"]), default="standard", show_default=True,
               help="Drafter positions: rotary, or the first drafters' transform (for A/B runs against them).")
+@click.option("--layers-from-target", is_flag=True,
+              help="Start the drafter's layers from the target's top layers instead of random weights "
+                   "(block drafters; an FFN narrower than the target's keeps its strongest units).")
 @_data_options()
 @click.option("--draft-vocab", default=DRAFT_VOCAB_SIZE, show_default=True,
               help="Train and draft inside the N most frequent answer tokens (0 = the full vocabulary).")
@@ -462,7 +465,7 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Start a new run from this drafter's weights, shape and draft vocabulary (e.g. one trained on a GPU "
                    "host with other data); the shape options are then unused.")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
-          layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str,
+          layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str, layers_from_target: bool,
           train_prompts: tuple[str, ...],
           calib_prompts: str,
           prompts_dir: Path | None, max_new_tokens: int, answer_temperatures: str, generation_batch: int,
@@ -486,7 +489,7 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
     calib = _split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
     result = run_training(kind, target, out, cfg, train_sets, calib, torch.bfloat16 if export_bf16 else None, draft_vocab,
                           layers, intermediate_size, markov_rank, block_size, generate=not no_generate,
-                          init_dir=init_dir, rope=rope)
+                          init_dir=init_dir, rope=rope, layers_from_target=layers_from_target)
     click.echo(json.dumps(result, indent=2))
     click.echo(f"checkpoint: {out}")
 

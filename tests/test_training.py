@@ -8,10 +8,12 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.drafters import default_config, load_drafter
+from models.drafters import build_drafter, default_config, load_drafter
 from training.calibration import cumulative_survival, expected_calibration_error, sequential_calibration
 from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features, tapped_sequences
+from training.layer_init import init_layers_from_target
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import BENCHMARK_SOURCES, build_prompts, domain_prompts, source_items, split_of
 from training.train import (
@@ -311,3 +313,24 @@ def test_data_generation_training_and_calibration_run_on_cuda(tmp_path) -> None:
     calibration = calibrate_confidence(result["drafter"], train, tmp_path, cfg)
     assert calibration["greedy"]["ece_after"] <= calibration["greedy"]["ece_before"] + 1e-6
     assert load_drafter(tmp_path, target).config == config
+
+
+def test_drafter_layers_start_from_the_targets_top_layers() -> None:
+    target = tiny_target()  # 4 layers, FFN 64
+    full = build_drafter(default_config("dspark", target, num_layers=2, intermediate_size=64, markov_rank=8), target)
+    assert init_layers_from_target(full, target) == [2, 3]
+    x = torch.randn(5, 32)
+    for mine, theirs in zip(full.layers, target.layers[2:]):
+        torch.testing.assert_close(torch.cat([mine.q_proj.weight, mine.k_proj.weight, mine.v_proj.weight]), theirs.qkv_proj)
+        gate, up = mine.gate_up(x).chunk(2, -1)
+        their_gate, their_up = (x @ theirs.gate_up_proj.T).chunk(2, -1)
+        torch.testing.assert_close(mine.down(F.silu(gate) * up), (F.silu(their_gate) * their_up) @ theirs.down_proj.T)
+    narrow = build_drafter(default_config("dflash", target, num_layers=1, intermediate_size=16), target)
+    init_layers_from_target(narrow, target)
+    strongest = target.layers[3].down_proj.norm(dim=0).topk(16).indices.sort().values
+    torch.testing.assert_close(narrow.layers[0].down.weight, target.layers[3].down_proj[:, strongest])
+    with pytest.raises(ValueError, match="wider"):
+        init_layers_from_target(build_drafter(default_config("dspark", target, intermediate_size=96, markov_rank=8),
+                                              target), target)
+    with pytest.raises(ValueError, match="block drafters"):
+        init_layers_from_target(build_drafter(default_config("eagle3", target, intermediate_size=64), target), target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,7 +82,8 @@ def source_counts(prompts: list[Prompt]) -> dict[str, int]:
 def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: list[SplitData],
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
                  num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
-                 generate: bool = True, init_dir: Path | None = None, rope: str = "standard") -> dict:
+                 generate: bool = True, init_dir: Path | None = None, rope: str = "standard",
+                 layers_from_target: bool = False) -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
     ``draft_vocab_size`` most frequent answer tokens (0 = the full vocabulary); DSpark also gets its
     confidences calibrated (STS, per regime). The calib split gives the held-out figures. The training
@@ -91,8 +92,11 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     training sets are the shards generated so far; a resumed run keeps the
     draft vocabulary it started with. Missing data is generated on ``cfg.device``. With ``init_dir``
     (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
-    and draft vocabulary, and the shape arguments (and ``rope``) are unused."""
+    and draft vocabulary, and the shape arguments (and ``rope``) are unused; without it,
+    ``layers_from_target`` starts the layers from the target's top layers (``training.layer_init``)."""
     target = load_transformer(fetch_model(target_name))
+    if init_dir is not None and layers_from_target:
+        raise ValueError("a run starts from --init's weights or from the target's layers, not both")
     if init_dir is not None:
         config = DrafterConfig.from_json((Path(init_dir) / "config.json").read_text())
         if config.kind != kind or config.target != target_name:
@@ -101,6 +105,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
         config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                                  intermediate_size=intermediate_size, markov_rank=markov_rank,
                                  draft_vocab_size=draft_vocab_size, rope=rope)
+        if layers_from_target:
+            config = replace(config, extra={**config.extra, "layers_from_target": True})
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     parts = [dataset(target_name, data, config.tap_layers, cfg.device, generate=generate) for data in train_data]
     train = [seq for part in parts for seq in part]
@@ -110,7 +116,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
         vocab = (load_file(str(source / DRAFT_VOCAB_FILE))["token_ids"] if source is not None
                  else draft_vocabulary(train, config.vocab_size, config.draft_vocab_size))
     init = load_file(str(Path(init_dir) / "model.safetensors")) if init_dir is not None else None
-    result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init)
+    result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init,
+                           layers_from_target=bool(config.extra.get("layers_from_target")))
     if init_dir is not None:
         result["initialised_from"] = Path(init_dir).name
     drafter = result.pop("drafter")

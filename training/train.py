@@ -23,6 +23,7 @@ from training.calibration import (
     sequential_calibration,
 )
 from training.data import Sequence
+from training.layer_init import init_layers_from_target
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 
 STATE_FILE = "training_state.pt"
@@ -161,11 +162,13 @@ def heldout_batches(heldout: list[Sequence], cfg: TrainConfig, block: int) -> li
 
 def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequence], out_dir: Path,
                   cfg: TrainConfig, draft_vocab: torch.Tensor | None = None, heldout: list[Sequence] | None = None,
-                  resume: bool = True, progress: bool = True, init: dict[str, torch.Tensor] | None = None) -> dict:
+                  resume: bool = True, progress: bool = True, init: dict[str, torch.Tensor] | None = None,
+                  layers_from_target: bool = False) -> dict:
     """Train (or resume) a drafter inside ``draft_vocab`` (None: the full vocabulary); returns the final
     figures and the drafter. ``out_dir`` holds the drafter (model.safetensors, config.json) and
     training_state.pt (weights, optimizer, data RNG, step, training time, history). A new run starts
-    from ``init`` (a state dict of the same configuration) when given, else from random weights."""
+    from ``init`` (a state dict of the same configuration) when given, else from random weights, with
+    the layers copied from the target's top layers when ``layers_from_target``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.steps is None and not cfg.max_minutes:
@@ -176,6 +179,8 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     drafter.set_draft_vocab(draft_vocab)
     if init is not None:
         drafter.load_state_dict({k: v.float() for k, v in init.items()})
+    elif layers_from_target:
+        init_layers_from_target(drafter, target)
     drafter.to(cfg.device).train()
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
