@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from models.drafters import build_drafter, default_config, load_drafter
 from training.calibration import cumulative_survival, expected_calibration_error, sequential_calibration
 from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features, tapped_sequences
-from training.layer_init import init_layers_from_target
+from training.layer_init import check_layers_fit, init_layers_from_target
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import BENCHMARK_SOURCES, build_prompts, domain_prompts, source_items, split_of
 from training.train import (
@@ -334,3 +335,5 @@ def test_drafter_layers_start_from_the_targets_top_layers() -> None:
                                               target), target)
     with pytest.raises(ValueError, match="block drafters"):
         init_layers_from_target(build_drafter(default_config("eagle3", target, intermediate_size=64), target), target)
+    with pytest.raises(ValueError, match="biases"):  # Qwen2-style q/k/v biases
+        check_layers_fit(full.config, replace(target.config, attention_bias=True))

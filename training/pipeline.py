@@ -15,6 +15,7 @@ from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, loa
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
+from training.layer_init import check_layers_fit
 from training.sources import Prompt, build_prompts
 from training.train import STATE_FILE, TrainConfig, calibrate_confidence, train_drafter
 from training.vocab import coverage, draft_vocabulary
@@ -105,7 +106,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
         config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                                  intermediate_size=intermediate_size, markov_rank=markov_rank,
                                  draft_vocab_size=draft_vocab_size, rope=rope)
-        if layers_from_target:
+        if layers_from_target:  # checked before any data loads
+            check_layers_fit(config, target.config)
             config = replace(config, extra={**config.extra, "layers_from_target": True})
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     parts = [dataset(target_name, data, config.tap_layers, cfg.device, generate=generate) for data in train_data]
