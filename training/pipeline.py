@@ -119,7 +119,7 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
                  else draft_vocabulary(train, config.vocab_size, config.draft_vocab_size))
     init = load_file(str(Path(init_dir) / "model.safetensors")) if init_dir is not None else None
     result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init,
-                           layers_from_target=bool(config.extra.get("layers_from_target")))
+                           layers_from_target=layers_from_target)
     if init_dir is not None:
         result["initialised_from"] = Path(init_dir).name
     drafter = result.pop("drafter")
