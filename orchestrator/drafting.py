@@ -313,7 +313,7 @@ class FeatureDrafter:
             for row, i in enumerate(members):
                 drafts[i] = Draft(
                     block.tokens[row].tolist(),
-                    block.probs[row],
+                    block.probs[row] if block.probs is not None else None,
                     block.confidences[row].tolist() if block.confidences is not None else None,
                 )
         return drafts

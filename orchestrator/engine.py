@@ -653,13 +653,7 @@ class Engine:
     def _verify(request: _Request, draft: Draft, logits: torch.Tensor) -> VerifyResult:
         if request.params.greedy:
             return verify_greedy(draft.tokens, logits)
-        target_probs = warp_logits(logits, request.params)
-        draft_probs = draft.probs
-        if draft_probs is None:  # a deterministic proposal is a one-hot q
-            draft_probs = torch.zeros(len(draft.tokens), logits.shape[-1]).scatter_(
-                1, torch.tensor(draft.tokens).unsqueeze(1), 1.0
-            )
-        return verify_sampling(draft.tokens, draft_probs, target_probs, request.generator)
+        return verify_sampling(draft.tokens, draft.probs, warp_logits(logits, request.params), request.generator)
 
     def _roll_back(self, request: _Request, num_drafted: int, num_accepted: int) -> None:
         """Drop rejected draft tokens from the target cache; tell the drafter what is final."""

@@ -51,14 +51,14 @@ def verify_greedy(draft_tokens: Sequence[int], target_logits: torch.Tensor) -> V
 
 def verify_sampling_batched(
     draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
     generator: torch.Generator,
 ) -> BatchVerifyResult:
     """Rejection-sampling verification of B drafts at once; ``verify_sampling`` is the B = 1 case.
 
-    draft_tokens [B, K]; draft_probs [B, K, V] (q, already warped); target_probs [B, K+1, V]
-    (p, warped the same way). Exactly B * (K+1) uniforms are drawn, row-major, whatever gets
+    draft_tokens [B, K]; draft_probs [B, K, V] (q, already warped; None: a deterministic proposal,
+    a one-hot q); target_probs [B, K+1, V] (p, warped the same way). Exactly B * (K+1) uniforms are drawn, row-major, whatever gets
     accepted: column k < K tests draft token k, column K draws the final token. A fixed draw
     order keeps a seeded request reproducible.
     """
@@ -70,6 +70,9 @@ def verify_sampling_batched(
         raise ValueError(
             f"target_probs must be [B, K+1, V] = [{b}, {k + 1}, V], got {tuple(target_probs.shape)}"
         )
+    if draft_probs is None:
+        draft_probs = torch.zeros(b, k, vocab, device=draft_tokens.device).scatter_(
+            -1, draft_tokens.to(torch.int64).unsqueeze(-1), 1.0)
     if tuple(draft_probs.shape) != (b, k, vocab):
         raise ValueError(
             f"draft_probs must be [B, K, V] = [{b}, {k}, {vocab}], got {tuple(draft_probs.shape)}"
@@ -107,19 +110,20 @@ def verify_sampling_batched(
 
 def verify_sampling(
     draft_tokens: Sequence[int],
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
     generator: torch.Generator,
 ) -> VerifyResult:
     """Lossless rejection-sampling verification of one draft.
 
-    draft_probs [K, V] is the distribution each draft token was drawn from (q), target_probs
-    [K+1, V] the target's (p), both from ``warp_logits`` with the request's params. K = 0 is
-    plain sampling from p_0.
+    draft_probs [K, V] is the distribution each draft token was drawn from (q; None for a
+    deterministic proposal), target_probs [K+1, V] the target's (p), both from ``warp_logits``
+    with the request's params. K = 0 is plain sampling from p_0.
     """
     draft = torch.as_tensor(list(draft_tokens), dtype=torch.int64, device=target_probs.device)
     result = verify_sampling_batched(
-        draft.view(1, -1), draft_probs.unsqueeze(0), target_probs.unsqueeze(0), generator
+        draft.view(1, -1), None if draft_probs is None else draft_probs.unsqueeze(0), target_probs.unsqueeze(0),
+        generator,
     )
     n = int(result.num_accepted[0])
     return VerifyResult(tokens=result.tokens[0, : n + 1].tolist(), num_accepted=n)

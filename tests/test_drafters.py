@@ -12,7 +12,7 @@ from models.config import TransformerConfig
 from models.drafters import DrafterConfig, build_drafter, default_config, greedy_sample, load_drafter, save_drafter
 from models.drafters.common import PlannedLinear
 from models.projection import KernelPlan
-from models.transformer import Transformer
+from models.transformer import Transformer, apply_rope
 
 
 def tiny_target(seed: int = 0) -> Transformer:
@@ -96,9 +96,23 @@ def test_drafting_through_a_kernel_plan_proposes_the_same_block(target, kind) ->
     d.use_kernel_plan(KernelPlan((1, 64), ("weight_left", "weight_left")))
     assert all(m.kernel is not None for m in d.modules() if isinstance(m, PlannedLinear))
     planned = d.draft(state, [0, 1], torch.tensor([30, 31]), 5, greedy_sample)
+    fused_state = d.new_state(2, 64)  # the context K/V through the fused k/v kernel
+    context(target, d, seqs, [0, 1], fused_state, target.new_cache(2, 64))
     d.use_kernel_plan(None)
     assert torch.equal(planned.tokens, plain.tokens)
     torch.testing.assert_close(planned.probs, plain.probs, atol=1e-5, rtol=1e-4)
+    for a, b in ((fused_state.k, state.k), (fused_state.v, state.v)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_rope_table_gives_the_computed_rotation_at_any_position(target) -> None:
+    """Drafting reads cos/sin from a table grown on demand; graph export computes them from the positions."""
+    layer = drafter_for("dspark", target).layers[0]
+    x = torch.randn(3, 5, layer.num_heads, layer.head_dim)
+    for positions in (torch.tensor([[0, 1, 2, 3, 4]] * 3), torch.arange(985, 1000).view(3, 5), torch.arange(15).view(3, 5)):
+        cos, sin = layer.rope_cos_sin(positions, x.dtype)
+        torch.testing.assert_close(apply_rope(x, cos, sin), layer.rope(x, positions), atol=1e-6, rtol=1e-5)
+    assert layer._rope_table[0].shape[0] == 1024  # grew from 256 by doubling to cover position 999
 
 
 def test_a_drafted_block_equals_its_teacher_forced_training_pass(target) -> None:
@@ -112,7 +126,7 @@ def test_a_drafted_block_equals_its_teacher_forced_training_pass(target) -> None
     state, cache = d.new_state(1, 64), target.new_cache(1, 64)
     out = context(target, d, [committed], [0], state, cache)
     argmax_with_softmax = lambda logits: (logits.argmax(-1), torch.softmax(logits.float(), -1))  # noqa: E731
-    block = d.draft(state, [0], torch.tensor([anchor]), W, argmax_with_softmax, greedy=True)
+    block = d.draft(state, [0], torch.tensor([anchor]), W, argmax_with_softmax)  # sampled regime: keeps q
     drafted = block.tokens[0]
     tokens = torch.tensor(committed + [anchor] + drafted.tolist()).unsqueeze(0)
     features = torch.cat([torch.cat([out.hidden_states[t] for t in d.tap_layers], -1),

@@ -27,6 +27,7 @@ from models.drafters.common import (
     gather_context,
     packed_positions,
 )
+from models.projection import KernelPlan, Linear
 from models.transformer import rms_norm
 
 GREEDY, SAMPLED = 0, 1  # rows of the confidence temperatures: the two regimes the server verifies in
@@ -100,9 +101,12 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         x[:, :, 0] = F.embedding(anchor_tokens, self.embed).to(x.dtype)
         x = x.view(B, A * W, H)
         positions = (anchor_pos.unsqueeze(-1) + torch.arange(W, device=anchor_pos.device)).view(B, A * W)
-        block_of = torch.arange(A * W, device=x.device) // W
-        own = (block_of[:, None] == block_of[None, :]).expand(B, 1, A * W, A * W)
-        mask = torch.cat([ctx_mask.repeat_interleave(W, dim=1).unsqueeze(1), own], dim=-1)
+        if A == 1 and bool(ctx_mask.all()):
+            mask = None  # one block per row and every context position visible (drafting, equal lengths)
+        else:
+            block_of = torch.arange(A * W, device=x.device) // W
+            own = (block_of[:, None] == block_of[None, :]).expand(B, 1, A * W, A * W)
+            mask = torch.cat([ctx_mask.repeat_interleave(W, dim=1).unsqueeze(1), own], dim=-1)
         for layer, (k, v) in zip(self.layers, ctx_kv):
             x, _, _ = layer(x, x, positions, k, v, mask)
         return rms_norm(x, self.norm, self.config.rms_norm_eps).view(B, A, W, H)
@@ -115,6 +119,19 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
     def markov_bias(self, prev_tokens: torch.Tensor, w2_rows: torch.Tensor) -> torch.Tensor:
         """Low-rank bias W2·W1[x_{k-1}] over the draft vocabulary (``w2_rows`` = ``markov_out()``)."""
         return F.linear(self.markov_w1(prev_tokens), w2_rows)
+
+    _markov_kernel: Linear | None = None
+
+    def use_kernel_plan(self, plan: KernelPlan | None) -> None:
+        super().use_kernel_plan(plan)
+        if self.config.markov_rank:
+            self._markov_kernel = None if plan is None else Linear(self.markov_out(), None, plan)
+
+    def _markov_step(self, prev_tokens: torch.Tensor, w2_rows: torch.Tensor | None) -> torch.Tensor:
+        """Float32 Markov bias [B, Vd] while drafting: through the planned kernel when there is one."""
+        if self._markov_kernel is not None:
+            return self._markov_kernel(self.markov_w1(prev_tokens)).float()
+        return self.markov_bias(prev_tokens, w2_rows).float()
 
     def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
         """Uncalibrated confidence logits from [h_k ; W1[x_{k-1}]]."""
@@ -149,7 +166,8 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
     def draft(self, state: DrafterState, slots: Sequence[int], anchor_tokens: torch.Tensor, num_tokens: int,
               sample_fn: SampleFn, greedy: bool = False) -> DraftBlock:
         """Propose num_tokens (<= block_size) tokens after each slot's anchor (the last token the target emitted).
-        ``greedy`` says the requests verify at T=0, which picks the confidences' calibration."""
+        ``greedy`` says the requests verify at T=0: it picks the confidences' calibration, and the block
+        then carries no probabilities (greedy verification does not read them)."""
         W = self.config.block_size
         if not 1 <= num_tokens <= W:
             raise ValueError(f"num_tokens must be in 1..{W}, got {num_tokens}")
@@ -167,8 +185,8 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         base = self.draft_logits(hidden)
         markov = None
         if self.config.markov_rank:
-            w2 = self.markov_out()
-            markov = lambda logits, prev: logits + self.markov_bias(prev, w2).float()  # noqa: E731
+            w2 = self.markov_out() if self._markov_kernel is None else None
+            markov = lambda logits, prev: logits + self._markov_step(prev, w2)  # noqa: E731
         return self.walk_block(base, anchors, sample_fn, markov, lambda before: self.confidence_logits(hidden, before),
                                greedy)
 
@@ -199,7 +217,10 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             regime, k = GREEDY if greedy else SAMPLED, tokens_t.shape[1]
             temps, biases = self.confidence_temperature[regime, :k], self.confidence_bias[regime, :k]
             confs = torch.sigmoid(confidence_logits(before) / temps + biases)
-        return DraftBlock(tokens=tokens_t, probs=self.full_vocab_probs(torch.stack(probs, 1)).float(), confidences=confs)
+        # Greedy verification compares tokens with the target's argmax and never reads q: skip
+        # spreading [B, k, V] probabilities over the full vocabulary (most of a round's non-GEMM time).
+        full_probs = None if greedy else self.full_vocab_probs(torch.stack(probs, 1)).float()
+        return DraftBlock(tokens=tokens_t, probs=full_probs, confidences=confs)
 
 
 class DSparkDrafter(BlockDrafter):
