@@ -475,7 +475,7 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
     import torch
 
     from hub.fetch import cache_dir
-    from training.pipeline import run_training
+    from training.pipeline import TrainSetupError, run_training
     from training.train import TrainConfig
 
     if threads:
@@ -487,9 +487,12 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
                       eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16)
     train_sets = _train_sets(train_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
     calib = _split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
-    result = run_training(kind, target, out, cfg, train_sets, calib, torch.bfloat16 if export_bf16 else None, draft_vocab,
-                          layers, intermediate_size, markov_rank, block_size, generate=not no_generate,
-                          init_dir=init_dir, rope=rope, layers_from_target=layers_from_target)
+    try:
+        result = run_training(kind, target, out, cfg, train_sets, calib, torch.bfloat16 if export_bf16 else None,
+                              draft_vocab, layers, intermediate_size, markov_rank, block_size, generate=not no_generate,
+                              init_dir=init_dir, rope=rope, layers_from_target=layers_from_target)
+    except TrainSetupError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result, indent=2))
     click.echo(f"checkpoint: {out}")
 

@@ -337,3 +337,14 @@ def test_drafter_layers_start_from_the_targets_top_layers() -> None:
         init_layers_from_target(build_drafter(default_config("eagle3", target, intermediate_size=64), target), target)
     with pytest.raises(ValueError, match="biases"):  # Qwen2-style q/k/v biases
         check_layers_fit(full.config, replace(target.config, attention_bias=True))
+
+
+def test_train_refuses_target_layers_it_cannot_take_with_a_one_line_error(tmp_path, smollm2_dir) -> None:
+    from click.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.cli, ["train", "--drafter", "eagle3", "--layers-from-target", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # click's error, not a traceback
+    assert "Error: --layers-from-target: only block drafters (dspark, dflash) take the target's layers" in result.output
+    assert not (tmp_path / "run").exists()

@@ -80,6 +80,10 @@ def source_counts(prompts: list[Prompt]) -> dict[str, int]:
     return counts
 
 
+class TrainSetupError(ValueError):
+    """A run that cannot start as asked (found before any data loads): the user's to fix, not a bug."""
+
+
 def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: list[SplitData],
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
                  num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
@@ -97,17 +101,20 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     ``layers_from_target`` starts the layers from the target's top layers (``training.layer_init``)."""
     target = load_transformer(fetch_model(target_name))
     if init_dir is not None and layers_from_target:
-        raise ValueError("a run starts from --init's weights or from the target's layers, not both")
+        raise TrainSetupError("a run starts from --init's weights or from the target's layers, not both")
     if init_dir is not None:
         config = DrafterConfig.from_json((Path(init_dir) / "config.json").read_text())
         if config.kind != kind or config.target != target_name:
-            raise ValueError(f"{init_dir} holds a {config.kind} drafter for {config.target!r}, not {kind} for {target_name!r}")
+            raise TrainSetupError(f"{init_dir} holds a {config.kind} drafter for {config.target!r}, not {kind} for {target_name!r}")
     else:
         config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                                  intermediate_size=intermediate_size, markov_rank=markov_rank,
                                  draft_vocab_size=draft_vocab_size, rope=rope)
         if layers_from_target:  # checked before any data loads
-            check_layers_fit(config, target.config)
+            try:
+                check_layers_fit(config, target.config)
+            except ValueError as exc:
+                raise TrainSetupError(f"--layers-from-target: {exc}") from None
             config = replace(config, extra={**config.extra, "layers_from_target": True})
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     parts = [dataset(target_name, data, config.tap_layers, cfg.device, generate=generate) for data in train_data]
