@@ -105,6 +105,25 @@ def test_drafting_through_a_kernel_plan_proposes_the_same_block(target, kind) ->
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_a_new_draft_vocabulary_drops_the_kernels_planned_for_the_old_one(target) -> None:
+    vocab = torch.tensor([2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47])
+    planned, plain = drafter_for("dspark", target), drafter_for("dspark", target)
+    with torch.no_grad():  # a Markov head that matters (it starts at zero)
+        for d in (planned, plain):
+            d.markov_w2.weight.copy_(torch.randn_like(d.markov_w2.weight))
+    planned.use_kernel_plan(KernelPlan((1, 64), ("weight_left", "weight_left")))
+    for d in (planned, plain):
+        d.set_draft_vocab(vocab)
+    seqs = [[3, 4, 5, 6, 7, 8]]
+    blocks = []
+    for d in (planned, plain):
+        state, cache = d.new_state(1, 64), target.new_cache(1, 64)
+        context(target, d, seqs, [0], state, cache)
+        blocks.append(d.draft(state, [0], torch.tensor([30]), 5, greedy_sample))
+    assert torch.equal(blocks[0].tokens, blocks[1].tokens)
+    torch.testing.assert_close(blocks[0].probs, blocks[1].probs, atol=1e-5, rtol=1e-4)
+
+
 def test_the_rope_table_gives_the_computed_rotation_at_any_position(target) -> None:
     """Drafting reads cos/sin from a table grown on demand; graph export computes them from the positions."""
     layer = drafter_for("dspark", target).layers[0]

@@ -127,6 +127,10 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         if self.config.markov_rank:
             self._markov_kernel = None if plan is None else Linear(self.markov_out(), None, plan)
 
+    def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
+        super().set_draft_vocab(token_ids)
+        self._markov_kernel = None  # its rows were the old vocabulary's (as the draft head's kernel)
+
     def _markov_step(self, prev_tokens: torch.Tensor, w2_rows: torch.Tensor | None) -> torch.Tensor:
         """Float32 Markov bias [B, Vd] while drafting: through the planned kernel when there is one."""
         if self._markov_kernel is not None:
