@@ -184,6 +184,18 @@ def shm_regions(pid: int) -> set[Path]:
     return regions
 
 
+STUB_EXIT_GRACE_S = 2.0  # after the server exits, how long its python-backend stubs get to follow it
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group the server led (it starts its own session) is still running."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
 def _is_tritonserver(pid: int) -> bool:
     try:
         return b"tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -216,6 +228,15 @@ def _terminate(pid: int, timeout_s: float, popen: subprocess.Popen | None, known
     else:
         while _pid_alive(pid):
             time.sleep(0.05)
+    grace = time.monotonic() + STUB_EXIT_GRACE_S
+    while _group_alive(pid) and time.monotonic() < grace:
+        time.sleep(0.05)
+    if _group_alive(pid):  # a stub the server left behind on its way out: it would hold its memory for good
+        clean = False
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     if not clean:
         for region in regions:
             region.unlink(missing_ok=True)

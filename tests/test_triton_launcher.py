@@ -174,3 +174,34 @@ def test_killed_server_shm_regions_are_removed(repo: Path) -> None:
     os.killpg(server.pid, signal.SIGKILL)
     server.stop()
     assert shm_files() - before == set()
+
+
+def test_stopping_kills_a_stub_the_server_left_behind(tmp_path: Path) -> None:
+    """Seen in a test run: tritonserver exited on SIGTERM while a python-backend stub of its process
+    group lived on, orphaned, holding 2.7 GB. Stopping must leave nothing of the server's group."""
+    import subprocess
+    import sys
+    import time
+
+    from serving.triton_launcher import _terminate
+
+    stub_pid_file = tmp_path / "stub.pid"
+    server = textwrap.dedent(f"""
+        import os, signal, subprocess, sys, time
+        stub = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        open({str(stub_pid_file)!r}, "w").write(str(stub.pid))
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # exits cleanly, leaving the stub behind
+        time.sleep(600)
+    """)
+    popen = subprocess.Popen([sys.executable, "-c", server], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not stub_pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stub = int(stub_pid_file.read_text())
+    assert Path(f"/proc/{stub}").exists()
+    assert _terminate(popen.pid, 10, popen, set()) is False  # not clean: something outlived the server
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{stub}").exists() and time.monotonic() < deadline:  # init reaps the killed orphan
+        time.sleep(0.05)
+    assert not Path(f"/proc/{stub}").exists()
