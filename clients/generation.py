@@ -41,7 +41,8 @@ _COUNTERS = ("num_prompt_tokens", "num_output_tokens", "draft_rounds", "draft_to
 
 
 class GenerationError(RuntimeError):
-    """The server refused or failed the request; the message is the server's."""
+    """The server refused or failed the request (the message is the server's), or a value could not
+    be sent at all."""
 
 
 @dataclass
@@ -87,10 +88,22 @@ def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
     return result
 
 
+def _checked(params: dict[str, Any]) -> dict[str, Any]:
+    """The params, refusing integers their wire type cannot hold: numpy would wrap them (2**32 + 5
+    max_tokens arriving as 5) or fail with an overflow traceback instead of a message."""
+    for name, value in params.items():
+        dtype = INPUT_DTYPES.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and dtype is not None and np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            if not info.min <= value <= info.max:
+                raise GenerationError(f"{name} must be in [{info.min}, {info.max}] ({np.dtype(dtype).name}), got {value}")
+    return params
+
+
 def _grpc_inputs(prompt: str | bytes, stop: list[str] | None, params: dict[str, Any]) -> list[grpcclient.InferInput]:
     text = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8")
     arrays = {"text_input": np.array([text], dtype=np.object_), "stream": np.array([True])}
-    for name, value in params.items():
+    for name, value in _checked(params).items():
         if value is not None:
             value = value.encode() if isinstance(value, str) else value
             arrays[name] = np.array([value], dtype=INPUT_DTYPES[name])
@@ -161,7 +174,7 @@ def stream_grpc(
 
 def _http_payload(prompt: str, stop: list[str] | None, params: dict[str, Any], stream: bool) -> dict[str, Any]:
     payload: dict[str, Any] = {"text_input": prompt, "stream": stream}
-    payload.update({k: v for k, v in params.items() if v is not None})
+    payload.update({k: v for k, v in _checked(params).items() if v is not None})
     if stop:
         payload["stop"] = stop
     return payload

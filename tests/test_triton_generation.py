@@ -291,3 +291,12 @@ def test_every_fetchable_target_serves_with_its_own_default_drafter(name, tmp_pa
 
     with _start(fetch_model(name), tmp_path) as server:
         _greedy_in_every_mode(server.url_grpc)
+
+
+@pytest.mark.parametrize("name, value", [("max_tokens", 2**32 + 5), ("top_k", 2**32 + 1), ("min_length", -2**31 - 1),
+                                         ("seed", 2**64), ("seed", -1)])
+@pytest.mark.parametrize("stream", [stream_grpc, stream_http])
+def test_the_client_refuses_integers_its_wire_type_cannot_hold(name, value, stream) -> None:
+    """numpy would wrap 2**32 + 5 max_tokens to 5 (accepted, silently) or raise an overflow traceback."""
+    with pytest.raises(GenerationError, match=f"{name} must be in \\[.*got {value}"):
+        next(stream("localhost:1", "hi", **{name: value}))  # refused before any connection
