@@ -88,15 +88,21 @@ def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
     return result
 
 
-def _checked(params: dict[str, Any]) -> dict[str, Any]:
-    """The params, refusing integers their wire type cannot hold: numpy would wrap them (2**32 + 5
-    max_tokens arriving as 5) or fail with an overflow traceback instead of a message."""
+def unsendable(params: dict[str, Any]) -> tuple[str, str] | None:
+    """(name, message) of the first integer its input's wire type cannot hold, else None: numpy would
+    wrap it (2**32 + 5 max_tokens arriving as 5) or fail with an overflow traceback, not a message."""
     for name, value in params.items():
         dtype = INPUT_DTYPES.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and dtype is not None and np.issubdtype(dtype, np.integer):
             info = np.iinfo(dtype)
             if not info.min <= value <= info.max:
-                raise GenerationError(f"{name} must be in [{info.min}, {info.max}] ({np.dtype(dtype).name}), got {value}")
+                return name, f"{name} must be in [{info.min}, {info.max}] ({np.dtype(dtype).name}), got {value}"
+    return None
+
+
+def _checked(params: dict[str, Any]) -> dict[str, Any]:
+    if (problem := unsendable(params)) is not None:
+        raise GenerationError(problem[1])
     return params
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.utils import InferenceServerException
 
-from clients.generation import INPUT_DTYPES, GenerationChunk, chunk_from_result, infer_inputs
+from clients.generation import INPUT_DTYPES, GenerationChunk, chunk_from_result, infer_inputs, unsendable
 from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
 
@@ -160,6 +160,8 @@ def engine_arrays(prompt: list[int] | str, params: dict[str, Any], stop: list[st
         arrays["apply_chat_template"] = np.array([False])
     else:
         arrays["input_ids"] = np.asarray(prompt, dtype=np.int32)
+    if (problem := unsendable(params)) is not None:
+        raise OpenAIError(400, problem[1], param=problem[0])
     for name, value in params.items():
         dtype = INPUT_DTYPES[name]
         arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=dtype)

@@ -79,6 +79,8 @@ def test_completion_is_the_raw_prompt_path_with_stop_and_seed(client, triton):
 @pytest.mark.parametrize(("kwargs", "status", "message"), [
     (dict(temperature=-1), 400, "temperature must be a finite number >= 0"),
     (dict(max_tokens=0), 400, "max_tokens must be an integer in"),
+    (dict(max_tokens=2**32 + 5), 400, "max_tokens must be in [-2147483648, 2147483647] (int32), got 4294967301"),
+    (dict(seed=2**64), 400, "seed must be in [0, 18446744073709551615] (uint64)"),
     (dict(n=2), 400, "n must be 1"),
     (dict(presence_penalty=0.5), 400, "presence_penalty is not supported"),
     (dict(extra_body={"spec_mode": "turbo"}), 400, "spec_mode"),
