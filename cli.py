@@ -576,10 +576,14 @@ def status(url: str, metrics_url: str) -> None:
 
     try:
         ready = requests.get(f"http://{url}/v2/health/ready", timeout=5).status_code == 200
-        text = requests.get(metrics_url, timeout=5).text
     except requests.RequestException as exc:
-        raise click.ClickException(f"server not reachable: {exc}") from exc
+        raise click.ClickException(f"server not reachable at {url}: {exc}") from exc
     click.echo(f"ready: {ready}")
+    try:
+        text = requests.get(metrics_url, timeout=5).text
+    except requests.RequestException as exc:  # its own port, which --url does not say
+        raise click.ClickException(f"metrics not reachable at {metrics_url} (the server's --metrics-port; "
+                                   f"pass --metrics-url): {exc}") from exc
     reading = parse_metrics(text, "dspark")
     click.echo(f"pending dspark requests: {reading.pending_requests}   cpu utilization: {reading.cpu_utilization:.2f}"
                f"   queue time total: {reading.queue_seconds_total:.3f} s")

@@ -205,3 +205,31 @@ def test_stopping_kills_a_stub_the_server_left_behind(tmp_path: Path) -> None:
     while Path(f"/proc/{stub}").exists() and time.monotonic() < deadline:  # init reaps the killed orphan
         time.sleep(0.05)
     assert not Path(f"/proc/{stub}").exists()
+
+
+def test_status_says_which_port_it_could_not_reach() -> None:
+    """A server on non-default ports answers health on --url; its metrics live on a port --url does not say."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import cli
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    http = HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        closed, = free_ports(1)
+        result = CliRunner().invoke(cli.cli, ["status", "--url", f"127.0.0.1:{http.server_port}",
+                                              "--metrics-url", f"http://127.0.0.1:{closed}/metrics"])
+    finally:
+        http.shutdown()
+    assert result.exit_code == 1
+    assert "ready: True" in result.output
+    assert f"Error: metrics not reachable at http://127.0.0.1:{closed}/metrics (the server's --metrics-port" in result.output
