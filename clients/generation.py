@@ -235,7 +235,9 @@ def generate_http(
 
 
 def _http_error(response: requests.Response) -> str:
+    """The server's message: a JSON body's "error", also when the streaming endpoint sends it as an event."""
+    body = response.text.strip()
     try:
-        return f"HTTP {response.status_code}: {response.json()['error']}"
-    except (ValueError, KeyError):
-        return f"HTTP {response.status_code}: {response.text}"
+        return f"HTTP {response.status_code}: {json.loads(body.removeprefix('data:'))['error']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {body}"

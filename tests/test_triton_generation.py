@@ -300,3 +300,31 @@ def test_the_client_refuses_integers_its_wire_type_cannot_hold(name, value, stre
     """numpy would wrap 2**32 + 5 max_tokens to 5 (accepted, silently) or raise an overflow traceback."""
     with pytest.raises(GenerationError, match=f"{name} must be in \\[.*got {value}"):
         next(stream("localhost:1", "hi", **{name: value}))  # refused before any connection
+
+
+@pytest.mark.parametrize("body", [b'data: {"error":"top_p must be in (0, 1], got 2.0"}\n\n',
+                                  b'{"error":"top_p must be in (0, 1], got 2.0"}'])
+def test_an_http_refusal_reads_as_the_servers_message(body: bytes) -> None:
+    """Triton's generate_stream sends a refusal as a server-sent event; generate as plain JSON."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for call in (lambda url: next(stream_http(url, "hi")), lambda url: generate_http(url, "hi")):
+            with pytest.raises(GenerationError) as info:
+                call(f"127.0.0.1:{server.server_port}")
+            assert str(info.value) == "HTTP 400: top_p must be in (0, 1], got 2.0"
+    finally:
+        server.shutdown()
