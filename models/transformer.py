@@ -202,7 +202,9 @@ class _AttentionGroup:
     slots: torch.Tensor  # [Bg] on the cache device
     slot_range: tuple[int, int] | None  # set when slots are consecutive ascending: slice instead of gather
     tokens: torch.Tensor  # [Bg * q_len] packed rows of the group's tokens, sequence by sequence
-    mask: torch.Tensor | None  # bool [Bg, 1, G * q_len, kv_len]; None when every query sees every key
+    # additive [Bg, 1, G * q_len, kv_len] in the model's dtype (0 seen, -inf hidden), built once per forward
+    # (SDPA would convert a bool mask at every layer); None when every query sees every key
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -328,7 +330,8 @@ class Transformer(nn.Module):
                 mask = torch.arange(group_kv)[None, None, :] <= q_pos[:, :, None]  # [Bg, q_len, kv]
                 # queries are laid out [G * q_len] per KV head (see DecoderLayer._attend)
                 mask = mask[:, None, None].expand(len(rows), 1, g, q_len, group_kv).reshape(
-                    len(rows), 1, g * q_len, group_kv).to(dev)
+                    len(rows), 1, g * q_len, group_kv)
+                mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, float("-inf")).to(dev)
             tokens = (first[rows][:, None] + torch.arange(q_len)[None, :]).reshape(-1)
             consecutive = group_slots == list(range(group_slots[0], group_slots[0] + len(rows)))
             groups.append(_AttentionGroup(
