@@ -131,12 +131,6 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         super().set_draft_vocab(token_ids)
         self._markov_kernel = None  # its rows were the old vocabulary's (as the draft head's kernel)
 
-    def _markov_step(self, prev_tokens: torch.Tensor, w2_rows: torch.Tensor | None) -> torch.Tensor:
-        """Float32 Markov bias [B, Vd] while drafting: through the planned kernel when there is one."""
-        if self._markov_kernel is not None:
-            return self._markov_kernel(self.markov_w1(prev_tokens)).float()
-        return self.markov_bias(prev_tokens, w2_rows).float()
-
     def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
         """Uncalibrated confidence logits from [h_k ; W1[x_{k-1}]]."""
         feats = torch.cat([hidden, self.markov_w1(prev_tokens).to(hidden.dtype)], dim=-1)
@@ -189,8 +183,11 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         base = self.draft_logits(hidden)
         markov = None
         if self.config.markov_rank:
-            w2 = self.markov_out() if self._markov_kernel is None else None
-            markov = lambda logits, prev: logits + self._markov_step(prev, w2)  # noqa: E731
+            if (kernel := self._markov_kernel) is not None:  # the planned kernel, W2's draft rows packed once
+                markov = lambda logits, prev: logits + kernel(self.markov_w1(prev)).float()  # noqa: E731
+            else:
+                w2 = self.markov_out()
+                markov = lambda logits, prev: logits + self.markov_bias(prev, w2).float()  # noqa: E731
         return self.walk_block(base, anchors, sample_fn, markov, lambda before: self.confidence_logits(hidden, before),
                                greedy)
 
