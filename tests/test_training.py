@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models.drafters import build_drafter, default_config, load_drafter
 from training.calibration import cumulative_survival, expected_calibration_error, sequential_calibration
-from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features, tapped_sequences
+from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features
 from training.layer_init import check_layers_fit, init_layers_from_target
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import BENCHMARK_SOURCES, build_prompts, domain_prompts, source_items, split_of
@@ -112,25 +112,27 @@ def _tiny_data(target, taps, count: int, seed: int) -> list[Sequence]:
     return generate_with_features(target, prompts, taps, max_new_tokens=24)
 
 
-def test_teacher_forced_features_equal_those_of_step_by_step_decoding() -> None:
+def test_features_kept_while_generating_a_batch_equal_each_sequence_decoded_alone() -> None:
     target = tiny_target()
     taps = (1, 2)
     prompts = [[5, 9, 13, 7], [11, 3, 40], [8, 8, 21, 30, 6, 17]]
-    answers = generate_answers(target, prompts, [0.0] * 3, max_new_tokens=10)
-    seqs = tapped_sequences(target, [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts], taps,
-                            max_tokens=12)  # forces several forwards
+    first = generate_answers(target, prompts, [0.0] * 3, max_new_tokens=10)
+    # an end token drawn from row 0's answer: rows stop at different steps, row 0 after 4 tokens at most
+    target.config = replace(target.config, eos_token_ids=(first[0][3],))
+    seqs = generate_with_features(target, prompts, taps, max_new_tokens=10)
+    answers = [s.tokens.tolist()[len(p):] for p, s in zip(prompts, seqs)]
+    assert len(answers[0]) <= 4 and len({len(a) for a in answers}) > 1
     final = target.config.num_layers
     for p, a, seq in zip(prompts, answers, seqs):
         cache = target.new_cache(1, 64)
-        fed, feats, finals, lses = p, [], [], []
-        for tok in [None] + a[:-1]:
-            ids = fed if tok is None else [tok]
+        feats, finals, lses = [], [], []
+        for k, ids in enumerate([p] + [[t] for t in a[:-1]]):  # the last answer token is never fed
             res = target(torch.tensor(ids), [0], [len(ids)], cache, tap_layers=taps + (final,))
             feats.append(torch.cat([res.hidden_states[t] for t in taps], -1))
             finals.append(res.hidden_states[final][-1:])
             lses.append(torch.logsumexp(res.logits[-1:], -1))
-            assert tok is not None or int(res.logits[-1].argmax()) == a[0]
-        assert seq.tokens.tolist() == p + a and seq.prompt_len == len(p)
+            assert int(res.logits[-1].argmax()) == a[k]
+        assert seq.prompt_len == len(p) and seq.features.shape[0] == len(p) + len(a) - 1
         torch.testing.assert_close(seq.features.float(), torch.cat(feats).half().float(), atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(seq.final_hidden.float(), torch.cat(finals).half().float(), atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(seq.target_lse, torch.cat(lses), atol=1e-4, rtol=1e-4)
