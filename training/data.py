@@ -82,10 +82,11 @@ def generate_answers(target: Transformer, prompts: list[list[int]], temperatures
     num_new = [len(p) for p in prompts]
     ids = torch.tensor([t for p in prompts for t in p])
     for _ in range(max_new_tokens):
-        out = target(ids, rows.tolist(), num_new, cache, logits_indices=target.last_token_indices(num_new),
+        fed_rows = rows.tolist()
+        out = target(ids, fed_rows, num_new, cache, logits_indices=target.last_token_indices(num_new),
                      tap_layers=tap_layers)
         if on_forward is not None:
-            on_forward(rows.tolist(), num_new, out)
+            on_forward(fed_rows, num_new, out)
         logits = out.logits
         t = temps[rows.to(temps.device)]
         nxt = logits.argmax(-1)
