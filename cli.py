@@ -323,9 +323,18 @@ def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None
     click.echo(f"model repository ({runtime}): {build_repository(out, runtime, model, fetch_model(model), dtype)}")
 
 
-def _source_counts(spec: str) -> dict[str, int]:
-    """'stdlib=256,pydoc=64' -> {'stdlib': 256, 'pydoc': 64}."""
-    return {k: int(v) for k, v in (part.split("=") for part in spec.split(",") if part)}
+def _source_ranges(spec: str) -> dict[str, tuple[int, int]]:
+    """'stdlib=256,pydoc=64:128' -> {'stdlib': (0, 256), 'pydoc': (64, 128)}: each source's slice of its
+    shuffled split, so a later set can take the prompts after an earlier one's."""
+    ranges = {}
+    for part in filter(None, spec.split(",")):
+        source, _, value = part.partition("=")
+        bounds = value.split(":")
+        if not (source and 1 <= len(bounds) <= 2 and all(b.isdigit() for b in bounds)
+                and int(bounds[0]) <= int(bounds[-1])):
+            raise click.BadParameter(f"{part!r}: expected SOURCE=COUNT or SOURCE=START:STOP (stdlib=256,pydoc=64:128)")
+        ranges[source] = (int(bounds[0]), int(bounds[1])) if len(bounds) == 2 else (0, int(bounds[0]))
+    return ranges
 
 
 def _data_options(train: bool = True):
@@ -333,8 +342,9 @@ def _data_options(train: bool = True):
     for the calib split alone, calibrate)."""
     options = [
         click.option("--train-prompts", multiple=True, default=(TRAIN_PROMPTS,), show_default=True,
-                     help="Prompts per source, optionally with their own answer temperatures after '@' "
-                          "(stdlib_more=1600,stdlib_doc=1160@0). Repeat it to train on several sets at once: "
+                     help="Prompts per source (a count, or START:STOP of the source's shuffled split), optionally "
+                          "with their own answer temperatures after '@' (stdlib_more=1600,stdlib_doc=1160@0). "
+                          "Repeat it to train on several sets at once: "
                           "each is answered and cached on its own, so a set added later reuses the earlier ones."),
     ] if train else []
     options += [
@@ -372,7 +382,7 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
             raise click.BadParameter(f"{prompts_dir} has no {split}.json (write it with `cli.py prompts --out DIR`)",
                                      param_hint="--prompts-dir")
         return SplitData(split, answers, prompts_file=prompts_dir / f"{split}.json")
-    return SplitData(split, answers, per_source=tuple(_source_counts(per_source).items()))
+    return SplitData(split, answers, per_source=tuple(_source_ranges(per_source).items()))
 
 
 def _train_sets(train_prompts: tuple[str, ...], prompts_dir: Path | None, max_new_tokens: int, temperatures: str,
@@ -396,7 +406,7 @@ def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     for split, spec in (("train", train_prompts), ("calib", calib_prompts)):
-        items = [p.__dict__ for p in build_prompts(split, _source_counts(spec))]
+        items = [p.__dict__ for p in build_prompts(split, _source_ranges(spec))]
         (out / f"{split}.json").write_text(json.dumps(items) + "\n")
         click.echo(f"{split}: {len(items)} prompts -> {out / f'{split}.json'}")
 

@@ -81,6 +81,24 @@ def test_prompt_splits_are_disjoint_and_deterministic() -> None:
     assert split_of("stdlib:json/decoder.py:f:1") == split_of("stdlib:json/decoder.py:f:1")
 
 
+def test_a_later_set_takes_the_prompts_after_an_earlier_one() -> None:
+    import click
+
+    from cli import _source_ranges
+
+    first = build_prompts("train", _source_ranges("chat_tmpl=12,humaneval=5"))
+    later = build_prompts("train", _source_ranges("chat_tmpl=12:30,humaneval=5:9"))
+    both = build_prompts("train", _source_ranges("chat_tmpl=30,humaneval=9"))
+    assert len(first) == 17 and len(later) == 22 and not {p.text for p in first} & {p.text for p in later}
+    assert sorted(p.text for p in first + later) == sorted(p.text for p in both)
+    # templated arithmetic draws from a pool that grows with the count: still disjoint, STOP - START of them
+    first, later = (build_prompts("train", _source_ranges(spec)) for spec in ("math_tmpl=40", "math_tmpl=40:100"))
+    assert len(first) == 40 and len(later) == 60 and not {p.text for p in first} & {p.text for p in later}
+    for bad in ("chat_tmpl", "chat_tmpl=x", "chat_tmpl=9:3", "chat_tmpl=-1", "chat_tmpl=1:2:3"):
+        with pytest.raises(click.BadParameter, match="SOURCE=COUNT or SOURCE=START:STOP"):
+            _source_ranges(bad)
+
+
 def test_added_standard_library_sources_are_new_prompts_and_leave_the_benchmark_alone() -> None:
     first, more = source_items("stdlib", 0), source_items("stdlib_more", 0)
     assert len(more) > len(first) > 1000
@@ -100,7 +118,7 @@ def test_training_sets_take_their_own_answer_temperatures(tmp_path) -> None:
 
     default, own = _train_sets(("chat_tmpl=4", "stdlib_doc=3@0,0.7"), None, 32, "1", 16)
     assert default.answers.temperatures == (1.0,) and own.answers.temperatures == (0.0, 0.7)
-    assert dict(own.per_source) == {"stdlib_doc": 3} and own.split == "train"
+    assert dict(own.per_source) == {"stdlib_doc": (0, 3)} and own.split == "train"
     (tmp_path / "train.json").write_text("[]")
     with pytest.raises(click.BadParameter, match="one training set"):
         _train_sets(("chat_tmpl=4", "math_tmpl=4"), tmp_path, 32, "0", 16)

@@ -33,7 +33,7 @@ class SplitData:
 
     split: str
     answers: AnswerSpec
-    per_source: tuple[tuple[str, int], ...] = ()
+    per_source: tuple[tuple[str, int | tuple[int, int]], ...] = ()
     prompts_file: Path | None = None
 
     @functools.cached_property

@@ -258,15 +258,26 @@ def source_items(source: str, max_items: int) -> list[tuple[str, str]]:
     raise ValueError(f"unknown prompt source {source!r}; expected one of {sorted(SOURCE_DOMAINS)}")
 
 
-def build_prompts(split: str, per_source: dict[str, int], seed: int = 0) -> list[Prompt]:
-    """Up to ``per_source[s]`` prompts of each source in one split, drawn deterministically."""
+def _drawn(split: str, source: str, count: int, seed: int) -> list[str]:
+    """The first ``count`` prompt texts of one source in one split, in a deterministic shuffled order."""
+    items = [(k, t) for k, t in source_items(source, count) if split_of(k) == split]
+    random.Random(f"{source}-{split}-{seed}").shuffle(items)
+    return [text for _, text in items[:count]]
+
+
+def build_prompts(split: str, per_source: dict[str, int | tuple[int, int]], seed: int = 0) -> list[Prompt]:
+    """Up to ``per_source[s]`` prompts of each source in one split, drawn deterministically: a count, or
+    (start, stop), ``stop - start`` of the first ``stop`` that are not among the first ``start`` (a set
+    that extends an earlier one without repeating it; templated arithmetic draws from a pool that grows
+    with the count, so its slice is not the tail of one ``stop`` draw)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     prompts = []
     for source, count in per_source.items():
-        items = [(k, t) for k, t in source_items(source, count) if split_of(k) == split]
-        random.Random(f"{source}-{split}-{seed}").shuffle(items)
-        prompts += [Prompt(SOURCE_DOMAINS[source], source, text) for _, text in items[:count]]
+        start, stop = count if isinstance(count, tuple) else (0, count)
+        earlier = set(_drawn(split, source, start, seed)) if start else set()
+        texts = [text for text in _drawn(split, source, stop, seed) if text not in earlier][: stop - start]
+        prompts += [Prompt(SOURCE_DOMAINS[source], source, text) for text in texts]
     return prompts
 
 
