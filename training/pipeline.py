@@ -99,7 +99,10 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
     and draft vocabulary, and the shape arguments (and ``rope``) are unused; without it,
     ``layers_from_target`` starts the layers from the target's top layers (``training.layer_init``)."""
-    target = load_transformer(fetch_model(target_name))
+    # Training reads only the target's embeddings, LM head, norms and (optionally) top layers, in bf16 as
+    # the data was generated: a float32 copy of a 1.5B target is 6 GB that a second run or a data worker
+    # beside it lacks.
+    target = load_transformer(fetch_model(target_name), GENERATION_DTYPE)
     if init_dir is not None and layers_from_target:
         raise TrainSetupError("a run starts from --init's weights or from the target's layers, not both")
     if init_dir is not None:
