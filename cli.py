@@ -449,6 +449,8 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per step.")
 @click.option("--anchors", default=48, show_default=True, help="Anchor blocks per sequence, drawn without replacement.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (cosine decay to 0).")
+@click.option("--ce-weight", default=0.1, show_default=True,
+              help="Weight of the cross-entropy term beside the L1 distance's 0.9 (the paper's 0.1).")
 @click.option("--layers", default=2, show_default=True, help="Drafter layers (EAGLE-3 has one).")
 @click.option("--intermediate-size", default=1024, show_default=True, help="Drafter FFN width.")
 @click.option("--markov-rank", default=32, show_default=True)
@@ -475,7 +477,7 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Start a new run from this drafter's weights, shape and draft vocabulary (e.g. one trained on a GPU "
                    "host with other data); the shape options are then unused.")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
-          layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str, layers_from_target: bool,
+          ce_weight: float, layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str, layers_from_target: bool,
           train_prompts: tuple[str, ...],
           calib_prompts: str,
           prompts_dir: Path | None, max_new_tokens: int, answer_temperatures: str, generation_batch: int,
@@ -485,6 +487,7 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
     import torch
 
     from hub.fetch import cache_dir
+    from training.losses import LossWeights
     from training.pipeline import TrainSetupError, run_training
     from training.train import TrainConfig
 
@@ -494,7 +497,8 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
     if steps is None and max_minutes is None:
         steps = TrainConfig.steps
     cfg = TrainConfig(steps=steps, batch_size=batch_size, anchors=anchors, lr=lr, max_minutes=max_minutes,
-                      eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16)
+                      eval_every=eval_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16,
+                      loss=LossWeights(ce=ce_weight))
     train_sets = _train_sets(train_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
     calib = _split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
     try:

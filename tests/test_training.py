@@ -255,8 +255,9 @@ def test_a_run_can_start_from_another_drafters_weights(tmp_path) -> None:
     target = tiny_target()
     config = default_config("dspark", target, intermediate_size=48, markov_rank=8, draft_vocab_size=48)
     train = _tiny_data(target, config.tap_layers, 8, 0)
-    cfg = TrainConfig(steps=5, batch_size=4, anchors=6, max_len=64)
+    cfg = TrainConfig(steps=5, batch_size=4, anchors=6, max_len=64, loss=LossWeights(ce=1.0))
     first = train_drafter(target, config, train, tmp_path / "a", cfg, draft_vocab=torch.arange(2, 50), progress=False)
+    assert first["loss_weights"] == {"ce": 1.0, "l1": 0.9, "confidence": 1.0, "decay": 4.0}  # the recipe it ran
     init = {k: v.clone() for k, v in first["drafter"].state_dict().items()}
     started = train_drafter(target, config, train, tmp_path / "b", TrainConfig(**{**cfg.__dict__, "steps": 0}),
                             draft_vocab=torch.arange(2, 50), progress=False, init=init)["drafter"]

@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -242,7 +242,8 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     checkpoint()
     bar.close()
     drafter.eval()
-    return {"steps": step, "minutes": round(elapsed / 60, 1), "final": history[-1] if history else None,
+    return {"steps": step, "minutes": round(elapsed / 60, 1), "loss_weights": asdict(cfg.loss),
+            "final": history[-1] if history else None,
             "heldout": evals[-1] if evals else None, "drafter": drafter}
 
 
