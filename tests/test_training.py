@@ -2,6 +2,7 @@
 survival, a few hundred steps raise held-out acceptance, and a resumed run is the same run."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -18,8 +19,10 @@ from training.layer_init import check_layers_fit, init_layers_from_target
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import BENCHMARK_SOURCES, build_prompts, domain_prompts, source_items, split_of
 from training.train import (
+    RECENT_SPANS,
     STATE_FILE,
     TrainConfig,
+    block_targets,
     calibrate_confidence,
     evaluate,
     heldout_batches,
@@ -369,3 +372,42 @@ def test_train_refuses_target_layers_it_cannot_take_with_a_one_line_error(tmp_pa
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # click's error, not a traceback
     assert "Error: --layers-from-target: only block drafters (dspark, dflash) take the target's layers" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_recent_attention_reports_the_share_on_the_positions_just_before_each_anchor() -> None:
+    """With zero queries a block's attention is uniform over what it sees: the a context positions
+    before its anchor and its own W slots, so the last d positions hold min(d, a) / (a + W)."""
+    target = tiny_target()
+    config = default_config("dspark", target, num_layers=2, intermediate_size=48, markov_rank=8)
+    torch.manual_seed(0)
+    drafter = build_drafter(config, target)
+    for layer in drafter.layers:
+        torch.nn.init.zeros_(layer.q_proj.weight)
+    cfg = TrainConfig(batch_size=4, anchors=6, max_len=64)
+    batches = heldout_batches(_tiny_data(target, config.tap_layers, 8, 1), cfg, config.block_size)
+    W = config.block_size
+    expected = {}
+    for span in RECENT_SPANS:
+        shares = [min(span, int(a)) / (int(a) + W) for b in batches for a, w in zip(b.anchors.flatten(), b.weight.flatten()) if w > 0]
+        expected[f"last_{span}"] = sum(shares) / len(shares)
+    figures = evaluate(drafter, batches, cfg)["recent_attention"]
+    for name, share in expected.items():
+        assert figures[name] == pytest.approx([share] * config.num_layers, abs=1e-4)
+    assert 0 < expected["last_1"] < expected["last_16"] < 1
+
+
+def test_bf16_training_scores_the_target_in_bf16_close_to_float32(tmp_path) -> None:
+    """Under bf16 autocast the target's log-probabilities come from a bf16 product (as the target
+    computed them when it answered): within bf16 rounding of float32's, same labels, and a bf16 run trains."""
+    target = tiny_target()
+    config = default_config("dspark", target, num_layers=2, intermediate_size=48, markov_rank=8, draft_vocab_size=48)
+    data = _tiny_data(target, config.tap_layers, 8, 0)
+    cfg = TrainConfig(steps=20, batch_size=4, anchors=6, lr=3e-3, warmup=5, checkpoint_every=1000, max_len=64, bf16=True)
+    result = train_drafter(target, config, data, tmp_path, cfg, draft_vocab=torch.arange(2, 50), progress=False)
+    batch = heldout_batches(data, cfg, config.block_size)[0]
+    labels, exact = block_targets(result["drafter"], batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same, fast = block_targets(result["drafter"], batch)
+    assert fast.dtype == torch.float32 and torch.equal(labels, same)
+    assert (fast - exact).abs().max() < 0.05 * exact.abs().max() and not torch.equal(fast, exact)
+    assert result["steps"] == 20 and math.isfinite(result["final"]["loss"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.drafters import DrafterConfig, build_drafter, save_drafter
+from models.drafters import BlockDrafter, DrafterConfig, build_drafter, save_drafter
 from models.drafters.dspark import GREEDY, SAMPLED
 from models.transformer import Transformer
 from training.calibration import (
@@ -107,13 +107,15 @@ def make_batch(seqs: list[Sequence], cfg: TrainConfig, block: int, gen: torch.Ge
 
 def block_targets(drafter, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels [B, A, W] as draft-vocabulary ids (-1 outside) and the target's log-probabilities of the
-    draft vocabulary [B, A, W, Vd] (normalised over the full vocabulary)."""
+    draft vocabulary [B, A, W, Vd] (normalised over the full vocabulary), float32. Under bf16 autocast
+    the head's product runs in bf16, as the target computed the logits its stored log-partitions
+    come from (4x faster than float32 on an AVX512-BF16 core, a fifth of a 1.5B drafter's step)."""
     W = batch.final_hidden.shape[2]
     pos = batch.anchors.unsqueeze(-1) + torch.arange(W, device=batch.anchors.device)
     labels = batch.tokens.gather(1, (pos + 1).flatten(1)).view_as(pos)
     with torch.no_grad():
         head = drafter.draft_head().float()
-        logprobs = batch.final_hidden @ head.T - batch.target_lse.unsqueeze(-1)
+        logprobs = (batch.final_hidden @ head.T).float() - batch.target_lse.unsqueeze(-1)
     return drafter.to_draft_ids(labels), logprobs
 
 
@@ -133,24 +135,67 @@ def _autocast(cfg: TrainConfig):
     return contextlib.nullcontext()
 
 
+RECENT_SPANS = (1, 16)  # context positions just before an anchor whose attention share evaluate() reports
+
+
 @torch.no_grad()
 def evaluate(drafter, batches: list[Batch], cfg: TrainConfig) -> dict:
-    """Teacher-forced held-out figures: tokens per round at T=1 and T=0, per-position acceptance."""
+    """Teacher-forced held-out figures: tokens per round at T=1 and T=0, per-position acceptance, and
+    for block drafters the share of each layer's attention on the last 1 and 16 context positions
+    before the anchor ("recent_attention"): a drafter that uses the target's features well looks
+    there (the SmolLM2 drafter's second layer puts ~0.4 on the last one after 1,100 steps)."""
     drafter.eval()
     taus, greedy, accept = [], [], []
+    block_drafter = isinstance(drafter, BlockDrafter)
+    recent = RecentAttention(drafter.config.num_layers, drafter.config.block_size)
     for batch in batches:
         batch = batch.to(cfg.device)
-        labels, logprobs = block_targets(drafter, batch)
         with _autocast(cfg):
-            logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors)
+            labels, logprobs = block_targets(drafter, batch)
+            if block_drafter:
+                logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors, recent.observer(batch))
+            else:
+                logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors)
         out = drafter_loss(logits.flatten(0, 1), logprobs.flatten(0, 1), labels.flatten(0, 1),
                            None, cfg.loss, batch.weight.flatten())
         taus.append(out.tau)
         greedy.append(out.tau_greedy)
         accept.append(out.accept)
     drafter.train()
-    return {"tau": sum(taus) / len(taus), "tau_greedy": sum(greedy) / len(greedy),
-            "accept": [round(float(a), 4) for a in torch.stack(accept).mean(0)]}
+    figures = {"tau": sum(taus) / len(taus), "tau_greedy": sum(greedy) / len(greedy),
+               "accept": [round(float(a), 4) for a in torch.stack(accept).mean(0)]}
+    if block_drafter:
+        figures["recent_attention"] = recent.shares()
+    return figures
+
+
+class RecentAttention:
+    """Accumulates, per drafter layer, the attention share of valid blocks' queries (mean over heads
+    and block positions) on the last d context positions before their anchor, for d in RECENT_SPANS."""
+
+    def __init__(self, num_layers: int, block_size: int) -> None:
+        self.block = block_size
+        self.mass = torch.zeros(len(RECENT_SPANS), num_layers, dtype=torch.float64)
+        self.queries = torch.zeros(num_layers, dtype=torch.float64)
+
+    def observer(self, batch: Batch):
+        S = batch.tokens.shape[1]
+        anchors = batch.anchors.repeat_interleave(self.block, dim=1)  # [B, A*W]
+        valid = (batch.weight > 0).repeat_interleave(self.block, dim=1)
+        distance = anchors.unsqueeze(-1) - torch.arange(S, device=anchors.device)  # 1 = just before the anchor
+
+        def observe(layer: int, probs: torch.Tensor) -> None:  # probs [B, heads, A*W, S + A*W]
+            on_context = probs[..., :S].mean(1)  # [B, A*W, S]
+            for i, span in enumerate(RECENT_SPANS):
+                near = (distance >= 1) & (distance <= span)
+                self.mass[i, layer] += float((on_context * near).sum(-1)[valid].sum())
+            self.queries[layer] += float(valid.sum())
+
+        return observe
+
+    def shares(self) -> dict[str, list[float]]:
+        share = self.mass / self.queries.clamp_min(1)
+        return {f"last_{span}": [round(float(x), 4) for x in share[i]] for i, span in enumerate(RECENT_SPANS)}
 
 
 def heldout_batches(heldout: list[Sequence], cfg: TrainConfig, block: int) -> list[Batch]:
@@ -217,8 +262,8 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
             group["lr"] = learning_rate(cfg, step, elapsed)
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen).tolist()
         batch = make_batch([train[i] for i in idx], cfg, block, gen).to(cfg.device)
-        labels, logprobs = block_targets(drafter, batch)
         with _autocast(cfg):
+            labels, logprobs = block_targets(drafter, batch)
             logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors)
         out = drafter_loss(logits.flatten(0, 1), logprobs.flatten(0, 1), labels.flatten(0, 1),
                            None if conf is None else conf.flatten(0, 1).float(), cfg.loss, batch.weight.flatten())

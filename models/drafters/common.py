@@ -206,13 +206,9 @@ class DrafterLayer(nn.Module):
                                                    dtype, self.signed_rope)
         return table[0][positions].unsqueeze(-2), table[1][positions].unsqueeze(-2)
 
-    def forward(self, x: torch.Tensor, a: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
-                ctx_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: residual [B, Q, H]; a: attention input [B, Q, attn_in]; ctx_k/v: [B, kv_heads, S, D];
-        mask: bool [B, 1, Q, S + Q] over context then these queries' own keys (None: all visible).
-        Returns the new residual and this call's own keys/values [B, kv_heads, Q, D]."""
+    def _heads(self, a: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, Q, H, D] and keys/values [B, kv_heads, Q, D] (RoPE applied) of attention inputs a [B, Q, attn_in]."""
         a = rms_norm(a, self.attn_norm, self.eps)
-        B, Q = x.shape[:2]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self._qkv is not None:
             q, k, v = self._qkv(a).unflatten(-1, (H + 2 * Hkv, D)).split([H, Hkv, Hkv], dim=-2)
@@ -222,7 +218,27 @@ class DrafterLayer(nn.Module):
             v = self.v_proj(a).unflatten(-1, (Hkv, D))
         cos, sin = self.rope_cos_sin(positions, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return q, k.transpose(1, 2), v.transpose(1, 2)
+
+    def attention_probs(self, a: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention weights forward() uses, [B, H, Q, S + Q] over context then own keys (float32);
+        arguments as forward's. For diagnostics: where the drafter looks."""
+        q, k, _ = self._heads(a, positions)
+        keys = torch.cat([ctx_k, k], dim=2).repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        scores = torch.einsum("bqhd,bhkd->bhqk", q.float(), keys.float()) / self.head_dim ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
+                ctx_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: residual [B, Q, H]; a: attention input [B, Q, attn_in]; ctx_k/v: [B, kv_heads, S, D];
+        mask: bool [B, 1, Q, S + Q] over context then these queries' own keys (None: all visible).
+        Returns the new residual and this call's own keys/values [B, kv_heads, Q, D]."""
+        B, Q = x.shape[:2]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self._heads(a, positions)
         keys = torch.cat([ctx_k, k], dim=2)
         values = torch.cat([ctx_v, v], dim=2)
         # GQA without repeating K/V: the G query heads sharing a KV head are folded into the query

@@ -30,6 +30,8 @@ from models.drafters.common import (
 from models.projection import KernelPlan, Linear
 from models.transformer import rms_norm
 
+# observe(layer index, attention weights [B, heads, queries, context + queries]): see BlockDrafter.backbone
+AttentionObserver = Callable[[int, torch.Tensor], None]
 GREEDY, SAMPLED = 0, 1  # rows of the confidence temperatures: the two regimes the server verifies in
 
 
@@ -89,11 +91,12 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
         state.lengths.index_add_(0, torch.tensor([int(s) for s in slots]), torch.tensor([int(n) for n in num_new]))
 
     def backbone(self, anchor_tokens: torch.Tensor, anchor_pos: torch.Tensor, ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                 ctx_mask: torch.Tensor) -> torch.Tensor:
+                 ctx_mask: torch.Tensor, observe: AttentionObserver | None = None) -> torch.Tensor:
         """Hidden states [B, A, W, H] of A blocks per row.
 
         anchor_tokens/anchor_pos: [B, A]; ctx_kv: per layer keys/values [B, kv_heads, S, D];
-        ctx_mask: bool [B, A, S], which context positions each block may see.
+        ctx_mask: bool [B, A, S], which context positions each block may see. ``observe(layer index,
+        attention weights [B, heads, A*W, S + A*W])`` sees each layer's attention (diagnostics).
         """
         B, A = anchor_tokens.shape
         W, H = self.config.block_size, self.config.hidden_size
@@ -107,7 +110,9 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             block_of = torch.arange(A * W, device=x.device) // W
             own = (block_of[:, None] == block_of[None, :]).expand(B, 1, A * W, A * W)
             mask = torch.cat([ctx_mask.repeat_interleave(W, dim=1).unsqueeze(1), own], dim=-1)
-        for layer, (k, v) in zip(self.layers, ctx_kv):
+        for i, (layer, (k, v)) in enumerate(zip(self.layers, ctx_kv)):
+            if observe is not None:
+                observe(i, layer.attention_probs(x, positions, k, mask))
             x, _, _ = layer(x, x, positions, k, v, mask)
         return rms_norm(x, self.norm, self.config.rms_norm_eps).view(B, A, W, H)
 
@@ -144,17 +149,18 @@ class BlockDrafter(DraftVocabMixin, nn.Module):
             logits = logits + self.markov_bias(prev_tokens, self.markov_out()).float()
         return logits
 
-    def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
+                      observe: AttentionObserver | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training pass over whole sequences: features [B, S, taps*H], tokens [B, S], anchors [B, A]
         (each anchor + block_size < S). Returns logits [B, A, W, Vd] over the draft vocabulary for tokens anchor+1..anchor+W
-        and confidence logits [B, A, W] (None without the head)."""
+        and confidence logits [B, A, W] (None without the head); ``observe`` as in ``backbone``."""
         B, S = tokens.shape
         W = self.config.block_size
         ctx = self.context(features)
         pos = torch.arange(S, device=ctx.device).expand(B, S)
         ctx_kv = [tuple(t.transpose(1, 2) for t in layer.key_values(ctx, pos)) for layer in self.layers]
         ctx_mask = torch.arange(S, device=ctx.device)[None, None, :] < anchors.unsqueeze(-1)
-        hidden = self.backbone(tokens.gather(1, anchors), anchors, ctx_kv, ctx_mask)
+        hidden = self.backbone(tokens.gather(1, anchors), anchors, ctx_kv, ctx_mask, observe)
         prev = tokens.gather(1, (anchors.unsqueeze(-1) + torch.arange(W, device=anchors.device)).flatten(1)).view_as(hidden[..., 0])
         logits = self.block_logits(hidden, prev)
         conf = self.confidence_logits(hidden, prev) if self.config.confidence else None
