@@ -457,6 +457,9 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
 @click.option("--block-size", default=7, show_default=True)
 @click.option("--rope", type=click.Choice(["standard", "unsigned_sin"]), default="standard", show_default=True,
               help="Drafter positions: rotary, or the first drafters' transform (for A/B runs against them).")
+@click.option("--qk-norm/--no-qk-norm", default=None,
+              help="Per-head RMSNorm on the drafter's queries and keys, as the paper's drafters have "
+                   "(default: on; off with --layers-from-target, whose layers have none).")
 @click.option("--layers-from-target", is_flag=True,
               help="Start the drafter's layers from the target's top layers instead of random weights "
                    "(block drafters; an FFN narrower than the target's keeps its strongest units).")
@@ -477,7 +480,8 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Start a new run from this drafter's weights, shape and draft vocabulary (e.g. one trained on a GPU "
                    "host with other data); the shape options are then unused.")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
-          ce_weight: float, layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str, layers_from_target: bool,
+          ce_weight: float, layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str,
+          qk_norm: bool | None, layers_from_target: bool,
           train_prompts: tuple[str, ...],
           calib_prompts: str,
           prompts_dir: Path | None, max_new_tokens: int, answer_temperatures: str, generation_batch: int,
@@ -504,7 +508,7 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
     try:
         result = run_training(kind, target, out, cfg, train_sets, calib, torch.bfloat16 if export_bf16 else None,
                               draft_vocab, layers, intermediate_size, markov_rank, block_size, generate=not no_generate,
-                              init_dir=init_dir, rope=rope, layers_from_target=layers_from_target)
+                              init_dir=init_dir, rope=rope, layers_from_target=layers_from_target, qk_norm=qk_norm)
     except TrainSetupError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result, indent=2))

@@ -60,6 +60,8 @@ def _key_values(layer, a: torch.Tensor, positions: torch.Tensor) -> tuple[torch.
     """DrafterLayer.key_values in export ops: keys (positions applied as the drafter does) and values."""
     k = F.linear(a, layer.k_proj.weight).unflatten(-1, (layer.num_kv_heads, layer.head_dim))
     v = F.linear(a, layer.v_proj.weight).unflatten(-1, (layer.num_kv_heads, layer.head_dim))
+    if layer.k_norm is not None:
+        k = rms_norm(k, layer.k_norm, layer.eps)
     return layer.rope(k, positions), v
 
 
@@ -98,7 +100,10 @@ class BlockStep(nn.Module):
         H, Hkv, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
         G = H // Hkv
         a = rms_norm(x, layer.attn_norm, layer.eps)
-        q = layer.rope(F.linear(a, layer.q_proj.weight).unflatten(-1, (H, D)), positions)
+        q = F.linear(a, layer.q_proj.weight).unflatten(-1, (H, D))
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, layer.eps)
+        q = layer.rope(q, positions)
         k, v = _key_values(layer, a, positions)  # [B, W, Hkv, D]
         # grouped-query attention with the G query heads of a KV head folded into the query length
         qg = q.reshape(B, W, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * W, D)

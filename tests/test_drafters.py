@@ -319,3 +319,36 @@ def test_drafter_positions_rotate_keys_so_attention_depends_on_distance(target) 
     del legacy["rope"]
     assert DrafterConfig.from_json(json.dumps(legacy)).rope == "unsigned_sin"
     assert DrafterConfig.from_json(saved).rope == "standard"
+
+
+def test_qk_norm_makes_attention_independent_of_the_query_and_key_scale(target, tmp_path) -> None:
+    """With per-head q/k norms (the default) scaling a layer's query and key projections leaves the
+    drafted block unchanged; without them it changes the attention. Checkpoints saved before the
+    field load with the norms off."""
+    anchors, pos = torch.tensor([[3, 9]]), torch.tensor([[4, 6]])
+    ctx = torch.randn(1, 8, 32)
+    mask = torch.arange(8)[None, None, :] < pos.unsqueeze(-1)
+
+    def blocks(drafter, scale: float) -> torch.Tensor:
+        with torch.no_grad():
+            for layer in drafter.layers:
+                layer.q_proj.weight.mul_(scale)
+                layer.k_proj.weight.mul_(scale)
+        kv = [tuple(t.transpose(1, 2) for t in layer.key_values(ctx, torch.arange(8).expand(1, 8))) for layer in drafter.layers]
+        return drafter.backbone(anchors, pos, kv, mask)
+
+    normed = drafter_for("dspark", target)
+    assert normed.config.qk_norm and normed.layers[0].q_norm is not None
+    torch.testing.assert_close(blocks(drafter_for("dspark", target), 1.0), blocks(normed, 5.0), atol=1e-4, rtol=1e-4)
+    plain_config = default_config("dspark", target, intermediate_size=48, markov_rank=8, qk_norm=False)
+    torch.manual_seed(1)
+    plain, plain_scaled = build_drafter(plain_config, target), build_drafter(plain_config, target)
+    plain_scaled.load_state_dict(plain.state_dict())
+    assert not torch.allclose(blocks(plain, 1.0), blocks(plain_scaled, 5.0), atol=1e-3)
+
+    legacy = json.loads(normed.config.to_json())
+    del legacy["qk_norm"]
+    old = build_drafter(DrafterConfig.from_json(json.dumps(legacy)), target)
+    assert not old.config.qk_norm and not any("q_norm" in name for name in old.state_dict())
+    save_drafter(old, tmp_path)
+    assert not load_drafter(tmp_path, target).config.qk_norm

@@ -342,7 +342,8 @@ def test_data_generation_training_and_calibration_run_on_cuda(tmp_path) -> None:
 
 def test_drafter_layers_start_from_the_targets_top_layers() -> None:
     target = tiny_target()  # 4 layers, FFN 64
-    full = build_drafter(default_config("dspark", target, num_layers=2, intermediate_size=64, markov_rank=8), target)
+    full = build_drafter(default_config("dspark", target, num_layers=2, intermediate_size=64, markov_rank=8, qk_norm=False),
+                         target)
     assert init_layers_from_target(full, target) == [2, 3]
     x = torch.randn(5, 32)
     for mine, theirs in zip(full.layers, target.layers[2:]):
@@ -350,12 +351,15 @@ def test_drafter_layers_start_from_the_targets_top_layers() -> None:
         gate, up = mine.gate_up(x).chunk(2, -1)
         their_gate, their_up = (x @ theirs.gate_up_proj.T).chunk(2, -1)
         torch.testing.assert_close(mine.down(F.silu(gate) * up), (F.silu(their_gate) * their_up) @ theirs.down_proj.T)
-    narrow = build_drafter(default_config("dflash", target, num_layers=1, intermediate_size=16), target)
+    narrow = build_drafter(default_config("dflash", target, num_layers=1, intermediate_size=16, qk_norm=False), target)
     init_layers_from_target(narrow, target)
     strongest = target.layers[3].down_proj.norm(dim=0).topk(16).indices.sort().values
     torch.testing.assert_close(narrow.layers[0].down.weight, target.layers[3].down_proj[:, strongest])
     with pytest.raises(ValueError, match="wider"):
-        init_layers_from_target(build_drafter(default_config("dspark", target, intermediate_size=96, markov_rank=8),
+        init_layers_from_target(build_drafter(default_config("dspark", target, intermediate_size=96, markov_rank=8,
+                                                             qk_norm=False), target), target)
+    with pytest.raises(ValueError, match="q/k norms, which the target's lack"):
+        init_layers_from_target(build_drafter(default_config("dspark", target, intermediate_size=64, markov_rank=8),
                                               target), target)
     with pytest.raises(ValueError, match="block drafters"):
         init_layers_from_target(build_drafter(default_config("eagle3", target, intermediate_size=64), target), target)

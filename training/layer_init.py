@@ -16,8 +16,8 @@ from models.transformer import Transformer
 
 def check_layers_fit(config: DrafterConfig, target: TransformerConfig) -> None:
     """Raise ValueError when the target's top layers cannot start this drafter's: not a block drafter,
-    another head geometry or hidden size, a wider FFN or more layers than the target's, or attention
-    terms the drafter layer lacks (biases, q/k norms)."""
+    another head geometry or hidden size, a wider FFN or more layers than the target's, attention
+    terms the drafter layer lacks (biases, q/k norms), or q/k norms the target's layers lack."""
     if config.kind not in ("dspark", "dflash"):
         raise ValueError(f"only block drafters (dspark, dflash) take the target's layers, not {config.kind}")
     if (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) != (
@@ -29,6 +29,8 @@ def check_layers_fit(config: DrafterConfig, target: TransformerConfig) -> None:
         raise ValueError(f"the target has only {target.num_layers} layers for {config.num_layers} drafter layers")
     if target.attention_bias or target.o_proj_bias or target.qk_norm:
         raise ValueError("the target's attention has biases or q/k norms, which the drafter layer lacks")
+    if config.qk_norm:
+        raise ValueError("the drafter's layers have q/k norms, which the target's lack (build it with qk_norm off)")
 
 
 @torch.no_grad()

@@ -88,7 +88,7 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
                  num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
                  generate: bool = True, init_dir: Path | None = None, rope: str = "standard",
-                 layers_from_target: bool = False) -> dict:
+                 layers_from_target: bool = False, qk_norm: bool | None = None) -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
     ``draft_vocab_size`` most frequent answer tokens (0 = the full vocabulary); DSpark also gets its
     confidences calibrated (STS, per regime). The calib split gives the held-out figures. The training
@@ -97,8 +97,9 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     training sets are the shards generated so far; a resumed run keeps the
     draft vocabulary it started with. Missing data is generated on ``cfg.device``. With ``init_dir``
     (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
-    and draft vocabulary, and the shape arguments (and ``rope``) are unused; without it,
-    ``layers_from_target`` starts the layers from the target's top layers (``training.layer_init``)."""
+    and draft vocabulary, and the shape arguments (``rope``, ``qk_norm``) are unused; without it,
+    ``layers_from_target`` starts the layers from the target's top layers (``training.layer_init``).
+    ``qk_norm`` None: on, except for layers taken from a target without q/k norms."""
     # Training reads only the target's embeddings, LM head, norms and (optionally) top layers, in bf16 as
     # the data was generated: a float32 copy of a 1.5B target is 6 GB that a second run or a data worker
     # beside it lacks.
@@ -112,7 +113,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     else:
         config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                                  intermediate_size=intermediate_size, markov_rank=markov_rank,
-                                 draft_vocab_size=draft_vocab_size, rope=rope)
+                                 draft_vocab_size=draft_vocab_size, rope=rope,
+                                 qk_norm=not layers_from_target if qk_norm is None else qk_norm)
         if layers_from_target:  # checked before any data loads
             try:
                 check_layers_fit(config, target.config)

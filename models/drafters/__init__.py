@@ -43,7 +43,7 @@ def default_tap_layers(num_layers: int) -> tuple[int, ...]:
 
 def default_config(kind: str, target: Transformer, target_name: str = "", block_size: int = 7,
                    num_layers: int = 1, intermediate_size: int = 1024, markov_rank: int = 32,
-                   draft_vocab_size: int = 0, rope: str = "standard") -> DrafterConfig:
+                   draft_vocab_size: int = 0, rope: str = "standard", qk_norm: bool = True) -> DrafterConfig:
     """A small drafter for a target: low/mid/high taps, the target's head geometry and RoPE base."""
     t = target.config
     n = t.num_layers
@@ -53,7 +53,7 @@ def default_config(kind: str, target: Transformer, target_name: str = "", block_
         head_dim=t.head_dim, intermediate_size=intermediate_size, tap_layers=default_tap_layers(n),
         block_size=block_size, markov_rank=markov_rank if kind == "dspark" else 0, confidence=kind == "dspark",
         rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, target=target_name, draft_vocab_size=draft_vocab_size,
-        rope=rope,
+        rope=rope, qk_norm=qk_norm,
     )
 
 
