@@ -183,11 +183,11 @@ class RecentAttention:
         anchors = batch.anchors.repeat_interleave(self.block, dim=1)  # [B, A*W]
         valid = (batch.weight > 0).repeat_interleave(self.block, dim=1)
         distance = anchors.unsqueeze(-1) - torch.arange(S, device=anchors.device)  # 1 = just before the anchor
+        nears = [(distance >= 1) & (distance <= span) for span in RECENT_SPANS]  # the same for every layer
 
         def observe(layer: int, probs: torch.Tensor) -> None:  # probs [B, heads, A*W, S + A*W]
             on_context = probs[..., :S].mean(1)  # [B, A*W, S]
-            for i, span in enumerate(RECENT_SPANS):
-                near = (distance >= 1) & (distance <= span)
+            for i, near in enumerate(nears):
                 self.mass[i, layer] += float((on_context * near).sum(-1)[valid].sum())
             self.queries[layer] += float(valid.sum())
 
