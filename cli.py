@@ -459,7 +459,8 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Drafter positions: rotary, or the first drafters' transform (for A/B runs against them).")
 @click.option("--qk-norm/--no-qk-norm", default=None,
               help="Per-head RMSNorm on the drafter's queries and keys, as the paper's drafters have "
-                   "(default: on; off with --layers-from-target, whose layers have none).")
+                   "(default: on; off with --layers-from-target, whose layers have none). With --init from a "
+                   "drafter without them, --qk-norm adds them, their gains fitted so it starts where it was.")
 @click.option("--layers-from-target", is_flag=True,
               help="Start the drafter's layers from the target's top layers instead of random weights "
                    "(block drafters; an FFN narrower than the target's keeps its strongest units).")
@@ -478,7 +479,7 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Train on the answer shards generated so far (a fair sample of the mix) instead of finishing them.")
 @click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start a new run from this drafter's weights, shape and draft vocabulary (e.g. one trained on a GPU "
-                   "host with other data); the shape options are then unused.")
+                   "host with other data); the shape options are then unused, except --qk-norm.")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
           ce_weight: float, layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str,
           qk_norm: bool | None, layers_from_target: bool,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from models.drafters import build_drafter, default_config, load_drafter
 from training.calibration import cumulative_survival, expected_calibration_error, sequential_calibration
 from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features
-from training.layer_init import check_layers_fit, init_layers_from_target
+from training.layer_init import check_layers_fit, init_layers_from_target, qk_norm_gains
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import BENCHMARK_SOURCES, build_prompts, domain_prompts, source_items, split_of
 from training.train import (
@@ -367,6 +367,36 @@ def test_drafter_layers_start_from_the_targets_top_layers() -> None:
         check_layers_fit(full.config, replace(target.config, attention_bias=True))
 
 
+def test_qk_norms_added_to_a_trained_drafter_start_close_to_its_attention() -> None:
+    """Norm gains fitted on the drafter's own forward keep its outputs close to the plain drafter's;
+    unit gains (a norm added as a fresh drafter has it) change them over three times more."""
+    target = tiny_target()
+    plain_config = replace(default_config("dspark", target, num_layers=2, intermediate_size=48, markov_rank=8, qk_norm=False),
+                           head_dim=64)  # a real head's width: the rms of a query varies less from token to token
+    torch.manual_seed(0)
+    plain = build_drafter(plain_config, target).eval()
+    with torch.no_grad():
+        for layer, scale in zip(plain.layers, (3.0, 0.3)):  # raw q/k rms far from 1, as a trained drafter's
+            layer.q_proj.weight.mul_(scale)
+            layer.k_proj.weight.mul_(scale)
+    batches = heldout_batches(_tiny_data(target, plain_config.tap_layers, 8, 1), TrainConfig(batch_size=4, anchors=6, max_len=64),
+                              plain_config.block_size)
+    gains = qk_norm_gains(plain, batches[:1])
+    assert sorted(gains) == ["layers.0.k_norm", "layers.0.q_norm", "layers.1.k_norm", "layers.1.q_norm"]
+    normed = build_drafter(replace(plain_config, qk_norm=True), target).eval()
+
+    def error(norms: dict[str, torch.Tensor]) -> float:
+        normed.load_state_dict({**plain.state_dict(), **norms})
+        with torch.no_grad():
+            return max((normed.train_forward(b.features, b.tokens, b.anchors)[0]
+                        - plain.train_forward(b.features, b.tokens, b.anchors)[0]).abs().max().item() for b in batches[1:])
+
+    ones = {name: torch.ones_like(g) for name, g in gains.items()}
+    assert error(gains) < 0.4 * error(ones)  # 0.29 here
+    with pytest.raises(ValueError, match="already has q/k norms"):
+        qk_norm_gains(normed, batches)
+
+
 def test_train_refuses_target_layers_it_cannot_take_with_a_one_line_error(tmp_path, smollm2_dir) -> None:
     from click.testing import CliRunner
 
@@ -375,6 +405,22 @@ def test_train_refuses_target_layers_it_cannot_take_with_a_one_line_error(tmp_pa
     result = CliRunner().invoke(cli.cli, ["train", "--drafter", "eagle3", "--layers-from-target", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # click's error, not a traceback
     assert "Error: --layers-from-target: only block drafters (dspark, dflash) take the target's layers" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_to_take_q_k_norms_out_of_a_drafter_that_has_them(tmp_path, smollm2_dir) -> None:
+    from click.testing import CliRunner
+
+    import cli
+    from models.drafters import save_drafter
+    from models.loading import load_transformer
+
+    target = load_transformer(smollm2_dir)
+    save_drafter(build_drafter(default_config("dspark", target, "smollm2-135m-instruct", intermediate_size=64, markov_rank=8),
+                               target), tmp_path / "normed")
+    result = CliRunner().invoke(cli.cli, ["train", "--drafter", "dspark", "--init", str(tmp_path / "normed"),
+                                          "--no-qk-norm", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "q/k norms: they cannot be taken out" in result.output
     assert not (tmp_path / "run").exists()
 
 

@@ -1,11 +1,16 @@
-"""Initialising a block drafter's layers from the target's top layers, an alternative to the
-paper's random initialisation.
+"""Starting a block drafter's layers from weights other than the paper's random initialisation.
 
-Drafter layer i takes target layer N - L + i: norms, query/key/value and output projections, and
-the FFN. A drafter FFN narrower than the target's keeps the target's units whose down-projection
-columns have the largest norms (the units that write the most into the residual stream).
+From the target's top layers: drafter layer i takes target layer N - L + i: norms, query/key/value
+and output projections, and the FFN. A drafter FFN narrower than the target's keeps the target's
+units whose down-projection columns have the largest norms (the units that write the most into the
+residual stream).
+
+From a trained drafter without per-head q/k norms: the same weights with the norms added, their
+gains fitted so that the normed queries and keys (and so the attention) start close to the old ones.
 """
 from __future__ import annotations
+
+from typing import Iterable, Protocol
 
 import torch
 
@@ -53,3 +58,47 @@ def init_layers_from_target(drafter: BlockDrafter, target: Transformer) -> list[
         mine.gate_up.weight.copy_(torch.cat([gate[keep], up[keep]]))
         mine.down.weight.copy_(theirs.down_proj[:, keep])
     return used
+
+
+class _Inputs(Protocol):
+    features: torch.Tensor
+    tokens: torch.Tensor
+    anchors: torch.Tensor
+
+
+@torch.no_grad()
+def qk_norm_gains(plain: BlockDrafter, batches: Iterable[_Inputs]) -> dict[str, torch.Tensor]:
+    """Gains [head_dim] for q/k norms added to ``plain`` (a drafter without them) as
+    {"layers.{i}.q_norm": ..., "layers.{i}.k_norm": ...}: per channel c, the least-squares fit of
+    the raw projection q_c by its normed form n_c = q_c / rms(q) over the queries (keys: context and
+    block keys) of ``plain``'s training forward on ``batches``, w_c = sum(n_c q_c) / sum(n_c^2).
+    A norm with these gains leaves a query whose rms is the typical one unchanged."""
+    if plain.config.qk_norm:
+        raise ValueError("the drafter already has q/k norms")
+    sums: dict[str, list[torch.Tensor]] = {}
+
+    def fit(name: str, head_dim: int, eps: float):
+        def hook(_module, _inputs, out: torch.Tensor) -> None:
+            raw = out.detach().float().unflatten(-1, (-1, head_dim)).flatten(0, -2)  # [rows, D]
+            normed = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps)
+            num, den = (normed * raw).sum(0), normed.pow(2).sum(0)
+            if name in sums:
+                sums[name][0] += num
+                sums[name][1] += den
+            else:
+                sums[name] = [num, den]
+        return hook
+
+    handles = []
+    for i, layer in enumerate(plain.layers):
+        handles.append(layer.q_proj.register_forward_hook(fit(f"layers.{i}.q_norm", layer.head_dim, layer.eps)))
+        handles.append(layer.k_proj.register_forward_hook(fit(f"layers.{i}.k_norm", layer.head_dim, layer.eps)))
+    try:
+        for batch in batches:
+            plain.train_forward(batch.features, batch.tokens, batch.anchors)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(sums) != 2 * len(plain.layers):
+        raise ValueError("no batches to fit the q/k norm gains on")
+    return {name: num / den.clamp_min(1e-12) for name, (num, den) in sums.items()}

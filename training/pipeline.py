@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from hub.fetch import cache_dir, fetch_model
-from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
+from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, build_drafter, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
-from training.layer_init import check_layers_fit
+from training.layer_init import check_layers_fit, qk_norm_gains
 from training.sources import Prompt, build_prompts
-from training.train import STATE_FILE, TrainConfig, calibrate_confidence, train_drafter
+from training.train import STATE_FILE, TrainConfig, calibrate_confidence, make_batch, train_drafter, usable
 from training.vocab import coverage, draft_vocabulary
 
 DATA_VERSION = 4  # bump when what a shard holds changes
@@ -97,7 +97,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     training sets are the shards generated so far; a resumed run keeps the
     draft vocabulary it started with. Missing data is generated on ``cfg.device``. With ``init_dir``
     (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
-    and draft vocabulary, and the shape arguments (``rope``, ``qk_norm``) are unused; without it,
+    and draft vocabulary, and ``rope`` is unused; ``qk_norm`` True adds q/k norms to a drafter saved
+    without them, their gains fitted so that it starts close to where it was; without it,
     ``layers_from_target`` starts the layers from the target's top layers (``training.layer_init``).
     ``qk_norm`` None: on, except for layers taken from a target without q/k norms."""
     # Training reads only the target's embeddings, LM head, norms and (optionally) top layers, in bf16 as
@@ -106,10 +107,15 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     target = load_transformer(fetch_model(target_name), GENERATION_DTYPE)
     if init_dir is not None and layers_from_target:
         raise TrainSetupError("a run starts from --init's weights or from the target's layers, not both")
+    init_config = None
     if init_dir is not None:
-        config = DrafterConfig.from_json((Path(init_dir) / "config.json").read_text())
+        config = init_config = DrafterConfig.from_json((Path(init_dir) / "config.json").read_text())
         if config.kind != kind or config.target != target_name:
             raise TrainSetupError(f"{init_dir} holds a {config.kind} drafter for {config.target!r}, not {kind} for {target_name!r}")
+        if qk_norm is False and config.qk_norm:
+            raise TrainSetupError(f"{init_dir} holds a drafter with q/k norms: they cannot be taken out")
+        if qk_norm and not config.qk_norm:
+            config = replace(config, qk_norm=True)
     else:
         config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
                                  intermediate_size=intermediate_size, markov_rank=markov_rank,
@@ -130,6 +136,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
         vocab = (load_file(str(source / DRAFT_VOCAB_FILE))["token_ids"] if source is not None
                  else draft_vocabulary(train, config.vocab_size, config.draft_vocab_size))
     init = load_file(str(Path(init_dir) / "model.safetensors")) if init_dir is not None else None
+    if init is not None and config.qk_norm and not init_config.qk_norm and not (out_dir / STATE_FILE).exists():
+        init = {**init, **_fitted_qk_norms(target, init_config, init, vocab, train, cfg)}
     result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init,
                            layers_from_target=layers_from_target)
     if init_dir is not None:
@@ -145,6 +153,22 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     save_drafter(drafter, out_dir, dtype=export_dtype)
     (out_dir / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _fitted_qk_norms(target, plain_config: DrafterConfig, weights: dict[str, torch.Tensor],
+                     vocab: torch.Tensor | None, train: list[Sequence], cfg: TrainConfig,
+                     batches: int = 8) -> dict[str, torch.Tensor]:
+    """q/k norm gains for a drafter saved without them (``training.layer_init.qk_norm_gains``),
+    fitted on its training forward over the first ``batches`` batches of the training data."""
+    plain = build_drafter(plain_config, target).float()
+    plain.embed, plain.lm_head = plain.embed.float(), plain.lm_head.float()
+    plain.set_draft_vocab(vocab)
+    plain.load_state_dict({k: v.float() for k, v in weights.items()})
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seqs = usable(train, plain_config.block_size)
+    fit = [make_batch(seqs[i:i + cfg.batch_size], cfg, plain_config.block_size, gen)
+           for i in range(0, min(len(seqs), batches * cfg.batch_size), cfg.batch_size)]
+    return qk_norm_gains(plain.eval(), fit)
 
 
 def recalibrate(drafter_dir: Path, calib_data: SplitData, cfg: TrainConfig | None = None) -> dict:
