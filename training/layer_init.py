@@ -72,33 +72,34 @@ def qk_norm_gains(plain: BlockDrafter, batches: Iterable[_Inputs]) -> dict[str, 
     {"layers.{i}.q_norm": ..., "layers.{i}.k_norm": ...}: per channel c, the least-squares fit of
     the raw projection q_c by its normed form n_c = q_c / rms(q) over the queries (keys: context and
     block keys) of ``plain``'s training forward on ``batches``, w_c = sum(n_c q_c) / sum(n_c^2).
-    A norm with these gains leaves a query whose rms is the typical one unchanged."""
+    A norm with these gains leaves a query whose rms is the typical one unchanged. The projections
+    must run unfused (no kernel plan: ``plain.use_kernel_plan(None)``), where the hooks see them."""
     if plain.config.qk_norm:
         raise ValueError("the drafter already has q/k norms")
-    sums: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, list[torch.Tensor]] = {}  # name -> [sum(n_c q_c), sum(n_c^2)] per channel
 
     def fit(name: str, head_dim: int, eps: float):
+        acc = sums.setdefault(name, [torch.zeros(head_dim), torch.zeros(head_dim)])
+
         def hook(_module, _inputs, out: torch.Tensor) -> None:
             raw = out.detach().float().unflatten(-1, (-1, head_dim)).flatten(0, -2)  # [rows, D]
             normed = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps)
-            num, den = (normed * raw).sum(0), normed.pow(2).sum(0)
-            if name in sums:
-                sums[name][0] += num
-                sums[name][1] += den
-            else:
-                sums[name] = [num, den]
+            acc[0] += (normed * raw).sum(0).to(acc[0].device)
+            acc[1] += normed.pow(2).sum(0).to(acc[1].device)
         return hook
 
     handles = []
     for i, layer in enumerate(plain.layers):
         handles.append(layer.q_proj.register_forward_hook(fit(f"layers.{i}.q_norm", layer.head_dim, layer.eps)))
         handles.append(layer.k_proj.register_forward_hook(fit(f"layers.{i}.k_norm", layer.head_dim, layer.eps)))
+    seen = 0
     try:
         for batch in batches:
             plain.train_forward(batch.features, batch.tokens, batch.anchors)
+            seen += 1
     finally:
         for handle in handles:
             handle.remove()
-    if len(sums) != 2 * len(plain.layers):
+    if not seen:
         raise ValueError("no batches to fit the q/k norm gains on")
     return {name: num / den.clamp_min(1e-12) for name, (num, den) in sums.items()}

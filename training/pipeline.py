@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from hub.fetch import cache_dir, fetch_model
-from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, build_drafter, default_config, load_drafter, save_drafter
+from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
@@ -127,17 +127,18 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
             except ValueError as exc:
                 raise TrainSetupError(f"--layers-from-target: {exc}") from None
             config = replace(config, extra={**config.extra, "layers_from_target": True})
+    resuming = (out_dir / STATE_FILE).exists()
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     parts = [dataset(target_name, data, config.tap_layers, cfg.device, generate=generate) for data in train_data]
     train = [seq for part in parts for seq in part]
     vocab = None
     if config.draft_vocab_size:
-        source = out_dir if (out_dir / STATE_FILE).exists() else init_dir and Path(init_dir)
+        source = out_dir if resuming else init_dir and Path(init_dir)
         vocab = (load_file(str(source / DRAFT_VOCAB_FILE))["token_ids"] if source is not None
                  else draft_vocabulary(train, config.vocab_size, config.draft_vocab_size))
     init = load_file(str(Path(init_dir) / "model.safetensors")) if init_dir is not None else None
-    if init is not None and config.qk_norm and not init_config.qk_norm and not (out_dir / STATE_FILE).exists():
-        init = {**init, **_fitted_qk_norms(target, init_config, init, vocab, train, cfg)}
+    if init is not None and config.qk_norm and not init_config.qk_norm and not resuming:
+        init = {**init, **_fitted_qk_norms(target, Path(init_dir), train, cfg)}
     result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init,
                            layers_from_target=layers_from_target)
     if init_dir is not None:
@@ -155,20 +156,21 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     return result
 
 
-def _fitted_qk_norms(target, plain_config: DrafterConfig, weights: dict[str, torch.Tensor],
-                     vocab: torch.Tensor | None, train: list[Sequence], cfg: TrainConfig,
+def _fitted_qk_norms(target, init_dir: Path, train: list[Sequence], cfg: TrainConfig,
                      batches: int = 8) -> dict[str, torch.Tensor]:
-    """q/k norm gains for a drafter saved without them (``training.layer_init.qk_norm_gains``),
-    fitted on its training forward over the first ``batches`` batches of the training data."""
-    plain = build_drafter(plain_config, target).float()
+    """q/k norm gains for the drafter saved in ``init_dir`` without them
+    (``training.layer_init.qk_norm_gains``), fitted on its training forward over the first
+    ``batches`` batches of the training data, in float32 as training runs."""
+    plain = load_drafter(init_dir, target)
+    plain.use_kernel_plan(None)
+    plain.float()
     plain.embed, plain.lm_head = plain.embed.float(), plain.lm_head.float()
-    plain.set_draft_vocab(vocab)
-    plain.load_state_dict({k: v.float() for k, v in weights.items()})
+    block = plain.config.block_size
     gen = torch.Generator().manual_seed(cfg.seed)
-    seqs = usable(train, plain_config.block_size)
-    fit = [make_batch(seqs[i:i + cfg.batch_size], cfg, plain_config.block_size, gen)
+    seqs = usable(train, block)
+    fit = [make_batch(seqs[i:i + cfg.batch_size], cfg, block, gen)
            for i in range(0, min(len(seqs), batches * cfg.batch_size), cfg.batch_size)]
-    return qk_norm_gains(plain.eval(), fit)
+    return qk_norm_gains(plain, fit)
 
 
 def recalibrate(drafter_dir: Path, calib_data: SplitData, cfg: TrainConfig | None = None) -> dict:
