@@ -433,6 +433,8 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
     taps = default_tap_layers(load_config(fetch_model(target)).num_layers)
     sets = [_split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)]
     sets += _train_sets(train_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
+    for data in sets[:-1]:  # what no other worker holds, then the next set; the waiting comes below
+        dataset(target, data, taps, device, wait=False)
     for data in sets:
         seqs = dataset(target, data, taps, device)
         answer_tokens = sum(len(s.tokens) - s.prompt_len for s in seqs)

@@ -225,6 +225,25 @@ def test_dataset_workers_share_shards_by_claims(tmp_path) -> None:
     assert [s.tokens.tolist() for s in result[0]] == [s.tokens.tolist() for s in reference]
 
 
+def test_dataset_without_waiting_leaves_other_workers_shards_and_returns(tmp_path) -> None:
+    """``wait=False`` answers the unclaimed shards and returns without waiting for a live worker's,
+    so a worker can go on to the next set instead of idling."""
+    import socket
+
+    from training.sources import Prompt
+
+    target = tiny_target()
+    prompts = [Prompt("chat", "chat_tmpl", f"p{i}") for i in range(6)]
+    encode = lambda text: [3 + int(text[1:]), 9, 17]
+    spec = AnswerSpec(max_new_tokens=4, batch_size=2)
+    (tmp_path / "shard-00001.claim").write_text(f"{socket.gethostname()} {os.getpid()}")  # alive: another worker
+    started = time.monotonic()
+    seqs = build_dataset(tmp_path, target, encode, prompts, (1,), spec, progress=False, wait=False)
+    assert time.monotonic() - started < 30
+    assert (tmp_path / "shard-00000.pt").exists() and (tmp_path / "shard-00002.pt").exists()
+    assert not (tmp_path / "shard-00001.pt").exists() and len(seqs) == 4
+
+
 def test_training_raises_heldout_acceptance_and_resume_continues_the_same_run(tmp_path) -> None:
     target = tiny_target()
     vocab = torch.arange(2, 50)  # 48 tokens (EOS 2 inside)

@@ -172,9 +172,11 @@ def generated_prompts(directory: Path, prompts: list[Prompt], spec: AnswerSpec) 
 
 def build_dataset(directory: Path, target: Transformer | None, encode: Callable[[str], list[int]] | None,
                   prompts: list[Prompt], tap_layers: tuple[int, ...], spec: AnswerSpec, progress: bool = True,
-                  generate: bool = True) -> list[Sequence]:
+                  generate: bool = True, wait: bool = True) -> list[Sequence]:
     """The dataset in ``directory`` (one torch file per batch of answers), generating missing shards
     and waiting for those other workers hold (or, with ``generate`` False, just the shards already there).
+    With ``wait`` False it answers the shards no one holds and returns the shards done so far, so a
+    worker can start on another set while the others finish this one.
 
     Item j answers prompt j % P at temperature ``spec.temperatures[j // P]``; items are shuffled
     with a fixed seed first, so any finished prefix of shards is a fair sample of the whole mix.
@@ -219,6 +221,8 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
             show_done()
         show_done()
         waiting = [i for i in pending if not paths[i].exists()]
+        if waiting and not wait:
+            break
         if waiting:  # other workers hold them; a dead worker's claim is taken over on the next pass
             time.sleep(5)
         pending = waiting

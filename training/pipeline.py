@@ -54,10 +54,10 @@ def data_dir(target_name: str, data: SplitData, tap_layers: tuple[int, ...]) -> 
 
 
 def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], device: str = "cpu",
-            progress: bool = True, generate: bool = True) -> list[Sequence]:
+            progress: bool = True, generate: bool = True, wait: bool = True) -> list[Sequence]:
     """Target-answered sequences of a split, cached (and resumed) under the cache dir by everything
-    that shapes them; ``generate`` False takes the shards generated so far. The target answers on
-    ``device``."""
+    that shapes them; ``generate`` False takes the shards generated so far, ``wait`` False does not wait
+    for shards other workers hold (``build_dataset``). The target answers on ``device``."""
     model_dir = fetch_model(target_name)
     directory = data_dir(target_name, data, tap_layers)
     prompts = data.prompts
@@ -67,8 +67,9 @@ def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], devi
     target = load_transformer(model_dir, GENERATION_DTYPE).to(device)
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
     seqs = build_dataset(directory, target, lambda text: encoder.encode(text, True), prompts, tap_layers,
-                         data.answers, progress=progress)
-    (directory / "complete").write_text(json.dumps(source_counts(prompts)) + "\n")
+                         data.answers, progress=progress, wait=wait)
+    if wait:
+        (directory / "complete").write_text(json.dumps(source_counts(prompts)) + "\n")
     return seqs
 
 
