@@ -68,7 +68,8 @@ def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], devi
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
     seqs = build_dataset(directory, target, lambda text: encoder.encode(text, True), prompts, tap_layers,
                          data.answers, progress=progress, wait=wait)
-    if wait:
+    # complete when every shard is there, which a wait=False pass may already see: no target load for it again
+    if len(seqs) == len(prompts) * len(data.answers.temperatures):
         (directory / "complete").write_text(json.dumps(source_counts(prompts)) + "\n")
     return seqs
 
