@@ -23,6 +23,7 @@ from training.calibration import (
     sequential_calibration,
 )
 from training.data import Sequence
+from training.heap import release_free_heap
 from training.layer_init import init_layers_from_target
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 
@@ -284,6 +285,8 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
             bar.write(json.dumps(evals[-1]))
         if step % cfg.checkpoint_every == 0:
             checkpoint()
+        del batch, labels, logprobs, logits, conf, out
+        release_free_heap()  # the step's freed activations: their pages stay resident otherwise
     checkpoint()
     bar.close()
     drafter.eval()
