@@ -33,7 +33,7 @@ from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
-from orchestrator.scheduler import BatchPlan, PrefixAcceptance, plan_drafting, plan_verification, survival_probabilities
+from orchestrator.scheduler import BatchPlan, ObservedCalibration, PrefixAcceptance, plan_drafting, plan_verification, survival_probabilities
 from orchestrator.step_cost import BatchShape, OnlineStepCost, StepCostProfile
 from orchestrator.stop_strings import StopStringMatcher
 from orchestrator.verification import VerifyResult, verify_greedy, verify_sampling
@@ -159,6 +159,8 @@ class Engine:
         self.step_cost = OnlineStepCost(step_cost) if step_cost is not None else None
         self.external_waiting = 0  # requests queued in front of the engine (Triton's pending count): shown, not planned
         self._acceptance = PrefixAcceptance(MAX_DRAFT_TOKENS)  # survival estimate without a confidence head
+        # confidences corrected by observed acceptance, per regime (greedy, sampled) as the drafter calibrates
+        self._calibration = {greedy: ObservedCalibration() for greedy in (True, False)}
         self._block_survival: list[float] = []  # running mean of calibrated survival per draft position
         self._block_counts: list[int] = []  # blocks drafted at each position
         self._steps_without_drafting = 0  # dspark mode's steps since it last drafted (see DRAFT_PROBE_EVERY)
@@ -405,7 +407,7 @@ class Engine:
     def _survival(self, request: _Request, draft: Draft) -> list[float]:
         """P(draft tokens 1..k all accepted): the drafter's calibrated confidences, else the measured rates."""
         if draft.confidences:
-            return survival_probabilities(draft.confidences)
+            return survival_probabilities(self._calibration[request.params.greedy].correct(draft.confidences))
         return self._acceptance.survival(len(draft.tokens))
 
     def _decide_drafting(self, admitted: list[_Request], lengths: dict[int, int]) -> None:
@@ -615,6 +617,8 @@ class Engine:
         observed.append((request, tokens[: 1 + result.num_accepted], first_packed))
         request.spec_stats.record(len(draft.tokens), result.num_accepted)
         self._acceptance.record(len(draft.tokens), result.num_accepted)
+        if draft.confidences:
+            self._calibration[request.params.greedy].record(draft.confidences, result.num_accepted)
         request.adaptive_length = next_adaptive_length(
             request.adaptive_length, len(draft.tokens), result.num_accepted, MAX_DRAFT_TOKENS
         )

@@ -47,6 +47,43 @@ class PrefixAcceptance:
         return survival_probabilities(self.conditional(positions))
 
 
+class ObservedCalibration:
+    """A drafter's confidences corrected by the acceptance this server's verifications observe.
+
+    The drafter is calibrated offline on its training distribution (paper Sec. 4.3); served prompts
+    differ. Measured on Qwen2.5-Coder-1.5B with its shipped drafter, 16 code requests, greedy: first
+    tokens verified at a mean confidence of 0.58 survived 46% of the time, and the 0.2-0.4 bin 10%, so
+    the scheduler verified tokens that did not pay for their place in the forward. Every position a
+    verification reached is an outcome for its confidence: per confidence bin, an exponentially
+    decayed count of outcomes and of (accepted - confidence); a confidence moves by its bin's mean
+    gap, shrunk towards no move while the bin has few outcomes (`prior` pseudo-outcomes of gap 0).
+    Only past rounds feed it, so a plan built on it never depends on the tokens it verifies.
+    """
+
+    def __init__(self, bins: int = 10, prior: float = 10.0, decay: float = 0.998) -> None:
+        self.bins, self.prior, self.decay = bins, prior, decay
+        self.outcomes = [0.0] * bins
+        self.gap = [0.0] * bins
+
+    def _bin(self, confidence: float) -> int:
+        return min(max(int(confidence * self.bins), 0), self.bins - 1)
+
+    def record(self, confidences: Sequence[float], num_accepted: int) -> None:
+        """One verification: `confidences` of the tokens it verified, the first `num_accepted` accepted."""
+        for k, c in enumerate(confidences[: num_accepted + 1]):
+            b = self._bin(c)
+            self.outcomes[b] = self.decay * self.outcomes[b] + 1.0
+            self.gap[b] = self.decay * self.gap[b] + (float(k < num_accepted) - c)
+
+    def correct(self, confidences: Sequence[float]) -> list[float]:
+        """Per-position conditional confidences, moved by what verification observed at their level."""
+        out = []
+        for c in confidences:
+            b = self._bin(c)
+            out.append(min(max(c + self.gap[b] / (self.outcomes[b] + self.prior), 0.0), 1.0))
+        return out
+
+
 def expected_throughput(expected_tokens: float, tokens: int, cost: StepCost, overhead_s: float = 0.0,
                         shape: BatchShape | None = None) -> float:
     """Tokens per second of a step that verifies `tokens` tokens and is expected to emit `expected_tokens`."""

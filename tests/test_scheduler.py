@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -449,6 +450,7 @@ def test_a_block_after_a_pessimistic_one_is_still_drafted():
     curve = StepCostProfile((1, 8, 64), (0.010, 0.016, 0.080))  # a token costs 8.6% of a step: 0.01 does not pay
     engine = Engine(_tiny_model(), _Tok(), EngineConfig(4, 128, 64), drafter, curve)
     engine.step_cost.observe = lambda *args: None  # priced as profiled: the tiny model runs 10x faster
+    engine._calibration[True].record = lambda *args: None  # confidences as the drafter gives them
     engine.submit([2, 3, 4], SamplingParams(max_tokens=60), lambda c: None, spec=SpeculationParams("dspark", 4))
     engine.step()  # prefill
     for _ in range(24):
@@ -503,3 +505,59 @@ def test_a_prompt_prefilled_beside_does_not_make_drafting_look_cheap():
     engine.step()  # the 60-token prompt's prefill beside the dspark request's decode
     engine.step()
     assert drafter.calls == []
+
+
+def test_observed_calibration_moves_confidences_to_the_acceptance_verification_sees():
+    """Synthetic rounds: a drafter says 0.9 where its tokens survive 30% of the time once reached, and 0.5
+    where they survive 50%. The corrected confidence must reach the observed rates, leave the honest bin
+    where it was, and be the drafter's own value before any outcome."""
+    import random
+
+    from orchestrator.scheduler import ObservedCalibration
+
+    calibration = ObservedCalibration()
+    assert calibration.correct([0.9, 0.5, 0.05]) == pytest.approx([0.9, 0.5, 0.05])
+    rng = random.Random(0)
+    truth = {0.9: 0.3, 0.5: 0.5}
+    for _ in range(3000):
+        confidences = [rng.choice([0.9, 0.5]) for _ in range(rng.randint(1, 4))]
+        accepted = 0
+        while accepted < len(confidences) and rng.random() < truth[confidences[accepted]]:
+            accepted += 1
+        calibration.record(confidences, accepted)
+    assert calibration.correct([0.9])[0] == pytest.approx(0.3, abs=0.05)
+    assert calibration.correct([0.5])[0] == pytest.approx(0.5, abs=0.05)
+
+
+def test_an_overconfident_drafter_is_no_longer_verified_once_its_acceptance_is_seen():
+    """Four requests and a drafter that claims 0.95 for tokens the target never emits: on this curve a
+    0.95 token pays its place in the forward and a rejected one does not. The first drafted step
+    verifies the drafts; once the server has seen them rejected, the steps that draft (probes of the
+    price) verify none of them, while sampled requests, calibrated apart, still see the drafter's 0.95."""
+    model = _tiny_model()
+    params = SamplingParams(max_tokens=200, end_ids=(63,))
+    prompts = [[2 + i, 2, 4] for i in range(4)]
+    plain = {}
+    engine = Engine(model, _Tok(), EngineConfig(4, 256, 200), None, None)
+    for i, prompt in enumerate(prompts):
+        engine.submit(prompt, params, lambda c, i=i: plain.setdefault(i, []).extend(c.token_ids))
+    while engine.step():
+        pass
+    never = min(set(range(1, 63)) - {t for out in plain.values() for t in out})
+    curve = StepCostProfile((1, 4, 8, 64), (0.010, 0.011, 0.013, 0.300))
+    drafter = CountingDrafter()
+    drafter.tokens, drafter.confidences = [never] * 4, [0.95] * 4
+    engine = Engine(model, _Tok(), EngineConfig(4, 256, 200), drafter, curve)
+    engine.step_cost.observe = lambda *args: None  # priced as profiled: the tiny model runs 10x faster
+    out = {}
+    for i, prompt in enumerate(prompts):
+        engine.submit(prompt, params, lambda c, i=i: out.setdefault(i, []).extend(c.token_ids),
+                      spec=SpeculationParams("dspark", 4))
+    verified = []
+    while engine.step():
+        if drafter.calls and len(drafter.calls) > len(verified):
+            verified.append(engine.stats.last_step_draft_tokens)
+    assert out == plain
+    assert verified[0] > 0 and len(verified) >= 8 and verified[-3:] == [0, 0, 0], verified
+    sampled = engine._survival(SimpleNamespace(params=SamplingParams(temperature=1.0)), Draft([never], None, [0.95]))
+    assert engine._survival(SimpleNamespace(params=params), Draft([never], None, [0.95]))[0] < 0.5 < sampled[0]
