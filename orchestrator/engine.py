@@ -405,7 +405,8 @@ class Engine:
         return None
 
     def _survival(self, request: _Request, draft: Draft) -> list[float]:
-        """P(draft tokens 1..k all accepted): the drafter's calibrated confidences, else the measured rates."""
+        """P(draft tokens 1..k all accepted): the drafter's calibrated confidences corrected by the acceptance
+        observed in the request's regime (scheduler.ObservedCalibration), else the measured rates."""
         if draft.confidences:
             return survival_probabilities(self._calibration[request.params.greedy].correct(draft.confidences))
         return self._acceptance.survival(len(draft.tokens))
