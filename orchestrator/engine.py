@@ -33,7 +33,9 @@ from orchestrator.drafting import Draft, Drafter, DraftRequest
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
-from orchestrator.scheduler import BatchPlan, ObservedCalibration, PrefixAcceptance, plan_drafting, plan_verification, survival_probabilities
+from orchestrator.scheduler import (
+    BatchPlan, ObservedCalibration, PrefixAcceptance, plan_drafting, plan_verification, survival_probabilities,
+)
 from orchestrator.step_cost import BatchShape, OnlineStepCost, StepCostProfile
 from orchestrator.stop_strings import StopStringMatcher
 from orchestrator.verification import VerifyResult, verify_greedy, verify_sampling
