@@ -5,6 +5,7 @@ Kept free of Triton so the parsing and its error messages are unit-tested direct
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -71,18 +72,26 @@ _VLLM_NEUTRAL = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penal
 
 
 def _coerce(name: str, value: object, kind: type) -> object:
-    """A JSON value as `kind`; vLLM accepts numbers sent as strings (genai-perf sends "max_tokens": "64")."""
+    """A JSON value as `kind`; vLLM accepts numbers sent as strings (genai-perf sends "max_tokens": "64").
+    Infinities (JSON numbers beyond float64 parse as one) and NaN are refused by name."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        if kind is int:
-            number = float(value) if isinstance(value, str) else value
-            if not isinstance(number, (int, float)) or number != int(number):
-                raise TypeError
-            return int(number)
-        return float(value)
+        if not isinstance(value, (str, int, float)):
+            raise TypeError
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond float64
+            number = math.inf
     except (TypeError, ValueError):
         raise InvalidRequestError(f"sampling_parameters: {name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidRequestError(f"sampling_parameters: {name} must be a finite number, got {number!r}")
+    if kind is int:
+        if number != int(number):
+            raise InvalidRequestError(f"sampling_parameters: {name} must be an integer, got {value!r}")
+        return value if isinstance(value, int) else int(number)
+    return number
 
 
 def _vllm_sampling(inputs: Mapping[str, np.ndarray]) -> dict[str, object]:
@@ -185,6 +194,22 @@ def parse_speculation(inputs: Mapping[str, np.ndarray], default: SpeculationPara
 def parse_bool(inputs: Mapping[str, np.ndarray], name: str, default: bool) -> bool:
     value = _scalar(inputs, name, "b")
     return default if value is None else bool(value)
+
+
+def refuse_parameters(parameters: str) -> None:
+    """Triton's HTTP generate endpoints turn a JSON key that names no input of the model into a request
+    parameter, which nothing here reads: refuse it by name, as gRPC refuses an undeclared input.
+    ``parameters``: the request's parameters as Triton hands them over (a JSON object, "" for none)."""
+    given = json.loads(parameters) if parameters and parameters.strip() else {}
+    if given:
+        raise InvalidRequestError(f"unexpected input{'s' if len(given) > 1 else ''} {', '.join(sorted(given))}: "
+                                  "not an input of this model (its config.pbtxt lists them)")
+
+
+def check_one_prompt(inputs: Mapping[str, np.ndarray]) -> None:
+    """A request carries its prompt as text_input or as input_ids, never both (which one would it mean?)."""
+    if "text_input" in inputs and "input_ids" in inputs:
+        raise InvalidRequestError("text_input and input_ids are both set: send the prompt as one of them")
 
 
 def parse_prompt_ids(inputs: Mapping[str, np.ndarray]) -> list[int]:

@@ -56,8 +56,17 @@ def test_vllm_sampling_parameters_take_effect(triton, plain):
     ({"sampling_parameters": '{"n": 3}'}, "sampling_parameters: n=3 is not supported"),
     ({"sampling_parameters": '{"use_beam_search": true}'}, "sampling_parameters: 'use_beam_search' is not supported"),
     ({"embedding_bias_words": ["x"]}, "embedding_bias_words"),  # not declared: Triton refuses it by name
+    # a scalar that names no input becomes a request parameter over HTTP: refused by name too
+    ({"embedding_bias_words": "x"}, "unexpected input embedding_bias_words"),
+    ({"no_repeat_ngram_size": 3, "max_new_tokens": 1}, "unexpected inputs max_new_tokens, no_repeat_ngram_size"),
 ])
-def test_unsupported_values_are_refused_by_name(triton, params, message):
+@pytest.mark.parametrize("model", ["ensemble", "dspark"])
+def test_unsupported_values_are_refused_by_name(triton, params, message, model):
     with pytest.raises(GenerationError, match=message):
-        generate_http(triton.http, PROMPT, model="ensemble", **params)
-    assert generate_http(triton.http, PROMPT, model="ensemble", max_tokens=2).num_output_tokens == 2
+        generate_http(triton.http, PROMPT, model=model, **params)
+    assert generate_http(triton.http, PROMPT, model=model, max_tokens=2).num_output_tokens == 2
+
+
+def test_a_prompt_sent_both_as_text_and_as_ids_is_refused(triton):
+    with pytest.raises(GenerationError, match="text_input and input_ids are both set"):
+        generate_http(triton.http, PROMPT, model="dspark", input_ids=[1, 2, 3], max_tokens=2)

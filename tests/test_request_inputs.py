@@ -82,6 +82,13 @@ def test_vllm_sampling_parameters_take_effect():
     ({"sampling_parameters": _str('{"n": 2}')}, r"sampling_parameters: n=2 is not supported"),
     ({"sampling_parameters": _str('{"use_beam_search": true}')}, "'use_beam_search' is not supported"),
     ({"sampling_parameters": _str('{"max_tokens": "lots"}')}, "max_tokens must be a number"),
+    # JSON numbers beyond float64 parse as infinity, and NaN never equals a default: both refused by name
+    ({"sampling_parameters": _str('{"max_tokens": 1e400}')}, "max_tokens must be a finite number, got inf"),
+    ({"sampling_parameters": _str('{"top_k": "-1e400"}')}, "top_k must be a finite number"),
+    ({"sampling_parameters": _str('{"temperature": NaN}')}, "temperature must be a finite number, got nan"),
+    ({"sampling_parameters": _str('{"top_p": "nan"}')}, "top_p must be a finite number"),
+    ({"sampling_parameters": _str('{"seed": 1' + '0' * 400 + '}')}, "seed must be a finite number"),
+    ({"sampling_parameters": _str('{"top_k": 2.5}')}, "top_k must be an integer, got 2.5"),
     ({"sampling_parameters": _str('{"max_tokens": 5}'), "max_tokens": np.array([6], np.int32)},
      "max_tokens is set both as an input and in sampling_parameters"),
     ({"bad_words": _str("x")}, "bad_words needs the model's tokenizer"),

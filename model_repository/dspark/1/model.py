@@ -27,7 +27,14 @@ from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import SpeculationParams
 from orchestrator.prompting import PromptEncoder
-from orchestrator.request_inputs import parse_bool, parse_prompt_ids, parse_sampling_params, parse_speculation
+from orchestrator.request_inputs import (
+    check_one_prompt,
+    parse_bool,
+    parse_prompt_ids,
+    parse_sampling_params,
+    parse_speculation,
+    refuse_parameters,
+)
 from orchestrator.step_cost import load_or_measure, profile_path
 from runtimes.loading import load_feature_drafter, load_runner
 from serving.load_monitor import LoadMonitor
@@ -276,7 +283,9 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                refuse_parameters(request.parameters())
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                check_one_prompt(inputs)
                 prompt_ids = parse_prompt_ids(inputs) if "input_ids" in inputs else self.encoder.encode_request(inputs)
                 params = parse_sampling_params(inputs, self._encode_words)
                 spec = parse_speculation(inputs, self.engine.config.default_spec)

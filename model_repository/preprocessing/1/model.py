@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 from hub.fetch import model_dir_if_cached
 from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
+from orchestrator.request_inputs import refuse_parameters
 
 
 class TritonPythonModel:
@@ -24,6 +25,7 @@ class TritonPythonModel:
         for request in requests:
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
+                refuse_parameters(request.parameters())
                 ids = self.encoder.encode_request(inputs)
             except InvalidRequestError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
