@@ -169,10 +169,27 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (a crashed server's stubs, reparented to init, stay in it)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def shm_regions(pid: int) -> set[Path]:
     """The python-backend shared-memory files mapped by a server process or its stubs."""
+    return _mapped_regions(_process_tree(pid))
+
+
+def _mapped_regions(pids: list[int]) -> set[Path]:
     regions: set[Path] = set()
-    for p in _process_tree(pid):
+    for p in pids:
         try:
             maps = Path(f"/proc/{p}/maps").read_text()
         except OSError:
@@ -193,6 +210,13 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
         return True
     except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _is_stub(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"triton_python_backend_stub")
+    except OSError:
         return False
 
 
@@ -252,6 +276,18 @@ def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
     stopped = False
     if _pid_alive(pid) and _is_tritonserver(pid):
         _terminate(pid, timeout_s, None, set())
+        stopped = True
+    elif stubs := [p for p in _group_members(pid) if _is_stub(p)]:
+        # The server died (a crash) and left its python-backend stubs, which ignore SIGTERM, holding the
+        # models' memory and their shared-memory regions: nothing else will ever free them.
+        regions = _mapped_regions(stubs)
+        for stub in stubs:
+            try:
+                os.kill(stub, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for region in regions:
+            region.unlink(missing_ok=True)
         stopped = True
     pid_file.unlink(missing_ok=True)
     return stopped

@@ -207,6 +207,45 @@ def test_stopping_kills_a_stub_the_server_left_behind(tmp_path: Path) -> None:
     assert not Path(f"/proc/{stub}").exists()
 
 
+def test_stop_after_a_crash_kills_the_orphaned_stubs_and_removes_their_shm(tmp_path: Path) -> None:
+    """Seen when a 4 MB request body crashed tritonserver 2.51 (SIGSEGV): the dspark stub, which ignores
+    SIGTERM, lived on under init with 1.9 GB and its shared-memory region, and `cli.py stop` said no
+    server was running. The pid file still names the server's process group: stop must clear it."""
+    import subprocess
+    import sys
+    import time
+
+    region = Path("/dev/shm") / f"{SHM_PREFIX}test_{os.getpid()}"
+    stub_pid_file = tmp_path / "stub.pid"
+    stub_code = ("import mmap, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                 f"f = open({str(region)!r}, 'w+b'); f.truncate(4096); m = mmap.mmap(f.fileno(), 4096); "
+                 f"open({str(stub_pid_file)!r}, 'w').write(str(__import__('os').getpid())); time.sleep(600)")
+    server = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        subprocess.Popen(["bash", "-c", 'exec -a triton_python_backend_stub {sys.executable} -c "$0"', {stub_code!r}])
+        while not os.path.exists({str(stub_pid_file)!r}):
+            time.sleep(0.05)
+        os._exit(139)  # the server dies; its stub does not
+    """)
+    popen = subprocess.Popen([sys.executable, "-c", server], start_new_session=True)
+    pid_file = tmp_path / "triton.pid"
+    pid_file.write_text(f"{popen.pid}\n")
+    popen.wait(timeout=30)
+    stub = int(stub_pid_file.read_text())
+    try:
+        assert Path(f"/proc/{stub}").exists() and region.exists()
+        assert stop_from_pid_file(pid_file, timeout_s=5) is True
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{stub}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{stub}").exists()
+        assert not region.exists() and not pid_file.exists()
+    finally:
+        if Path(f"/proc/{stub}").exists():
+            os.kill(stub, signal.SIGKILL)
+        region.unlink(missing_ok=True)
+
+
 def test_status_says_which_port_it_could_not_reach() -> None:
     """A server on non-default ports answers health on --url; its metrics live on a port --url does not say."""
     import threading
