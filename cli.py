@@ -123,7 +123,8 @@ def _default_pid_file() -> Path:
 @click.option("--model-repository", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Repository to serve, e.g. one written by `cli.py build` (default: ./model_repository).")
 @click.option("--drafter", default=None,
-              help="auto | none | prompt_lookup | model:<name> | checkpoint:<dir> (default: the repository's "
+              help="auto | none | prompt_lookup | model:<name> | checkpoint:<dir>; auto, model: and checkpoint: may end "
+                   "in +prompt_lookup: lookup first where the context repeats itself (default: the repository's "
                    "setting; auto picks the target's own drafter). A drafter that does not fit the target stops "
                    "the server at start.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
@@ -638,7 +639,9 @@ def _prompt_set(spec: str) -> list[str]:
 @click.option("--config", "configs", multiple=True,
               help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K] (repeatable; "
                    "AR is always the baseline). K = dspark[=MAX]: the server's dspark mode, verifying what the "
-                   "scheduler admits (MAX: the drafter's block size by default). Default: prompt_lookup:4.")
+                   "scheduler admits (MAX: the drafter's block size by default). A model drafter followed by "
+                   "+prompt_lookup (checkpoint=DIR+prompt_lookup:K) copies from the context first where its tail "
+                   "repeats an earlier n-gram. Default: prompt_lookup:4.")
 @click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Prompts as is, without the chat template.")
@@ -657,7 +660,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     from models.drafters import DrafterConfig
     from models.hardware import cpu_flags, resolve_dtype
     from orchestrator.draft_vocab import cached_draft_vocab
-    from orchestrator.drafting import ModelDrafter
+    from orchestrator.drafting import ModelDrafter, split_lookup_first
     from orchestrator.prompting import PromptEncoder
     from orchestrator.step_cost import load_or_measure, profile_path
     from runtimes.loading import load_runner
@@ -667,9 +670,10 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     prompt_texts = _prompt_set(prompts)  # a bad set fails before the model loads
     dtype = "float32" if runtime == "onnxruntime" else resolve_dtype(dtype)
     target_dir = fetch_model(target)
-    taps = sorted({t for spec in configs if spec.startswith("checkpoint=")  # a graph outputs what drafters read
-                   for t in DrafterConfig.from_json((Path(spec[len("checkpoint="):].rpartition(":")[0]) / "config.json")
-                                                    .read_text()).tap_layers})
+    checkpoints = [split_lookup_first(spec[len("checkpoint="):].rpartition(":")[0])[0]
+                   for spec in configs if spec.startswith("checkpoint=")]
+    taps = sorted({t for directory in checkpoints  # a graph outputs what drafters read
+                   for t in DrafterConfig.from_json((Path(directory) / "config.json").read_text()).tap_layers})
     model = load_runner(target_dir, runtime, dtype, tap_layers=taps, num_threads=threads, device=device)
     encoder = PromptEncoder.from_model_dir(target_dir, max_prompt_tokens=1024)
     prompt_ids = [encoder.encode(p, apply_chat_template=not raw) for p in prompt_texts]

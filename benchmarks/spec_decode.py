@@ -24,14 +24,16 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from models.transformer import Transformer
-from orchestrator.drafting import Drafter, FeatureDrafter, PromptLookupDrafter
+from orchestrator.drafting import (LOOKUP_FIRST_SUFFIX, Drafter, FeatureDrafter, LookupFirstDrafter, PromptLookupDrafter,
+                                   split_lookup_first)
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
 from orchestrator.step_cost import StepCostProfile
 from runtimes.loading import load_feature_drafter
 
-CONFIG_FORMS = "off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K]; K may be dspark[=MAX]"
+CONFIG_FORMS = ("off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K]; K may be dspark[=MAX]; "
+                "a model drafter may end in +prompt_lookup (lookup first where the context repeats itself)")
 
 
 @dataclass
@@ -112,6 +114,7 @@ def parse_configs(
             configs.append(HFAssistedConfig(spec, hf[None], hf[name], int(k) if k else None))
             continue
         kind, _, k = spec.rpartition(":")
+        kind, lookup_first = split_lookup_first(kind)
         if kind == "prompt_lookup":
             drafter: Drafter = PromptLookupDrafter()
         elif kind.startswith("model="):
@@ -126,6 +129,10 @@ def parse_configs(
             drafter = models[directory]
         else:
             raise ValueError(f"unknown configuration {spec!r} ({CONFIG_FORMS})")
+        if lookup_first:
+            if kind == "prompt_lookup":
+                raise ValueError(f"{spec!r}: {LOOKUP_FIRST_SUFFIX} goes after a model drafter")
+            drafter = LookupFirstDrafter(drafter)
         configs.append(DecodeConfig(spec, drafter, _speculation(spec, k, drafter)))
     return configs
 

@@ -21,6 +21,7 @@ from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
 from hub.fetch import default_drafter
 from models.drafters import BlockDrafter, DrafterConfig, load_drafter
 from models.loading import load_transformer
+from orchestrator.drafting import LOOKUP_FIRST_SUFFIX, split_lookup_first
 from runtimes.protocol import RUNTIMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +71,10 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
     if runtime != "torch":
         # A trained drafter reads the target's hidden states: the graph exports the layers it taps.
         drafter = values.get("drafter") or read_parameters(config.read_text()).get("drafter", "none")
-        if drafter == "auto":  # the graph exports this drafter's taps: name it, so the repository says so
-            drafter = values["drafter"] = default_drafter(model_dir)
+        base, lookup_first = split_lookup_first(drafter)
+        if base == "auto":  # the graph exports this drafter's taps: name it, so the repository says so
+            base = default_drafter(model_dir)
+            drafter = values["drafter"] = base + (LOOKUP_FIRST_SUFFIX if lookup_first and base != "prompt_lookup" else "")
         exported = cached_onnx(model_dir, dtype, drafter_tap_layers(drafter))
         target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR
         target.mkdir(parents=True)
@@ -89,7 +92,9 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
 
 
 def drafter_checkpoint(drafter: str) -> Path | None:
-    """The directory of a server's ``checkpoint:<dir>`` drafter setting (relative to the project), else None."""
+    """The directory of a server's ``checkpoint:<dir>`` drafter setting (relative to the project; a
+    ``+prompt_lookup`` after it names the same checkpoint), else None."""
+    drafter = split_lookup_first(drafter)[0]
     return PROJECT_ROOT / drafter[len("checkpoint:"):] if drafter.startswith("checkpoint:") else None
 
 

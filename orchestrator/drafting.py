@@ -43,6 +43,9 @@ class Draft:
     # None means a deterministic proposal, i.e. a one-hot q.
     probs: torch.Tensor | None = None
     confidences: list[float] | None = None
+    # "lookup": copied from the context without a model forward (its acceptance is its own, and it is
+    # no drafting price); "model" otherwise
+    source: str = "model"
 
     def truncate(self, count: int) -> None:
         """Keep the first `count` proposals (what the scheduler chose to verify)."""
@@ -141,9 +144,68 @@ class PromptLookupDrafter(_NoFeatures):
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         return [
-            Draft(_allowed_prefix(propose_ngram_draft(r.context, r.num_tokens, self.max_ngram, self.min_ngram), r.banned))
+            Draft(_allowed_prefix(propose_ngram_draft(r.context, r.num_tokens, self.max_ngram, self.min_ngram), r.banned),
+                  source="lookup")
             for r in requests
         ]
+
+
+LOOKUP_FIRST_SUFFIX = "+prompt_lookup"
+
+
+def split_lookup_first(choice: str) -> tuple[str, bool]:
+    """A drafter setting -> (the model drafter's setting, whether prompt lookup goes first):
+    ``checkpoint:DIR+prompt_lookup`` -> (``checkpoint:DIR``, True)."""
+    if choice.endswith(LOOKUP_FIRST_SUFFIX) and len(choice) > len(LOOKUP_FIRST_SUFFIX):
+        return choice[: -len(LOOKUP_FIRST_SUFFIX)], True
+    return choice, False
+
+
+class LookupFirstDrafter:
+    """Prompt lookup for the requests whose context ends in an n-gram (``min_ngram`` tokens or more) seen
+    earlier in it, the model drafter for the others, in the same step.
+
+    A trained drafter predicts what the target says, not what it repeats: along the shipped SmolLM2
+    DSpark drafter's greedy rounds (24 held-out prompts, 4-token drafts), where the context's last
+    3 tokens had occurred before, lookup's draft kept 2.1 tokens and DSpark's 0.9; with only a 2-token
+    match 1.3 and 1.2; with only a 1-token match 0.6 and 0.9. A copied draft also costs no forward, so
+    a step where every drafting request copies skips the drafter (its context cache still advances
+    through ``observe``, which the engine calls every step).
+    """
+
+    def __init__(self, model: Drafter, min_ngram: int = 2, max_ngram: int = 3) -> None:
+        self.model = model
+        self.lookup = PromptLookupDrafter(max_ngram, min_ngram)
+        self.name = model.name + LOOKUP_FIRST_SUFFIX
+        self.tap_layers = model.tap_layers
+        self.sequential = model.sequential
+
+    @property
+    def block_size(self) -> int | None:
+        return getattr(self.model, "block_size", None)
+
+    def admit(self, key: int) -> None:
+        self.model.admit(key)
+
+    def release(self, key: int) -> None:
+        self.model.release(key)
+
+    def commit(self, key: int, num_committed: int) -> None:
+        self.model.commit(key, num_committed)
+
+    def uncached(self, key: int, context_length: int) -> int:
+        return self.model.uncached(key, context_length)
+
+    def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
+        self.model.observe(keys, token_ids, hidden)
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        drafts: list[Draft | None] = list(self.lookup.propose(requests))
+        rest = [i for i, d in enumerate(drafts) if not d.tokens]
+        if rest:
+            for i, draft in zip(rest, self.model.propose([requests[i] for i in rest])):
+                drafts[i] = draft
+        return drafts
 
 
 class ModelDrafter(_NoFeatures):

@@ -161,6 +161,8 @@ class Engine:
         self.step_cost = OnlineStepCost(step_cost) if step_cost is not None else None
         self.external_waiting = 0  # requests queued in front of the engine (Triton's pending count): shown, not planned
         self._acceptance = PrefixAcceptance(MAX_DRAFT_TOKENS)  # survival estimate without a confidence head
+        # the same per draft source: a lookup draft and a model's draft of one drafter survive differently
+        self._acceptance_by_source: dict[str, PrefixAcceptance] = {}
         # confidences corrected by observed acceptance, per regime (greedy, sampled) as the drafter calibrates
         self._calibration = {greedy: ObservedCalibration() for greedy in (True, False)}
         self._block_survival: list[float] = []  # running mean of calibrated survival per draft position
@@ -411,7 +413,10 @@ class Engine:
         observed in the request's regime (scheduler.ObservedCalibration), else the measured rates."""
         if draft.confidences:
             return survival_probabilities(self._calibration[request.params.greedy].correct(draft.confidences))
-        return self._acceptance.survival(len(draft.tokens))
+        return self._source_acceptance(draft.source).survival(len(draft.tokens))
+
+    def _source_acceptance(self, source: str) -> PrefixAcceptance:
+        return self._acceptance_by_source.setdefault(source, PrefixAcceptance(MAX_DRAFT_TOKENS))
 
     def _decide_drafting(self, admitted: list[_Request], lengths: dict[int, int]) -> None:
         """dspark mode: draft this step only where it is expected to pay (sets the others' lengths to 0),
@@ -558,10 +563,12 @@ class Engine:
         self.stats.draft_seconds += draft_seconds
         if not self._running:  # drafting failed every request
             return
-        longest = max((len(d.tokens) for d in drafts.values()), default=0)
+        # only a model's drafts are a drafting price: copied ones (prompt lookup) cost no forward
+        modelled = [d for d in drafts.values() if d.source != "lookup"]
+        longest = max((len(d.tokens) for d in modelled), default=0)
         timed = None if read_backlog else draft_seconds  # a backlog is priced apart (_catch_up_costs)
-        paid = (self._draft_cost(len(drafts), timed, longest) * (longest if self.drafter.sequential else 1)
-                if drafts else 0.0)
+        paid = (self._draft_cost(len(modelled), timed, longest) * (longest if self.drafter.sequential else 1)
+                if modelled else draft_seconds)
         self._schedule(admitted, drafts, paid)
         new_tokens, logits_rows, offset = [], [], 0
         for r in self._running:
@@ -620,6 +627,7 @@ class Engine:
         observed.append((request, tokens[: 1 + result.num_accepted], first_packed))
         request.spec_stats.record(len(draft.tokens), result.num_accepted)
         self._acceptance.record(len(draft.tokens), result.num_accepted)
+        self._source_acceptance(draft.source).record(len(draft.tokens), result.num_accepted)
         if draft.confidences:
             self._calibration[request.params.greedy].record(draft.confidences, result.num_accepted)
         request.adaptive_length = next_adaptive_length(

@@ -79,9 +79,14 @@ def test_dspark_columns_plan_with_the_step_cost(smollm2_dir, smollm2_fp32, smoll
         parse_configs(["prompt_lookup:dspark"], lambda name: None, smollm2_fp32, max_context=512)
     with pytest.raises(ValueError, match="must be a number"):
         parse_configs(["prompt_lookup:four"], lambda name: None, smollm2_fp32, max_context=512)
-    columns = parse_configs([f"checkpoint={checkpoint}:dspark", "prompt_lookup:dspark=5"], lambda name: None,
+    with pytest.raises(ValueError, match="goes after a model drafter"):
+        parse_configs(["prompt_lookup+prompt_lookup:4"], lambda name: None, smollm2_fp32, max_context=512)
+    columns = parse_configs([f"checkpoint={checkpoint}:dspark", "prompt_lookup:dspark=5",
+                             f"checkpoint={checkpoint}+prompt_lookup:dspark"], lambda name: None,
                             smollm2_fp32, max_context=512)
-    assert [c.spec for c in columns[1:]] == [SpeculationParams("dspark", 7), SpeculationParams("dspark", 5)]
+    assert [c.spec for c in columns[1:]] == [SpeculationParams("dspark", 7), SpeculationParams("dspark", 5),
+                                             SpeculationParams("dspark", 7)]
+    assert columns[3].drafter.name == "dspark+prompt_lookup"
     prompts = [smollm2_encoder.encode(PROMPTS[0], apply_chat_template=True)]
     with pytest.raises(ValueError, match="step-cost profile"):
         run_spec_decode_benchmark(smollm2_fp32, smollm2_encoder.tokenizer, prompts, columns, 16)

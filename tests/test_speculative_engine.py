@@ -8,7 +8,7 @@ import torch
 
 from models.drafters import load_drafter
 from models.transformer import Transformer
-from orchestrator.drafting import DraftRequest, FeatureDrafter, ModelDrafter, PromptLookupDrafter
+from orchestrator.drafting import DraftRequest, FeatureDrafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from orchestrator.engine import Engine, EngineConfig
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
@@ -90,12 +90,15 @@ def small_draft_vocab(encoder, target, size: int = 2048) -> torch.Tensor:
                            always=target.config.eos_token_ids)
 
 
-@pytest.fixture(scope="module", params=["prompt_lookup", "shallow_model", "shallow_model_draft_vocab", "dspark"])
+@pytest.fixture(scope="module", params=["prompt_lookup", "shallow_model", "shallow_model_draft_vocab", "dspark",
+                                        "dspark+prompt_lookup"])
 def drafter(request, target, encoder):
     if request.param == "prompt_lookup":
         return PromptLookupDrafter()
     if request.param == "dspark":
         return dspark_drafter(target)
+    if request.param == "dspark+prompt_lookup":
+        return LookupFirstDrafter(dspark_drafter(target))
     vocab = small_draft_vocab(encoder, target) if request.param == "shallow_model_draft_vocab" else None
     return ModelDrafter(shallow_copy(target, 6), SLOTS, 256, vocab)
 
@@ -268,3 +271,31 @@ def test_a_drafting_step_that_reads_a_backlog_does_not_set_the_drafting_price(ta
     assert engine.stats.draft_seconds > 0 and not any(engine._draft_timings.values())
     engine.step()  # drafts with the context already read
     assert [len(t) for t in engine._draft_timings.values()] == [1]
+
+
+def test_lookup_first_copies_where_the_context_repeats_and_asks_the_model_elsewhere(target):
+    """A context ending in a 2-gram seen earlier gets lookup's continuation (no model forward); one
+    without gets the model's draft; both in one call, in the callers' order."""
+    model = ModelDrafter(shallow_copy(target, 2), 2, 256)
+    drafter = LookupFirstDrafter(model)
+    for key in (1, 2):
+        drafter.admit(key)
+    repeating = [100, 200, 300, 400, 500, 100, 200]  # ends in (100, 200): continues with 300, 400, 500
+    fresh = [100, 200, 300, 400, 500, 600, 700]  # no suffix 2-gram occurs earlier
+    params = SamplingParams()
+    asks = [DraftRequest(1, repeating, 3, params, torch.Generator()), DraftRequest(2, fresh, 3, params, torch.Generator())]
+    copied, modelled = drafter.propose(asks)
+    assert (copied.tokens, copied.source) == ([300, 400, 500], "lookup")
+    assert modelled.source == "model" and len(modelled.tokens) == 3
+    assert int(model.cache.lengths[model._slots[1]]) == 0, "a copied draft runs no model forward"
+    assert int(model.cache.lengths[model._slots[2]]) > 0
+
+
+def test_copied_drafts_never_set_the_drafting_price(target, encoder):
+    """Prompt lookup costs no forward: its steps must not teach the scheduler that a model's drafting is
+    free, and a lookup draft's survival comes from lookup's own verify rounds."""
+    engine, _ = run(target, encoder, PromptLookupDrafter(), SpeculationParams("static", 4), prompts=PROMPTS[:4])
+    assert engine.stats.speculation.rounds > 0
+    assert not any(engine._draft_timings.values())
+    assert set(engine._acceptance_by_source) == {"lookup"}
+    assert engine._acceptance_by_source["lookup"].reached == engine._acceptance.reached

@@ -17,11 +17,14 @@ from models.hardware import resolve_dtype, usable_cores
 from models.loading import load_config
 from orchestrator.draft_vocab import cached_draft_vocab
 from orchestrator.drafting import (
+    LOOKUP_FIRST_SUFFIX,
     DrafterMismatchError,
     FeatureDrafter,
+    LookupFirstDrafter,
     ModelDrafter,
     PromptLookupDrafter,
     check_drafter_fits,
+    split_lookup_first,
 )
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
@@ -246,9 +249,12 @@ class TritonPythonModel:
         onnx_model = params.get("onnx_model", "")
         if onnx_model:
             _check_graph_source(Path(args["model_repository"]) / args["model_version"] / onnx_model, model_dir)
-        drafter_choice = os.environ.get("DSPARK_DRAFTER") or params["drafter"]
+        drafter_choice, lookup_first = split_lookup_first(os.environ.get("DSPARK_DRAFTER") or params["drafter"])
         if drafter_choice == "auto":
             drafter_choice = default_drafter(model_dir)
+        elif lookup_first and drafter_choice in ("none", "prompt_lookup"):
+            raise pb_utils.TritonModelException(f"drafter '{drafter_choice}{LOOKUP_FIRST_SUFFIX}': "
+                                                f"{LOOKUP_FIRST_SUFFIX} goes after auto, model:<name> or checkpoint:<dir>")
         _check_drafter(drafter_choice, model_dir)
         runner = load_runner(
             model_dir, params.get("runtime", "torch"), dtype,
@@ -260,9 +266,12 @@ class TritonPythonModel:
         drafter_onnx = params.get("drafter_onnx", "")
         drafter = _make_drafter(drafter_choice, dtype, config, runner, runtime,
                                 Path(args["model_repository"]) / args["model_version"] / drafter_onnx if drafter_onnx else None)
-        if isinstance(drafter, FeatureDrafter):
+        if lookup_first and drafter is not None and not isinstance(drafter, PromptLookupDrafter):
+            drafter = LookupFirstDrafter(drafter)  # (auto on a target whose default is lookup: lookup alone)
+        model_drafter = drafter.model if isinstance(drafter, LookupFirstDrafter) else drafter
+        if isinstance(model_drafter, FeatureDrafter):
             pb_utils.Logger.log_info(f"dspark: target on {runtime}, drafter {drafter.name} on "
-                                     f"{getattr(drafter.module, 'runtime', 'torch')}")
+                                     f"{getattr(model_drafter.module, 'runtime', 'torch')}")
         step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, dtype, threads), runner)
         self.engine = Engine(runner, self.encoder.tokenizer, config, drafter, step_cost)
         self.engine.start()
