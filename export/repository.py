@@ -73,8 +73,9 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
         drafter = values.get("drafter") or read_parameters(config.read_text()).get("drafter", "none")
         base, lookup_first = split_lookup_first(drafter)
         if base == "auto":  # the graph exports this drafter's taps: name it, so the repository says so
-            base = default_drafter(model_dir)
-            drafter = values["drafter"] = base + (LOOKUP_FIRST_SUFFIX if lookup_first and base != "prompt_lookup" else "")
+            base, default_lookup_first = split_lookup_first(default_drafter(model_dir))
+            lookup_first = (lookup_first or default_lookup_first) and base != "prompt_lookup"
+            drafter = values["drafter"] = base + (LOOKUP_FIRST_SUFFIX if lookup_first else "")
         exported = cached_onnx(model_dir, dtype, drafter_tap_layers(drafter))
         target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR
         target.mkdir(parents=True)

