@@ -78,9 +78,13 @@ class _Tensor:
 
 
 class _Request:
-    def __init__(self, inputs):
+    def __init__(self, inputs, parameters="{}"):
         self._inputs = inputs
+        self._parameters = parameters  # a JSON object, as InferenceRequest.parameters() returns it
         self.sender = _Sender()
+
+    def parameters(self):
+        return self._parameters
 
     def get_response_sender(self):
         return self.sender
@@ -120,7 +124,8 @@ def test_execute_answers_every_request_of_a_batch_whatever_fails(model_module, s
     model.encoder = smollm2_encoder
     model.engine = Engine(smollm2_fp32, smollm2_encoder.tokenizer, EngineConfig(2, 64, 8))
     good = {"input_ids": np.array([1, 2, 3], dtype=np.int32), "max_tokens": np.array([2], dtype=np.int32)}
-    requests = [_Request(good), _Request(None), _Request({"input_ids": np.array([1.5])}), _Request(good)]
+    requests = [_Request(good), _Request(None), _Request({"input_ids": np.array([1.5])}), _Request(good),
+                _Request(good, '{"max_new_tokens": 5}')]
     model.execute(requests)
     while model.engine.step():
         pass
@@ -129,4 +134,5 @@ def test_execute_answers_every_request_of_a_batch_whatever_fails(model_module, s
         assert len(finals) == 1, "each request gets exactly one final response"
     assert "internal error" in requests[1].sender.sent[0][0].error.message
     assert "input_ids" in requests[2].sender.sent[0][0].error.message
+    assert "unexpected input max_new_tokens" in requests[4].sender.sent[0][0].error.message
     assert requests[0].sender.sent[-1][0].error is None and requests[3].sender.sent[-1][0].error is None
