@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -152,15 +153,21 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _proc_stats() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc/<pid>/stat."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        yield int(stat.parent.name), state, int(ppid), int(pgrp)
+
+
 def _process_tree(pid: int) -> list[int]:
     """pid and all its descendants (the python stubs are children of tritonserver)."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for child, _, parent, _ in _proc_stats():
+        children.setdefault(parent, []).append(child)
     tree, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -171,15 +178,7 @@ def _process_tree(pid: int) -> list[int]:
 
 def _group_members(pgid: int) -> list[int]:
     """The live processes of a process group (a crashed server's stubs, reparented to init, stay in it)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+    return [p for p, state, _, group in _proc_stats() if group == pgid and state != "Z"]
 
 
 def shm_regions(pid: int) -> set[Path]:
