@@ -71,10 +71,8 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
     if runtime != "torch":
         # A trained drafter reads the target's hidden states: the graph exports the layers it taps.
         drafter = values.get("drafter") or read_parameters(config.read_text()).get("drafter", "none")
-        base, lookup_first = split_lookup_first(drafter)
-        if base == "auto":  # the graph exports this drafter's taps: name it, so the repository says so
-            base, default_lookup_first = split_lookup_first(default_drafter(model_dir))
-            lookup_first = (lookup_first or default_lookup_first) and base != "prompt_lookup"
+        if split_lookup_first(drafter)[0] == "auto":  # the graph exports this drafter's taps: name it
+            base, lookup_first = resolve_drafter(drafter, model_dir)
             drafter = values["drafter"] = base + (LOOKUP_FIRST_SUFFIX if lookup_first else "")
         exported = cached_onnx(model_dir, dtype, drafter_tap_layers(drafter))
         target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR
@@ -90,6 +88,19 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
             values["drafter_onnx"] = DRAFTER_SUBDIR
     config.write_text(set_parameters(config.read_text(), values))
     return out_dir
+
+
+def resolve_drafter(setting: str, model_dir: Path) -> tuple[str, bool]:
+    """A server's drafter setting -> (the drafter it names, ``auto`` resolved to the target's default;
+    whether prompt lookup goes first). ValueError for ``+prompt_lookup`` after ``none`` or ``prompt_lookup``;
+    ``auto`` on a target whose default is prompt lookup gives prompt lookup alone."""
+    base, lookup_first = split_lookup_first(setting)
+    if base == "auto":  # the target's default, itself possibly lookup-first
+        base, default_lookup_first = split_lookup_first(default_drafter(model_dir))
+        lookup_first = lookup_first or default_lookup_first
+    elif lookup_first and base in ("none", "prompt_lookup"):
+        raise ValueError(f"drafter '{setting}': {LOOKUP_FIRST_SUFFIX} goes after auto, model:<name> or checkpoint:<dir>")
+    return base, lookup_first and base not in ("none", "prompt_lookup")
 
 
 def drafter_checkpoint(drafter: str) -> Path | None:

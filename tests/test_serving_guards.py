@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import types
 from pathlib import Path
@@ -136,3 +137,18 @@ def test_execute_answers_every_request_of_a_batch_whatever_fails(model_module, s
     assert "input_ids" in requests[2].sender.sent[0][0].error.message
     assert "unexpected input max_new_tokens" in requests[4].sender.sent[0][0].error.message
     assert requests[0].sender.sent[-1][0].error is None and requests[3].sender.sent[-1][0].error is None
+
+
+def test_drafter_settings_resolve_auto_and_lookup_first(smollm2_dir, tmp_path):
+    """`auto` takes the target's own default, lookup-first included; a user's own model directory gets
+    prompt lookup alone, even asked lookup-first; lookup after lookup or after none is refused by name."""
+    from export.repository import resolve_drafter
+
+    shipped = "checkpoint:models/checkpoints/smollm2-135m-instruct-dspark"
+    assert resolve_drafter("auto", smollm2_dir) == (shipped, True)
+    assert resolve_drafter(shipped, smollm2_dir) == (shipped, False)
+    assert resolve_drafter(shipped + "+prompt_lookup", smollm2_dir) == (shipped, True)
+    assert resolve_drafter("auto+prompt_lookup", tmp_path) == ("prompt_lookup", False)
+    for bad in ("prompt_lookup+prompt_lookup", "none+prompt_lookup"):
+        with pytest.raises(ValueError, match=re.escape(f"drafter '{bad}': +prompt_lookup goes after auto")):
+            resolve_drafter(bad, smollm2_dir)

@@ -10,21 +10,19 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from export.onnx_export import read_metadata
-from export.repository import drafter_checkpoint, drafter_tap_layers
-from hub.fetch import cache_dir, default_drafter, model_dir_if_cached, model_name
+from export.repository import drafter_checkpoint, drafter_tap_layers, resolve_drafter
+from hub.fetch import cache_dir, model_dir_if_cached, model_name
 from models.drafters import DrafterConfig
 from models.hardware import resolve_dtype, usable_cores
 from models.loading import load_config
 from orchestrator.draft_vocab import cached_draft_vocab
 from orchestrator.drafting import (
-    LOOKUP_FIRST_SUFFIX,
     DrafterMismatchError,
     FeatureDrafter,
     LookupFirstDrafter,
     ModelDrafter,
     PromptLookupDrafter,
     check_drafter_fits,
-    split_lookup_first,
 )
 from orchestrator.engine import Engine, EngineConfig, GenerationChunk
 from orchestrator.errors import InvalidRequestError
@@ -249,13 +247,10 @@ class TritonPythonModel:
         onnx_model = params.get("onnx_model", "")
         if onnx_model:
             _check_graph_source(Path(args["model_repository"]) / args["model_version"] / onnx_model, model_dir)
-        drafter_choice, lookup_first = split_lookup_first(os.environ.get("DSPARK_DRAFTER") or params["drafter"])
-        if drafter_choice == "auto":  # the target's default, itself possibly lookup-first
-            drafter_choice, default_lookup_first = split_lookup_first(default_drafter(model_dir))
-            lookup_first = lookup_first or default_lookup_first
-        elif lookup_first and drafter_choice in ("none", "prompt_lookup"):
-            raise pb_utils.TritonModelException(f"drafter '{drafter_choice}{LOOKUP_FIRST_SUFFIX}': "
-                                                f"{LOOKUP_FIRST_SUFFIX} goes after auto, model:<name> or checkpoint:<dir>")
+        try:
+            drafter_choice, lookup_first = resolve_drafter(os.environ.get("DSPARK_DRAFTER") or params["drafter"], model_dir)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
         _check_drafter(drafter_choice, model_dir)
         runner = load_runner(
             model_dir, params.get("runtime", "torch"), dtype,
@@ -267,8 +262,8 @@ class TritonPythonModel:
         drafter_onnx = params.get("drafter_onnx", "")
         drafter = _make_drafter(drafter_choice, dtype, config, runner, runtime,
                                 Path(args["model_repository"]) / args["model_version"] / drafter_onnx if drafter_onnx else None)
-        if lookup_first and drafter is not None and not isinstance(drafter, PromptLookupDrafter):
-            drafter = LookupFirstDrafter(drafter)  # (auto on a target whose default is lookup: lookup alone)
+        if lookup_first:
+            drafter = LookupFirstDrafter(drafter)
         model_drafter = drafter.model if isinstance(drafter, LookupFirstDrafter) else drafter
         if isinstance(model_drafter, FeatureDrafter):
             pb_utils.Logger.log_info(f"dspark: target on {runtime}, drafter {drafter.name} on "
