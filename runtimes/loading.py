@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 from export.drafter_export import cached_drafter_export, exported_for
-from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx
+from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx, read_metadata
 from export.tensorrt_engine import import_tensorrt
 from models.drafters import BlockDrafter, Drafter, load_drafter
 from models.hardware import resolve_dtype
@@ -47,6 +47,10 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
     path = Path(onnx_path) if onnx_path is not None else cached_onnx(model_dir, dtype, tap_layers)
     if path.is_dir():
         path = path / ONNX_FILE
+    wanted, exported = sorted(set(int(t) for t in tap_layers)), read_metadata(path).get("tap_layers", [])
+    if missing := sorted(set(wanted) - set(exported)):
+        raise ValueError(f"the drafter needs tap layers {wanted}, but the graph {path} has {exported} (missing "
+                         f"{missing}): build the repository again with this drafter, or serve the drafter it was built for")
     config = load_config(model_dir)
     if runtime == "onnxruntime":
         runner: _GraphRunner = OnnxRuntimeRunner(path, config, num_threads)

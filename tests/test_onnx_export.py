@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx_export import check_onnx, export_transformer, read_metadata
+from export.onnx_export import cached_onnx, check_onnx, export_transformer, read_metadata
 from models.loading import load_config, load_transformer
 from models.transformer import Transformer
 from runtimes.loading import load_runner
@@ -186,6 +186,14 @@ def smol_prompts(smollm2_dir: Path) -> list[list[int]]:
 
     tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     return [tok.encode(p).ids for p in PROMPTS[:3]]
+
+
+def test_shipped_graph_without_the_drafters_taps_is_refused_at_load(smollm2_dir: Path) -> None:
+    """A repository built for one drafter, served with another that taps other layers, fails at load
+    (naming the layers), not on every request's first step."""
+    shipped = cached_onnx(smollm2_dir, "float32")  # exported with no taps
+    with pytest.raises(ValueError, match=r"needs tap layers \[1, 15\], but the graph .* has \[\] \(missing \[1, 15\]\)"):
+        load_runner(smollm2_dir, "onnxruntime", "float32", onnx_path=shipped, tap_layers=(15, 1))
 
 
 def _prefill_logits(runner, prompts: list[list[int]]) -> torch.Tensor:

@@ -252,12 +252,15 @@ class TritonPythonModel:
         except ValueError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         _check_drafter(drafter_choice, model_dir)
-        runner = load_runner(
-            model_dir, params.get("runtime", "torch"), dtype,
-            onnx_path=Path(args["model_repository"]) / args["model_version"] / onnx_model if onnx_model else None,
-            tap_layers=drafter_tap_layers(drafter_choice), num_threads=threads, max_batch=config.max_batch_size,
-            max_new=config.max_context, max_context=config.max_context,
-        )
+        try:  # a shipped graph must output the hidden states this drafter taps
+            runner = load_runner(
+                model_dir, params.get("runtime", "torch"), dtype,
+                onnx_path=Path(args["model_repository"]) / args["model_version"] / onnx_model if onnx_model else None,
+                tap_layers=drafter_tap_layers(drafter_choice), num_threads=threads, max_batch=config.max_batch_size,
+                max_new=config.max_context, max_context=config.max_context,
+            )
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
         runtime = params.get("runtime", "torch")
         drafter_onnx = params.get("drafter_onnx", "")
         drafter = _make_drafter(drafter_choice, dtype, config, runner, runtime,
