@@ -73,7 +73,13 @@ _VLLM_NEUTRAL = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penal
 
 def _coerce(name: str, value: object, kind: type) -> object:
     """A JSON value as `kind`; vLLM accepts numbers sent as strings (genai-perf sends "max_tokens": "64").
-    Infinities (JSON numbers beyond float64 parse as one) and NaN are refused by name."""
+    An integer string is read as an integer (a seed past 2**53 keeps every digit). Infinities (JSON
+    numbers beyond float64 parse as one) and NaN are refused by name."""
+    if kind is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass  # "12.0", "1e3": read as a number below
     try:
         if isinstance(value, bool):
             raise TypeError

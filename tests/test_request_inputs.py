@@ -96,3 +96,10 @@ def test_vllm_sampling_parameters_take_effect():
 def test_other_conventions_refuse_by_name(inputs, message):
     with pytest.raises(InvalidRequestError, match=message):
         parse_sampling_params(inputs)
+
+
+@pytest.mark.parametrize("seed", ["9007199254740993", "18446744073709551615", " 7 "])
+def test_integer_strings_keep_every_digit(seed):
+    """A seed sent as a string is the integer it spells: past 2**53 a float would merge neighbouring seeds."""
+    params = parse_sampling_params({"sampling_parameters": _str('{"seed": "%s"}' % seed)})
+    assert params.seed == int(seed)
