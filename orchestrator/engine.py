@@ -71,6 +71,9 @@ class GenerationChunk:
 EmitFn = Callable[[GenerationChunk], None]
 
 
+SHUTDOWN_MESSAGE = "server is shutting down"  # the error of requests a stopping engine refuses or ends
+
+
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down and takes no new requests."""
 
@@ -232,7 +235,7 @@ class Engine:
         )
         with self._lock:
             if self._stopping:  # shutdown has answered the queue already; nobody would answer this one
-                raise EngineStoppedError("server is shutting down")
+                raise EngineStoppedError(SHUTDOWN_MESSAGE)
             self._incoming.append(request)
         self._wakeup.set()
         return request.request_id
@@ -265,7 +268,7 @@ class Engine:
             self._thread.join()
         self._take_incoming()
         for request in self._running + list(self._waiting):
-            self._finish(request, "cancelled", error="server is shutting down")
+            self._finish(request, "cancelled", error=SHUTDOWN_MESSAGE)
 
     def _loop(self) -> None:
         while not self._stopping:

@@ -102,11 +102,11 @@ def model_module(monkeypatch):
     stub.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
     class TritonError(Exception):
-        CANCELLED = "cancelled"
+        CANCELLED, UNAVAILABLE = "cancelled", "unavailable"
 
         def __init__(self, message, code=None):
             super().__init__(message)
-            self.message = message
+            self.message, self.code = message, code
 
     stub.TritonError = TritonError
     stub.InferenceResponse = lambda output_tensors=None, error=None: types.SimpleNamespace(
@@ -137,6 +137,23 @@ def test_execute_answers_every_request_of_a_batch_whatever_fails(model_module, s
     assert "input_ids" in requests[2].sender.sent[0][0].error.message
     assert "unexpected input max_new_tokens" in requests[4].sender.sent[0][0].error.message
     assert requests[0].sender.sent[-1][0].error is None and requests[3].sender.sent[-1][0].error is None
+
+
+def test_shutdown_answers_unavailable_not_internal_error(model_module, smollm2_fp32, smollm2_encoder):
+    """Requests running when the model unloads, and those arriving after, are told the server is going
+    away (UNAVAILABLE, which clients and the OpenAI frontend's 503 treat as retryable), not that it failed."""
+    model = model_module.TritonPythonModel()
+    model.encoder = smollm2_encoder
+    model.engine = Engine(smollm2_fp32, smollm2_encoder.tokenizer, EngineConfig(2, 64, 8))
+    good = {"input_ids": np.array([1, 2, 3], dtype=np.int32), "max_tokens": np.array([8], dtype=np.int32)}
+    running, late = _Request(good), _Request(good)
+    model.execute([running])
+    model.engine.step()
+    model.engine.shutdown()
+    model.execute([late])
+    for request in (running, late):
+        (response, flags), = [sent for sent in request.sender.sent if sent[1] == 1]
+        assert (response.error.message, response.error.code) == ("server is shutting down", "unavailable")
 
 
 def test_drafter_settings_resolve_auto_and_lookup_first(smollm2_dir, tmp_path):

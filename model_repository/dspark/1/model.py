@@ -24,7 +24,7 @@ from orchestrator.drafting import (
     PromptLookupDrafter,
     check_drafter_fits,
 )
-from orchestrator.engine import Engine, EngineConfig, GenerationChunk
+from orchestrator.engine import SHUTDOWN_MESSAGE, Engine, EngineConfig, EngineStoppedError, GenerationChunk
 from orchestrator.errors import InvalidRequestError
 from orchestrator.policies import SpeculationParams
 from orchestrator.prompting import PromptEncoder
@@ -76,7 +76,11 @@ class _ResponseStream:
 
     def __call__(self, chunk: GenerationChunk) -> None:
         if chunk.error is not None:
-            code = pb_utils.TritonError.CANCELLED if chunk.finish_reason == "cancelled" else None
+            code = None
+            if chunk.error == SHUTDOWN_MESSAGE:
+                code = pb_utils.TritonError.UNAVAILABLE  # retry elsewhere or later
+            elif chunk.finish_reason == "cancelled":
+                code = pb_utils.TritonError.CANCELLED
             self.sender.send(_error(chunk.error, code), flags=FINAL)
             return
         if chunk.finish_reason == "cancelled":
@@ -301,6 +305,8 @@ class TritonPythonModel:
                 self.engine.submit(prompt_ids, params, emit=stream, is_cancelled=sender.is_cancelled, spec=spec)
             except InvalidRequestError as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
+            except EngineStoppedError as exc:  # the model is unloading: not this request's fault, nor ours
+                sender.send(_error(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
             except Exception as exc:  # not the client's fault, but still this request's only answer
                 log.exception("request failed before reaching the engine")
                 sender.send(_error(f"internal error: {exc}"), flags=FINAL)
