@@ -65,10 +65,11 @@ class LoadMonitor:
         while not self._stop.wait(self.period_s):
             try:
                 self.last = self.read()
+                self.on_reading(self.last)
             except OSError as exc:  # the server is starting or stopping: try again next period
                 log.debug("metrics read failed: %s", exc)
-                continue
-            self.on_reading(self.last)
+            except Exception:  # a truncated or garbled read must not end the thread: the next one may do
+                log.warning("metrics read failed", exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from models.drafters import DrafterConfig
 from models.loading import load_config
 from orchestrator.drafting import DrafterMismatchError, check_drafter_fits
 from orchestrator.engine import Engine, EngineConfig
-from serving.load_monitor import parse_metrics
+from serving.load_monitor import LoadMonitor, LoadReading, parse_metrics
 from tests.conftest import PROJECT_ROOT
 
 METRICS = """# HELP nv_inference_pending_request_count Instantaneous number of pending requests
@@ -34,6 +35,28 @@ def test_load_reading_counts_the_engine_model_only():
     assert reading.pending_requests == 3
     assert reading.queue_seconds_total == 2.0
     assert reading.cpu_utilization == 0.5
+
+
+def test_load_monitor_outlives_a_bad_read():
+    """A read that fails in any way (a truncated body is an HTTPException, a garbled line a ValueError)
+    skips that period; the thread goes on and later readings still arrive."""
+    readings: list[LoadReading] = []
+    monitor = LoadMonitor("http://unused", "dspark", readings.append, period_s=0.001)
+    results = iter([ValueError("garbled"), RuntimeError("truncated"), parse_metrics(METRICS, "dspark")])
+
+    def read() -> LoadReading:
+        result = next(results, None)
+        if isinstance(result, Exception):
+            raise result
+        return result or parse_metrics(METRICS, "dspark")
+
+    monitor.read = read
+    monitor.start()
+    deadline = time.monotonic() + 10
+    while not readings and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monitor.stop()
+    assert readings and readings[0].pending_requests == 3
 
 
 def test_drafter_that_does_not_fit_the_target_is_named_with_it(smollm2_dir):
