@@ -71,6 +71,3 @@ class KVCache:
 
     def num_free(self) -> int:
         return len(self._free)
-
-    def memory_bytes(self) -> int:
-        return 2 * self.k_all.numel() * self.k_all.element_size()

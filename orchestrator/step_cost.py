@@ -55,10 +55,6 @@ class BatchShape:
     def tokens(self) -> int:
         return sum(new for new, _ in self.rows)
 
-    @property
-    def longest_new(self) -> int:
-        return max((new for new, _ in self.rows), default=0)
-
     @functools.cached_property
     def _groups(self) -> dict[int, tuple[int, int]]:
         """new-token count -> (sequences, longest context) of its attention group."""
@@ -129,9 +125,6 @@ class StepCostProfile:
             base += self.group_s * (shape.attention_groups - groups)
         return max(base, 1e-9)
 
-    def steps_per_second(self, n: int) -> float:
-        return 1.0 / self.step_seconds(n)
-
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -168,9 +161,6 @@ class OnlineStepCost:
 
     def step_seconds(self, n: int, shape: BatchShape | None = None) -> float:
         return self.profile.step_seconds(n, shape) * self.ratio
-
-    def steps_per_second(self, n: int) -> float:
-        return 1.0 / self.step_seconds(n)
 
 
 def monotone_envelope(seconds: Sequence[float]) -> list[float]:
