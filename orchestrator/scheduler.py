@@ -149,26 +149,34 @@ def plan_verification(
     base_expected_tokens: float,
     cost: StepCost,
     overhead_s: float = 0.0,
-    draft_step_s: float = 0.0,
     batch: BatchPlan | None = None,
-    first_cost_s: Sequence[float] | None = None,
 ) -> list[int]:
-    """How many draft tokens each request verifies this step.
+    """How many of its drafted tokens each request verifies this step (Algorithm 1).
 
     survival[r][k]: probability that request r's draft tokens 1..k+1 all survive (non-increasing in k).
     base_tokens: tokens in the forward regardless of drafts (one per running request, prefills, and the
     planned load of waiting requests); base_expected_tokens: tokens those yield for sure.
-    overhead_s: time the step spends besides the target forward (drafting already paid, or a block
-    drafter's cost at any length); draft_step_s: for a drafter that drafts token by token (batched over
-    requests), the time of one drafting step, paid once per position of the longest draft.
+    overhead_s: time the step spends besides the target forward (drafting already paid).
     batch: the active batch, when the cost depends on its shape (contexts, attention groups).
-    first_cost_s[r]: seconds request r adds to the step if it drafts at all (a small LM reading the
-    context it skipped while it did not draft).
-    A drafter that drafts token by token makes the first token at each position cost a whole drafting
-    step, which the greedy pass alone would refuse; so every longest length L is planned with its
-    drafting paid up front, and the best plan wins.
-    The plan depends only on these probabilities and the load, never on the draft tokens themselves,
-    which keeps verification lossless.
+
+    Lossless: survival[r][k] may depend on request r's draft tokens before position k (a DSpark
+    confidence reads the token before it), never on token k or later ones, and the greedy admits each
+    request's positions in order, from the most likely to survive down. So whether token k is verified
+    is decided from the tokens before it, a stopping rule, which leaves the accepted tokens distributed
+    as the target's. Plans that compare different longest lengths (`plan_drafting` with a per-position
+    drafting price) would look at later positions; they run only before drafting.
+    """
+    return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s, batch)
+
+
+def _plan_paying_per_position(survival: Sequence[Sequence[float]], base_tokens: int, base_expected_tokens: float,
+                              cost: StepCost, overhead_s: float, draft_step_s: float, batch: BatchPlan | None,
+                              first_cost_s: Sequence[float] | None) -> list[int]:
+    """The best plan when drafting costs `draft_step_s` per position of the longest draft (a drafter that
+    drafts token by token, batched over requests) and `first_cost_s[r]` for request r drafting at all.
+
+    The first token at each position costs a whole drafting step, which the greedy pass alone would
+    refuse; so every longest length L is planned with its drafting paid up front, and the best plan wins.
     """
     def throughput(plan: list[int]) -> float:
         expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(survival, plan))
@@ -213,8 +221,8 @@ def plan_drafting(
     Taken every step, so speculation returns as soon as the load (base_tokens) drops or predictions
     improve.
     """
-    counts = plan_verification(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s, batch,
-                               first_cost_s)
+    counts = _plan_paying_per_position(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s,
+                                       batch, first_cost_s)
     expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, counts))
     paid = draft_seconds + draft_step_s * max(counts, default=0) + _first_costs(counts, first_cost_s)
     with_drafts, plain = (batch.shape(counts), batch.shape([])) if batch is not None else (None, None)

@@ -231,10 +231,10 @@ def test_drafting_paid_per_position_shortens_the_plan():
     (1 + sum p) / (0.3 + 0.1 k); free drafting would take all 7."""
     survival = [[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]]
     flat = StepCostProfile((1, 64), (0.3, 0.3))
-    assert plan_verification(survival, 1, 1, flat) == [7]
-    assert plan_verification(survival, 1, 1, flat, draft_step_s=0.1) == [4]
+    assert plan_drafting(survival, 1, 1, flat, 0.0) == [7]
+    assert plan_drafting(survival, 1, 1, flat, 0.0, draft_step_s=0.1) == [4]
     # two requests share the drafter steps: a pass that priced each position alone would stop at [1, 1]
-    assert plan_verification(survival * 2, 2, 2, flat, draft_step_s=0.1) == [4, 4]
+    assert plan_drafting(survival * 2, 2, 2, flat, 0.0, draft_step_s=0.1) == [4, 4]
 
 
 class LengthRecordingDrafter(FixedDrafter):
