@@ -141,7 +141,7 @@ class EngineStats:
     tokens_generated: int = 0
     forward_seconds: float = 0.0  # target forwards
     draft_seconds: float = 0.0    # drafter proposals and context updates
-    last_step_tokens: int = 0          # tokens in the last target forward (the plan's active batch N)
+    last_step_tokens: int = 0          # tokens in the last target forward, prompt prefills included
     last_step_draft_tokens: int = 0    # draft tokens it verified
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
     speculation: SpeculationStats = field(default_factory=SpeculationStats)

@@ -92,7 +92,8 @@ class SamplingParams:
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator per request: seeded ones replay exactly, unseeded ones draw fresh entropy."""
+    """A CPU generator per request: a seeded one draws the same numbers every time (its request replays
+    exactly where draft lengths do not follow the load), an unseeded one fresh entropy."""
     generator = torch.Generator()
     if seed is None:
         generator.seed()

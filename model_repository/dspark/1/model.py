@@ -119,7 +119,7 @@ class _EngineMetrics:
             "accepted": pb_utils.MetricFamily(
                 "dspark_accepted_tokens_total", "Draft tokens accepted, by draft position", counter),
             "plan_tokens": pb_utils.MetricFamily(
-                "dspark_step_tokens", "Tokens in the last target forward (the active batch N the plan priced)", gauge),
+                "dspark_step_tokens", "Tokens in the last target forward, prompt prefills included", gauge),
             "plan_drafts": pb_utils.MetricFamily(
                 "dspark_step_draft_tokens", "Draft tokens the last step verified", gauge),
             "cost_ratio": pb_utils.MetricFamily(
