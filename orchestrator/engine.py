@@ -30,7 +30,7 @@ from models.transformer import Transformer
 from orchestrator.constraints import banned_tokens, constrain_rows, is_constrained
 from orchestrator.detokenizer import IncrementalDetokenizer
 from orchestrator.drafting import Draft, Drafter, DraftRequest
-from orchestrator.errors import InvalidRequestError
+from orchestrator.errors import InvalidRequestError, prompt_too_long
 from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
 from orchestrator.scheduler import (
@@ -209,10 +209,7 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty")
         if len(prompt_ids) >= self.config.max_context:
-            raise InvalidRequestError(
-                f"prompt is {len(prompt_ids)} tokens; the context holds {self.config.max_context} "
-                "(prompt plus at least one generated token)"
-            )
+            raise prompt_too_long(len(prompt_ids), self.config.max_context)
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InvalidRequestError(f"input_ids must be in [0, {vocab})")

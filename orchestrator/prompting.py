@@ -11,7 +11,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from orchestrator.errors import InvalidRequestError
+from orchestrator.errors import InvalidRequestError, prompt_too_long
 from orchestrator.request_inputs import parse_bool, parse_text
 
 
@@ -76,14 +76,12 @@ class PromptEncoder:
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids of a conversation, as `encode` gives them for a single user turn."""
         if not messages or not any(m.get("content", "").strip() for m in messages):
-            raise InvalidRequestError("messages are empty")
+            raise InvalidRequestError("messages are empty: no message has any content")
         return self._checked(self.tokenizer.encode(self.render_messages(messages), add_special_tokens=False).ids)
 
     def _checked(self, ids: list[int]) -> list[int]:
         if len(ids) > self.max_prompt_tokens:
-            raise InvalidRequestError(
-                f"prompt is {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}"
-            )
+            raise prompt_too_long(len(ids), self.max_prompt_tokens + 1)
         return ids
 
     def encode(self, text: bytes | str, apply_chat_template: bool) -> list[int]:
