@@ -68,14 +68,17 @@ def error_from_triton(message: str) -> OpenAIError:
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False  # a last chunk with the request's usage
     continuous_usage_stats: bool = False  # vLLM's extension: every chunk carries the usage so far
 
 
 class _GenerationRequest(BaseModel):
-    """Fields both endpoints share; unknown fields are refused by name."""
+    """Fields both endpoints share; unknown fields are refused by name, and values of another JSON type
+    too (strict: `"max_tokens": true` or `"temperature": "0"` are errors, not 1 and 0.0)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = None
@@ -112,11 +115,15 @@ class _GenerationRequest(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None

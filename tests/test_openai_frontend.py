@@ -86,6 +86,9 @@ def test_completion_is_the_raw_prompt_path_with_stop_and_seed(client, triton):
     (dict(extra_body={"spec_mode": "turbo"}), 400, "spec_mode"),
     (dict(extra_body={"best_of": 3}), 400, "best_of: unsupported parameter"),
     (dict(model="gpt-4o"), 404, "model 'gpt-4o' does not exist"),
+    (dict(max_tokens=True), 400, "max_tokens: Input should be a valid integer"),  # not 1
+    (dict(temperature="0"), 400, "temperature: Input should be a valid number"),
+    (dict(messages=[{"role": "user", "content": None}]), 400, "no message has any content"),
 ])
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(client, kwargs, status, message):
     args = dict(model=DEFAULT_MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=4) | kwargs
