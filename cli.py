@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from orchestrator.policies import SPEC_MODES
+
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Explain in two sentences why speculative decoding makes LLM inference faster."
@@ -199,6 +201,10 @@ def _sampling_options(func):
         click.option("--seed", type=int, default=None),
         click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable)."),
         click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template."),
+        click.option("--spec-mode", type=click.Choice(SPEC_MODES), default=None,
+                     help="Speculation for this request (default: the server's)."),
+        click.option("--num-draft-tokens", type=int, default=None,
+                     help="Draft length K, or the block for dspark (default: the server's)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -211,11 +217,14 @@ def _stream_to_terminal(protocol: str, url: str, prompt: str, stop_strings, raw:
     stream = stream_grpc if protocol == "grpc" else stream_http
     params["apply_chat_template"] = not raw
     try:
-        finish = None
+        last = None
         for chunk in stream(url, prompt, stop=list(stop_strings), **params):
             click.echo(chunk.text, nl=False)
-            finish = chunk.finish_reason or finish
-        click.echo(f"\n[finish: {finish}]", err=True)
+            last = chunk
+        if last is not None:
+            rounds = (f"; {last.draft_rounds} draft rounds, {last.accepted_tokens} of {last.draft_tokens} draft tokens "
+                      "accepted" if last.draft_rounds else "")
+            click.echo(f"\n[finish: {last.finish_reason}; {last.num_output_tokens} tokens{rounds}]", err=True)
     except GenerationError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -53,6 +53,26 @@ def reference_greedy(smollm2_dir: Path):
     return run
 
 
+def test_cli_generate_chooses_the_speculation_per_request(triton, reference_greedy, smollm2_dir):
+    """`cli.py generate --spec-mode/--num-draft-tokens` reach the server: static drafting reports its
+    rounds, off none, and both print the target's greedy answer."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    encoder = PromptEncoder.from_model_dir(smollm2_dir, max_prompt_tokens=2047)
+    ids = reference_greedy(PROMPTS[0], 12)
+    expected, finish = encoder.tokenizer.decode(ids), "length" if len(ids) == 12 else "stop"
+    runs = {mode: CliRunner().invoke(cli, ["generate", "--url", triton.grpc, "--max-tokens", "12", "--spec-mode", mode,
+                                            "--num-draft-tokens", "3", PROMPTS[0]])
+            for mode in ("off", "static")}
+    for mode, run in runs.items():
+        assert run.exit_code == 0, run.output
+        assert run.stdout.rstrip("\n") == expected
+        assert f"[finish: {finish}; {len(ids)} tokens" in run.stderr
+    assert "draft rounds" not in runs["off"].stderr and "draft rounds" in runs["static"].stderr
+
+
 def test_grpc_stream_greedy_equals_in_process_model(triton, reference_greedy):
     for prompt in PROMPTS[:3]:
         chunks = list(stream_grpc(triton.grpc, prompt, max_tokens=NEW_TOKENS))
