@@ -199,6 +199,10 @@ class LookupFirstDrafter:
     def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         self.model.observe(keys, token_ids, hidden)
 
+    def copies(self, context: Sequence[int]) -> bool:
+        """Whether this context's next draft is copied (lookup finds a match) rather than the model's."""
+        return bool(propose_ngram_draft(context, 1, self.lookup.max_ngram, self.lookup.min_ngram))
+
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         drafts: list[Draft | None] = list(self.lookup.propose(requests))
         rest = [i for i, d in enumerate(drafts) if not d.tokens]
@@ -206,6 +210,14 @@ class LookupFirstDrafter:
             for i, draft in zip(rest, self.model.propose([requests[i] for i in rest])):
                 drafts[i] = draft
         return drafts
+
+
+def expected_source(drafter: Drafter, context: Sequence[int]) -> str:
+    """Where `drafter`'s next draft for this context comes from, known before drafting: "lookup" (copied
+    from the context: no forward, lookup's own acceptance) or "model"."""
+    if isinstance(drafter, LookupFirstDrafter):
+        return "lookup" if drafter.copies(context) else "model"
+    return "lookup" if isinstance(drafter, PromptLookupDrafter) else "model"
 
 
 class ModelDrafter(_NoFeatures):

@@ -29,7 +29,7 @@ from models.kv_cache import KVCache
 from models.transformer import Transformer
 from orchestrator.constraints import banned_tokens, constrain_rows, is_constrained
 from orchestrator.detokenizer import IncrementalDetokenizer
-from orchestrator.drafting import Draft, Drafter, DraftRequest
+from orchestrator.drafting import Draft, Drafter, DraftRequest, expected_source
 from orchestrator.errors import InvalidRequestError, prompt_too_long
 from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams, draft_length, next_adaptive_length
 from orchestrator.sampling import SamplingParams, make_generator, next_token, warp_logits
@@ -433,14 +433,19 @@ class Engine:
         dspark = [r for r in self._running if r.spec.mode == "dspark" and lengths.get(r.request_id, 0) > 0]
         if not dspark or self.step_cost is None:
             return
-        predicted = [self._expected_survival(lengths[r.request_id]) for r in dspark]
+        copied = [expected_source(self.drafter, r.context) == "lookup" for r in dspark]
+        predicted = [self._source_acceptance("lookup").survival(lengths[r.request_id]) if copy
+                     else self._expected_survival(lengths[r.request_id]) for r, copy in zip(dspark, copied)]
         batch = self._batch_plan(dspark, admitted, lambda r: 1 + lengths.get(r.request_id, 0))
-        unit = self._draft_cost(len(dspark))
+        modelled = len(dspark) - sum(copied)  # a copied draft is no drafting price (as _decode_step times it)
+        unit = self._draft_cost(modelled) if modelled else 0.0
         if self.drafter.sequential:  # paid per drafted position: the plan chooses the length too
-            counts = plan_drafting(predicted, batch.tokens, batch.sequences, self.step_cost, 0.0, unit, batch,
-                                   self._catch_up_costs(dspark, unit))
+            catch_up = [0.0 if copy else cost for copy, cost in zip(copied, self._catch_up_costs(dspark, unit))]
+            counts = plan_drafting(predicted, batch.tokens, batch.sequences, self.step_cost, 0.0, unit, batch, catch_up,
+                                   copied)
         else:
-            counts = plan_drafting(predicted, batch.tokens, batch.sequences, self.step_cost, unit, batch=batch)
+            counts = plan_drafting(predicted, batch.tokens, batch.sequences, self.step_cost, unit, batch=batch,
+                                   copied=copied)
         if any(counts):
             self._steps_without_drafting = 0
         else:

@@ -209,6 +209,7 @@ def plan_drafting(
     draft_step_s: float = 0.0,
     batch: BatchPlan | None = None,
     first_cost_s: Sequence[float] | None = None,
+    copied: Sequence[bool] | None = None,
 ) -> list[int]:
     """How many tokens each request should draft this step (0: none), decided before drafting from
     predicted survival probabilities.
@@ -218,15 +219,27 @@ def plan_drafting(
     best verification plan, paying `draft_seconds` for the drafting (plus `draft_step_s` per position
     of the longest draft, for drafters that draft token by token, and each drafting request's
     `first_cost_s`), beats a plain step; then each request gets the count that plan would verify.
+    copied[r]: request r's draft is copied from its context (prompt lookup first), which costs no
+    drafting: the plan of the copied drafts alone, paying nothing, competes with the plan of all.
     Taken every step, so speculation returns as soon as the load (base_tokens) drops or predictions
     improve.
     """
-    counts = _plan_paying_per_position(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s,
-                                       batch, first_cost_s)
-    expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, counts))
-    paid = draft_seconds + draft_step_s * max(counts, default=0) + _first_costs(counts, first_cost_s)
-    with_drafts, plain = (batch.shape(counts), batch.shape([])) if batch is not None else (None, None)
-    speculative = expected_throughput(expected, base_tokens + sum(counts), cost, paid, with_drafts)
-    if speculative <= expected_throughput(base_expected_tokens, base_tokens, cost, 0.0, plain):
+    def throughput(plan: list[int], paid: float) -> float:
+        expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, plan))
+        return expected_throughput(expected, base_tokens + sum(plan), cost, paid,
+                                   batch.shape(plan) if batch is not None else None)
+
+    def paid(plan: list[int]) -> float:
+        if copied is not None and not any(k for k, copy in zip(plan, copied) if not copy):
+            return 0.0  # only copied drafts: no drafter forward
+        return draft_seconds + draft_step_s * max(plan, default=0) + _first_costs(plan, first_cost_s)
+
+    plans = [_plan_paying_per_position(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s,
+                                       batch, first_cost_s)]
+    if copied is not None and any(copied):
+        plans.append(plan_verification([row if copy else [] for row, copy in zip(predicted, copied)],
+                                       base_tokens, base_expected_tokens, cost, batch=batch))
+    counts = max(plans, key=lambda plan: throughput(plan, paid(plan)))
+    if throughput(counts, paid(counts)) <= throughput([], 0.0):
         return [0] * len(predicted)
     return counts

@@ -561,3 +561,13 @@ def test_an_overconfident_drafter_is_no_longer_verified_once_its_acceptance_is_s
     assert verified[0] > 0 and len(verified) >= 8 and verified[-3:] == [0, 0, 0], verified
     sampled = engine._survival(SimpleNamespace(params=SamplingParams(temperature=1.0)), Draft([never], None, [0.95]))
     assert engine._survival(SimpleNamespace(params=params), Draft([never], None, [0.95]))[0] < 0.5 < sampled[0]
+
+
+def test_copied_drafts_are_planned_without_the_drafting_price():
+    """Prompt lookup first: a model draft costing 20 steps never pays, a copied one costs nothing. The
+    plan drafts the copied request alone, where pricing every draft as the model's drafted none."""
+    survival = [[0.9, 0.8, 0.7], [0.9, 0.8, 0.7]]
+    flat = StepCostProfile((1, 64), (0.05, 0.06))
+    assert plan_drafting(survival, 2, 2, flat, 1.0) == [0, 0]
+    assert plan_drafting(survival, 2, 2, flat, 1.0, copied=[True, False]) == [3, 0]
+    assert plan_drafting(survival, 2, 2, flat, 0.0, copied=[True, False]) == [3, 3]  # cheap drafting: both

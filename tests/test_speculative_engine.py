@@ -284,11 +284,36 @@ def test_lookup_first_copies_where_the_context_repeats_and_asks_the_model_elsewh
     fresh = [100, 200, 300, 400, 500, 600, 700]  # no suffix 2-gram occurs earlier
     params = SamplingParams()
     asks = [DraftRequest(1, repeating, 3, params, torch.Generator()), DraftRequest(2, fresh, 3, params, torch.Generator())]
+    assert drafter.copies(repeating) and not drafter.copies(fresh)
     copied, modelled = drafter.propose(asks)
     assert (copied.tokens, copied.source) == ([300, 400, 500], "lookup")
     assert modelled.source == "model" and len(modelled.tokens) == 3
     assert int(model.cache.lengths[model._slots[1]]) == 0, "a copied draft runs no model forward"
     assert int(model.cache.lengths[model._slots[2]]) > 0
+
+
+class _CopiesWhereThePromptStartsWith100(LookupFirstDrafter):
+    def copies(self, context):
+        return context[0] == 100
+
+
+def test_the_drafting_plan_knows_which_drafts_lookup_will_copy(target, encoder):
+    """Before drafting, the dspark plan asks the drafter which requests lookup serves: their drafts cost
+    no forward and are predicted from lookup's own verify rounds. With the model's drafting timed at
+    10 s and every lookup draft accepted so far, the copying request drafts and the other does not."""
+    drafter = _CopiesWhereThePromptStartsWith100(ModelDrafter(shallow_copy(target, 2), SLOTS, 256))
+    engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, max_context=256, max_tokens_limit=64), drafter,
+                    StepCostProfile((1, 64), (0.05, 0.06)))
+    ids = [engine.submit(prompt, SamplingParams(max_tokens=16), lambda c: None, spec=SpeculationParams("dspark", 4))
+           for prompt in ([100, 7, 8, 9], [101, 7, 8, 9])]
+    engine.step()  # prefill
+    for sequences in (1, 2):
+        engine._draft_cost(sequences, 10.0)
+    for _ in range(20):
+        engine._source_acceptance("lookup").record(4, 4)
+    lengths = dict.fromkeys(ids, 4)
+    engine._decide_drafting([], lengths)
+    assert lengths == {ids[0]: 4, ids[1]: 0}
 
 
 def test_copied_drafts_never_set_the_drafting_price(target, encoder):
