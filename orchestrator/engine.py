@@ -423,8 +423,9 @@ class Engine:
         and with a sequential drafter only as many tokens as the plan expects to verify.
 
         Decided before drafting, from what is known already: the survival a block is expected to have
-        (`_expected_survival`), this step's active batch, and the measured drafting cost (for a small
-        LM, also the context it must read first after skipped steps). A request's last block does not
+        (`_expected_survival`; for a draft prompt lookup will copy, lookup's own acceptance), this step's
+        active batch, and the measured drafting cost of the drafts the model makes (for a small LM, also
+        the context it must read first after skipped steps). A request's last block does not
         predict its next one: with the shipped SmolLM2 drafter, the first token of a block that follows
         one calibrated below 0.1 at its first position survived 47% of the time (60 blocks), as often as
         any other; its own calibrated confidence is what predicts it, and that the schedule uses once
