@@ -199,9 +199,11 @@ class LookupFirstDrafter:
     def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         self.model.observe(keys, token_ids, hidden)
 
-    def copies(self, context: Sequence[int]) -> bool:
-        """Whether this context's next draft is copied (lookup finds a match) rather than the model's."""
-        return bool(propose_ngram_draft(context, 1, self.lookup.max_ngram, self.lookup.min_ngram))
+    def copies(self, context: Sequence[int], banned: Callable[[Sequence[int]], list[int]] | None = None) -> bool:
+        """Whether this context's next draft is copied rather than the model's: lookup finds a match whose
+        first token the request's rule (``banned``, as in DraftRequest) allows, as `propose` decides."""
+        return bool(_allowed_prefix(propose_ngram_draft(context, 1, self.lookup.max_ngram, self.lookup.min_ngram),
+                                    banned))
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         drafts: list[Draft | None] = list(self.lookup.propose(requests))
@@ -212,11 +214,13 @@ class LookupFirstDrafter:
         return drafts
 
 
-def expected_source(drafter: Drafter, context: Sequence[int]) -> str:
-    """Where `drafter`'s next draft for this context comes from, known before drafting: "lookup" (copied
-    from the context: no forward, lookup's own acceptance) or "model"."""
+def expected_source(drafter: Drafter, context: Sequence[int],
+                    banned: Callable[[Sequence[int]], list[int]] | None = None) -> str:
+    """Where `drafter`'s next draft for this context (under the request's rule ``banned``) comes from,
+    known before drafting: "lookup" (copied from the context: no forward, lookup's own acceptance) or
+    "model"."""
     if isinstance(drafter, LookupFirstDrafter):
-        return "lookup" if drafter.copies(context) else "model"
+        return "lookup" if drafter.copies(context, banned) else "model"
     return "lookup" if isinstance(drafter, PromptLookupDrafter) else "model"
 
 

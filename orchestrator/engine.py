@@ -434,7 +434,7 @@ class Engine:
         dspark = [r for r in self._running if r.spec.mode == "dspark" and lengths.get(r.request_id, 0) > 0]
         if not dspark or self.step_cost is None:
             return
-        copied = [expected_source(self.drafter, r.context) == "lookup" for r in dspark]
+        copied = [expected_source(self.drafter, r.context, self._draft_rule(r)) == "lookup" for r in dspark]
         predicted = [self._source_acceptance("lookup").survival(lengths[r.request_id]) if copy
                      else self._expected_survival(lengths[r.request_id]) for r, copy in zip(dspark, copied)]
         batch = self._batch_plan(dspark, admitted, lambda r: 1 + lengths.get(r.request_id, 0))

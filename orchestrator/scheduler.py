@@ -57,7 +57,8 @@ class ObservedCalibration:
     verification reached is an outcome for its confidence: per confidence bin, an exponentially
     decayed count of outcomes and of (accepted - confidence); a confidence moves by its bin's mean
     gap, shrunk towards no move while the bin has few outcomes (`prior` pseudo-outcomes of gap 0).
-    Only past rounds feed it, so a plan built on it never depends on the tokens it verifies.
+    Only past rounds feed it, so the correction adds no dependence on this round's draft tokens (the
+    confidences it corrects read them only as plan_verification allows).
     """
 
     def __init__(self, bins: int = 10, prior: float = 10.0, decay: float = 0.998) -> None:
@@ -170,26 +171,26 @@ def plan_verification(
 
 
 def _plan_paying_per_position(survival: Sequence[Sequence[float]], base_tokens: int, base_expected_tokens: float,
-                              cost: StepCost, overhead_s: float, draft_step_s: float, batch: BatchPlan | None,
-                              first_cost_s: Sequence[float] | None) -> list[int]:
-    """The best plan when drafting costs `draft_step_s` per position of the longest draft (a drafter that
-    drafts token by token, batched over requests) and `first_cost_s[r]` for request r drafting at all.
+                              cost: StepCost, draft_seconds: float, draft_step_s: float, batch: BatchPlan | None,
+                              first_cost_s: Sequence[float] | None, copied: Sequence[bool] | None) -> list[int]:
+    """The best plan when drafting costs `draft_step_s` per position of the longest model draft (a drafter
+    that drafts token by token, batched over requests) and `first_cost_s[r]` for request r drafting at all.
 
     The first token at each position costs a whole drafting step, which the greedy pass alone would
-    refuse; so every longest length L is planned with its drafting paid up front, and the best plan wins.
+    refuse; so every longest length L of the model's drafts is planned with its drafting paid up front
+    (copied drafts run no drafting step and keep their length), and the best plan wins.
     """
     def throughput(plan: list[int]) -> float:
-        expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(survival, plan))
-        return expected_throughput(expected, base_tokens + sum(plan), cost,
-                                   overhead_s + draft_step_s * max(plan, default=0) + _first_costs(plan, first_cost_s),
-                                   batch.shape(plan) if batch is not None else None)
+        paid = _drafting_paid(plan, draft_seconds, draft_step_s, first_cost_s, copied)
+        return _plan_throughput(survival, plan, base_tokens, base_expected_tokens, cost, paid, batch)
 
     if draft_step_s <= 0.0:
-        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, overhead_s, batch, first_cost_s)
+        return _admit_best_first(survival, base_tokens, base_expected_tokens, cost, draft_seconds, batch, first_cost_s)
+    copy = list(copied) if copied is not None else [False] * len(survival)
     best = [0] * len(survival)
     for longest in range(1, max((len(row) for row in survival), default=0) + 1):
-        plan = _admit_best_first([row[:longest] for row in survival], base_tokens, base_expected_tokens, cost,
-                                 overhead_s + draft_step_s * longest, batch, first_cost_s)
+        plan = _admit_best_first([row if c else row[:longest] for row, c in zip(survival, copy)], base_tokens,
+                                 base_expected_tokens, cost, draft_seconds + draft_step_s * longest, batch, first_cost_s)
         if throughput(plan) > throughput(best):
             best = plan
     return best
@@ -198,6 +199,23 @@ def _plan_paying_per_position(survival: Sequence[Sequence[float]], base_tokens: 
 def _first_costs(plan: Sequence[int], first_cost_s: Sequence[float] | None) -> float:
     """What the requests that draft in `plan` pay for drafting at all."""
     return 0.0 if first_cost_s is None else sum(c for c, k in zip(first_cost_s, plan) if k > 0)
+
+
+def _drafting_paid(plan: Sequence[int], draft_seconds: float, draft_step_s: float, first_cost_s: Sequence[float] | None,
+                   copied: Sequence[bool] | None) -> float:
+    """The drafting time `plan` pays: nothing when it drafts copied drafts only, else `draft_seconds`,
+    `draft_step_s` per position of its longest model draft and each drafting request's `first_cost_s`."""
+    modelled = list(plan) if copied is None else [k for k, copy in zip(plan, copied) if not copy]
+    if copied is not None and not any(modelled):
+        return 0.0
+    return draft_seconds + draft_step_s * max(modelled, default=0) + _first_costs(plan, first_cost_s)
+
+
+def _plan_throughput(survival: Sequence[Sequence[float]], plan: Sequence[int], base_tokens: int,
+                     base_expected_tokens: float, cost: StepCost, paid: float, batch: BatchPlan | None) -> float:
+    expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(survival, plan))
+    return expected_throughput(expected, base_tokens + sum(plan), cost, paid,
+                               batch.shape(plan) if batch is not None else None)
 
 
 def plan_drafting(
@@ -224,22 +242,16 @@ def plan_drafting(
     Taken every step, so speculation returns as soon as the load (base_tokens) drops or predictions
     improve.
     """
-    def throughput(plan: list[int], paid: float) -> float:
-        expected = base_expected_tokens + sum(sum(row[:c]) for row, c in zip(predicted, plan))
-        return expected_throughput(expected, base_tokens + sum(plan), cost, paid,
-                                   batch.shape(plan) if batch is not None else None)
-
-    def paid(plan: list[int]) -> float:
-        if copied is not None and not any(k for k, copy in zip(plan, copied) if not copy):
-            return 0.0  # only copied drafts: no drafter forward
-        return draft_seconds + draft_step_s * max(plan, default=0) + _first_costs(plan, first_cost_s)
+    def throughput(plan: list[int]) -> float:
+        paid = _drafting_paid(plan, draft_seconds, draft_step_s, first_cost_s, copied)
+        return _plan_throughput(predicted, plan, base_tokens, base_expected_tokens, cost, paid, batch)
 
     plans = [_plan_paying_per_position(predicted, base_tokens, base_expected_tokens, cost, draft_seconds, draft_step_s,
-                                       batch, first_cost_s)]
+                                       batch, first_cost_s, copied)]
     if copied is not None and any(copied):
         plans.append(plan_verification([row if copy else [] for row, copy in zip(predicted, copied)],
                                        base_tokens, base_expected_tokens, cost, batch=batch))
-    counts = max(plans, key=lambda plan: throughput(plan, paid(plan)))
-    if throughput(counts, paid(counts)) <= throughput([], 0.0):
+    counts = max(plans, key=throughput)
+    if throughput(counts) <= _plan_throughput(predicted, [], base_tokens, base_expected_tokens, cost, 0.0, batch):
         return [0] * len(predicted)
     return counts

@@ -571,3 +571,12 @@ def test_copied_drafts_are_planned_without_the_drafting_price():
     assert plan_drafting(survival, 2, 2, flat, 1.0) == [0, 0]
     assert plan_drafting(survival, 2, 2, flat, 1.0, copied=[True, False]) == [3, 0]
     assert plan_drafting(survival, 2, 2, flat, 0.0, copied=[True, False]) == [3, 3]  # cheap drafting: both
+
+
+def test_a_copied_draft_pays_no_drafting_steps_beside_a_model_draft():
+    """A small LM drafting token by token pays a step per position of its longest draft; a copied draft
+    beside it pays none, so it keeps its 7 tokens while the model drafts the 2 that pay. Pricing the
+    copied draft's length as drafting steps gave [7, 0]."""
+    survival = [[0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65], [0.95, 0.6, 0.3, 0.1, 0.05, 0.02, 0.01]]
+    flat = StepCostProfile((1, 64), (0.3, 0.3))
+    assert plan_drafting(survival, 2, 2, flat, 0.0, draft_step_s=0.02, copied=[True, False]) == [7, 2]

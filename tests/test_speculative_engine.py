@@ -285,6 +285,7 @@ def test_lookup_first_copies_where_the_context_repeats_and_asks_the_model_elsewh
     params = SamplingParams()
     asks = [DraftRequest(1, repeating, 3, params, torch.Generator()), DraftRequest(2, fresh, 3, params, torch.Generator())]
     assert drafter.copies(repeating) and not drafter.copies(fresh)
+    assert not drafter.copies(repeating, banned=lambda prefix: [300]), "a forbidden continuation: the model drafts"
     copied, modelled = drafter.propose(asks)
     assert (copied.tokens, copied.source) == ([300, 400, 500], "lookup")
     assert modelled.source == "model" and len(modelled.tokens) == 3
@@ -293,7 +294,7 @@ def test_lookup_first_copies_where_the_context_repeats_and_asks_the_model_elsewh
 
 
 class _CopiesWhereThePromptStartsWith100(LookupFirstDrafter):
-    def copies(self, context):
+    def copies(self, context, banned=None):
         return context[0] == 100
 
 
