@@ -209,7 +209,7 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty")
         if len(prompt_ids) >= self.config.max_context:
-            raise prompt_too_long(len(prompt_ids), self.config.max_context)
+            raise prompt_too_long(len(prompt_ids), self.config.max_context - 1)
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InvalidRequestError(f"input_ids must be in [0, {vocab})")

@@ -6,7 +6,7 @@ class InvalidRequestError(ValueError):
     """A client error: the message is sent back to that client verbatim."""
 
 
-def prompt_too_long(tokens: int, max_context: int) -> InvalidRequestError:
-    """The one wording of an over-long prompt, whichever layer counts it (text, chat, or ids)."""
-    return InvalidRequestError(f"prompt is {tokens} tokens; the context holds {max_context} "
-                               "(prompt plus at least one generated token)")
+def prompt_too_long(tokens: int, limit: int) -> InvalidRequestError:
+    """The one wording of an over-long prompt, whichever layer counts it (text, chat, or ids); `limit`
+    is the longest prompt that fits (a server's: its context less one generated token)."""
+    return InvalidRequestError(f"prompt is {tokens} tokens; at most {limit} fit, leaving room for the answer")

@@ -81,7 +81,7 @@ class PromptEncoder:
 
     def _checked(self, ids: list[int]) -> list[int]:
         if len(ids) > self.max_prompt_tokens:
-            raise prompt_too_long(len(ids), self.max_prompt_tokens + 1)
+            raise prompt_too_long(len(ids), self.max_prompt_tokens)
         return ids
 
     def encode(self, text: bytes | str, apply_chat_template: bool) -> list[int]:

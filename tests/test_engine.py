@@ -130,7 +130,7 @@ def test_seeded_sampling_reproducible_and_seed_dependent(model, encoder):
 
 @pytest.mark.parametrize(("prompt_ids", "params", "message"), [
     ([], SamplingParams(), "prompt is empty"),
-    ([1] * 512, SamplingParams(), "context holds 512"),
+    ([1] * 512, SamplingParams(), "prompt is 512 tokens; at most 511 fit"),
     ([1, 10**6], SamplingParams(), "input_ids must be in"),
     ([1, -3], SamplingParams(), "input_ids must be in"),
     ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),

@@ -139,7 +139,7 @@ def test_sixteen_concurrent_clients_get_their_own_answers(triton, reference_gree
     [
         ("", {}, "text_input is empty"),
         ("   ", {}, "text_input is empty"),
-        ("word " * 3000, {}, "the context holds 2048"),
+        ("word " * 3000, {}, "at most 2047 fit"),
         ("hi", {"max_tokens": 0}, "max_tokens"),
         ("hi", {"max_tokens": 10**7}, "max_tokens"),
         ("hi", {"temperature": -0.5}, "temperature"),
