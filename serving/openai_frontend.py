@@ -5,7 +5,7 @@ Triton cancels a `dspark` stream when its gRPC call is cancelled, so a client th
 frees its slot at once. Chat messages go through the model's chat template here and are sent as
 `input_ids` (the same ids the native text path makes for one user turn); completions send the raw
 prompt text. Validation stays where it is for the native paths: the server's own messages come back
-as OpenAI error objects (bad input 400, server faults 500, Triton unreachable 503).
+as OpenAI error objects (bad input 400, server faults 500, Triton unreachable or shutting down 503).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -30,7 +30,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.utils import InferenceServerException
 
@@ -67,6 +67,14 @@ def error_from_triton(message: str) -> OpenAIError:
     return OpenAIError(400, message)
 
 
+def _whole_number(value: Any) -> Any:
+    """A float with no fraction (64.0) as the integer it is, as vLLM takes it; anything else as given."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_whole_number)]  # strict otherwise: no booleans, no strings
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
@@ -76,27 +84,28 @@ class StreamOptions(BaseModel):
 
 class _GenerationRequest(BaseModel):
     """Fields both endpoints share; unknown fields are refused by name, and values of another JSON type
-    too (strict: `"max_tokens": true` or `"temperature": "0"` are errors, not 1 and 0.0)."""
+    too (strict: `"max_tokens": true` or `"temperature": "0"` are errors, not 1 and 0.0; a whole float
+    such as 64.0 is an integer, a fraction is not)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Integer | None = None
     temperature: float = 1.0  # OpenAI's default
     top_p: float = 1.0
-    seed: int | None = Field(default=None, ge=0)
+    seed: Integer | None = Field(default=None, ge=0)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: Integer = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None   # passed on: the engine refuses anything but 0 by name
     frequency_penalty: float | None = None
     user: str | None = None  # accepted, unused
     # DSpark's own inputs
-    top_k: int | None = None
-    min_tokens: int | None = None
+    top_k: Integer | None = None
+    min_tokens: Integer | None = None
     spec_mode: str | None = None
-    num_draft_tokens: int | None = None
+    num_draft_tokens: Integer | None = None
 
     def engine_inputs(self) -> dict[str, Any]:
         if self.n != 1:
@@ -135,7 +144,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Integer | None = None
     logprobs: Literal[False] | None = None
 
     def engine_inputs(self) -> dict[str, Any]:

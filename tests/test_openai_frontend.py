@@ -87,6 +87,7 @@ def test_completion_is_the_raw_prompt_path_with_stop_and_seed(client, triton):
     (dict(extra_body={"best_of": 3}), 400, "best_of: unsupported parameter"),
     (dict(model="gpt-4o"), 404, "model 'gpt-4o' does not exist"),
     (dict(max_tokens=True), 400, "max_tokens: Input should be a valid integer"),  # not 1
+    (dict(max_tokens=2.5), 400, "max_tokens: Input should be a valid integer"),
     (dict(temperature="0"), 400, "temperature: Input should be a valid number"),
     (dict(messages=[{"role": "user", "content": None}]), 400, "no message has any content"),
 ])
@@ -99,7 +100,7 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(client, kwarg
     with pytest.raises(openai.BadRequestError, match="prompt is"):
         client.completions.create(model=DEFAULT_MODEL, prompt="word " * 5000, max_tokens=4)
     ok = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": PROMPT}],
-                                        max_tokens=2, temperature=0)
+                                        max_tokens=2.0, temperature=0)  # a whole float is an integer
     assert ok.usage.completion_tokens == 2
 
 
