@@ -10,6 +10,7 @@ onnxruntime the drafter's own graphs ship too, in ``dspark/1/drafter_onnx/``.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
 ONNX_SUBDIR = "onnx"
 DRAFTER_SUBDIR = "drafter_onnx"
+BUILD_MARKER = ".dspark-build"  # in every repository build writes: the one kind of directory it replaces
 # What each runtime runs in by default: ONNX Runtime's CPU kernels want float32; TensorRT fp16.
 DEFAULT_DTYPE = {"torch": "auto", "onnxruntime": "float32", "tensorrt": "float16"}
 
@@ -51,20 +53,40 @@ def read_parameters(config_text: str) -> dict[str, str]:
 
 def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, dtype: str | None = None,
                      parameters: dict[str, str] | None = None, source: Path | None = None) -> Path:
-    """Write the repository for ``runtime`` into ``out_dir`` (replacing what was there); returns it.
+    """Write the repository for ``runtime`` into ``out_dir`` (replacing an earlier build there); returns it.
 
     model: the name (or path) written into config.pbtxt; model_dir: its fetched HF directory.
+    Built beside ``out_dir`` and moved into place once complete, so a failed build leaves the earlier one
+    as it was. ValueError for an ``out_dir`` that is neither new, empty, nor a build of ours (its marker
+    file): never delete what a user keeps there.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     source = source or PROJECT_ROOT / "model_repository"
     dtype = dtype or DEFAULT_DTYPE[runtime]
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     if out_dir.resolve() == source.resolve():
         raise ValueError("the output directory must differ from the source repository")
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_MARKER).is_file())):
+        raise ValueError(f"refusing to replace {out_dir}: it is not a model repository `cli.py build` wrote (no "
+                         f"{BUILD_MARKER}); choose a new or empty directory")
+    building = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        _write_repository(building, source, runtime, model, model_dir, dtype, parameters)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    building.rename(out_dir)
+    return out_dir
+
+
+def _write_repository(out_dir: Path, source: Path, runtime: str, model: str, model_dir: Path, dtype: str,
+                      parameters: dict[str, str] | None) -> None:
     shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (out_dir / BUILD_MARKER).write_text(f"written by cli.py build (runtime {runtime}); build replaces this directory\n")
     config = out_dir / ENGINE_MODEL / "config.pbtxt"
     values = {"model": model, "runtime": runtime, "dtype": dtype, "onnx_model": "", "drafter_onnx": "",
               **(parameters or {})}
@@ -87,7 +109,6 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
                 _link_or_copy(path, shipped / path.name)
             values["drafter_onnx"] = DRAFTER_SUBDIR
     config.write_text(set_parameters(config.read_text(), values))
-    return out_dir
 
 
 def resolve_drafter(setting: str, model_dir: Path) -> tuple[str, bool]:

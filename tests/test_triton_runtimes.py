@@ -53,6 +53,28 @@ def test_build_torch_repository_copies_models(tmp_path, smollm2_dir: Path) -> No
     assert params["runtime"] == "torch" and params["dtype"] == "auto" and params["onnx_model"] == ""
 
 
+def test_build_replaces_only_a_repository_it_wrote(tmp_path, smollm2_dir: Path) -> None:
+    """`build --out` replaces its own earlier output, and refuses any other non-empty directory (a user's
+    files, the checkout) untouched; a build that fails leaves the earlier output as it was."""
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "sub" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not a model repository `cli.py build` wrote"):
+        build_repository(precious, "torch", "smollm2-135m-instruct", smollm2_dir)
+    assert (precious / "sub" / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(ValueError, match="not a model repository"):
+        build_repository(PROJECT_ROOT, "torch", "smollm2-135m-instruct", smollm2_dir)
+
+    repo = build_repository(tmp_path / "repo", "torch", "smollm2-135m-instruct", smollm2_dir)
+    build_repository(repo, "torch", "smollm2-135m-instruct", smollm2_dir, dtype="float32")  # its own: replaced
+    assert read_parameters((repo / ENGINE_MODEL / "config.pbtxt").read_text())["dtype"] == "float32"
+    with pytest.raises(FileNotFoundError):  # a drafter checkpoint that is not there
+        build_repository(repo, "onnxruntime", "smollm2-135m-instruct", smollm2_dir,
+                         parameters={"drafter": f"checkpoint:{tmp_path / 'missing'}"})
+    assert read_parameters((repo / ENGINE_MODEL / "config.pbtxt").read_text())["runtime"] == "torch"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no half-built directory left behind"
+
+
 @pytest.fixture(scope="module")
 def ort_repository(tmp_path_factory, smollm2_dir: Path) -> Path:
     out = build_repository(tmp_path_factory.mktemp("repo") / "ort", "onnxruntime", "smollm2-135m-instruct",
