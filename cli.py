@@ -29,11 +29,12 @@ class _Cli(click.Group):
     their message, not a traceback."""
 
     def invoke(self, ctx: click.Context):
+        from hub.fetch import UnknownModelError
         from serving.triton_launcher import TritonLaunchError
 
         try:
             return super().invoke(ctx)
-        except TritonLaunchError as exc:
+        except (TritonLaunchError, UnknownModelError) as exc:
             raise click.ClickException(str(exc)) from None
 
 
@@ -330,7 +331,11 @@ def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None
     from hub.fetch import fetch_model
 
     out = out or PROJECT_ROOT / "build" / f"model_repository_{runtime}"
-    click.echo(f"model repository ({runtime}): {build_repository(out, runtime, model, fetch_model(model), dtype)}")
+    try:
+        built = build_repository(out, runtime, model, fetch_model(model), dtype)
+    except ValueError as exc:  # an --out that is not ours to replace, an unusable drafter setting
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"model repository ({runtime}): {built}")
 
 
 def _source_ranges(spec: str) -> dict[str, tuple[int, int]]:

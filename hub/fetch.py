@@ -32,6 +32,10 @@ DEFAULT_DRAFTER = "prompt_lookup"  # for a target without its own: needs no weig
 _CHUNK = 8 << 20
 
 
+class UnknownModelError(ValueError):
+    """A model name that is neither known here nor a model directory: the user's to correct."""
+
+
 class ChecksumError(ValueError):
     """A downloaded file does not have the sha256 we pinned: corrupt or tampered download."""
 
@@ -95,7 +99,7 @@ def _source(name: str) -> ModelSource:
     try:
         return KNOWN_MODELS[name]
     except KeyError:
-        raise ValueError(
+        raise UnknownModelError(
             f"unknown model {name!r}: not a directory with config.json and not one of {sorted(KNOWN_MODELS)}"
         ) from None
 

@@ -44,3 +44,15 @@ def test_bench_steps_times_every_phase_on_each_runtime(tmp_path, smollm2_dir: Pa
 def test_bench_steps_refuses_a_drafter_that_is_not_a_checkpoint(tmp_path, smollm2_dir: Path) -> None:
     result = CliRunner().invoke(cli.cli, ["bench", "steps", "--drafter", "prompt_lookup", "--context", "20"])
     assert result.exit_code != 0 and "prompt_lookup is not a trained drafter checkpoint" in result.output
+
+
+def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir: Path) -> None:
+    """An unknown model name, and a `build --out` over a directory build did not write (left untouched)."""
+    for args in (["fetch", "nosuch"], ["export", "--model", "nosuch"], ["build", "--model", "nosuch"]):
+        result = CliRunner().invoke(cli.cli, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), args
+        assert "Error: unknown model 'nosuch'" in result.output, args
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(cli.cli, ["build", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "refusing to replace" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
