@@ -30,6 +30,7 @@ from training.train import (
     train_drafter,
 )
 from training.vocab import coverage, draft_vocabulary
+from tests.conftest import PROJECT_ROOT
 from tests.test_drafters import tiny_target
 
 
@@ -425,6 +426,25 @@ def test_train_refuses_target_layers_it_cannot_take_with_a_one_line_error(tmp_pa
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # click's error, not a traceback
     assert "Error: --layers-from-target: only block drafters (dspark, dflash) take the target's layers" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_an_out_directory_it_would_overwrite(tmp_path, smollm2_dir) -> None:
+    """A shipped drafter (weights, no training state) or any other file or non-empty directory as --out is
+    refused before any data loads, and left as it was."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import cli
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(PROJECT_ROOT / "models" / "checkpoints" / "smollm2-135m-instruct-dspark", shipped)
+    before = {p.name: p.read_bytes() for p in shipped.iterdir() if p.is_file()}
+    (tmp_path / "file").write_text("x")
+    for out in (shipped, tmp_path / "file"):
+        result = CliRunner().invoke(cli.cli, ["train", "--drafter", "dspark", "--steps", "1", "--out", str(out)])
+        assert result.exit_code == 1 and "nor a run to resume" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in shipped.iterdir() if p.is_file()} == before
 
 
 def test_train_refuses_to_take_q_k_norms_out_of_a_drafter_that_has_them(tmp_path, smollm2_dir) -> None:

@@ -106,6 +106,10 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     # Training reads only the target's embeddings, LM head, norms and (optionally) top layers, in bf16 as
     # the data was generated: a float32 copy of a 1.5B target is 6 GB that a second run or a data worker
     # beside it lacks.
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / STATE_FILE).exists())):
+        raise TrainSetupError(f"--out {out_dir} is not a new or empty directory, nor a run to resume (no {STATE_FILE}): "
+                              "a run would overwrite what is there (a shipped drafter keeps no training state)")
     target = load_transformer(fetch_model(target_name), GENERATION_DTYPE)
     if init_dir is not None and layers_from_target:
         raise TrainSetupError("a run starts from --init's weights or from the target's layers, not both")
