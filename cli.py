@@ -898,10 +898,19 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
 
     if openai_port is not None and not start_server:
         raise click.UsageError("--openai-port starts a frontend beside --start-server; for a running one use --openai-url")
-    config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
-                         parse_list(rate, float), requests, duration, repeats,
-                         params={"max_tokens": max_tokens, "temperature": temperature})
+    try:
+        config = SweepConfig([Policy.parse(p) for p in policies or ("off", "static:4")], parse_list(concurrency, int),
+                             parse_list(rate, float), requests, duration, repeats,
+                             params={"max_tokens": max_tokens, "temperature": temperature})
+    except ValueError as exc:
+        raise click.UsageError(f"--policy / --concurrency / --rate: {exc}") from None
+    if (any(c < 1 for c in config.concurrencies) or any(r <= 0 for r in config.rates) or not (config.concurrencies or config.rates)
+            or requests < 1 or repeats < 1 or duration <= 0):
+        raise click.UsageError("need at least one load (--concurrency levels >= 1, --rate > 0), --requests and "
+                               "--repeats >= 1 and --duration > 0")
     prompt_list = _prompt_set(prompts)
+    if not start_server:
+        _require_server(url or "localhost:8001")
     with contextlib.ExitStack() as stack:
         if start_server:
             server = stack.enter_context(TritonServer(_server_config(model, http_port, grpc_port, metrics_port, None,
@@ -916,13 +925,32 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
         url = url or "localhost:8001"
         if openai_url:
             config.openai = (openai_url, _served_name(model))
-        cells = run_sweep(url, prompt_list, config, log=lambda m: click.echo(m, err=True))
+        try:
+            cells = run_sweep(url, prompt_list, config, log=lambda m: click.echo(m, err=True))
+        except ValueError as exc:  # a non-loopback URL
+            raise click.ClickException(str(exc)) from None
+    if not any(c.requests for c in cells):
+        failure = next((c.first_error for c in cells if c.first_error), "none completed within the time limit")
+        raise click.ClickException(f"no request completed; first failure: {failure}")
     click.echo(comparison_table(cells))
     meta = {"url": url, "openai_url": openai_url, "model": model if start_server else None, "drafter": drafter, "dtype": dtype,
             "repeats": repeats, "requests_per_cell": requests,
             "max_tokens": max_tokens, "temperature": temperature, "prompts": len(prompt_list)}
     for kind, path in write_results(cells, out_dir, meta).items():
         click.echo(f"{kind}: {path}")
+
+
+def _require_server(url: str) -> None:
+    """Refuse a load test against a gRPC address where no ready Triton answers (every request would fail)."""
+    import tritonclient.grpc as grpcclient
+
+    try:
+        ready = grpcclient.InferenceServerClient(url).is_server_ready(client_timeout=5)
+    except Exception as exc:  # refused, unreachable, not gRPC, malformed address
+        raise click.ClickException(f"no Triton server answers gRPC at {url} ({str(exc).splitlines()[0]}): start one "
+                                   "(`cli.py serve --detach`), point --url at it, or pass --start-server") from None
+    if not ready:
+        raise click.ClickException(f"the Triton server at {url} is not ready yet")
 
 
 @cli.command("perf-analyzer")

@@ -143,6 +143,7 @@ class CellStats:
     draft_rounds: int
     repeat: int = 0                    # which pass of an interleaved sweep (run_sweep's `repeats`)
     cut: int = 0                       # requests still running at the cell's time limit, cancelled
+    first_error: str | None = None     # why the first failed request failed
 
     @property
     def load(self) -> str:
@@ -186,6 +187,7 @@ def aggregate(records: Iterable[RequestRecord], policy: str, mode: str, concurre
         tokens_per_round=1 + accepted / rounds if rounds else None,
         acceptance_rate=accepted / drafted if drafted else None,
         draft_rounds=rounds, repeat=repeat,
+        first_error=next((r.error for r in records if r.error is not None and not r.cut), None),
     )
 
 
@@ -403,7 +405,8 @@ def run_sweep(url: str, prompts: Sequence[str], config: SweepConfig,
         if log:
             log(f"{cell.policy:>16} {cell.load:>8} #{repeat}: {cell.requests} ok, {cell.errors} failed, "
                 f"{cell.cut} cut at the time limit, "
-                f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total")
+                f"{_fmt(cell.user_tps)} tok/s/user, {cell.total_tps:.1f} tok/s total"
+                + (f"; first failure: {cell.first_error}" if cell.first_error else ""))
         cells.append(cell)
     return cells
 

@@ -154,3 +154,24 @@ def test_perf_analyzer_recipe_runs(triton, tmp_path: Path):
     [row] = result.rows
     assert row["Concurrency"] == 1 and row["Inferences/Second"] > 0
     assert row["tokens_per_request"] == 4 and row["ttft_p50"] > 0
+
+
+def test_loadtest_says_why_when_nothing_can_run(triton, tmp_path: Path):
+    """No server at the address, bad load settings, or a policy the server refuses for every request: the
+    command ends with the reason and a non-zero status, never a table of zeros."""
+    from click.testing import CliRunner
+
+    import cli
+
+    def loadtest(*args: str):
+        return CliRunner().invoke(cli.cli, ["loadtest", "--requests", "2", "--duration", "20", "--max-tokens", "4",
+                                            "--prompts", "heldout:code:1", "--out-dir", str(tmp_path), *args])
+
+    result = loadtest("--url", "localhost:1", "--concurrency", "1")
+    assert result.exit_code == 1 and "no Triton server answers gRPC at localhost:1" in result.output
+    result = loadtest("--url", triton.grpc, "--concurrency", "0")
+    assert result.exit_code == 2 and "--concurrency levels >= 1" in result.output
+    result = loadtest("--url", triton.grpc, "--concurrency", "1", "--policy", "bogus:3")
+    assert result.exit_code == 1 and "no request completed; first failure:" in result.output
+    assert "spec_mode must be one of" in result.output
+    assert not (tmp_path / "loadtest.csv").exists()
