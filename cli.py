@@ -143,9 +143,12 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
 
     from hub.fetch import cache_dir, fetch_model
     from serving.openai_frontend import pid_file_for, start_frontend
-    from serving.triton_launcher import TritonServer
+    from serving.triton_launcher import TritonServer, running_from_pid_file
 
     pid_file = pid_file or _default_pid_file()
+    if (running := running_from_pid_file(pid_file)) is not None:  # its record would be lost, and `stop` with it
+        raise click.ClickException(f"a server started with {pid_file} is running (pid {running}): stop it first "
+                                   "(cli.py stop), or give this one its own --pid-file")
     server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file, model_repository,
                                          drafter, dtype))
     server.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from tritonclient.utils import InferenceServerException
 from clients.generation import INPUT_DTYPES, GenerationChunk, chunk_from_result, infer_inputs, unsendable
 from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
+from serving.triton_launcher import port_is_free
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
@@ -369,7 +371,11 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
 
 def start_frontend(triton_grpc: str, model_dir: Path, served_model_name: str, port: int, log_file: Path,
                    host: str = "127.0.0.1", ready_timeout_s: float = 60) -> subprocess.Popen:
-    """Starts the frontend in its own process and returns once /v1/models answers."""
+    """Starts the frontend in its own process and returns once /v1/models answers. RuntimeError when the
+    port is taken (checked first: another server there, Triton's metrics one included, would answer the
+    readiness probe in its place) or the frontend exits or stays silent."""
+    if not port_is_free(port, host):
+        raise RuntimeError(f"cannot serve the OpenAI API on {host}:{port}: the port is in use; choose another port")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
@@ -383,7 +389,7 @@ def start_frontend(triton_grpc: str, model_dir: Path, served_model_name: str, po
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=2):
                 return process
-        except OSError:
+        except (OSError, http.client.HTTPException):
             time.sleep(0.3)
     process.terminate()
     raise RuntimeError(f"the OpenAI frontend did not answer within {ready_timeout_s} s; see {log_file}")

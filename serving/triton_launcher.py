@@ -266,6 +266,15 @@ def _terminate(pid: int, timeout_s: float, popen: subprocess.Popen | None, known
     return clean
 
 
+def running_from_pid_file(pid_file: Path) -> int | None:
+    """The PID of the live tritonserver the file records, else None (missing, stale or reused)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) and _is_tritonserver(pid) else None
+
+
 def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
     """Stop the server whose PID the file holds; False if none was running (stale or missing file)."""
     try:

@@ -159,6 +159,11 @@ def test_stop_from_pid_file_stops_running_server(repo: Path, tmp_path: Path) -> 
     server = TritonServer(ServerConfig(repo, http, grpc, metrics, pid_file=pid_file, ready_timeout_s=120))
     server.start()
     pid = server.pid
+    import cli
+
+    # a second `serve` with the same record refuses (overwriting it would orphan this server from `stop`)
+    second = CliRunner().invoke(cli.cli, ["serve", "--detach", "--pid-file", str(pid_file), "--http-port", "1"])
+    assert second.exit_code == 1 and f"is running (pid {pid})" in second.output
     assert stop_from_pid_file(pid_file) is True
     assert not pid_file.exists()
     server.stop()  # reaps the child; nothing left to do
@@ -272,3 +277,18 @@ def test_status_says_which_port_it_could_not_reach() -> None:
     assert result.exit_code == 1
     assert "ready: True" in result.output
     assert f"Error: metrics not reachable at http://127.0.0.1:{closed}/metrics (the server's --metrics-port" in result.output
+
+
+def test_openai_frontend_refuses_a_taken_port_before_starting() -> None:
+    """A port another server holds (Triton's metrics port answers any path) is refused up front: the
+    readiness probe would otherwise take that server's answer for the frontend's."""
+    import socket
+
+    from serving.openai_frontend import start_frontend
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot serve the OpenAI API on 127.0.0.1:{port}"):
+            start_frontend("127.0.0.1:1", Path("unused"), "m", port, Path("unused.log"))
