@@ -30,11 +30,12 @@ class _Cli(click.Group):
 
     def invoke(self, ctx: click.Context):
         from hub.fetch import UnknownModelError
+        from models.drafters import DrafterMismatchError
         from serving.triton_launcher import TritonLaunchError
 
         try:
             return super().invoke(ctx)
-        except (TritonLaunchError, UnknownModelError) as exc:
+        except (TritonLaunchError, UnknownModelError, DrafterMismatchError) as exc:
             raise click.ClickException(str(exc)) from None
 
 

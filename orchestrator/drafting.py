@@ -14,7 +14,7 @@ import torch
 
 from models.config import TransformerConfig
 from models.drafters import Drafter as DrafterModule
-from models.drafters import DrafterConfig
+from models.drafters import DrafterConfig, DrafterMismatchError
 from models.kv_cache import KVCache
 from models.projection import KernelPlan, Linear
 from models.transformer import Transformer
@@ -78,10 +78,6 @@ class Drafter(Protocol):
     def observe(self, keys: Sequence[int], token_ids: Sequence[Sequence[int]], hidden: dict[int, torch.Tensor]) -> None:
         """Newly committed tokens of several requests (one list per key) and the target's tapped hidden
         states for them, rows packed in the same order ([sum of lengths, H] per layer): one call per step."""
-
-
-class DrafterMismatchError(ValueError):
-    """A drafter that cannot serve this target: found when the server loads, never per request."""
 
 
 def check_drafter_fits(drafter_name: str, drafter: DrafterConfig | TransformerConfig, target_name: str,

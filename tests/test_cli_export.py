@@ -56,3 +56,13 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
     result = CliRunner().invoke(cli.cli, ["build", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "refusing to replace" in result.output
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_drafter_for_another_target_is_refused_before_anything_is_written(tmp_path, smollm2_dir: Path) -> None:
+    """export (and every other command that loads a drafter) names the mismatch instead of failing deep in
+    the drafter's first forward, and writes nothing."""
+    qwen_drafter = cli.PROJECT_ROOT / "models" / "checkpoints" / "qwen2.5-coder-1.5b-instruct-dspark"
+    result = CliRunner().invoke(cli.cli, ["export", "--out", str(tmp_path / "out"), "--drafter", str(qwen_drafter)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "trained for qwen2.5-coder-1.5b-instruct) does not fit this target: vocabulary 151936 vs 49152" in result.output
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,10 @@ class DrafterTarget(Protocol):
     device: torch.device
 
 
+class DrafterMismatchError(ValueError):
+    """A drafter that cannot serve this target: found when it loads (a server: at start), never per request."""
+
+
 _CLASSES = {"dspark": DSparkDrafter, "dflash": DFlashDrafter, "eagle3": Eagle3Drafter}
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: the token ids drafting scores (see DraftVocabMixin)
 
@@ -81,6 +85,11 @@ def load_drafter(directory: str | Path, target: DrafterTarget) -> Drafter:
     """A saved drafter attached to its target's embeddings and LM head, in the target's dtype, eval mode."""
     directory = Path(directory)
     config = DrafterConfig.from_json((directory / "config.json").read_text())
+    vocab, hidden = target.embed.shape
+    if (config.vocab_size, config.hidden_size) != (vocab, hidden):
+        raise DrafterMismatchError(
+            f"drafter {directory} (trained for {config.target or 'an unnamed target'}) does not fit this target: "
+            f"vocabulary {config.vocab_size} vs {vocab}, hidden size {config.hidden_size} vs {hidden}")
     drafter = build_drafter(config, target)
     state = load_file(str(directory / "model.safetensors"))
     temps = state.get("confidence_temperature")
@@ -97,6 +106,7 @@ def load_drafter(directory: str | Path, target: DrafterTarget) -> Drafter:
 
 
 __all__ = [
-    "BlockDrafter", "DFlashDrafter", "DSparkDrafter", "DraftBlock", "Drafter", "DrafterConfig", "DrafterState",
+    "BlockDrafter", "DFlashDrafter", "DSparkDrafter", "DraftBlock", "Drafter", "DrafterConfig", "DrafterMismatchError",
+    "DrafterState",
     "Eagle3Drafter", "SampleFn", "build_drafter", "default_config", "greedy_sample", "load_drafter", "save_drafter",
 ]
