@@ -74,10 +74,13 @@ def served_model(model: str | None, model_repository: Path | None) -> str:
     exported from it), else the default."""
     from export.repository import ENGINE_MODEL, read_parameters
 
+    config = model_repository / ENGINE_MODEL / "config.pbtxt" if model_repository else None
+    if config is not None and not config.is_file():  # Triton would start, ready with nothing to serve
+        raise click.ClickException(f"{model_repository} is not a DSpark model repository (no {ENGINE_MODEL}/config.pbtxt): "
+                                   "pass one `cli.py build` wrote")
     if model is not None:
         return model
-    config = model_repository / ENGINE_MODEL / "config.pbtxt" if model_repository else None
-    return (read_parameters(config.read_text()).get("model") if config and config.is_file() else None) or DEFAULT_MODEL
+    return (read_parameters(config.read_text()).get("model") if config else None) or DEFAULT_MODEL
 
 
 def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,

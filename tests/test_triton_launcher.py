@@ -124,16 +124,20 @@ def test_cli_serve_failure_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     """A server that will not start ends `cli.py serve` with exit code 1 and the log tail."""
     import cli
 
-    bad = tmp_path / "bad_repo" / "broken"
+    bad = tmp_path / "bad_repo" / "dspark"
     (bad / "1").mkdir(parents=True)
-    (bad / "config.pbtxt").write_text('name: "broken"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 1\n')
+    (bad / "config.pbtxt").write_text('name: "dspark"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 1\n')
     http, grpc, metrics = free_ports(3)
-    result = CliRunner().invoke(cli.cli, ["serve", "--detach", "--model-repository", str(tmp_path / "bad_repo"),
-                                          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-                                          str(metrics), "--pid-file", str(tmp_path / "server.pid")])
+    args = ["serve", "--detach", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+            "--pid-file", str(tmp_path / "server.pid")]
+    result = CliRunner().invoke(cli.cli, args + ["--model-repository", str(tmp_path / "bad_repo")])
     assert result.exit_code == 1, result.output
-    assert "exited with code" in result.output and "broken" in result.output
+    assert "exited with code" in result.output and "dspark" in result.output
     assert not isinstance(result.exception, TritonLaunchError)  # handled: click's own exit
+    # a directory without the dspark model is refused before Triton starts (it would be ready, serving nothing)
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli.cli, args + ["--model-repository", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "is not a DSpark model repository" in result.output
 
 
 def test_stop_from_stale_pid_file(tmp_path: Path) -> None:
