@@ -15,8 +15,19 @@ HELDOUT_DOMAINS = ("code", "chat", "math")
 
 
 def read_prompts(path: Path) -> list[str]:
-    """The ``prompt`` field of each line of a JSONL file; ValueError if there is none."""
-    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    """The ``prompt`` field of each line of a JSONL file; ValueError if there is none, or a line is not a JSON
+    object with a string ``prompt``."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number} is not JSON ({exc})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{number} has no string 'prompt' field")
+        prompts.append(record["prompt"])
     if not prompts:
         raise ValueError(f"no prompts in {path}")
     return prompts
@@ -38,6 +49,8 @@ def load_prompt_set(spec: str) -> list[str]:
         *domain, count = spec.split(":")[1:]
         if domain and domain[0] not in HELDOUT_DOMAINS:
             raise ValueError(f"unknown domain in {spec!r}; expected one of {HELDOUT_DOMAINS}")
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{spec!r}: the count per domain must be a whole number >= 1")
         return heldout_prompts(int(count), tuple(domain) or HELDOUT_DOMAINS)
     if (SHIPPED / f"{spec}.jsonl").exists():
         return read_prompts(SHIPPED / f"{spec}.jsonl")

@@ -23,3 +23,12 @@ def test_unknown_or_empty_sets_are_refused(tmp_path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         load_prompt_set(str(tmp_path / "empty.jsonl"))
+    for count in ("0", "-1", "x"):
+        with pytest.raises(ValueError, match="a whole number >= 1"):
+            load_prompt_set(f"heldout:{count}")
+    (tmp_path / "wrong.jsonl").write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="wrong.jsonl:2 has no string 'prompt' field"):
+        load_prompt_set(str(tmp_path / "wrong.jsonl"))
+    (tmp_path / "broken.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match="broken.jsonl:1 is not JSON"):
+        load_prompt_set(str(tmp_path / "broken.jsonl"))
