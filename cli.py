@@ -5,6 +5,7 @@ Every command is a thin wrapper over the project's packages; run `python cli.py 
 """
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 from pathlib import Path
@@ -101,10 +102,11 @@ def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int
     )
 
 
+_PORT = click.IntRange(1, 65535)
 _port_options = [
-    click.option("--http-port", default=8000, show_default=True),
-    click.option("--grpc-port", default=8001, show_default=True),
-    click.option("--metrics-port", default=8002, show_default=True),
+    click.option("--http-port", type=_PORT, default=8000, show_default=True),
+    click.option("--grpc-port", type=_PORT, default=8001, show_default=True),
+    click.option("--metrics-port", type=_PORT, default=8002, show_default=True),
 ]
 
 
@@ -235,6 +237,9 @@ def _stream_to_terminal(protocol: str, url: str, prompt: str, stop_strings, raw:
             click.echo(f"\n[finish: {last.finish_reason}; {last.num_output_tokens} tokens{rounds}]", err=True)
     except GenerationError as exc:
         raise click.ClickException(str(exc)) from exc
+    except (OSError, http.client.HTTPException) as exc:  # nothing there, or not this protocol's server
+        raise click.ClickException(f"no {protocol.upper()} answer from a Triton server at {url}: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 @cli.command()
@@ -348,6 +353,8 @@ def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None
 def _source_ranges(spec: str) -> dict[str, tuple[int, int]]:
     """'stdlib=256,pydoc=64:128' -> {'stdlib': (0, 256), 'pydoc': (64, 128)}: each source's slice of its
     shuffled split, so a later set can take the prompts after an earlier one's."""
+    from training.sources import SOURCE_DOMAINS
+
     ranges = {}
     for part in filter(None, spec.split(",")):
         source, _, value = part.partition("=")
@@ -355,6 +362,8 @@ def _source_ranges(spec: str) -> dict[str, tuple[int, int]]:
         if not (source and 1 <= len(bounds) <= 2 and all(b.isdigit() for b in bounds)
                 and int(bounds[0]) <= int(bounds[-1])):
             raise click.BadParameter(f"{part!r}: expected SOURCE=COUNT or SOURCE=START:STOP (stdlib=256,pydoc=64:128)")
+        if source not in SOURCE_DOMAINS:
+            raise click.BadParameter(f"{part!r}: unknown source {source!r}; the sources are {', '.join(sorted(SOURCE_DOMAINS))}")
         ranges[source] = (int(bounds[0]), int(bounds[1])) if len(bounds) == 2 else (0, int(bounds[0]))
     return ranges
 
@@ -398,7 +407,13 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
     from training.pipeline import SplitData
 
     per_source, _, own = per_source.partition("@")
-    answers = AnswerSpec(max_new_tokens, tuple(float(t) for t in (own or temperatures).split(",")), generation_batch)
+    try:
+        temps = tuple(float(t) for t in (own or temperatures).split(","))
+    except ValueError:
+        temps = ()
+    if not temps or any(not 0 <= t < float("inf") for t in temps):
+        raise click.BadParameter(f"answer temperatures {own or temperatures!r}: expected numbers >= 0, e.g. 0,0.7")
+    answers = AnswerSpec(max_new_tokens, temps, generation_batch)
     if prompts_dir is not None:
         if not (prompts_dir / f"{split}.json").is_file():
             raise click.BadParameter(f"{prompts_dir} has no {split}.json (write it with `cli.py prompts --out DIR`)",
@@ -426,9 +441,10 @@ def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
     on a host that has the model file but not the packages the prompts come from."""
     from training.sources import build_prompts
 
+    splits = {split: [p.__dict__ for p in build_prompts(split, _source_ranges(spec))]  # all checked before writing
+              for split, spec in (("train", train_prompts), ("calib", calib_prompts))}
     out.mkdir(parents=True, exist_ok=True)
-    for split, spec in (("train", train_prompts), ("calib", calib_prompts)):
-        items = [p.__dict__ for p in build_prompts(split, _source_ranges(spec))]
+    for split, items in splits.items():
         (out / f"{split}.json").write_text(json.dumps(items) + "\n")
         click.echo(f"{split}: {len(items)} prompts -> {out / f'{split}.json'}")
 

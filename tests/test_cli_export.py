@@ -52,6 +52,10 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
         result = CliRunner().invoke(cli.cli, args)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), args
         assert "Error: unknown model 'nosuch'" in result.output, args
+    result = CliRunner().invoke(cli.cli, ["generate", "--protocol", "http", "--url", "localhost:1", "hi"])
+    assert result.exit_code == 1 and "no HTTP answer from a Triton server at localhost:1" in result.output
+    result = CliRunner().invoke(cli.cli, ["serve", "--http-port", "70000"])
+    assert result.exit_code == 2 and "70000 is not in the range" in result.output
     (tmp_path / "notes.txt").write_text("mine")
     result = CliRunner().invoke(cli.cli, ["build", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "refusing to replace" in result.output

@@ -533,3 +533,17 @@ def test_release_free_heap_returns_pages_held_under_a_live_chunk() -> None:
     released_kb = before - _resident_anon_kb()
     libc.free(pin)
     assert released_kb > 30 * 1024, f"only {released_kb} KiB returned of ~40 MB freed"
+
+
+def test_prompt_and_temperature_specs_are_checked_before_anything_is_written(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["prompts", "--calib-prompts", "bogus=3", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "unknown source 'bogus'" in result.output
+    assert not (tmp_path / "p").exists()
+    for temperatures in ("abc", "-1", "nan"):
+        result = runner.invoke(cli.cli, ["train-data", f"--answer-temperatures={temperatures}"])
+        assert result.exit_code == 2 and "expected numbers >= 0" in result.output, temperatures
