@@ -102,6 +102,19 @@ def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int
     )
 
 
+def _device_option(help: str):
+    """--device cpu | cuda, refusing cuda where torch sees no CUDA device (before any model loads)."""
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        import torch
+
+        if value == "cuda" and not torch.cuda.is_available():
+            raise click.BadParameter("torch sees no CUDA device on this machine")
+        return value
+
+    return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=help,
+                        callback=check)
+
+
 _PORT = click.IntRange(1, 65535)
 _port_options = [
     click.option("--http-port", type=_PORT, default=8000, show_default=True),
@@ -301,7 +314,10 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from exc
     dtype = dtype or ("float16" if target == "tensorrt" else "float32")
-    taps = [int(t) for t in tap_layers.split(",") if t.strip()]
+    try:
+        taps = [int(t) for t in tap_layers.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{tap_layers!r}: expected comma-separated layer indices", param_hint="--tap-layers") from None
     model_dir = fetch_model(model)
     checkpoint = None
     if drafter:
@@ -384,11 +400,11 @@ def _data_options(train: bool = True):
         click.option("--prompts-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Read train.json and calib.json written by `cli.py prompts` instead of the sources "
                           "(a host without the source packages gets the same prompts)."),
-        click.option("--max-new-tokens", default=TRAIN_ANSWER_TOKENS, show_default=True,
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=TRAIN_ANSWER_TOKENS, show_default=True,
                      help="Length of the target's answers."),
         click.option("--answer-temperatures", default="0", show_default=True,
                      help="One answer per prompt per temperature (0 = greedy), e.g. 0,0.7,1."),
-        click.option("--generation-batch", default=128, show_default=True,
+        click.option("--generation-batch", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Prompts answered per batch (one shard each)."),
     ]
 
@@ -452,8 +468,8 @@ def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
 @cli.command("train-data")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True)
 @_data_options()
-@click.option("--device", default="cpu", show_default=True, help="Where the target answers: cpu or cuda.")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+@_device_option("Where the target answers: cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (default: torch's).")
 def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, prompts_dir: Path | None,
                max_new_tokens: int, answer_temperatures: str, generation_batch: int, device: str,
                threads: int | None) -> None:
@@ -486,8 +502,8 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Optimizer steps (default: 300, or as many as --max-minutes allows).")
 @click.option("--max-minutes", type=float, default=None,
               help="Training-time budget of the whole run (resumes included); the cosine ends with it.")
-@click.option("--batch-size", default=4, show_default=True, help="Sequences per step.")
-@click.option("--anchors", default=48, show_default=True, help="Anchor blocks per sequence, drawn without replacement.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences per step.")
+@click.option("--anchors", type=click.IntRange(min=1), default=48, show_default=True, help="Anchor blocks per sequence, drawn without replacement.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (cosine decay to 0).")
 @click.option("--ce-weight", default=0.1, show_default=True,
               help="Weight of the cross-entropy term beside the L1 distance's 0.9 (the paper's 0.1).")
@@ -509,9 +525,8 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Train and draft inside the N most frequent answer tokens (0 = the full vocabulary).")
 @click.option("--eval-every", default=200, show_default=True, help="Steps between held-out figures (0: none).")
 @click.option("--checkpoint-every", default=100, show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
-@click.option("--device", default="cpu", show_default=True,
-              help="cpu, or cuda (bf16 autocast; the target also answers there).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (default: torch's).")
+@_device_option("cpu, or cuda (bf16 autocast; the target also answers there).")
 @click.option("--bf16", is_flag=True, help="bf16 autocast on the CPU too (CPUs with AVX512-BF16).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: <cache>/drafters/<target>-<drafter>.")
 @click.option("--export-bf16", is_flag=True, help="Store the final weights in bfloat16 (half the size).")
@@ -560,7 +575,7 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
 @click.option("--drafter", "drafter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A trained DSpark drafter directory (rewritten in place).")
 @_data_options(train=False)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (default: torch's).")
 def calibrate(drafter_dir: Path, calib_prompts: str, prompts_dir: Path | None, max_new_tokens: int,
               answer_temperatures: str, generation_batch: int, threads: int | None) -> None:
     """Refit a DSpark drafter's confidence calibration (per regime, on the calib split) without training:
@@ -575,8 +590,16 @@ def calibrate(drafter_dir: Path, calib_prompts: str, prompts_dir: Path | None, m
     click.echo(json.dumps(recalibrate(drafter_dir, data), indent=2))
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _positive_ints(option: str, text: str, largest: int | None = None) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; BadParameter naming the option for anything but whole numbers in 1..largest."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or (largest is not None and v > largest) for v in values):
+        bound = f"1..{largest}" if largest is not None else ">= 1"
+        raise click.BadParameter(f"{text!r}: expected comma-separated whole numbers {bound}", param_hint=option)
+    return values
 
 
 @cli.command()
@@ -586,7 +609,7 @@ def _int_list(text: str) -> list[int]:
 @click.option("--threads", "thread_counts", default=None, help="Comma-separated torch thread counts (default: 1 and all cores).")
 @click.option("--tokens", default="1,2,3,4,6,8,12,16", show_default=True, help="N: new tokens per forward.")
 @click.option("--contexts", default="128,512,2048", show_default=True, help="Cached tokens before them.")
-@click.option("--repeats", default=7, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
 @click.option("--save/--no-save", default=True, show_default=True,
               help="Also measure and save SPS(N) for the server (its dtype, all cores).")
 def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, tokens: str, contexts: str, repeats: int,
@@ -601,10 +624,12 @@ def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, toke
     from runtimes.loading import load_runner
 
     cores = usable_cores()
-    threads = _int_list(thread_counts) if thread_counts else sorted({1, cores})
+    threads = _positive_ints("--threads", thread_counts) if thread_counts else sorted({1, cores})
+    token_counts = _positive_ints("--tokens", tokens)
+    context_lengths = _positive_ints("--contexts", contexts, largest=8192)  # longer: caches of many GB
     model_dir = fetch_model(model)
     names = list(dict.fromkeys(resolve_dtype(d) for d in (dtypes or ("float32", "bfloat16"))))
-    grids = profile_verify_step(model_dir, names, threads, _int_list(tokens), _int_list(contexts), repeats)
+    grids = profile_verify_step(model_dir, names, threads, token_counts, context_lengths, repeats)
     click.echo(format_grids(grids))
     if not save:
         return
@@ -680,12 +705,12 @@ def _prompt_set(spec: str) -> list[str]:
                    "+prompt_lookup (checkpoint=DIR+prompt_lookup:K) copies from the context first where its tail "
                    "repeats an earlier n-gram. Default: prompt_lookup:4.")
 @click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
-@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Prompts as is, without the chat template.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="Where the target (and a trained block drafter) run; onnxruntime runs float32.")
-@click.option("--device", default="cpu", show_default=True, help="Where the torch runtime runs (cpu, cuda).")
+@_device_option("Where the torch runtime runs (cpu, cuda).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str, new_tokens: int, raw: bool,
                  threads: int | None, runtime: str, device: str, json_out: Path | None) -> None:
@@ -750,8 +775,8 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 @bench.command("ar-decode")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--prompts", default="mixed", show_default=True, help=PROMPTS_HELP)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None, prompts: str, json_out: Path | None) -> None:
@@ -773,9 +798,9 @@ def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
               help="Repeatable; the first is the reference (default: torch, onnxruntime).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--device", default="cpu", show_default=True, help="Where the torch runtime runs (cpu, cuda).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@_device_option("Where the torch runtime runs (cpu, cuda).")
 @click.option("--prompts", default="mixed", show_default=True, help=PROMPTS_HELP)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens: int, threads: int | None,
@@ -801,9 +826,9 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
 @click.option("--context", "contexts", default="128,512,1024,2048", show_default=True, help="Comma-separated context lengths.")
 @click.option("--batch", default=16, show_default=True, help="Requests in every step.")
 @click.option("--verify-tokens", default=8, show_default=True)
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--device", default="cpu", show_default=True, help="Where the torch runtime runs (cpu, cuda).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@_device_option("Where the torch runtime runs (cpu, cuda).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: str, batch: int, verify_tokens: int,
                 repeats: int, threads: int | None, device: str, json_out: Path | None) -> None:
@@ -836,11 +861,11 @@ def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: s
 @click.option("--drafter", "drafter_dirs", multiple=True, type=click.Path(exists=True, path_type=Path), required=True,
               help="Drafter checkpoint directory (repeatable); named by its config's kind.")
 @click.option("--prompts-per-domain", default=6, show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--block", default=7, show_default=True)
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(0.0, 1.0), show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/acceptance"), show_default=True)
-@click.option("--threads", type=int, default=None, help="Torch threads (default: torch's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (default: torch's).")
 @click.option("--prompt-lookup", "lookup_ks", default="2,4,7", show_default=True,
               help="Draft lengths K to try for prompt lookup at T=0 (its best K is reported; empty: skip).")
 def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_domain: int, new_tokens: int, block: int,

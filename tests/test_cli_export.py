@@ -54,8 +54,12 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
         assert "Error: unknown model 'nosuch'" in result.output, args
     result = CliRunner().invoke(cli.cli, ["generate", "--protocol", "http", "--url", "localhost:1", "hi"])
     assert result.exit_code == 1 and "no HTTP answer from a Triton server at localhost:1" in result.output
-    result = CliRunner().invoke(cli.cli, ["serve", "--http-port", "70000"])
-    assert result.exit_code == 2 and "70000 is not in the range" in result.output
+    for args, message in ((["serve", "--http-port", "70000"], "70000 is not in the range"),
+                          (["profile", "--threads", "0"], "expected comma-separated whole numbers >= 1"),
+                          (["profile", "--contexts", "100000"], "whole numbers 1..8192"),
+                          (["bench", "decode", "--new-tokens", "0"], "0 is not in the range x>=1")):
+        result = CliRunner().invoke(cli.cli, args)
+        assert result.exit_code == 2 and message in result.output, args
     (tmp_path / "notes.txt").write_text("mine")
     result = CliRunner().invoke(cli.cli, ["build", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "refusing to replace" in result.output
