@@ -86,10 +86,16 @@ def served_model(model: str | None, model_repository: Path | None) -> str:
 
 def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,
                    model_repository: Path | None = None, drafter: str | None = None, dtype: str | None = None):
+    from export.repository import check_drafter_setting
     from hub.fetch import cache_dir, fetch_model
     from serving.triton_launcher import ServerConfig
 
     model_dir = fetch_model(model)
+    if drafter:  # refused here in a second, not by the model's load in a Triton log
+        try:
+            check_drafter_setting(drafter, model_dir)
+        except ValueError as exc:
+            raise click.ClickException(f"--drafter: {exc}") from None
     return ServerConfig(
         model_repository=model_repository or PROJECT_ROOT / "model_repository",
         http_port=http_port,

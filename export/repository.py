@@ -19,10 +19,11 @@ import torch
 
 from export.drafter_export import cached_drafter_export
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
-from hub.fetch import default_drafter
+from hub.fetch import KNOWN_MODELS, default_drafter, model_dir_if_cached, model_name
 from models.drafters import BlockDrafter, DrafterConfig, load_drafter
-from models.loading import load_transformer
-from orchestrator.drafting import LOOKUP_FIRST_SUFFIX, split_lookup_first
+from models.config import TransformerConfig
+from models.loading import load_config, load_transformer
+from orchestrator.drafting import LOOKUP_FIRST_SUFFIX, check_drafter_fits, split_lookup_first
 from runtimes.protocol import RUNTIMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +123,36 @@ def resolve_drafter(setting: str, model_dir: Path) -> tuple[str, bool]:
     elif lookup_first and base in ("none", "prompt_lookup"):
         raise ValueError(f"drafter '{setting}': {LOOKUP_FIRST_SUFFIX} goes after auto, model:<name> or checkpoint:<dir>")
     return base, lookup_first and base not in ("none", "prompt_lookup")
+
+
+DRAFTER_SETTINGS = "auto | none | prompt_lookup | model:<name or dir> | checkpoint:<dir>, the last three may end in +prompt_lookup"
+
+
+def check_drafter_setting(setting: str, model_dir: Path) -> tuple[str, bool]:
+    """`resolve_drafter`, then refuse what a server could not load, from configuration files alone
+    (before any weights load): an unknown form, a drafter model that is not fetched, a checkpoint
+    directory without a drafter, a drafter that does not fit the target (DrafterMismatchError, naming
+    both). ValueError for the others."""
+    base, lookup_first = resolve_drafter(setting, model_dir)
+    if base in ("none", "prompt_lookup"):
+        return base, lookup_first
+    if base.startswith("model:"):
+        drafter_dir = model_dir_if_cached(name := base[len("model:"):])
+        if drafter_dir is None and name in KNOWN_MODELS:
+            raise ValueError(f"drafter {base}: not fetched yet (cli.py fetch {name})")
+        if drafter_dir is None:
+            raise ValueError(f"drafter {base}: neither a model directory nor one of {sorted(KNOWN_MODELS)}")
+        drafter: DrafterConfig | TransformerConfig = load_config(drafter_dir)
+        name = base
+    elif (checkpoint := drafter_checkpoint(base)) is not None:
+        if not (checkpoint / "config.json").is_file():
+            raise ValueError(f"drafter {base}: {checkpoint} holds no trained drafter (no config.json)")
+        drafter = DrafterConfig.from_json((checkpoint / "config.json").read_text())
+        name = f"{base} (trained for {drafter.target or 'an unnamed target'})"
+    else:
+        raise ValueError(f"unknown drafter {setting!r}: expected {DRAFTER_SETTINGS}")
+    check_drafter_fits(name, drafter, model_name(model_dir) or str(model_dir), load_config(model_dir))
+    return base, lookup_first
 
 
 def drafter_checkpoint(drafter: str) -> Path | None:

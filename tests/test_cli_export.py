@@ -60,6 +60,9 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
                           (["bench", "decode", "--new-tokens", "0"], "0 is not in the range x>=1")):
         result = CliRunner().invoke(cli.cli, args)
         assert result.exit_code == 2 and message in result.output, args
+    # refused before Triton starts, not in its log after the model fails to load
+    result = CliRunner().invoke(cli.cli, ["serve", "--detach", "--drafter", "garbage", "--http-port", "1"])
+    assert result.exit_code == 1 and "--drafter: unknown drafter 'garbage'" in result.output
     (tmp_path / "notes.txt").write_text("mine")
     result = CliRunner().invoke(cli.cli, ["build", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "refusing to replace" in result.output

@@ -192,3 +192,20 @@ def test_drafter_settings_resolve_auto_and_lookup_first(smollm2_dir, tmp_path):
     for bad in ("prompt_lookup+prompt_lookup", "none+prompt_lookup"):
         with pytest.raises(ValueError, match=re.escape(f"drafter '{bad}': +prompt_lookup goes after auto")):
             resolve_drafter(bad, smollm2_dir)
+
+
+def test_drafter_settings_a_server_could_not_load_are_refused_from_their_configs(smollm2_dir, tmp_path):
+    """What `serve --drafter` and the model's load both check before any weights load, each with its reason."""
+    from export.repository import check_drafter_setting
+    from models.drafters import DrafterMismatchError
+
+    assert check_drafter_setting("auto", smollm2_dir) == ("checkpoint:models/checkpoints/smollm2-135m-instruct-dspark", True)
+    assert check_drafter_setting("prompt_lookup", smollm2_dir) == ("prompt_lookup", False)
+    for setting, message in (("garbage", "unknown drafter 'garbage': expected auto | none"),
+                             (f"checkpoint:{tmp_path}", "holds no trained drafter"),
+                             ("model:nosuch", "neither a model directory nor one of"),
+                             ("none+prompt_lookup", "goes after auto")):
+        with pytest.raises(ValueError, match=message):
+            check_drafter_setting(setting, smollm2_dir)
+    with pytest.raises(DrafterMismatchError, match="trained for qwen2.5-coder-1.5b-instruct.*vocabulary 151936 != 49152"):
+        check_drafter_setting("checkpoint:models/checkpoints/qwen2.5-coder-1.5b-instruct-dspark", smollm2_dir)

@@ -10,11 +10,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from export.onnx_export import read_metadata
-from export.repository import drafter_checkpoint, drafter_tap_layers, resolve_drafter
-from hub.fetch import cache_dir, model_dir_if_cached, model_name
-from models.drafters import DrafterConfig
+from export.repository import DRAFTER_SETTINGS, check_drafter_setting, drafter_checkpoint, drafter_tap_layers
+from hub.fetch import cache_dir, model_dir_if_cached
 from models.hardware import resolve_dtype, usable_cores
-from models.loading import load_config
 from orchestrator.draft_vocab import cached_draft_vocab
 from orchestrator.drafting import (
     DrafterMismatchError,
@@ -22,7 +20,6 @@ from orchestrator.drafting import (
     LookupFirstDrafter,
     ModelDrafter,
     PromptLookupDrafter,
-    check_drafter_fits,
 )
 from orchestrator.engine import SHUTDOWN_MESSAGE, Engine, EngineConfig, EngineStoppedError, GenerationChunk
 from orchestrator.errors import InvalidRequestError
@@ -183,23 +180,6 @@ def _resolve_model_dir(name: str) -> Path:
     return model_dir
 
 
-def _check_drafter(choice: str, model_dir: Path) -> None:
-    """Refuses, before any weights load, a model or checkpoint drafter that does not fit the target."""
-    if choice.startswith("model:"):
-        drafter = load_config(_resolve_model_dir(choice[len("model:"):]))
-        name = choice
-    elif (checkpoint := drafter_checkpoint(choice)) is not None:
-        drafter = DrafterConfig.from_json((checkpoint / "config.json").read_text())
-        name = f"{choice} (trained for {drafter.target or 'an unnamed target'})"
-    else:
-        return
-    try:
-        check_drafter_fits(name, drafter, model_name(model_dir) or str(model_dir), load_config(model_dir))
-    except DrafterMismatchError as exc:
-        raise pb_utils.TritonModelException(f"{exc}; set the drafter parameter in config.pbtxt (or "
-                                            "DSPARK_DRAFTER) to one trained for this target, or to auto") from exc
-
-
 def _check_graph_source(onnx_path: Path, model_dir: Path) -> None:
     """Refuses a shipped graph exported from another model than the one this server loads."""
     source = read_metadata(onnx_path).get("source")
@@ -227,8 +207,7 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig, target, runtime
     if checkpoint is not None:
         module = load_feature_drafter(checkpoint, target, runtime, drafter_onnx)
         return FeatureDrafter(module, config.max_batch_size, config.max_context)
-    raise pb_utils.TritonModelException(
-        f"unknown drafter '{choice}' (none | prompt_lookup | model:<name> | checkpoint:<dir>)")
+    raise pb_utils.TritonModelException(f"unknown drafter '{choice}' ({DRAFTER_SETTINGS})")
 
 
 class TritonPythonModel:
@@ -251,11 +230,14 @@ class TritonPythonModel:
         onnx_model = params.get("onnx_model", "")
         if onnx_model:
             _check_graph_source(Path(args["model_repository"]) / args["model_version"] / onnx_model, model_dir)
-        try:
-            drafter_choice, lookup_first = resolve_drafter(os.environ.get("DSPARK_DRAFTER") or params["drafter"], model_dir)
+        try:  # refused from configuration files alone, before any weights load
+            drafter_choice, lookup_first = check_drafter_setting(os.environ.get("DSPARK_DRAFTER") or params["drafter"],
+                                                                 model_dir)
+        except DrafterMismatchError as exc:
+            raise pb_utils.TritonModelException(f"{exc}; set the drafter parameter in config.pbtxt (or DSPARK_DRAFTER) "
+                                                "to one trained for this target, or to auto") from exc
         except ValueError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
-        _check_drafter(drafter_choice, model_dir)
         try:  # a shipped graph must output the hidden states this drafter taps
             runner = load_runner(
                 model_dir, params.get("runtime", "torch"), dtype,
