@@ -17,8 +17,8 @@ def import_tensorrt():
     except ImportError as exc:
         raise RuntimeError(
             "the tensorrt runtime needs the TensorRT Python package and an NVIDIA GPU: use the image in "
-            "docker/ (nvcr.io/nvidia/tritonserver, with `pip install tensorrt-cu12`), or choose "
-            "--runtime onnxruntime / torch on CPU hosts"
+            "docker/ (nvcr.io/nvidia/tritonserver, with `pip install tensorrt-cu12`), or on CPU hosts the "
+            "onnxruntime or torch runtime (`build --runtime`, `export --to onnx`)"
         ) from exc
     return tensorrt
 
