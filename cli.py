@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,6 +120,19 @@ def _device_option(help: str):
 
     return click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=help,
                         callback=check)
+
+
+def _writable_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """An output file checked before the work that fills it (its folder made if missing)."""
+    if value is None:
+        return None
+    try:
+        value.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {value.parent}: {exc.strerror}") from None
+    if value.is_dir() or not os.access(value.parent, os.W_OK):
+        raise click.BadParameter(f"cannot write {value}")
+    return value
 
 
 _PORT = click.IntRange(1, 65535)
@@ -717,7 +731,8 @@ def _prompt_set(spec: str) -> list[str]:
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="Where the target (and a trained block drafter) run; onnxruntime runs float32.")
 @_device_option("Where the torch runtime runs (cpu, cuda).")
-@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
+              help="Also write the results here as JSON.")
 def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str, new_tokens: int, raw: bool,
                  threads: int | None, runtime: str, device: str, json_out: Path | None) -> None:
     """Greedy tokens/s and tokens per round: AR vs each drafter and draft length, in one run."""
@@ -784,7 +799,8 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--prompts", default="mixed", show_default=True, help=PROMPTS_HELP)
-@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
+              help="Also write the results here as JSON.")
 def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None, prompts: str, json_out: Path | None) -> None:
     """Greedy AR decode tokens/s: our transformer vs transformers, same model and dtype."""
     import torch
@@ -808,7 +824,8 @@ def bench_ar_decode(model: str, dtype: str, new_tokens: int, threads: int | None
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @_device_option("Where the torch runtime runs (cpu, cuda).")
 @click.option("--prompts", default="mixed", show_default=True, help=PROMPTS_HELP)
-@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
+              help="Also write the results here as JSON.")
 def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens: int, threads: int | None,
                    device: str, prompts: str, json_out: Path | None) -> None:
     """Greedy decode tokens/s of one model on several runtimes, side by side (ratio to the first)."""
@@ -835,7 +852,8 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @_device_option("Where the torch runtime runs (cpu, cuda).")
-@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
+              help="Also write the results here as JSON.")
 def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: str, batch: int, verify_tokens: int,
                 repeats: int, threads: int | None, device: str, json_out: Path | None) -> None:
     """Target decode/verify and drafter extend/draft step times vs context length, per runtime, side by side."""

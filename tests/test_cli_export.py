@@ -57,7 +57,8 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
     for args, message in ((["serve", "--http-port", "70000"], "70000 is not in the range"),
                           (["profile", "--threads", "0"], "expected comma-separated whole numbers >= 1"),
                           (["profile", "--contexts", "100000"], "whole numbers 1..8192"),
-                          (["bench", "decode", "--new-tokens", "0"], "0 is not in the range x>=1")):
+                          (["bench", "decode", "--new-tokens", "0"], "0 is not in the range x>=1"),
+                          (["bench", "decode", "--json-out", "/proc/nope/x.json"], "cannot create /proc/nope")):
         result = CliRunner().invoke(cli.cli, args)
         assert result.exit_code == 2 and message in result.output, args
     # refused before Triton starts, not in its log after the model fails to load
