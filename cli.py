@@ -477,8 +477,11 @@ def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
     on a host that has the model file but not the packages the prompts come from."""
     from training.sources import build_prompts
 
-    splits = {split: [p.__dict__ for p in build_prompts(split, _source_ranges(spec))]  # all checked before writing
-              for split, spec in (("train", train_prompts), ("calib", calib_prompts))}
+    ranges = {"train": _source_ranges(train_prompts), "calib": _source_ranges(calib_prompts)}  # both parse first
+    try:
+        splits = {split: [p.__dict__ for p in build_prompts(split, per_source)] for split, per_source in ranges.items()}
+    except RuntimeError as exc:  # a source whose package is missing, said how to install it
+        raise click.ClickException(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     for split, items in splits.items():
         (out / f"{split}.json").write_text(json.dumps(items) + "\n")
