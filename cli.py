@@ -455,7 +455,10 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
             raise click.BadParameter(f"{prompts_dir} has no {split}.json (write it with `cli.py prompts --out DIR`)",
                                      param_hint="--prompts-dir")
         return SplitData(split, answers, prompts_file=prompts_dir / f"{split}.json")
-    return SplitData(split, answers, per_source=tuple(_source_ranges(per_source).items()))
+    ranges = _source_ranges(per_source)
+    if all(start == stop for start, stop in ranges.values()):
+        raise click.BadParameter(f"{per_source!r} selects no prompts", param_hint=f"--{split}-prompts")
+    return SplitData(split, answers, per_source=tuple(ranges.items()))
 
 
 def _train_sets(train_prompts: tuple[str, ...], prompts_dir: Path | None, max_new_tokens: int, temperatures: str,
@@ -605,12 +608,15 @@ def calibrate(drafter_dir: Path, calib_prompts: str, prompts_dir: Path | None, m
     rewrites its calibration buffers, calibration.json and reliability.png."""
     import torch
 
-    from training.pipeline import recalibrate
+    from training.pipeline import TrainSetupError, recalibrate
 
     if threads:
         torch.set_num_threads(threads)
     data = _split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
-    click.echo(json.dumps(recalibrate(drafter_dir, data), indent=2))
+    try:
+        click.echo(json.dumps(recalibrate(drafter_dir, data), indent=2))
+    except TrainSetupError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _positive_ints(option: str, text: str, largest: int | None = None) -> list[int]:

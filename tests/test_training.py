@@ -547,3 +547,18 @@ def test_prompt_and_temperature_specs_are_checked_before_anything_is_written(tmp
     for temperatures in ("abc", "-1", "nan"):
         result = runner.invoke(cli.cli, ["train-data", f"--answer-temperatures={temperatures}"])
         assert result.exit_code == 2 and "expected numbers >= 0" in result.output, temperatures
+
+    result = runner.invoke(cli.cli, ["train-data", "--train-prompts", "chat_tmpl=0"])
+    assert result.exit_code == 2 and "selects no prompts" in result.output
+
+
+def test_a_directory_that_holds_no_drafter_is_refused_by_name(tmp_path, smollm2_dir) -> None:
+    """train --init and calibrate --drafter on a model directory (or an empty one) say so, not KeyError."""
+    from click.testing import CliRunner
+
+    import cli
+
+    for args in (["train", "--drafter", "dspark", "--init", str(smollm2_dir), "--out", str(tmp_path / "run")],
+                 ["calibrate", "--drafter", str(tmp_path)]):
+        result = CliRunner().invoke(cli.cli, args)
+        assert result.exit_code == 1 and "holds no saved drafter" in result.output, (args, result.output)

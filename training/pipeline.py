@@ -86,6 +86,15 @@ class TrainSetupError(ValueError):
     """A run that cannot start as asked (found before any data loads): the user's to fix, not a bug."""
 
 
+def saved_drafter_config(directory: Path, option: str) -> DrafterConfig:
+    """The configuration of a drafter saved in ``directory``; TrainSetupError naming ``option`` otherwise."""
+    try:
+        return DrafterConfig.from_json((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TrainSetupError(f"{option} {directory} holds no saved drafter (its config.json is missing or is "
+                              "not a drafter's)") from None
+
+
 def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: list[SplitData],
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
                  num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
@@ -115,7 +124,7 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
         raise TrainSetupError("a run starts from --init's weights or from the target's layers, not both")
     init_config = None
     if init_dir is not None:
-        config = init_config = DrafterConfig.from_json((Path(init_dir) / "config.json").read_text())
+        config = init_config = saved_drafter_config(init_dir, "--init")
         if config.kind != kind or config.target != target_name:
             raise TrainSetupError(f"{init_dir} holds a {config.kind} drafter for {config.target!r}, not {kind} for {target_name!r}")
         if qk_norm is False and config.qk_norm:
@@ -137,6 +146,9 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     parts = [dataset(target_name, data, config.tap_layers, cfg.device, generate=generate) for data in train_data]
     train = [seq for part in parts for seq in part]
+    if not train:
+        raise TrainSetupError("no training answers: the --train-prompts give no prompts (or, with --no-generate, none "
+                              "were answered yet)")
     vocab = None
     if config.draft_vocab_size:
         source = out_dir if resuming else init_dir and Path(init_dir)
@@ -183,9 +195,9 @@ def recalibrate(drafter_dir: Path, calib_data: SplitData, cfg: TrainConfig | Non
     """Refit a saved DSpark drafter's confidence calibration on the calib split, in place: its weights
     are untouched (and stored back in the dtype they had), train_result.json gets the new figures."""
     drafter_dir = Path(drafter_dir)
-    config = DrafterConfig.from_json((drafter_dir / "config.json").read_text())
+    config = saved_drafter_config(drafter_dir, "--drafter")
     if not config.confidence:
-        raise ValueError(f"{drafter_dir} holds a {config.kind} drafter: it has no confidence head to calibrate")
+        raise TrainSetupError(f"{drafter_dir} holds a {config.kind} drafter: it has no confidence head to calibrate")
     target = load_transformer(fetch_model(config.target))
     drafter = load_drafter(drafter_dir, target)
     stored = load_file(str(drafter_dir / "model.safetensors"))
