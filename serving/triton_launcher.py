@@ -266,23 +266,31 @@ def _terminate(pid: int, timeout_s: float, popen: subprocess.Popen | None, known
     return clean
 
 
-def running_from_pid_file(pid_file: Path) -> int | None:
-    """The PID of the live tritonserver the file records, else None (missing, stale or reused)."""
+def _recorded_pid(pid_file: Path) -> int | None:
+    """The PID a pid file holds, else None (missing or unreadable)."""
     try:
-        pid = int(pid_file.read_text().strip())
+        return int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) and _is_tritonserver(pid) else None
+
+
+def _is_running_server(pid: int) -> bool:
+    return _pid_alive(pid) and _is_tritonserver(pid)
+
+
+def running_from_pid_file(pid_file: Path) -> int | None:
+    """The PID of the live tritonserver the file records, else None (missing, stale or reused)."""
+    pid = _recorded_pid(pid_file)
+    return pid if pid is not None and _is_running_server(pid) else None
 
 
 def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
     """Stop the server whose PID the file holds; False if none was running (stale or missing file)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
+    pid = _recorded_pid(pid_file)
+    if pid is None:
         return False
     stopped = False
-    if _pid_alive(pid) and _is_tritonserver(pid):
+    if _is_running_server(pid):
         _terminate(pid, timeout_s, None, set())
         stopped = True
     elif stubs := [p for p in _group_members(pid) if _is_stub(p)]:
