@@ -137,9 +137,9 @@ def check_drafter_setting(setting: str, model_dir: Path) -> tuple[str, bool]:
     if base in ("none", "prompt_lookup"):
         return base, lookup_first
     if base.startswith("model:"):
-        drafter_dir = model_dir_if_cached(name := base[len("model:"):])
-        if drafter_dir is None and name in KNOWN_MODELS:
-            raise ValueError(f"drafter {base}: not fetched yet (cli.py fetch {name})")
+        drafter_dir = model_dir_if_cached(model := base[len("model:"):])
+        if drafter_dir is None and model in KNOWN_MODELS:
+            raise ValueError(f"drafter {base}: not fetched yet (cli.py fetch {model})")
         if drafter_dir is None:
             raise ValueError(f"drafter {base}: neither a model directory nor one of {sorted(KNOWN_MODELS)}")
         drafter: DrafterConfig | TransformerConfig = load_config(drafter_dir)

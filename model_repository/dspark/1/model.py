@@ -10,7 +10,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from export.onnx_export import read_metadata
-from export.repository import DRAFTER_SETTINGS, check_drafter_setting, drafter_checkpoint, drafter_tap_layers
+from export.repository import check_drafter_setting, drafter_checkpoint, drafter_tap_layers
 from hub.fetch import cache_dir, model_dir_if_cached
 from models.hardware import resolve_dtype, usable_cores
 from orchestrator.draft_vocab import cached_draft_vocab
@@ -190,7 +190,8 @@ def _check_graph_source(onnx_path: Path, model_dir: Path) -> None:
 
 
 def _make_drafter(choice: str, dtype: str, config: EngineConfig, target, runtime: str, drafter_onnx: Path | None):
-    """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir> -> a drafter (or None).
+    """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir>, as check_drafter_setting
+    accepted it -> a drafter (or None).
 
     A trained drafter runs on the target's runtime (its exported graphs on onnxruntime: the ones
     shipped in ``drafter_onnx``, else exported into the cache)."""
@@ -203,11 +204,8 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig, target, runtime
         model = load_runner(drafter_dir, "torch", dtype)
         vocab = cached_draft_vocab(cache_dir(), drafter_dir, model.config.vocab_size, always=model.config.eos_token_ids)
         return ModelDrafter(model, config.max_batch_size, config.max_context, vocab)
-    checkpoint = drafter_checkpoint(choice)
-    if checkpoint is not None:
-        module = load_feature_drafter(checkpoint, target, runtime, drafter_onnx)
-        return FeatureDrafter(module, config.max_batch_size, config.max_context)
-    raise pb_utils.TritonModelException(f"unknown drafter '{choice}' ({DRAFTER_SETTINGS})")
+    module = load_feature_drafter(drafter_checkpoint(choice), target, runtime, drafter_onnx)
+    return FeatureDrafter(module, config.max_batch_size, config.max_context)
 
 
 class TritonPythonModel:
