@@ -950,10 +950,10 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
 @click.option("--policy", "policies", multiple=True, help="mode[:K], e.g. off, static:4 (repeatable; default: off, static:4).")
 @click.option("--concurrency", default="1,2,4,8,16", show_default=True, help="Closed-loop levels.")
 @click.option("--rate", default="", help="Open-loop Poisson request rates per second, e.g. 0.5,1,2.")
-@click.option("--requests", default=16, show_default=True, help="Requests per (policy, load) cell.")
-@click.option("--repeats", default=1, show_default=True,
+@click.option("--requests", type=click.IntRange(min=1), default=16, show_default=True, help="Requests per (policy, load) cell.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Interleaved passes per load; the table quotes the median of each pass's ratio to off.")
-@click.option("--duration", default=120.0, show_default=True, help="Time limit per cell in seconds.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True, help="Time limit per cell in seconds.")
 @click.option("--drafter", default=None, help="With --start-server: the drafter it serves (see `serve --drafter`).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
               help="With --start-server: the target dtype (see `serve --dtype`).")
@@ -985,10 +985,8 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
                              params={"max_tokens": max_tokens, "temperature": temperature})
     except ValueError as exc:
         raise click.UsageError(f"--policy / --concurrency / --rate: {exc}") from None
-    if (any(c < 1 for c in config.concurrencies) or any(r <= 0 for r in config.rates) or not (config.concurrencies or config.rates)
-            or requests < 1 or repeats < 1 or duration <= 0):
-        raise click.UsageError("need at least one load (--concurrency levels >= 1, --rate > 0), --requests and "
-                               "--repeats >= 1 and --duration > 0")
+    if any(c < 1 for c in config.concurrencies) or any(r <= 0 for r in config.rates) or not (config.concurrencies or config.rates):
+        raise click.UsageError("need at least one load (--concurrency levels >= 1, --rate > 0)")
     prompt_list = _prompt_set(prompts)
     if not start_server:
         _require_server(url or "localhost:8001")
@@ -1008,7 +1006,7 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
             config.openai = (openai_url, _served_name(model))
         try:
             cells = run_sweep(url, prompt_list, config, log=lambda m: click.echo(m, err=True))
-        except ValueError as exc:  # a non-loopback URL
+        except ValueError as exc:  # a non-loopback --openai-url
             raise click.ClickException(str(exc)) from None
     if not any(c.requests for c in cells):
         failure = next((c.first_error for c in cells if c.first_error), "none completed within the time limit")
@@ -1022,9 +1020,16 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
 
 
 def _require_server(url: str) -> None:
-    """Refuse a load test against a gRPC address where no ready Triton answers (every request would fail)."""
+    """Refuse a load test against a gRPC address where no ready Triton answers (every request would fail),
+    or that is not on this machine (refused before any connection)."""
     import tritonclient.grpc as grpcclient
 
+    from clients.loadgen import check_loopback
+
+    try:
+        check_loopback(url)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         ready = grpcclient.InferenceServerClient(url).is_server_ready(client_timeout=5)
     except Exception as exc:  # refused, unreachable, not gRPC, malformed address
