@@ -232,6 +232,9 @@ def stop(pid_file: Path | None) -> None:
     pid_file = pid_file or _default_pid_file()
     stop_recorded(pid_file_for(pid_file))
     stopped = stop_from_pid_file(pid_file)
+    if not stopped and pid_file.exists():  # it names a live process of another program
+        raise click.ClickException(f"{pid_file} records a live process that is not a Triton server: left as it is "
+                                   "(if it is a stale record of a server of ours, delete it)")
     click.echo("stopped" if stopped else "no server was running")
 
 

@@ -401,17 +401,24 @@ def pid_file_for(triton_pid_file: Path) -> Path:
 
 
 def stop_recorded(pid_file: Path, timeout_s: float = 10) -> bool:
-    """Stops the frontend whose PID the file holds (if it still runs); False if none was running."""
+    """Stops the frontend whose PID the file holds (if it still runs); False if none was running.
+
+    A file naming a live process that is not the frontend records another program: left as it is."""
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # stale: the frontend is gone
+        pid_file.unlink(missing_ok=True)
+        return False
+    if "serving.openai_frontend" not in cmdline:
+        return False
     pid_file.unlink(missing_ok=True)
     try:
-        if "serving.openai_frontend" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-            return False  # the PID was reused by something else
         os.kill(pid, signal.SIGTERM)
-    except (OSError, ProcessLookupError):
+    except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():

@@ -285,7 +285,10 @@ def running_from_pid_file(pid_file: Path) -> int | None:
 
 
 def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
-    """Stop the server whose PID the file holds; False if none was running (stale or missing file)."""
+    """Stop the server whose PID the file holds; False if none was running (stale or missing file).
+
+    A file naming a live process that is neither a Triton server nor a crashed one's stubs records
+    another program: it is left as it is."""
     pid = _recorded_pid(pid_file)
     if pid is None:
         return False
@@ -305,6 +308,8 @@ def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
         for region in regions:
             region.unlink(missing_ok=True)
         stopped = True
+    elif _pid_alive(pid):
+        return False
     pid_file.unlink(missing_ok=True)
     return stopped
 

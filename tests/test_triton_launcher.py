@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from serving.openai_frontend import stop_recorded
 from serving.triton_launcher import (
     SHM_PREFIX,
     ServerConfig,
@@ -146,6 +148,26 @@ def test_stop_from_stale_pid_file(tmp_path: Path) -> None:
     assert stop_from_pid_file(pid_file) is False
     assert not pid_file.exists()
     assert stop_from_pid_file(tmp_path / "missing.pid") is False
+
+
+def test_stop_leaves_a_pid_file_that_records_another_live_program(tmp_path: Path) -> None:
+    """A pid file naming a live process that is no Triton server is someone else's: neither it nor the
+    process is touched (a wrong --pid-file must not delete another daemon's record)."""
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        for pid_file, stop in ((tmp_path / "other.pid", stop_from_pid_file), (tmp_path / "other.pid.openai", stop_recorded)):
+            pid_file.write_text(f"{other.pid}\n")
+            assert stop(pid_file) is False
+            assert pid_file.read_text() == f"{other.pid}\n"
+            assert other.poll() is None
+        import cli
+
+        result = CliRunner().invoke(cli.cli, ["stop", "--pid-file", str(tmp_path / "other.pid")])
+        assert result.exit_code == 1 and "not a Triton server: left as it is" in result.output
+        assert (tmp_path / "other.pid").exists() and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_backend_dir_is_not_rewritten_when_unchanged(tmp_path: Path) -> None:
