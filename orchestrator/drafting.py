@@ -19,7 +19,7 @@ from models.kv_cache import KVCache
 from models.projection import KernelPlan, Linear
 from models.transformer import Transformer
 from orchestrator.prompt_lookup import propose_ngram_draft
-from orchestrator.sampling import SamplingParams, sample_from_uniform, warp_logits
+from orchestrator.sampling import SamplingParams, draw_rows, warp_logits
 
 
 @dataclass
@@ -284,11 +284,7 @@ class ModelDrafter(_NoFeatures):
                     row_logits = row_logits.clone()
                     row_logits[banned] = float("-inf")
                 q = warp_logits(row_logits, request.params)
-                if request.params.greedy:
-                    token = int(q.argmax())
-                else:
-                    uniform = torch.rand((), generator=request.generator, dtype=torch.float64)
-                    token = int(sample_from_uniform(q, uniform))
+                token = int(draw_rows(q[None], request.params, [request.generator])[0])
                 tokens[i].append(token)
                 probs[i].append(q)
                 feeds[i] = [token]
@@ -312,11 +308,7 @@ def _row_sampler(requests: Sequence[DraftRequest],
                     idx = module.to_draft_ids(torch.tensor(banned, dtype=torch.int64))
                     logits[row, idx[idx >= 0].to(logits.device)] = float("-inf")
         probs = warp_logits(logits, params)
-        if params.greedy:
-            tokens = probs.argmax(-1)
-        else:
-            uniforms = torch.stack([torch.rand((), generator=r.generator, dtype=torch.float64) for r in requests])
-            tokens = sample_from_uniform(probs, uniforms)
+        tokens = draw_rows(probs, params, [r.generator for r in requests])
         if constrained:
             full = tokens if module.draft_vocab is None else module.draft_vocab.to(tokens.device)[tokens]
             for row, token in enumerate(full.tolist()):

@@ -7,6 +7,7 @@ speculative sampling lossless with temperature, top-k and top-p switched on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,15 @@ def sample_from_uniform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
     vocab = probs.shape[-1]
     last_positive = vocab - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
     return torch.minimum(index, last_positive)
+
+
+def draw_rows(probs: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """[R, V] warped probabilities -> [R] token ids: the argmax when greedy, else one draw per row,
+    consuming exactly one uniform from that row's generator (none when greedy)."""
+    if params.greedy:
+        return probs.argmax(-1)
+    uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in generators])
+    return sample_from_uniform(probs, uniforms)
 
 
 def sample_token(probs: torch.Tensor, generator: torch.Generator) -> int:
