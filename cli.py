@@ -310,7 +310,8 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
               help="Default: float32 for onnx, float16 for tensorrt.")
 @click.option("--tap-layers", default="", help="Comma-separated layer indices whose hidden states become outputs.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for model.onnx (default: the cache, keyed by content hash).")
+              help="Directory for model.onnx (and drafter/): new, empty or an earlier export, which is replaced "
+                   "(default: the cache, keyed by content hash).")
 @click.option("--max-batch-size", default=16, show_default=True, help="TensorRT profile: largest batch.")
 @click.option("--max-context", default=2048, show_default=True, help="TensorRT profile: longest sequence.")
 @click.option("--drafter", default="",
@@ -324,7 +325,9 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     import torch
 
     from export.drafter_export import cached_drafter_export, drafter_export_key, export_drafter
-    from export.onnx_export import cached_onnx, export_onnx
+    from export.onnx_export import META_FILE as ONNX_META_FILE
+    from export.onnx_export import ONNX_FILE, cached_onnx, export_onnx
+    from export.output_dir import check_replaceable, write_replacing
     from export.repository import drafter_checkpoint
     from export.tensorrt_engine import build_engine, import_tensorrt, trt_profile
     from hub.fetch import default_drafter, fetch_model
@@ -341,6 +344,11 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
         taps = [int(t) for t in tap_layers.split(",") if t.strip()]
     except ValueError:
         raise click.BadParameter(f"{tap_layers!r}: expected comma-separated layer indices", param_hint="--tap-layers") from None
+    if out:
+        try:  # before the long work (write_replacing checks again when it moves the export into place)
+            check_replaceable(out.absolute(), ONNX_META_FILE, "`cli.py export`")
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     model_dir = fetch_model(model)
     checkpoint = None
     if drafter:
@@ -354,11 +362,24 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
             raise click.ClickException(f"{module.config.kind} drafters draft through their own layer "
                                        "autoregressively and are not exported; they run as torch modules beside any runtime")
         taps = sorted(set(taps) | set(module.tap_layers))
-    onnx_path = export_onnx(model_dir, out, dtype, taps) if out else cached_onnx(model_dir, dtype, taps)
+    if out:
+        def write(tmp: Path) -> None:
+            export_onnx(model_dir, tmp, dtype, taps)
+            if checkpoint is not None:
+                meta = {"source": checkpoint.name, "dtype": "float32",
+                        "key": drafter_export_key(checkpoint, "float32", module.draft_vocab)}
+                export_drafter(module, tmp / "drafter", meta)
+
+        try:
+            out = write_replacing(out, ONNX_META_FILE, "`cli.py export`", write)
+        except ValueError as exc:  # a directory that is not an export of ours
+            raise click.ClickException(str(exc)) from None
+        onnx_path, graphs = out / ONNX_FILE, out / "drafter"
+    else:
+        onnx_path = cached_onnx(model_dir, dtype, taps)
+        graphs = cached_drafter_export(module, checkpoint) if checkpoint is not None else None
     click.echo(f"onnx: {onnx_path}")
     if checkpoint is not None:
-        meta = {"source": checkpoint.name, "dtype": "float32", "key": drafter_export_key(checkpoint, "float32", module.draft_vocab)}
-        graphs = export_drafter(module, out / "drafter", meta) if out else cached_drafter_export(module, checkpoint)
         click.echo(f"drafter onnx (float32): {graphs}")
     if target == "tensorrt":
         from models.loading import load_config

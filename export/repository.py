@@ -10,7 +10,6 @@ onnxruntime the drafter's own graphs ship too, in ``dspark/1/drafter_onnx/``.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from export.drafter_export import cached_drafter_export
 from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
+from export.output_dir import write_replacing
 from hub.fetch import KNOWN_MODELS, default_drafter, model_dir_if_cached, model_name
 from models.drafters import BlockDrafter, DrafterConfig, load_drafter
 from models.config import TransformerConfig
@@ -65,23 +65,10 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     source = source or PROJECT_ROOT / "model_repository"
     dtype = dtype or DEFAULT_DTYPE[runtime]
-    out_dir = Path(out_dir).absolute()
-    if out_dir.resolve() == source.resolve():
+    if Path(out_dir).resolve() == source.resolve():
         raise ValueError("the output directory must differ from the source repository")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUILD_MARKER).is_file())):
-        raise ValueError(f"refusing to replace {out_dir}: it is not a model repository `cli.py build` wrote (no "
-                         f"{BUILD_MARKER}); choose a new or empty directory")
-    building = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    try:
-        _write_repository(building, source, runtime, model, model_dir, dtype, parameters)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    building.rename(out_dir)
-    return out_dir
+    return write_replacing(out_dir, BUILD_MARKER, "`cli.py build`",
+                           lambda tmp: _write_repository(tmp, source, runtime, model, model_dir, dtype, parameters))
 
 
 def _write_repository(out_dir: Path, source: Path, runtime: str, model: str, model_dir: Path, dtype: str,

@@ -70,6 +70,27 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_export_out_replaces_only_an_export_of_its_own(tmp_path, smollm2_dir: Path) -> None:
+    """`export --out` over a user's directory (even one holding a model.onnx and a raw/ folder) refuses
+    and leaves it as it was; over its own earlier export it writes a fresh one."""
+    mine = tmp_path / "mine"
+    (mine / "raw").mkdir(parents=True)
+    (mine / "raw" / "important.txt").write_text("precious")
+    (mine / "model.onnx").write_text("my own graph")
+    result = CliRunner().invoke(cli.cli, ["export", "--out", str(mine)])
+    assert result.exit_code == 1 and "refusing to replace" in result.output, result.output
+    assert (mine / "raw" / "important.txt").read_text() == "precious"
+    assert (mine / "model.onnx").read_text() == "my own graph"
+
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run replaces the first run's export
+        result = CliRunner().invoke(cli.cli, ["export", "--out", str(out), "--drafter", "auto"])
+        assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "export.json", "drafter"}
+    assert (out / "drafter" / "drafter_export.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no half-written directory left behind"
+
+
 def test_a_drafter_for_another_target_is_refused_before_anything_is_written(tmp_path, smollm2_dir: Path) -> None:
     """export (and every other command that loads a drafter) names the mismatch instead of failing deep in
     the drafter's first forward, and writes nothing."""

@@ -59,10 +59,10 @@ def test_build_replaces_only_a_repository_it_wrote(tmp_path, smollm2_dir: Path) 
     precious = tmp_path / "precious"
     (precious / "sub").mkdir(parents=True)
     (precious / "sub" / "thesis.tex").write_text("years of work")
-    with pytest.raises(ValueError, match="not a model repository `cli.py build` wrote"):
+    with pytest.raises(ValueError, match="not a directory `cli.py build` wrote"):
         build_repository(precious, "torch", "smollm2-135m-instruct", smollm2_dir)
     assert (precious / "sub" / "thesis.tex").read_text() == "years of work"
-    with pytest.raises(ValueError, match="not a model repository"):
+    with pytest.raises(ValueError, match="not a directory `cli.py build` wrote"):
         build_repository(PROJECT_ROOT, "torch", "smollm2-135m-instruct", smollm2_dir)
 
     repo = build_repository(tmp_path / "repo", "torch", "smollm2-135m-instruct", smollm2_dir)
