@@ -226,6 +226,30 @@ def test_dataset_workers_share_shards_by_claims(tmp_path) -> None:
     assert [s.tokens.tolist() for s in result[0]] == [s.tokens.tolist() for s in reference]
 
 
+def test_dataset_claims_that_name_no_worker_here(tmp_path, capsys) -> None:
+    """An unreadable claim (its worker died before writing its name) is taken over once it is stale; a
+    claim of another host is waited for with a message naming the shard, its holder and how to free it."""
+    import socket
+
+    from training.sources import Prompt
+
+    target = tiny_target()
+    prompts = [Prompt("chat", "chat_tmpl", f"p{i}") for i in range(6)]
+    encode = lambda text: [3 + int(text[1:]), 9, 17]
+    spec = AnswerSpec(max_new_tokens=4, batch_size=2)
+    empty = tmp_path / "shard-00000.claim"
+    empty.touch()
+    os.utime(empty, (time.time() - 600, time.time() - 600))
+    foreign = tmp_path / "shard-00001.claim"
+    foreign.write_text(f"not-{socket.gethostname()} 4242")
+    seqs = build_dataset(tmp_path, target, encode, prompts, (1,), spec, progress=False, wait=False)
+    assert (tmp_path / "shard-00000.pt").exists() and not empty.exists()
+    assert not (tmp_path / "shard-00001.pt").exists() and foreign.exists() and len(seqs) == 4
+    err = capsys.readouterr().err
+    assert f"shard-00001 (claimed by not-{socket.gethostname()} pid 4242)" in err
+    assert f"delete {foreign}" in err
+
+
 def test_dataset_without_waiting_leaves_other_workers_shards_and_returns(tmp_path) -> None:
     """``wait=False`` answers the unclaimed shards and returns without waiting for a live worker's,
     so a worker can go on to the next set instead of idling."""

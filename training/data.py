@@ -17,6 +17,7 @@ import json
 import os
 import random
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,17 +145,36 @@ def _shards(directory: Path, count: int, batch_size: int) -> tuple[list[list[int
     return shards, [Path(directory) / f"shard-{i:05d}.pt" for i in range(len(shards))]
 
 
+UNNAMED_CLAIM_STALE_S = 60  # a worker names itself right after creating its claim: an unnamed one this old is dead
+
+
+def _holder(claim: Path) -> tuple[str, int] | None:
+    """(host, pid) a claim file names; None when it names no worker (unreadable, empty or malformed)."""
+    try:
+        host, _, pid = claim.read_text().partition(" ")
+    except OSError:
+        return None
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
 def _claim(shard: Path) -> Path | None:
-    """Claim a shard for this process (None when another live worker holds it). The claim file names
-    host and pid, so a claim left by a worker that died on this host is taken over."""
+    """Claim a shard for this process (None when another worker holds it). The claim file names host
+    and pid, so a claim left by a worker that died on this host is taken over, and so is one naming no
+    worker once it is stale; a claim of another host is left to that host."""
     claim = shard.with_suffix(".claim")
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:
             fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            host, _, pid = claim.read_text().partition(" ")
-            if host != socket.gethostname() or not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            holder = _holder(claim)
+            if holder is None:
+                try:
+                    if time.time() - claim.stat().st_mtime < UNNAMED_CLAIM_STALE_S:
+                        return None  # just created: its worker is writing its name
+                except FileNotFoundError:
+                    continue
+            elif holder[0] != socket.gethostname() or Path(f"/proc/{holder[1]}").exists():
                 return None
             claim.unlink(missing_ok=True)  # its worker is gone
             continue
@@ -162,6 +182,18 @@ def _claim(shard: Path) -> Path | None:
             f.write(me)
         return claim
     return None
+
+
+def _waiting_message(paths: list[Path]) -> str:
+    """Which shards a worker waits for, who holds them, and how to free a dead host's claim."""
+    held = []
+    for path in paths:
+        claim = path.with_suffix(".claim")
+        holder = _holder(claim)
+        held.append(f"{path.stem} (claimed by {holder[0]} pid {holder[1]})" if holder else f"{path.stem} (claimed)")
+    return (f"waiting for {len(paths)} shard(s) other workers hold: {', '.join(held[:4])}"
+            f"{' ...' if len(held) > 4 else ''}; if such a worker is gone (another host cannot be checked from "
+            f"here), delete {paths[0].with_suffix('.claim')} and the like")
 
 
 def generated_prompts(directory: Path, prompts: list[Prompt], spec: AnswerSpec) -> list[Prompt]:
@@ -198,6 +230,7 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
         bar.n = total - sum(len(shards[j]) for j in pending if not paths[j].exists())
         bar.refresh()
 
+    told: list[int] = []
     while pending:
         for i in pending:
             claim = _claim(paths[i])
@@ -221,6 +254,9 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
             show_done()
         show_done()
         waiting = [i for i in pending if not paths[i].exists()]
+        if waiting and waiting != told:  # say so, again whenever the set waited for changes
+            tqdm.write(_waiting_message([paths[i] for i in waiting]), file=sys.stderr)
+            told = waiting
         if waiting and not wait:
             break
         if waiting:  # other workers hold them; a dead worker's claim is taken over on the next pass
