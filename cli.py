@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.policies import SPEC_MODES
+from orchestrator.policies import MAX_DRAFT_TOKENS, SPEC_MODES
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -548,19 +548,20 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
 @cli.command()
 @click.option("--drafter", "kind", type=click.Choice(["dspark", "dflash", "eagle3"]), required=True)
 @click.option("--target", default=DEFAULT_MODEL, show_default=True)
-@click.option("--steps", type=int, default=None,
+@click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Optimizer steps (default: 300, or as many as --max-minutes allows).")
-@click.option("--max-minutes", type=float, default=None,
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Training-time budget of the whole run (resumes included); the cosine ends with it.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences per step.")
 @click.option("--anchors", type=click.IntRange(min=1), default=48, show_default=True, help="Anchor blocks per sequence, drawn without replacement.")
-@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (cosine decay to 0).")
-@click.option("--ce-weight", default=0.1, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True, help="Peak learning rate (cosine decay to 0).")
+@click.option("--ce-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="Weight of the cross-entropy term beside the L1 distance's 0.9 (the paper's 0.1).")
-@click.option("--layers", default=2, show_default=True, help="Drafter layers (EAGLE-3 has one).")
-@click.option("--intermediate-size", default=1024, show_default=True, help="Drafter FFN width.")
-@click.option("--markov-rank", default=32, show_default=True)
-@click.option("--block-size", default=7, show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Drafter layers (EAGLE-3 has one: only 1 is taken with --drafter eagle3).")
+@click.option("--intermediate-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Drafter FFN width.")
+@click.option("--markov-rank", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--block-size", type=click.IntRange(1, MAX_DRAFT_TOKENS), default=7, show_default=True)
 @click.option("--rope", type=click.Choice(["standard", "unsigned_sin"]), default="standard", show_default=True,
               help="Drafter positions: rotary, or the first drafters' transform (for A/B runs against them).")
 @click.option("--qk-norm/--no-qk-norm", default=None,
@@ -571,10 +572,11 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Start the drafter's layers from the target's top layers instead of random weights "
                    "(block drafters; an FFN narrower than the target's keeps its strongest units).")
 @_data_options()
-@click.option("--draft-vocab", default=DRAFT_VOCAB_SIZE, show_default=True,
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=DRAFT_VOCAB_SIZE, show_default=True,
               help="Train and draft inside the N most frequent answer tokens (0 = the full vocabulary).")
-@click.option("--eval-every", default=200, show_default=True, help="Steps between held-out figures (0: none).")
-@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Steps between held-out figures (0: none).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (default: torch's).")
 @_device_option("cpu, or cuda (bf16 autocast; the target also answers there).")
 @click.option("--bf16", is_flag=True, help="bf16 autocast on the CPU too (CPUs with AVX512-BF16).")
@@ -601,6 +603,9 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
     from training.pipeline import TrainSetupError, run_training
     from training.train import TrainConfig
 
+    if kind == "eagle3" and layers != 1 and (click.get_current_context().get_parameter_source("layers")
+                                              == click.core.ParameterSource.COMMANDLINE):
+        raise click.BadParameter(f"an EAGLE-3-style drafter has one layer, not {layers}", param_hint="--layers")
     if threads:
         torch.set_num_threads(threads)
     out = out or cache_dir() / "drafters" / f"{target}-{kind}"

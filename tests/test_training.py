@@ -471,6 +471,50 @@ def test_train_refuses_an_out_directory_it_would_overwrite(tmp_path, smollm2_dir
     assert {p.name: p.read_bytes() for p in shipped.iterdir() if p.is_file()} == before
 
 
+def test_train_resumes_only_its_own_run_and_checks_its_options(tmp_path, smollm2_dir) -> None:
+    """A rerun into --out continues the saved run only with the same drafter, schedule options and data
+    (else a message, nothing trained); a run killed before its first state was saved starts again in its
+    directory; options out of range and answers too short for a block end in messages."""
+    from click.testing import CliRunner
+
+    import cli
+    from training.train import RUN_MARKER
+
+    small = ["--train-prompts", "chat_tmpl=2", "--calib-prompts", "chat_tmpl=2", "--max-new-tokens", "16",
+             "--answer-temperatures", "0", "--layers", "1", "--intermediate-size", "32", "--markov-rank", "4",
+             "--draft-vocab", "0", "--eval-every", "0", "--threads", "1"]
+    run = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--steps", "2", "--out", str(run)] + small)
+    assert result.exit_code == 0, result.output
+    weights = (run / "model.safetensors").read_bytes()
+    for args, message in (
+            (["--drafter", "dspark", "--steps", "2", "--lr", "1e-4"], "holds a run with other lr (lr: 0.002 then, 0.0001 now)"),
+            (["--drafter", "dspark", "--steps", "3"], "holds a run with other steps"),
+            (["--drafter", "dflash", "--steps", "2"], "holds a run of another drafter (dspark for 'smollm2-135m-instruct'")):
+        result = runner.invoke(cli.cli, ["train", *args, "--out", str(run)] + small)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert (run / "model.safetensors").read_bytes() == weights
+
+    killed = tmp_path / "killed"  # killed while writing its first state: the marker and a partial file
+    killed.mkdir()
+    (killed / RUN_MARKER).touch()
+    (killed / "training_state.tmp").write_bytes(b"partial")
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--steps", "2", "--out", str(killed)] + small)
+    assert result.exit_code == 0 and (killed / "training_state.pt").is_file(), result.output
+
+    for args in (["--checkpoint-every", "0"], ["--steps", "0"], ["--max-minutes", "0"], ["--lr", "-1"],
+                 ["--block-size", "0"], ["--layers", "0"], ["--ce-weight", "-1"], ["--draft-vocab", "-1"]):
+        result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", *args, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2 and "Invalid value" in result.output, (args, result.output)
+    result = runner.invoke(cli.cli, ["train", "--drafter", "eagle3", "--layers", "3", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "an EAGLE-3-style drafter has one layer, not 3" in result.output
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--steps", "2", "--block-size", "16",
+                                     "--out", str(tmp_path / "x")] + small[:-2] + ["--max-new-tokens", "8"])
+    assert result.exit_code == 1 and "holds a whole block (17 answer tokens)" in result.output, result.output
+    assert not (tmp_path / "x" / "training_state.pt").exists()
+
+
 def test_train_refuses_to_take_q_k_norms_out_of_a_drafter_that_has_them(tmp_path, smollm2_dir) -> None:
     from click.testing import CliRunner
 

@@ -17,7 +17,8 @@ from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
 from training.layer_init import check_layers_fit, qk_norm_gains
 from training.sources import Prompt, build_prompts
-from training.train import STATE_FILE, TrainConfig, calibrate_confidence, make_batch, train_drafter, usable
+from training.train import (RUN_MARKER, STATE_FILE, TrainConfig, calibrate_confidence, make_batch, run_record,
+                            saved_run, train_drafter, usable)
 from training.vocab import coverage, draft_vocabulary
 
 DATA_VERSION = 4  # bump when what a shard holds changes
@@ -116,7 +117,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     # the data was generated: a float32 copy of a 1.5B target is 6 GB that a second run or a data worker
     # beside it lacks.
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / STATE_FILE).exists())):
+    ours = (out_dir / STATE_FILE).exists() or (out_dir / RUN_MARKER).exists()
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not ours)):
         raise TrainSetupError(f"--out {out_dir} is not a new or empty directory, nor a run to resume (no {STATE_FILE}): "
                               "a run would overwrite what is there (a shipped drafter keeps no training state)")
     target = load_transformer(fetch_model(target_name), GENERATION_DTYPE)
@@ -142,23 +144,32 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
             except ValueError as exc:
                 raise TrainSetupError(f"--layers-from-target: {exc}") from None
             config = replace(config, extra={**config.extra, "layers_from_target": True})
-    resuming = (out_dir / STATE_FILE).exists()
+    saved = saved_run(out_dir)
+    run = run_record(cfg, train_data)
+    if saved is not None:  # checked before any data is generated
+        _check_resume(out_dir, saved, config, run)
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
     parts = [dataset(target_name, data, config.tap_layers, cfg.device, generate=generate) for data in train_data]
     train = [seq for part in parts for seq in part]
     if not train:
         raise TrainSetupError("no training answers: the --train-prompts give no prompts (or, with --no-generate, none "
                               "were answered yet)")
+    if not usable(train, config.block_size) or not usable(calib, config.block_size):
+        split = "training" if not usable(train, config.block_size) else "calib"
+        raise TrainSetupError(f"no {split} answer holds a whole block ({config.block_size + 1} answer tokens): "
+                              "raise --max-new-tokens or choose other prompts")
     vocab = None
-    if config.draft_vocab_size:
-        source = out_dir if resuming else init_dir and Path(init_dir)
+    if saved is not None and saved["draft_vocab"] is not None:
+        vocab = saved["draft_vocab"]
+    elif config.draft_vocab_size:
+        source = out_dir if saved is not None else init_dir and Path(init_dir)  # a run saved before vocabularies lived in its state
         vocab = (load_file(str(source / DRAFT_VOCAB_FILE))["token_ids"] if source is not None
                  else draft_vocabulary(train, config.vocab_size, config.draft_vocab_size))
     init = load_file(str(Path(init_dir) / "model.safetensors")) if init_dir is not None else None
-    if init is not None and config.qk_norm and not init_config.qk_norm and not resuming:
+    if init is not None and config.qk_norm and not init_config.qk_norm and saved is None:
         init = {**init, **_fitted_qk_norms(target, Path(init_dir), train, cfg)}
     result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init,
-                           layers_from_target=layers_from_target)
+                           layers_from_target=layers_from_target, run=run)
     if init_dir is not None:
         result["initialised_from"] = Path(init_dir).name
     drafter = result.pop("drafter")
@@ -172,6 +183,26 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     save_drafter(drafter, out_dir, dtype=export_dtype)
     (out_dir / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _check_resume(out_dir: Path, saved: dict, config, run: dict) -> None:
+    """TrainSetupError unless this command continues the run saved in ``out_dir``: the same drafter
+    configuration, schedule options and data (a resume with others would silently mix two runs)."""
+    if saved["config"] != config.to_json():
+        old, new = json.loads(saved["config"]), json.loads(config.to_json())
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise TrainSetupError(f"--out {out_dir} holds a run of another drafter ({old.get('kind')} for "
+                              f"{old.get('target')!r}; differs in {', '.join(changed)}): resume it with its own "
+                              "options, or choose another --out")
+    if saved["run"] is not None and saved["run"] != run:
+        changed = [k for k in run["train"] if saved["run"]["train"].get(k) != run["train"][k]]
+        if saved["run"]["data"] != run["data"]:
+            changed.append("the training prompts and answers")
+        details = "; ".join(f"{k}: {saved['run']['train'][k]} then, {run['train'][k]} now" for k in changed
+                            if k in run["train"])
+        raise TrainSetupError(f"--out {out_dir} holds a run with other {', '.join(changed)}"
+                              f"{' (' + details + ')' if details else ''}: resume it with its own options, "
+                              "or choose another --out")
 
 
 def _fitted_qk_norms(target, init_dir: Path, train: list[Sequence], cfg: TrainConfig,
@@ -203,6 +234,9 @@ def recalibrate(drafter_dir: Path, calib_data: SplitData, cfg: TrainConfig | Non
     stored = load_file(str(drafter_dir / "model.safetensors"))
     dtype = next(v.dtype for v in stored.values() if v.is_floating_point())
     calib = dataset(config.target, calib_data, config.tap_layers)
+    if not usable(calib, config.block_size):
+        raise TrainSetupError(f"no calib answer holds a whole block ({config.block_size + 1} answer tokens): "
+                              "raise --max-new-tokens or choose other prompts")
     result = calibrate_confidence(drafter, calib, drafter_dir, cfg or TrainConfig())
     save_drafter(drafter, drafter_dir, dtype=dtype)
     summary = drafter_dir / "train_result.json"

@@ -28,6 +28,23 @@ from training.layer_init import init_layers_from_target
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 
 STATE_FILE = "training_state.pt"
+RUN_MARKER = ".dspark-train"  # in every --out a run wrote: a directory train may write into (and resume)
+
+
+def run_record(cfg: TrainConfig, data: list) -> dict:
+    """What makes a resumed run the same run: the options that set its schedule and batches, and its data."""
+    fields = ("steps", "batch_size", "anchors", "lr", "weight_decay", "warmup", "max_len", "max_minutes", "seed", "loss")
+    return {"train": {f: repr(getattr(cfg, f)) for f in fields}, "data": [repr(d) for d in data]}
+
+
+def saved_run(out_dir: Path) -> dict | None:
+    """The drafter configuration (JSON), run record and draft vocabulary of the run saved in
+    ``out_dir``; None when it holds none."""
+    state_file = Path(out_dir) / STATE_FILE
+    if not state_file.exists():
+        return None
+    saved = torch.load(state_file, weights_only=False, mmap=True)
+    return {"config": saved["config"], "run": saved.get("run"), "draft_vocab": saved.get("draft_vocab")}
 
 
 @dataclass
@@ -209,14 +226,18 @@ def heldout_batches(heldout: list[Sequence], cfg: TrainConfig, block: int) -> li
 def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequence], out_dir: Path,
                   cfg: TrainConfig, draft_vocab: torch.Tensor | None = None, heldout: list[Sequence] | None = None,
                   resume: bool = True, progress: bool = True, init: dict[str, torch.Tensor] | None = None,
-                  layers_from_target: bool = False) -> dict:
+                  layers_from_target: bool = False, run: dict | None = None) -> dict:
     """Train (or resume) a drafter inside ``draft_vocab`` (None: the full vocabulary); returns the final
     figures and the drafter. ``out_dir`` holds the drafter (model.safetensors, config.json) and
     training_state.pt (weights, optimizer, data RNG, step, training time, history). A new run starts
     from ``init`` (a state dict of the same configuration) when given, else from random weights, with
-    the layers copied from the target's top layers when ``layers_from_target``."""
+    the layers copied from the target's top layers when ``layers_from_target``. ``run`` (what defines the
+    run beyond the drafter's shape: `run_record`) is kept in the state, so a resume can be checked
+    against it (`saved_run`). The state is written before the drafter files, so a run killed at any
+    point resumes from its last complete state."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_MARKER).touch()
     if cfg.steps is None and not cfg.max_minutes:
         raise ValueError("an unbounded run needs max_minutes")
     torch.manual_seed(cfg.seed)
@@ -243,12 +264,12 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
         step, elapsed, history, evals = saved["step"], saved["elapsed"], saved["history"], saved["evals"]
 
     def checkpoint() -> None:
-        save_drafter(drafter, out_dir)
         tmp = state_file.with_suffix(".tmp")
-        torch.save({"config": config.to_json(), "model": drafter.state_dict(), "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(), "step": step, "elapsed": elapsed, "history": history,
-                    "evals": evals}, tmp)
+        torch.save({"config": config.to_json(), "run": run, "draft_vocab": draft_vocab, "model": drafter.state_dict(),
+                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "elapsed": elapsed,
+                    "history": history, "evals": evals}, tmp)
         tmp.replace(state_file)
+        save_drafter(drafter, out_dir)
 
     block = config.block_size
     train = [s.to(cfg.device) for s in usable(train, block)]
