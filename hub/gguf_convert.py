@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderField
 from gguf.quants import dequantize
-from safetensors.torch import save_file
 
 from hub.progress import bar
+from models.loading import save_safetensors
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -196,7 +196,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", progres
     config = read_config(reader)
     config["dtype"] = dtype
     tensors = dequantized_tensors(reader, config, getattr(torch, dtype), progress)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     del tensors
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {

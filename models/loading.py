@@ -1,15 +1,32 @@
-"""Load a Hugging Face format directory (config.json + safetensors) into `Transformer`."""
+"""Load a Hugging Face format directory (config.json + safetensors) into `Transformer`; save safetensors files."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from models.config import TransformerConfig, eos_token_ids
 from models.transformer import Transformer
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whole or not at all (beside it, then renamed), with the mode any new file
+    gets here (safetensors alone leaves 0600, and a rewrite would narrow a shipped file's mode)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

@@ -352,3 +352,22 @@ def test_qk_norm_makes_attention_independent_of_the_query_and_key_scale(target, 
     assert not old.config.qk_norm and not any("q_norm" in name for name in old.state_dict())
     save_drafter(old, tmp_path)
     assert not load_drafter(tmp_path, target).config.qk_norm
+
+
+def test_saved_drafter_files_get_the_usual_mode_and_a_rewrite_keeps_it(target, tmp_path) -> None:
+    """Weights are readable as any new file here (safetensors alone writes 0600), and rewriting a
+    drafter in place (as calibrate does) leaves no narrower mode and no temporary file."""
+    import os
+
+    drafter = build_drafter(default_config("dspark", target, num_layers=1, intermediate_size=32, markov_rank=4), target)
+    drafter.set_draft_vocab(torch.arange(2, 40))
+    old = os.umask(0o022)
+    try:
+        save_drafter(drafter, tmp_path)
+        save_drafter(drafter, tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "draft_vocab.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "draft_vocab.safetensors", "model.safetensors"]
+    assert load_drafter(tmp_path, target).draft_vocab.tolist() == list(range(2, 40))

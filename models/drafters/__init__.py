@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from models.drafters.common import DraftBlock, DrafterConfig, DrafterState, SampleFn, greedy_sample
 from models.drafters.dflash import DFlashDrafter
 from models.drafters.dspark import BlockDrafter, DSparkDrafter
 from models.drafters.eagle3 import Eagle3Drafter
+from models.loading import save_safetensors
 from models.transformer import Transformer
 
 Drafter = BlockDrafter | Eagle3Drafter
@@ -72,11 +73,11 @@ def save_drafter(drafter: nn.Module, directory: str | Path, dtype: torch.dtype |
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
              for k, v in drafter.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
+    save_safetensors(state, directory / "model.safetensors")
     (directory / "config.json").write_text(drafter.config.to_json() + "\n")
     vocab_file = directory / DRAFT_VOCAB_FILE
     if drafter.draft_vocab is not None:
-        save_file({"token_ids": drafter.draft_vocab.contiguous()}, str(vocab_file))
+        save_safetensors({"token_ids": drafter.draft_vocab.contiguous()}, vocab_file)
     elif vocab_file.exists():
         vocab_file.unlink()
 
