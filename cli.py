@@ -31,13 +31,14 @@ class _Cli(click.Group):
     their message, not a traceback."""
 
     def invoke(self, ctx: click.Context):
+        from export.tensorrt_engine import TensorRTUnavailableError
         from hub.fetch import UnknownModelError
         from models.drafters import DrafterMismatchError
         from serving.triton_launcher import TritonLaunchError
 
         try:
             return super().invoke(ctx)
-        except (TritonLaunchError, UnknownModelError, DrafterMismatchError) as exc:
+        except (TritonLaunchError, UnknownModelError, DrafterMismatchError, TensorRTUnavailableError) as exc:
             raise click.ClickException(str(exc)) from None
 
 
@@ -776,12 +777,13 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     """Greedy tokens/s and tokens per round: AR vs each drafter and draft length, in one run."""
     import torch
 
-    from benchmarks.spec_decode import format_table, needs_step_cost, parse_configs, run_spec_decode_benchmark, summarize
+    from benchmarks.spec_decode import (checkpoint_of, format_table, needs_step_cost, parse_configs,
+                                        run_spec_decode_benchmark, summarize)
     from hub.fetch import cache_dir, fetch_model
     from models.drafters import DrafterConfig
     from models.hardware import cpu_flags, resolve_dtype
     from orchestrator.draft_vocab import cached_draft_vocab
-    from orchestrator.drafting import ModelDrafter, split_lookup_first
+    from orchestrator.drafting import ModelDrafter, check_drafter_fits
     from orchestrator.prompting import PromptEncoder
     from orchestrator.step_cost import load_or_measure, profile_path
     from runtimes.loading import load_runner
@@ -791,10 +793,12 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     prompt_texts = _prompt_set(prompts)  # a bad set fails before the model loads
     dtype = "float32" if runtime == "onnxruntime" else resolve_dtype(dtype)
     target_dir = fetch_model(target)
-    checkpoints = [split_lookup_first(spec[len("checkpoint="):].rpartition(":")[0])[0]
-                   for spec in configs if spec.startswith("checkpoint=")]
+    try:  # a mistyped column fails before any model loads
+        checkpoints = [d for d in map(checkpoint_of, configs) if d is not None]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config") from None
     taps = sorted({t for directory in checkpoints  # a graph outputs what drafters read
-                   for t in DrafterConfig.from_json((Path(directory) / "config.json").read_text()).tap_layers})
+                   for t in DrafterConfig.from_json((directory / "config.json").read_text()).tap_layers})
     model = load_runner(target_dir, runtime, dtype, tap_layers=taps, num_threads=threads, device=device)
     encoder = PromptEncoder.from_model_dir(target_dir, max_prompt_tokens=1024)
     prompt_ids = [encoder.encode(p, apply_chat_template=not raw) for p in prompt_texts]
@@ -808,6 +812,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     def model_drafter(name: str):
         drafter_dir = fetch_model(name)
         drafter = load_runner(drafter_dir, "torch", dtype, device=device)
+        check_drafter_fits(name, drafter.config, target, model.config)
         vocab = cached_draft_vocab(cache_dir(), drafter_dir, drafter.config.vocab_size,
                                    always=drafter.config.eos_token_ids)
         return ModelDrafter(drafter, 1, 2048, vocab)
@@ -870,6 +875,9 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
     from benchmarks.runtimes import format_runtimes_table, run_runtimes_benchmark
     from hub.fetch import fetch_model
 
+    if len(set(runtimes)) != len(runtimes):
+        raise click.BadParameter("give each runtime once", param_hint="--runtime")
+
     prompt_list = _prompt_set(prompts)
     result = run_runtimes_benchmark(fetch_model(model), list(runtimes or ("torch", "onnxruntime")), dtype,
                                     prompt_list, new_tokens, threads, device)
@@ -885,8 +893,8 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
 @click.option("--runtime", "runtimes", multiple=True,
               help="RUNTIME[/DTYPE], repeatable; the first is the reference (default: torch/auto, onnxruntime/float32).")
 @click.option("--context", "contexts", default="128,512,1024,2048", show_default=True, help="Comma-separated context lengths.")
-@click.option("--batch", default=16, show_default=True, help="Requests in every step.")
-@click.option("--verify-tokens", default=8, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Requests in every step.")
+@click.option("--verify-tokens", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @_device_option("Where the torch runtime runs (cpu, cuda).")
@@ -900,17 +908,21 @@ def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: s
     from hub.fetch import default_drafter, fetch_model
     from models.hardware import cpu_flags, resolve_dtype
 
+    context_list = _positive_ints("--context", contexts, largest=8192)
+    pairs = [(spec.partition("/")[0], spec.partition("/")[2] or ("float32" if spec.startswith("onnx") else "auto"))
+             for spec in (runtimes or ("torch/auto", "onnxruntime/float32"))]
+    for spec, (rt, dt) in zip(runtimes, pairs):
+        if rt not in ("torch", "onnxruntime", "tensorrt") or dt not in ("auto", "float32", "float16", "bfloat16"):
+            raise click.BadParameter(f"{spec!r}: expected RUNTIME[/DTYPE], RUNTIME one of torch, onnxruntime, tensorrt "
+                                     "and DTYPE one of auto, float32, float16, bfloat16", param_hint="--runtime")
     model_dir = fetch_model(model)
     setting = default_drafter(model_dir) if drafter == "auto" else drafter
     checkpoint = drafter_checkpoint(setting) or Path(setting)
     if not (checkpoint / "config.json").is_file():
         raise click.ClickException(f"{setting} is not a trained drafter checkpoint (no config.json): bench steps times "
                                    "a target with its trained drafter; pass --drafter DIR")
-    pairs = [(spec.partition("/")[0], spec.partition("/")[2] or ("float32" if spec.startswith("onnx") else "auto"))
-             for spec in (runtimes or ("torch/auto", "onnxruntime/float32"))]
     result = run_step_time_benchmark(model_dir, checkpoint, [rt for rt, _ in pairs], [resolve_dtype(dt) for _, dt in pairs],
-                                     [int(c) for c in contexts.split(",")], batch, verify_tokens, repeats, threads,
-                                     device)
+                                     context_list, batch, verify_tokens, repeats, threads, device)
     result.update(model=model, drafter=str(checkpoint.name), cpu_flags=cpu_flags())
     click.echo(f"{model} + {checkpoint.name}, cpu: {result['cpu_flags']}")
     click.echo(format_table(result))
@@ -920,13 +932,16 @@ def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: s
 
 @bench.command("acceptance")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True)
-@click.option("--drafter", "drafter_dirs", multiple=True, type=click.Path(exists=True, path_type=Path), required=True,
-              help="Drafter checkpoint directory (repeatable); named by its config's kind.")
-@click.option("--prompts-per-domain", default=6, show_default=True)
+@click.option("--drafter", "drafter_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Drafter checkpoint directory (repeatable); named by its config's kind.")
+@click.option("--prompts-per-domain", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--block", default=7, show_default=True)
-@click.option("--temperature", "temperatures", multiple=True, type=float, default=(0.0, 1.0), show_default=True)
-@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/acceptance"), show_default=True)
+@click.option("--block", type=click.IntRange(min=1), default=7, show_default=True,
+              help="Draft tokens per round, at most each drafter's block size.")
+@click.option("--temperature", "temperatures", multiple=True, type=click.FloatRange(min=0), default=(0.0, 1.0),
+              show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/acceptance"),
+              show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads (default: torch's).")
 @click.option("--prompt-lookup", "lookup_ks", default="2,4,7", show_default=True,
               help="Draft lengths K to try for prompt lookup at T=0 (its best K is reported; empty: skip).")
@@ -938,11 +953,21 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
 
     from benchmarks.acceptance import simulate, simulate_prompt_lookup, write_outputs
     from hub.fetch import fetch_model
-    from models.drafters import load_drafter
+    from models.drafters import DrafterConfig, load_drafter
     from models.loading import load_transformer
     from orchestrator.prompting import PromptEncoder
     from training.sources import domain_prompts
 
+    ks = _positive_ints("--prompt-lookup", lookup_ks) if lookup_ks.strip() else []
+    for path in drafter_dirs:  # every mistake before the long work
+        if not (path / "config.json").is_file():
+            raise click.BadParameter(f"{path} holds no saved drafter (no config.json)", param_hint="--drafter")
+        if block > (size := DrafterConfig.from_json((path / "config.json").read_text()).block_size):
+            raise click.BadParameter(f"{block} is more than {path}'s block of {size}", param_hint="--block")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {out_dir}: {exc.strerror}", param_hint="--out-dir") from None
     if threads:
         torch.set_num_threads(threads)
     model_dir = fetch_model(target)
@@ -962,7 +987,7 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
                 click.echo(f"{name} {domain} T={temp:g}: {r['tokens_per_round']:.2f} tokens/round", err=True)
     for domain, prompts in domains.items():
         by_k = {k: simulate_prompt_lookup(model, prompts, k, new_tokens)["tokens_per_round"]
-                for k in (int(x) for x in lookup_ks.split(",") if x)}
+                for k in ks}
         if by_k:
             best = max(by_k, key=by_k.get)
             results.setdefault("prompt_lookup", {})[f"{domain} T=0"] = {"tokens_per_round": by_k[best], "best_k": best,

@@ -16,6 +16,7 @@ from the drafter's confidences and the target's measured step cost (paper Algori
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from models.transformer import Transformer
 from orchestrator.drafting import (LOOKUP_FIRST_SUFFIX, Drafter, FeatureDrafter, LookupFirstDrafter, PromptLookupDrafter,
                                    split_lookup_first)
 from orchestrator.engine import Engine, EngineConfig
-from orchestrator.policies import SpeculationParams
+from orchestrator.policies import MAX_DRAFT_TOKENS, SpeculationParams
 from orchestrator.sampling import SamplingParams
 from orchestrator.step_cost import StepCostProfile
 from runtimes.loading import load_feature_drafter
@@ -137,16 +138,33 @@ def parse_configs(
     return configs
 
 
+def checkpoint_of(spec: str) -> Path | None:
+    """The drafter directory a 'checkpoint=DIR[+prompt_lookup]:K' column names (None for other forms);
+    ValueError for a column without its draft length or a directory that holds no drafter."""
+    if spec == "off" or spec.startswith("hf_assisted="):
+        return None
+    kind, colon, k = spec.rpartition(":")
+    if not colon or not kind or not k:
+        raise ValueError(f"{spec!r}: expected a draft length after ':' ({CONFIG_FORMS})")
+    if not kind.startswith("checkpoint="):
+        return None
+    directory = Path(split_lookup_first(kind[len("checkpoint="):])[0])
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{spec!r}: {directory} is not a drafter checkpoint (no config.json)")
+    return directory
+
+
 def _speculation(spec: str, k: str, drafter: Drafter) -> SpeculationParams:
     """A constant draft length K, or the dspark mode up to MAX tokens (default: the drafter's block size)."""
     mode, _, limit = k.partition("=")
     if mode != "dspark":
-        if not k.isdigit():
-            raise ValueError(f"{spec!r}: the draft length must be a number or dspark[=MAX] ({CONFIG_FORMS})")
+        if not k.isdigit() or not 1 <= int(k) <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"{spec!r}: the draft length must be a number in 1..{MAX_DRAFT_TOKENS} or dspark[=MAX] "
+                             f"({CONFIG_FORMS})")
         return SpeculationParams("static", int(k))
     if limit:
-        if not limit.isdigit():
-            raise ValueError(f"{spec!r}: MAX in dspark=MAX must be a number")
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"{spec!r}: MAX in dspark=MAX must be a number in 1..{MAX_DRAFT_TOKENS}")
         return SpeculationParams("dspark", int(limit))
     block_size = getattr(drafter, "block_size", None)
     if block_size is None:
@@ -235,12 +253,12 @@ def run_spec_decode_benchmark(
                       step_cost if c.spec.mode == "dspark" else None)
                if isinstance(c, DecodeConfig) else None for c in configs]
     results = [DecodeResult(c.label) for c in configs]
-    warmup = prompts[0][:16]
+    warmup, warmup_tokens = prompts[0][:16], min(8, new_tokens)
     for engine, config in zip(engines, configs):
         if engine is None:
-            _run_hf_assisted(config, warmup, 8)
+            _run_hf_assisted(config, warmup, warmup_tokens)
         else:
-            _run_one(engine, warmup, SamplingParams(max_tokens=8), config.spec)
+            _run_one(engine, warmup, SamplingParams(max_tokens=warmup_tokens), config.spec)
     with torch.inference_mode():
         for p, prompt_ids in enumerate(tqdm(prompts, desc="prompts", unit="prompt", disable=not progress)):
             order = list(range(len(configs)))

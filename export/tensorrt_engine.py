@@ -10,12 +10,16 @@ from pathlib import Path
 import torch
 
 
+class TensorRTUnavailableError(RuntimeError):
+    """TensorRT (or the GPU it needs) is not on this host: the user's fix is another host or runtime."""
+
+
 def import_tensorrt():
     """The tensorrt module, or an error saying how to get it (imported lazily: CPU hosts lack it)."""
     try:
         import tensorrt
     except ImportError as exc:
-        raise RuntimeError(
+        raise TensorRTUnavailableError(
             "the tensorrt runtime needs the TensorRT Python package and an NVIDIA GPU: use the image in "
             "docker/ (nvcr.io/nvidia/tritonserver, with `pip install tensorrt-cu12`), or on CPU hosts the "
             "onnxruntime or torch runtime (`build --runtime`, `export --to onnx`)"

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from export.onnx_export import DTYPES, PAGE_SIZE, io_names, read_metadata
-from export.tensorrt_engine import build_engine, import_tensorrt, trt_profile
+from export.tensorrt_engine import TensorRTUnavailableError, build_engine, import_tensorrt, trt_profile
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
@@ -28,7 +28,7 @@ class TensorRTRunner(_GraphRunner):
                  engine_dir: Path | None = None) -> None:
         trt = import_tensorrt()
         if not torch.cuda.is_available():
-            raise RuntimeError("the tensorrt runtime needs a CUDA GPU; none is visible to torch")
+            raise TensorRTUnavailableError("the tensorrt runtime needs a CUDA GPU; none is visible to torch")
         meta = read_metadata(onnx_path)
         self.config = config
         self.dtype = DTYPES[meta.get("dtype", "float16")]

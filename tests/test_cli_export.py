@@ -70,6 +70,42 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_bench_mistakes_end_with_a_message_before_the_long_work(tmp_path, smollm2_dir: Path) -> None:
+    """Every bench subcommand refuses bad values with the option's name (exit 2) or a one-line error
+    (exit 1), never a traceback; a run shorter than the warm-up works."""
+    shipped = str(cli.PROJECT_ROOT / "models" / "checkpoints" / "smollm2-135m-instruct-dspark")
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["decode", "--config", "checkpoint=/nonexistent:3"], 2, "/nonexistent is not a drafter checkpoint"),
+        (["decode", "--config", f"checkpoint={shipped}"], 2, "expected a draft length after ':'"),
+        (["decode", "--config", "prompt_lookup:100"], 2, "must be a number in 1..16"),
+        (["decode", "--config", f"checkpoint={shipped}:dspark=20"], 2, "MAX in dspark=MAX must be a number in 1..16"),
+        (["acceptance", "--drafter", shipped, "--prompt-lookup", "a"], 2, "--prompt-lookup"),
+        (["acceptance", "--drafter", shipped, "--out-dir", str(tmp_path / "file")], 2, "is a file"),
+        (["acceptance", "--drafter", shipped, "--out-dir", str(tmp_path / "file" / "sub")], 2, "cannot create"),
+        (["acceptance", "--drafter", shipped, "--prompts-per-domain", "0"], 2, "0 is not in the range x>=1"),
+        (["acceptance", "--drafter", shipped, "--block", "50"], 2, "50 is more than"),
+        (["acceptance", "--drafter", str(tmp_path / "file")], 2, "is a file"),
+        (["acceptance", "--drafter", str(tmp_path)], 2, "holds no saved drafter"),
+        (["acceptance", "--drafter", shipped, "--temperature", "-1"], 2, "-1.0 is not in the range x>=0"),
+        (["steps", "--context", "a"], 2, "expected comma-separated whole numbers 1..8192"),
+        (["steps", "--context", "0"], 2, "expected comma-separated whole numbers 1..8192"),
+        (["steps", "--batch", "0"], 2, "0 is not in the range x>=1"),
+        (["steps", "--verify-tokens", "0"], 2, "0 is not in the range x>=1"),
+        (["steps", "--runtime", "bogus"], 2, "expected RUNTIME[/DTYPE]"),
+        (["steps", "--runtime", "torch/float64"], 2, "expected RUNTIME[/DTYPE]"),
+        (["runtimes", "--runtime", "torch", "--runtime", "torch"], 2, "give each runtime once"),
+        (["runtimes", "--runtime", "tensorrt", "--new-tokens", "1"], 1, "needs the TensorRT Python package"),
+    ]
+    for args, code, message in cases:
+        result = CliRunner().invoke(cli.cli, ["bench", *args])
+        assert result.exit_code == code and message in result.output, (args, result.output)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
+    result = CliRunner().invoke(cli.cli, ["bench", "decode", "--new-tokens", "3", "--prompts", "heldout:1",
+                                          "--config", "prompt_lookup:2", "--threads", "1"])
+    assert result.exit_code == 0 and "prompt_lookup:2" in result.output, result.output
+
+
 def test_export_out_replaces_only_an_export_of_its_own(tmp_path, smollm2_dir: Path) -> None:
     """`export --out` over a user's directory (even one holding a model.onnx and a raw/ folder) refuses
     and leaves it as it was; over its own earlier export it writes a fresh one."""
