@@ -157,7 +157,16 @@ def stream_grpc(
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     finished = False
     try:
-        client.async_stream_infer(model, _grpc_inputs(prompt, stop, params), enable_empty_final_response=True)
+        try:
+            client.async_stream_infer(model, _grpc_inputs(prompt, stop, params), enable_empty_final_response=True)
+        except InferenceServerException as exc:  # the stream failed at once (no server): its reason is in the callback
+            try:
+                _, error = responses.get(timeout=5)
+                detail = error.message() if isinstance(error, InferenceServerException) else str(error)
+            except queue.Empty:
+                detail = exc.message()
+            finished = True
+            raise GenerationError(f"no gRPC answer from a Triton server at {url}: {detail}") from None
         while True:
             try:
                 result, error = responses.get(timeout=timeout_s)
@@ -165,7 +174,10 @@ def stream_grpc(
                 raise GenerationError(f"no response within {timeout_s} s") from exc
             if error is not None:
                 finished = True
-                raise GenerationError(error.message() if isinstance(error, InferenceServerException) else str(error))
+                detail = error.message() if isinstance(error, InferenceServerException) else str(error)
+                if "failed to connect" in detail:  # gRPC's words for "nothing listens there"
+                    detail = f"no gRPC answer from a Triton server at {url}: {detail}"
+                raise GenerationError(detail)
             response = result.get_response()
             final = response.parameters.get("triton_final_response")
             if response.outputs:

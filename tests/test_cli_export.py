@@ -54,6 +54,10 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
         assert "Error: unknown model 'nosuch'" in result.output, args
     result = CliRunner().invoke(cli.cli, ["generate", "--protocol", "http", "--url", "localhost:1", "hi"])
     assert result.exit_code == 1 and "no HTTP answer from a Triton server at localhost:1" in result.output
+    for _ in range(5):  # the stream fails either in the call or in its callback: a race, tried a few times
+        result = CliRunner().invoke(cli.cli, ["generate", "--url", "localhost:1", "hi"])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert "Error: no gRPC answer from a Triton server at localhost:1" in result.output, result.output
     for args, message in ((["serve", "--http-port", "70000"], "70000 is not in the range"),
                           (["profile", "--threads", "0"], "expected comma-separated whole numbers >= 1"),
                           (["profile", "--contexts", "100000"], "whole numbers 1..8192"),
