@@ -52,9 +52,11 @@ def load_prompt_set(spec: str) -> list[str]:
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"{spec!r}: the count per domain must be a whole number >= 1")
         return heldout_prompts(int(count), tuple(domain) or HELDOUT_DOMAINS)
-    if (SHIPPED / f"{spec}.jsonl").exists():
+    if "/" not in spec and (SHIPPED / f"{spec}.jsonl").exists():  # a path names its own file, never a shipped set
         return read_prompts(SHIPPED / f"{spec}.jsonl")
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f"prompt set {spec!r} is a directory; expected a .jsonl file")
     if not path.exists():
         raise ValueError(f"prompt set {spec!r} is neither a file, a shipped set {sorted(p.stem for p in SHIPPED.glob('*.jsonl'))} "
                          "nor heldout:[DOMAIN:]N")

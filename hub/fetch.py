@@ -91,6 +91,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSPARK_CACHE_DIR") or Path.home() / ".cache" / "dspark-triton").expanduser()
 
 
+def cache_name(name_or_path: str) -> str:
+    """A file-name component for a model under the cache: a known name as it is, a directory by its base
+    name and a hash of where it lives (an absolute path joined onto the cache would replace it)."""
+    if name_or_path in KNOWN_MODELS:
+        return name_or_path
+    path = Path(name_or_path).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
 def _is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 

@@ -32,3 +32,21 @@ def test_unknown_or_empty_sets_are_refused(tmp_path) -> None:
     (tmp_path / "broken.jsonl").write_text("{oops\n")
     with pytest.raises(ValueError, match="broken.jsonl:1 is not JSON"):
         load_prompt_set(str(tmp_path / "broken.jsonl"))
+
+
+def test_a_path_reads_the_file_it_names_never_a_sibling_or_a_shipped_set(tmp_path) -> None:
+    (tmp_path / "set").write_text(json.dumps({"prompt": "named"}) + "\n")
+    (tmp_path / "set.jsonl").write_text(json.dumps({"prompt": "sibling"}) + "\n")
+    assert load_prompt_set(str(tmp_path / "set")) == ["named"]
+    with pytest.raises(ValueError, match="is a directory"):
+        load_prompt_set(str(tmp_path))
+
+
+def test_a_model_directory_gets_its_own_cache_name_under_the_cache() -> None:
+    """Data and drafters of a target given as a path live under the cache, not in the model's folder."""
+    from hub.fetch import cache_name
+
+    assert cache_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    name = cache_name("/models/my-model")
+    assert name.startswith("my-model-") and "/" not in name
+    assert name != cache_name("/elsewhere/my-model")

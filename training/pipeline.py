@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from hub.fetch import cache_dir, fetch_model
+from hub.fetch import cache_dir, cache_name, fetch_model
 from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from orchestrator.prompting import PromptEncoder
@@ -51,7 +51,7 @@ def data_dir(target_name: str, data: SplitData, tap_layers: tuple[int, ...]) -> 
     a = data.answers
     key = json.dumps([DATA_VERSION, target_name, prompts, list(tap_layers), a.max_new_tokens, list(a.temperatures),
                       a.batch_size, a.seed])
-    return cache_dir() / "drafter-data" / target_name / f"{data.split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return cache_dir() / "drafter-data" / cache_name(target_name) / f"{data.split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], device: str = "cpu",
