@@ -476,10 +476,20 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
         raise click.BadParameter(f"answer temperatures {own or temperatures!r}: expected numbers >= 0, e.g. 0,0.7")
     answers = AnswerSpec(max_new_tokens, temps, generation_batch)
     if prompts_dir is not None:
-        if not (prompts_dir / f"{split}.json").is_file():
+        if per_source != {"train": TRAIN_PROMPTS, "calib": CALIB_PROMPTS}[split]:
+            raise click.BadParameter(f"the prompts come from {prompts_dir}; --{split}-prompts takes only "
+                                     "'@TEMPERATURES' with --prompts-dir", param_hint=f"--{split}-prompts")
+        data = SplitData(split, answers, prompts_file=prompts_dir / f"{split}.json")
+        try:
+            if not data.prompts:
+                raise ValueError("it holds no prompts")
+        except FileNotFoundError:
             raise click.BadParameter(f"{prompts_dir} has no {split}.json (write it with `cli.py prompts --out DIR`)",
-                                     param_hint="--prompts-dir")
-        return SplitData(split, answers, prompts_file=prompts_dir / f"{split}.json")
+                                     param_hint="--prompts-dir") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise click.BadParameter(f"{data.prompts_file} is not a prompt list `cli.py prompts` wrote: {exc}",
+                                     param_hint="--prompts-dir") from None
+        return data
     ranges = _source_ranges(per_source)
     if all(start == stop for start, stop in ranges.values()):
         raise click.BadParameter(f"{per_source!r} selects no prompts", param_hint=f"--{split}-prompts")
@@ -510,7 +520,13 @@ def prompts(train_prompts: str, calib_prompts: str, out: Path) -> None:
         splits = {split: [p.__dict__ for p in build_prompts(split, per_source)] for split, per_source in ranges.items()}
     except RuntimeError as exc:  # a source whose package is missing, said how to install it
         raise click.ClickException(str(exc)) from None
-    out.mkdir(parents=True, exist_ok=True)
+    for split, items in splits.items():
+        if not items:
+            raise click.BadParameter(f"it selects no {split} prompts", param_hint=f"--{split}-prompts")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {out}: {exc.strerror}", param_hint="--out") from None
     for split, items in splits.items():
         (out / f"{split}.json").write_text(json.dumps(items) + "\n")
         click.echo(f"{split}: {len(items)} prompts -> {out / f'{split}.json'}")
@@ -531,17 +547,20 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
     from hub.fetch import fetch_model
     from models.drafters import default_tap_layers
     from models.loading import load_config
-    from training.pipeline import data_dir, dataset
+    from training.pipeline import TrainSetupError, data_dir, dataset
 
     if threads:
         torch.set_num_threads(threads)
     taps = default_tap_layers(load_config(fetch_model(target)).num_layers)
     sets = [_split_data("calib", calib_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)]
     sets += _train_sets(train_prompts, prompts_dir, max_new_tokens, answer_temperatures, generation_batch)
-    for data in sets[:-1]:  # what no other worker holds, then the next set; the waiting comes below
-        dataset(target, data, taps, device, wait=False)
-    for data in sets:
-        seqs = dataset(target, data, taps, device)
+    try:
+        for data in sets[:-1]:  # what no other worker holds, then the next set; the waiting comes below
+            dataset(target, data, taps, device, wait=False)
+        answered = [(data, dataset(target, data, taps, device)) for data in sets]
+    except TrainSetupError as exc:
+        raise click.ClickException(str(exc)) from None
+    for data, seqs in answered:
         answer_tokens = sum(len(s.tokens) - s.prompt_len for s in seqs)
         click.echo(f"{data.split}: {len(seqs)} answers, {answer_tokens} answer tokens in {data_dir(target, data, taps)}")
 

@@ -620,6 +620,40 @@ def test_prompt_and_temperature_specs_are_checked_before_anything_is_written(tmp
     assert result.exit_code == 2 and "selects no prompts" in result.output
 
 
+def test_prompt_files_are_checked_before_any_answer(tmp_path, smollm2_dir) -> None:
+    """`prompts` refuses a selection that gives a split no prompts and an --out it cannot create;
+    train-data refuses a prompts dir whose files are empty, malformed or hold a prompt too long for
+    the target (before answering any), and counts given beside --prompts-dir."""
+    import json
+
+    from click.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    (tmp_path / "file").write_text("x")
+    for args, message in ((["--train-prompts", "stdlib=0:0", "--out", str(tmp_path / "p")], "selects no"),
+                          (["--out", str(tmp_path / "file" / "sub")], "cannot create")):
+        result = runner.invoke(cli.cli, ["prompts", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert not (tmp_path / "p").exists()
+
+    good = [{"domain": "chat", "source": "chat_tmpl", "text": "Say hi."}]
+    for name, train, message in (("empty", [], "holds no prompts"), ("broken", "{oops", "is not a prompt list"),
+                                 ("keys", [{"text": "no domain"}], "is not a prompt list"),
+                                 ("long", [{"domain": "chat", "source": "x", "text": "word " * 5000}],
+                                  "prompt 1 of the train set (x)")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "calib.json").write_text(json.dumps(good))
+        (d / "train.json").write_text(train if isinstance(train, str) else json.dumps(train))
+        result = runner.invoke(cli.cli, ["train-data", "--prompts-dir", str(d), "--max-new-tokens", "4", "--threads", "1"])
+        assert result.exit_code in (1, 2) and message in result.output, (name, result.output)
+        assert isinstance(result.exception, SystemExit), (name, result.exception)
+    result = runner.invoke(cli.cli, ["train-data", "--prompts-dir", str(tmp_path / "long"), "--train-prompts", "stdlib=5"])
+    assert result.exit_code == 2 and "takes only '@TEMPERATURES' with --prompts-dir" in result.output
+
+
 def test_a_directory_that_holds_no_drafter_is_refused_by_name(tmp_path, smollm2_dir) -> None:
     """train --init and calibrate --drafter on a model directory (or an empty one) say so, not KeyError."""
     from click.testing import CliRunner

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from hub.fetch import cache_dir, cache_name, fetch_model
 from models.drafters import DRAFT_VOCAB_FILE, DrafterConfig, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
+from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
 from training.layer_init import check_layers_fit, qk_norm_gains
@@ -67,6 +68,11 @@ def dataset(target_name: str, data: SplitData, tap_layers: tuple[int, ...], devi
                              generate=False)
     target = load_transformer(model_dir, GENERATION_DTYPE).to(device)
     encoder = PromptEncoder.from_model_dir(model_dir, max_prompt_tokens=4096)
+    for i, prompt in enumerate(prompts):  # all of them before any is answered
+        try:
+            encoder.encode(prompt.text, True)
+        except InvalidRequestError as exc:
+            raise TrainSetupError(f"prompt {i + 1} of the {data.split} set ({prompt.source}): {exc}") from None
     seqs = build_dataset(directory, target, lambda text: encoder.encode(text, True), prompts, tap_layers,
                          data.answers, progress=progress, wait=wait)
     # complete when every shard is there, which a wait=False pass may already see: no target load for it again
