@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -277,38 +279,48 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {config.kind}", disable=not progress)
     ema = None
     stop_at = step + cfg.session_steps if cfg.session_steps else None
-    while ((cfg.steps is None or step < cfg.steps) and not (cfg.max_minutes and elapsed >= 60 * cfg.max_minutes)
-           and step != stop_at):
-        started = time.monotonic()
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step, elapsed)
-        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen).tolist()
-        batch = make_batch([train[i] for i in idx], cfg, block, gen).to(cfg.device)
-        with _autocast(cfg):
-            labels, logprobs = block_targets(drafter, batch)
-            logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors)
-        out = drafter_loss(logits.flatten(0, 1), logprobs.flatten(0, 1), labels.flatten(0, 1),
-                           None if conf is None else conf.flatten(0, 1).float(), cfg.loss, batch.weight.flatten())
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        elapsed += time.monotonic() - started
-        ema = out.tau_greedy if ema is None else 0.95 * ema + 0.05 * out.tau_greedy
-        loss = float(out.loss.detach())
-        history.append({"step": step, "loss": loss, "ce": out.ce, "tv": out.tv, "conf": out.confidence,
-                        "tau": out.tau, "tau_greedy": out.tau_greedy, "lr": opt.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{loss:.3f}", tv=f"{out.tv:.3f}", tau0=f"{ema:.2f}")
-        bar.update(1)
-        if eval_batches and step % cfg.eval_every == 0:
-            evals.append({"step": step, "minutes": round(elapsed / 60, 1), **evaluate(drafter, eval_batches, cfg)})
-            bar.write(json.dumps(evals[-1]))
-        if step % cfg.checkpoint_every == 0:
-            checkpoint()
-        del batch, labels, logprobs, logits, conf, out
-        release_free_heap()  # the step's freed activations: their pages stay resident otherwise
+    interrupted: list[int] = []  # Ctrl-C ends the run at the next step boundary, checkpointed, then interrupts
+    handler = (signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+               if threading.current_thread() is threading.main_thread() else None)
+    try:
+        while ((cfg.steps is None or step < cfg.steps) and not (cfg.max_minutes and elapsed >= 60 * cfg.max_minutes)
+               and step != stop_at and not interrupted):
+            started = time.monotonic()
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step, elapsed)
+            idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen).tolist()
+            batch = make_batch([train[i] for i in idx], cfg, block, gen).to(cfg.device)
+            with _autocast(cfg):
+                labels, logprobs = block_targets(drafter, batch)
+                logits, conf = drafter.train_forward(batch.features, batch.tokens, batch.anchors)
+            out = drafter_loss(logits.flatten(0, 1), logprobs.flatten(0, 1), labels.flatten(0, 1),
+                               None if conf is None else conf.flatten(0, 1).float(), cfg.loss, batch.weight.flatten())
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            elapsed += time.monotonic() - started
+            ema = out.tau_greedy if ema is None else 0.95 * ema + 0.05 * out.tau_greedy
+            loss = float(out.loss.detach())
+            history.append({"step": step, "loss": loss, "ce": out.ce, "tv": out.tv, "conf": out.confidence,
+                            "tau": out.tau, "tau_greedy": out.tau_greedy, "lr": opt.param_groups[0]["lr"]})
+            budget = {"minutes": f"{elapsed / 60:.1f}/{cfg.max_minutes:g}"} if cfg.max_minutes else {}
+            bar.set_postfix(loss=f"{loss:.3f}", tv=f"{out.tv:.3f}", tau0=f"{ema:.2f}", **budget)
+            bar.update(1)
+            if eval_batches and step % cfg.eval_every == 0:
+                evals.append({"step": step, "minutes": round(elapsed / 60, 1), **evaluate(drafter, eval_batches, cfg)})
+                bar.write(json.dumps(evals[-1]))
+            if step % cfg.checkpoint_every == 0:
+                checkpoint()
+            del batch, labels, logprobs, logits, conf, out
+            release_free_heap()  # the step's freed activations: their pages stay resident otherwise
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
     checkpoint()
+    if interrupted:
+        raise KeyboardInterrupt
     bar.close()
     drafter.eval()
     return {"steps": step, "minutes": round(elapsed / 60, 1), "loss_weights": asdict(cfg.loss),
