@@ -667,6 +667,13 @@ def test_prompt_files_are_checked_before_any_answer(tmp_path, smollm2_dir) -> No
     result = runner.invoke(cli.cli, ["train-data", "--prompts-dir", str(tmp_path / "long"), "--train-prompts", "stdlib=5"])
     assert result.exit_code == 2 and "takes only '@TEMPERATURES' with --prompts-dir" in result.output
 
+    import shutil  # answers shorter than a block give calibration nothing to fit
+
+    shutil.copytree(PROJECT_ROOT / "models" / "checkpoints" / "smollm2-135m-instruct-dspark", tmp_path / "drafter")
+    result = runner.invoke(cli.cli, ["calibrate", "--drafter", str(tmp_path / "drafter"), "--calib-prompts",
+                                     "chat_tmpl=2", "--max-new-tokens", "4", "--threads", "1"])
+    assert result.exit_code == 1 and "no calib answer holds a whole block (8 answer tokens)" in result.output
+
 
 def test_a_directory_that_holds_no_drafter_is_refused_by_name(tmp_path, smollm2_dir) -> None:
     """train --init and calibrate --drafter on a model directory (or an empty one) say so, not KeyError."""
