@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
 from models.transformer import Transformer
 from runtimes.loading import load_runner
@@ -117,7 +118,7 @@ def run_ar_decode_benchmark(
         greedy_transformers(hf, encoded[0], warm, pad_id)
 
         rows = []
-        for i, (text, ids) in enumerate(zip(prompts, encoded)):
+        for i, (text, ids) in enumerate(tqdm(list(zip(prompts, encoded)), desc="prompts", unit="prompt")):
             if i % 2 == 0:
                 ours_tokens, ours_s = greedy_ours(ours, ids, new_tokens, suppress)
                 hf_tokens, hf_s = greedy_transformers(hf, ids, new_tokens, pad_id)

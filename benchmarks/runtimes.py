@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.ar_decode import _eos_ids, _num_threads, encode_prompts, greedy_ours
 from runtimes.loading import load_runner
@@ -32,7 +33,7 @@ def run_runtimes_benchmark(model_dir: Path, runtimes: Sequence[str], dtype: str,
             greedy_ours(runner, encoded[0], min(new_tokens, 8), suppress)
         seconds = {rt: 0.0 for rt in runtimes}
         rows = []
-        for i, (text, ids) in enumerate(zip(prompts, encoded)):
+        for i, (text, ids) in enumerate(tqdm(list(zip(prompts, encoded)), desc="prompts", unit="prompt")):
             order = list(runtimes[i % len(runtimes):]) + list(runtimes[:i % len(runtimes)])
             tokens, row = {}, {"prompt": text, "prompt_tokens": len(ids)}
             for rt in order:

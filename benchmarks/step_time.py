@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.ar_decode import _num_threads
 from models.drafters.common import DrafterConfig, greedy_sample
@@ -60,7 +61,7 @@ def run_step_time_benchmark(model_dir: Path, checkpoint: Path, runtimes: Sequenc
             hidden_size = target.config.hidden_size
             setups[label] = (target, drafter, cache, slots, state, hidden_size)
         gen = torch.Generator().manual_seed(0)
-        for context in contexts:
+        for context in tqdm(contexts, desc="contexts", unit="context"):
             times = {(phase, label): [] for phase in PHASES for label in labels}
             for _ in range(repeats):
                 for label in labels:
