@@ -172,7 +172,7 @@ def _default_pid_file() -> Path:
                    "the server at start.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
               help="Target dtype (default: the repository's setting, auto = bf16 where the CPU computes it natively).")
-@click.option("--openai-port", type=int, default=None,
+@click.option("--openai-port", type=_PORT, default=None,
               help="Also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) on this port.")
 def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, detach: bool, pid_file: Path | None,
           model_repository: Path | None, drafter: str | None, dtype: str | None, openai_port: int | None) -> None:
@@ -199,9 +199,11 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
         try:
             frontend = start_frontend(server.url_grpc, fetch_model(model), _served_name(model), openai_port,
                                       cache_dir() / "triton" / f"openai-{openai_port}.log")
-        except RuntimeError as exc:
+        except BaseException as exc:  # nothing of this command may be left running
             server.stop()
-            raise click.ClickException(str(exc)) from exc
+            if isinstance(exc, RuntimeError):
+                raise click.ClickException(str(exc)) from exc
+            raise
         pid_file_for(pid_file).write_text(str(frontend.pid))
         click.echo(f"OpenAI API ready: http://127.0.0.1:{openai_port}/v1  model {_served_name(model)!r}  "
                    f"(pid {frontend.pid})")
@@ -231,12 +233,15 @@ def stop(pid_file: Path | None) -> None:
     from serving.triton_launcher import stop_from_pid_file
 
     pid_file = pid_file or _default_pid_file()
-    stop_recorded(pid_file_for(pid_file))
+    frontend_stopped = stop_recorded(pid_file_for(pid_file))
     stopped = stop_from_pid_file(pid_file)
     if not stopped and pid_file.exists():  # it names a live process of another program
         raise click.ClickException(f"{pid_file} records a live process that is not a Triton server: left as it is "
                                    "(if it is a stale record of a server of ours, delete it)")
-    click.echo("stopped" if stopped else "no server was running")
+    if not stopped and frontend_stopped:
+        click.echo("stopped the OpenAI-compatible frontend (its Triton server was no longer running)")
+    else:
+        click.echo("stopped" if stopped else "no server was running")
 
 
 def _sampling_options(func):
@@ -1035,7 +1040,7 @@ def bench_acceptance(target: str, drafter_dirs: tuple[Path, ...], prompts_per_do
 @click.option("--prompts", default="code", show_default=True, help=PROMPTS_HELP)
 @click.option("--openai-url", default=None,
               help="Also drive this OpenAI-compatible frontend (e.g. http://localhost:9000/v1), cells named policy@openai.")
-@click.option("--openai-port", type=int, default=None,
+@click.option("--openai-port", type=_PORT, default=None,
               help="With --start-server: start the OpenAI frontend on this port and drive it too.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("runs/loadtest"), show_default=True)
 def loadtest(url: str | None, start_server: bool, model: str, http_port: int, grpc_port: int, metrics_port: int,

@@ -59,6 +59,8 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
         assert "Error: no gRPC answer from a Triton server at localhost:1" in result.output, result.output
     for args, message in ((["serve", "--http-port", "70000"], "70000 is not in the range"),
+                          (["serve", "--openai-port", "70000"], "70000 is not in the range"),
+                          (["loadtest", "--start-server", "--openai-port", "0"], "0 is not in the range"),
                           (["profile", "--threads", "0"], "expected comma-separated whole numbers >= 1"),
                           (["profile", "--contexts", "100000"], "whole numbers 1..8192"),
                           (["bench", "decode", "--new-tokens", "0"], "0 is not in the range x>=1"),

@@ -170,6 +170,21 @@ def test_stop_leaves_a_pid_file_that_records_another_live_program(tmp_path: Path
         other.wait()
 
 
+def test_stop_says_it_stopped_a_frontend_whose_server_was_gone(tmp_path: Path) -> None:
+    import sys
+
+    import cli
+
+    frontend = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "serving.openai_frontend"])
+    try:
+        (tmp_path / "server.pid.openai").write_text(f"{frontend.pid}\n")
+        result = CliRunner().invoke(cli.cli, ["stop", "--pid-file", str(tmp_path / "server.pid")])
+        assert result.exit_code == 0 and "stopped the OpenAI-compatible frontend" in result.output, result.output
+        assert frontend.wait(timeout=10) is not None
+    finally:
+        frontend.kill()
+
+
 def test_backend_dir_is_not_rewritten_when_unchanged(tmp_path: Path) -> None:
     target = prepare_backend_dir(tmp_path / "backends")
     lib = target / "python" / "libtriton_python.so"
