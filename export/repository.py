@@ -112,7 +112,8 @@ def resolve_drafter(setting: str, model_dir: Path) -> tuple[str, bool]:
     return base, lookup_first and base not in ("none", "prompt_lookup")
 
 
-DRAFTER_SETTINGS = "auto | none | prompt_lookup | model:<name or dir> | checkpoint:<dir>, the last three may end in +prompt_lookup"
+DRAFTER_SETTINGS = ("auto | none | prompt_lookup | model:<name or dir> | checkpoint:<dir>; auto, model: and checkpoint: "
+                    "may end in +prompt_lookup")
 
 
 def check_drafter_setting(setting: str, model_dir: Path) -> tuple[str, bool]:
