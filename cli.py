@@ -1100,19 +1100,29 @@ def loadtest(url: str | None, start_server: bool, model: str, http_port: int, gr
 def _require_server(url: str) -> None:
     """Refuse a load test against a gRPC address where no ready Triton answers (every request would fail),
     or that is not on this machine (refused before any connection)."""
-    import tritonclient.grpc as grpcclient
-
     from clients.loadgen import check_loopback
 
     try:
         check_loopback(url)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    _require_ready(url, "grpc", "pass --start-server")
+
+
+def _require_ready(url: str, protocol: str, alternative: str = "") -> None:
+    """ClickException unless a ready Triton answers ``protocol`` ("grpc" | "http") at ``url``."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
     try:
-        ready = grpcclient.InferenceServerClient(url).is_server_ready(client_timeout=5)
-    except Exception as exc:  # refused, unreachable, not gRPC, malformed address
-        raise click.ClickException(f"no Triton server answers gRPC at {url} ({str(exc).splitlines()[0]}): start one "
-                                   "(`cli.py serve --detach`), point --url at it, or pass --start-server") from None
+        if protocol == "grpc":
+            ready = grpcclient.InferenceServerClient(url).is_server_ready(client_timeout=5)
+        else:
+            ready = httpclient.InferenceServerClient(url, connection_timeout=5).is_server_ready()
+    except Exception as exc:  # refused, unreachable, another protocol, malformed address
+        raise click.ClickException(f"no Triton server answers {'gRPC' if protocol == 'grpc' else 'HTTP'} at {url} ({str(exc).splitlines()[0]}): "
+                                   f"start one (`cli.py serve --detach`), point --url at it"
+                                   f"{', or ' + alternative if alternative else ''}") from None
     if not ready:
         raise click.ClickException(f"the Triton server at {url} is not ready yet")
 
@@ -1164,6 +1174,7 @@ def genai_perf_cmd(url: str | None, backend: str, model: str, input_tokens: int,
     from hub.fetch import fetch_model
 
     url = url or ("localhost:8000" if backend == "generate" else "localhost:8001")
+    _require_ready(url, "http" if backend == "generate" else "grpc")
     out_dir = out_dir.resolve()
     try:
         result = run_genai_perf(url, backend, fetch_model(model), out_dir / backend, input_tokens=input_tokens,
