@@ -60,12 +60,20 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# The engine names the native input it refuses first in its message; the client sent the OpenAI field.
+_OPENAI_FIELDS = {**{name: name for name in INPUT_DTYPES}, "text_input": "prompt", "input_ids": "messages"}
+
+
 def error_from_triton(message: str) -> OpenAIError:
-    """The engine says "internal error" for its own faults; everything else it refuses is the client's input."""
+    """The engine says "internal error" for its own faults; everything else it refuses is the client's input,
+    named by the OpenAI field it came from where the message starts with the native one."""
     if message.startswith("internal error"):
         return OpenAIError(500, message)
     if "shutting down" in message:
         return OpenAIError(503, message)
+    native = message.split(" ", 1)[0]
+    if (field := _OPENAI_FIELDS.get(native)) is not None:
+        return OpenAIError(400, field + message[len(native):], param=field)
     return OpenAIError(400, message)
 
 
@@ -211,7 +219,8 @@ class EngineStream:
             result, error = await self._call.__anext__()
         except Exception as exc:  # the connection, not the request: Triton went away or never answered
             self._finished = True
-            raise OpenAIError(503, f"Triton stream failed: {exc}") from exc
+            detail = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+            raise OpenAIError(503, f"the Triton server behind this API is unavailable: {detail}") from exc
         if error is not None:
             self._finished = True
             raise error_from_triton(error.message() if isinstance(error, InferenceServerException) else str(error))

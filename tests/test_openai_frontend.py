@@ -122,6 +122,35 @@ def test_malformed_requests_get_openai_errors(openai_url):
     assert status == 400 and body["error"]["message"] == "messages: Field required"
     status, body = post("/embeddings", b"{}")
     assert status == 404 and body["error"]["type"] == "invalid_request_error"
+    # what the engine refuses is named by the OpenAI field the client sent, not the native input
+    status, body = post("/completions", json.dumps({"model": DEFAULT_MODEL, "prompt": ""}).encode())
+    assert status == 400 and body["error"]["message"] == "prompt is empty" and body["error"]["param"] == "prompt"
+    status, body = post("/completions", json.dumps({"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 10**5}).encode())
+    assert status == 400 and body["error"]["message"].startswith("max_tokens must be") and body["error"]["param"] == "max_tokens"
+
+
+def test_triton_gone_is_a_503_that_says_so(tmp_path) -> None:
+    """A frontend whose Triton does not answer gives 503 with a sentence, not a gRPC object's dump."""
+    import json
+    import urllib.error
+
+    from hub.fetch import fetch_model
+    from serving.openai_frontend import start_frontend
+
+    frontend = start_frontend("127.0.0.1:1", fetch_model(DEFAULT_MODEL), DEFAULT_MODEL, 19871, tmp_path / "f.log")
+    try:
+        body = json.dumps({"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+        request = urllib.request.Request("http://127.0.0.1:19871/v1/completions", data=body,
+                                         headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=60)
+        error = json.loads(info.value.read())["error"]
+        assert info.value.code == 503 and error["type"] == "service_unavailable"
+        assert error["message"].startswith("the Triton server behind this API is unavailable: ")
+        assert "AioRpcError" not in error["message"] and "<" not in error["message"]
+    finally:
+        frontend.terminate()
+        frontend.wait(30)
 
 
 def test_client_leaving_mid_stream_cancels_the_request_on_triton(client, triton):
