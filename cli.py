@@ -286,7 +286,9 @@ def _stream_to_terminal(protocol: str, url: str, prompt: str, stop_strings, raw:
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--url", default=None, help="host:port (default: localhost gRPC 8001 / HTTP 8000).")
+@click.option("--url", default=None,
+              help="host:port, or for --protocol http also a URL such as http://host:port (default: localhost gRPC "
+                   "8001 / HTTP 8000).")
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
 @_sampling_options
 def generate(prompt: str, url: str | None, protocol: str, stop_strings, raw: bool, **params) -> None:

@@ -210,6 +210,11 @@ def _chunk_from_json(data: dict[str, Any]) -> GenerationChunk:
     )
 
 
+def http_base(url: str) -> str:
+    """'host:port' or a URL with its scheme ('http://host:port/', 'https://...') -> the base to join paths to."""
+    return url.rstrip("/") if url.startswith(("http://", "https://")) else f"http://{url}"
+
+
 def stream_http(
     url: str,
     prompt: str,
@@ -219,7 +224,7 @@ def stream_http(
     **params: Any,
 ) -> Iterator[GenerationChunk]:
     """Streams chunks from `generate_stream` (server-sent events)."""
-    endpoint = f"http://{url}/v2/models/{model}/generate_stream"
+    endpoint = f"{http_base(url)}/v2/models/{model}/generate_stream"
     with requests.post(endpoint, json=_http_payload(prompt, stop, params, True), stream=True, timeout=timeout_s) as r:
         if r.status_code != 200:
             raise GenerationError(_http_error(r))
@@ -237,7 +242,7 @@ def generate_http(
     **params: Any,
 ) -> GenerationResult:
     """One request, one answer, through `generate`."""
-    endpoint = f"http://{url}/v2/models/{model}/generate"
+    endpoint = f"{http_base(url)}/v2/models/{model}/generate"
     r = requests.post(endpoint, json=_http_payload(prompt, stop, params, False), timeout=timeout_s)
     if r.status_code != 200:
         raise GenerationError(_http_error(r))

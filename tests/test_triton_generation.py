@@ -89,7 +89,7 @@ def test_http_generate_and_stream_match_grpc(triton, model):
     reference = collect(stream_grpc(triton.grpc, prompt, max_tokens=16))
     grpc_result = collect(stream_grpc(triton.grpc, prompt, model=model, max_tokens=16))
     http_result = generate_http(triton.http, prompt, model=model, max_tokens=16)
-    sse_result = collect(stream_http(triton.http, prompt, model=model, max_tokens=16))
+    sse_result = collect(stream_http(f"http://{triton.http}/", prompt, model=model, max_tokens=16))  # a URL too
     assert http_result.text == grpc_result.text == sse_result.text == reference.text
     assert http_result.token_ids == grpc_result.token_ids == reference.token_ids
     assert reference.text.strip()
