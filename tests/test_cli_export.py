@@ -110,7 +110,7 @@ def test_bench_mistakes_end_with_a_message_before_the_long_work(tmp_path, smollm
         result = CliRunner().invoke(cli.cli, ["bench", *args])
         assert result.exit_code == code and message in result.output, (args, result.output)
         assert isinstance(result.exception, SystemExit), (args, result.exception)
-    result = CliRunner().invoke(cli.cli, ["bench", "decode", "--new-tokens", "3", "--prompts", "heldout:1",
+    result = CliRunner().invoke(cli.cli, ["bench", "decode", "--new-tokens", "3", "--prompts", "code",
                                           "--config", "prompt_lookup:2", "--threads", "1"])
     assert result.exit_code == 0 and "prompt_lookup:2" in result.output, result.output
 

@@ -647,8 +647,8 @@ def test_prompt_files_are_checked_before_any_answer(tmp_path, smollm2_dir) -> No
     runner = CliRunner()
     (tmp_path / "file").write_text("x")
     for args, message in ((["--train-prompts", "stdlib=0:0", "--out", str(tmp_path / "p")], "selects no"),
-                          (["--out", str(tmp_path / "file" / "sub")], "cannot create")):
-        result = runner.invoke(cli.cli, ["prompts", *args])
+                          (["--train-prompts", "chat_tmpl=2", "--out", str(tmp_path / "file" / "sub")], "cannot create")):
+        result = runner.invoke(cli.cli, ["prompts", "--calib-prompts", "chat_tmpl=2", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     assert not (tmp_path / "p").exists()
 
