@@ -483,7 +483,7 @@ def _split_data(split: str, per_source: str, prompts_dir: Path | None, max_new_t
         raise click.BadParameter(f"answer temperatures {own or temperatures!r}: expected numbers >= 0, e.g. 0,0.7")
     answers = AnswerSpec(max_new_tokens, temps, generation_batch)
     if prompts_dir is not None:
-        if per_source != {"train": TRAIN_PROMPTS, "calib": CALIB_PROMPTS}[split]:
+        if per_source not in ("", {"train": TRAIN_PROMPTS, "calib": CALIB_PROMPTS}[split]):
             raise click.BadParameter(f"the prompts come from {prompts_dir}; --{split}-prompts takes only "
                                      "'@TEMPERATURES' with --prompts-dir", param_hint=f"--{split}-prompts")
         data = SplitData(split, answers, prompts_file=prompts_dir / f"{split}.json")

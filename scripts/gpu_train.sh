@@ -82,6 +82,6 @@ from safetensors.torch import load_file, save_file
 path = sys.argv[1]
 save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
 PY
-    tar -C "$WORK/$name" -cf - --exclude training_state.pt . | split -b 15M -d - "$OUT/$name.tar.part"
+    tar -C "$WORK/$name" -cf - --exclude training_state.pt --exclude .dspark-train --exclude '.*.tmp' . | split -b 15M -d - "$OUT/$name.tar.part"
 done
 note "done"

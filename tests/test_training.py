@@ -509,6 +509,15 @@ def test_train_resumes_only_its_own_run_and_checks_its_options(tmp_path, smollm2
         result = runner.invoke(cli.cli, ["train", *args, "--out", str(run)] + small)
         assert result.exit_code == 1 and message in result.output, (args, result.output)
     assert (run / "model.safetensors").read_bytes() == weights
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--steps", "2", "--out", str(run)] + small)
+    assert result.exit_code == 0 and '"steps": 2' in result.output, result.output  # the same run: resumed, done
+
+    shipped = tmp_path / "shipped"  # a finished run without its state (as gpu_train.sh ships one) is not a run
+    shipped.mkdir()
+    for name in (RUN_MARKER, "model.safetensors", "config.json"):
+        (shipped / name).write_bytes((run / name).read_bytes() if (run / name).is_file() else b"")
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--steps", "2", "--out", str(shipped)] + small)
+    assert result.exit_code == 1 and "nor a run to resume" in result.output, result.output
 
     killed = tmp_path / "killed"  # killed while writing its first state: the marker and a partial file
     killed.mkdir()
@@ -666,6 +675,12 @@ def test_prompt_files_are_checked_before_any_answer(tmp_path, smollm2_dir) -> No
         assert isinstance(result.exception, SystemExit), (name, result.exception)
     result = runner.invoke(cli.cli, ["train-data", "--prompts-dir", str(tmp_path / "long"), "--train-prompts", "stdlib=5"])
     assert result.exit_code == 2 and "takes only '@TEMPERATURES' with --prompts-dir" in result.output
+    (tmp_path / "good").mkdir()
+    for split in ("train", "calib"):
+        (tmp_path / "good" / f"{split}.json").write_text(json.dumps(good))
+    result = runner.invoke(cli.cli, ["train-data", "--prompts-dir", str(tmp_path / "good"), "--train-prompts", "@0",
+                                     "--max-new-tokens", "4", "--threads", "1"])
+    assert result.exit_code == 0 and "train: 1 answers" in result.output, result.output
 
     import shutil  # answers shorter than a block give calibration nothing to fit
 

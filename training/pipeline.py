@@ -123,7 +123,9 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     # the data was generated: a float32 copy of a 1.5B target is 6 GB that a second run or a data worker
     # beside it lacks.
     out_dir = Path(out_dir)
-    ours = (out_dir / STATE_FILE).exists() or (out_dir / RUN_MARKER).exists()
+    # the state is saved before the weights: a marker beside weights without a state is a copy of a finished run
+    ours = (out_dir / STATE_FILE).exists() or ((out_dir / RUN_MARKER).exists()
+                                               and not (out_dir / "model.safetensors").exists())
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not ours)):
         raise TrainSetupError(f"--out {out_dir} is not a new or empty directory, nor a run to resume (no {STATE_FILE}): "
                               "a run would overwrite what is there (a shipped drafter keeps no training state)")
@@ -151,7 +153,7 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
                 raise TrainSetupError(f"--layers-from-target: {exc}") from None
             config = replace(config, extra={**config.extra, "layers_from_target": True})
     saved = saved_run(out_dir)
-    run = run_record(cfg, train_data)
+    run = run_record(cfg, [data_dir(target_name, data, config.tap_layers).name for data in train_data])
     if saved is not None:  # checked before any data is generated
         _check_resume(out_dir, saved, config, run)
     calib = dataset(target_name, calib_data, config.tap_layers, cfg.device)
@@ -160,10 +162,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     if not train:
         raise TrainSetupError("no training answers: the --train-prompts give no prompts (or, with --no-generate, none "
                               "were answered yet)")
-    if not usable(train, config.block_size) or not usable(calib, config.block_size):
-        split = "training" if not usable(train, config.block_size) else "calib"
-        raise TrainSetupError(f"no {split} answer holds a whole block ({config.block_size + 1} answer tokens): "
-                              "raise --max-new-tokens or choose other prompts")
+    _check_blocks(train, config.block_size, "training")
+    _check_blocks(calib, config.block_size, "calib")
     vocab = None
     if saved is not None and saved["draft_vocab"] is not None:
         vocab = saved["draft_vocab"]
@@ -191,6 +191,13 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     return result
 
 
+def _check_blocks(seqs: list[Sequence], block: int, split: str) -> None:
+    """TrainSetupError when no answer of a split is long enough to train or calibrate a block on."""
+    if not usable(seqs, block):
+        raise TrainSetupError(f"no {split} answer holds a whole block ({block + 1} answer tokens): "
+                              "raise --max-new-tokens or choose other prompts")
+
+
 def _check_resume(out_dir: Path, saved: dict, config, run: dict) -> None:
     """TrainSetupError unless this command continues the run saved in ``out_dir``: the same drafter
     configuration, schedule options and data (a resume with others would silently mix two runs)."""
@@ -200,12 +207,14 @@ def _check_resume(out_dir: Path, saved: dict, config, run: dict) -> None:
         raise TrainSetupError(f"--out {out_dir} holds a run of another drafter ({old.get('kind')} for "
                               f"{old.get('target')!r}; differs in {', '.join(changed)}): resume it with its own "
                               "options, or choose another --out")
-    if saved["run"] is not None and saved["run"] != run:
-        changed = [k for k in run["train"] if saved["run"]["train"].get(k) != run["train"][k]]
-        if saved["run"]["data"] != run["data"]:
-            changed.append("the training prompts and answers")
-        details = "; ".join(f"{k}: {saved['run']['train'][k]} then, {run['train'][k]} now" for k in changed
-                            if k in run["train"])
+    if saved["run"] is None:  # saved before runs kept their record
+        return
+    then = saved["run"]
+    changed = [k for k in run["train"] if k in then["train"] and then["train"][k] != run["train"][k]]
+    details = "; ".join(f"{k}: {then['train'][k]} then, {run['train'][k]} now" for k in changed)
+    if then.get("data") != run["data"]:  # named by content (data_dir): the same prompts and answers, wherever read
+        changed.append("training prompts or answers")
+    if changed:
         raise TrainSetupError(f"--out {out_dir} holds a run with other {', '.join(changed)}"
                               f"{' (' + details + ')' if details else ''}: resume it with its own options, "
                               "or choose another --out")
@@ -240,9 +249,7 @@ def recalibrate(drafter_dir: Path, calib_data: SplitData, cfg: TrainConfig | Non
     stored = load_file(str(drafter_dir / "model.safetensors"))
     dtype = next(v.dtype for v in stored.values() if v.is_floating_point())
     calib = dataset(config.target, calib_data, config.tap_layers)
-    if not usable(calib, config.block_size):
-        raise TrainSetupError(f"no calib answer holds a whole block ({config.block_size + 1} answer tokens): "
-                              "raise --max-new-tokens or choose other prompts")
+    _check_blocks(calib, config.block_size, "calib")
     result = calibrate_confidence(drafter, calib, drafter_dir, cfg or TrainConfig())
     save_drafter(drafter, drafter_dir, dtype=dtype)
     summary = drafter_dir / "train_result.json"

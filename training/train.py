@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -33,10 +34,11 @@ STATE_FILE = "training_state.pt"
 RUN_MARKER = ".dspark-train"  # in every --out a run wrote: a directory train may write into (and resume)
 
 
-def run_record(cfg: TrainConfig, data: list) -> dict:
-    """What makes a resumed run the same run: the options that set its schedule and batches, and its data."""
+def run_record(cfg: TrainConfig, data: list[str]) -> dict:
+    """What makes a resumed run the same run: the options that set its schedule and batches, and its
+    data (each training set by a name that hashes its content)."""
     fields = ("steps", "batch_size", "anchors", "lr", "weight_decay", "warmup", "max_len", "max_minutes", "seed", "loss")
-    return {"train": {f: repr(getattr(cfg, f)) for f in fields}, "data": [repr(d) for d in data]}
+    return {"train": {f: repr(getattr(cfg, f)) for f in fields}, "data": list(data)}
 
 
 def saved_run(out_dir: Path) -> dict | None:
@@ -279,9 +281,20 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {config.kind}", disable=not progress)
     ema = None
     stop_at = step + cfg.session_steps if cfg.session_steps else None
-    interrupted: list[int] = []  # Ctrl-C ends the run at the next step boundary, checkpointed, then interrupts
-    handler = (signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
-               if threading.current_thread() is threading.main_thread() else None)
+    # Ctrl-C ends the run at the next step boundary, checkpointed, then interrupts; a second one at once
+    interrupted: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)  # None: set outside Python, SIG_IGN: a background run's, both kept
+    catch = threading.current_thread() is threading.main_thread() and previous not in (None, signal.SIG_IGN)
+
+    def on_sigint(signum: int, frame) -> None:
+        if interrupted:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        interrupted.append(1)
+        bar.write(f"stopping after this step (step {step + 1}), checkpointed; Ctrl-C again to stop at once")
+
+    if catch:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         while ((cfg.steps is None or step < cfg.steps) and not (cfg.max_minutes and elapsed >= 60 * cfg.max_minutes)
                and step != stop_at and not interrupted):
@@ -316,10 +329,12 @@ def train_drafter(target: Transformer, config: DrafterConfig, train: list[Sequen
             del batch, labels, logprobs, logits, conf, out
             release_free_heap()  # the step's freed activations: their pages stay resident otherwise
     finally:
-        if handler is not None:
-            signal.signal(signal.SIGINT, handler)
+        if catch:
+            signal.signal(signal.SIGINT, previous)
     checkpoint()
     if interrupted:
+        bar.close()
+        print(f"saved at step {step} in {out_dir}: rerun the same command to resume", file=sys.stderr)
         raise KeyboardInterrupt
     bar.close()
     drafter.eval()
