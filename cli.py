@@ -183,12 +183,15 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
 
     from hub.fetch import cache_dir, fetch_model
     from serving.openai_frontend import pid_file_for, start_frontend
-    from serving.triton_launcher import TritonServer, running_from_pid_file
+    from serving.triton_launcher import TritonServer, foreign_pid, running_from_pid_file
 
     pid_file = pid_file or _default_pid_file()
     if (running := running_from_pid_file(pid_file)) is not None:  # its record would be lost, and `stop` with it
         raise click.ClickException(f"a server started with {pid_file} is running (pid {running}): stop it first "
                                    "(cli.py stop), or give this one its own --pid-file")
+    if (other := foreign_pid(pid_file)) is not None:  # never overwrite another program's record
+        raise click.ClickException(f"{pid_file} records a live process (pid {other}) that is not a Triton server: "
+                                   "give this server its own --pid-file")
     server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file, model_repository,
                                          drafter, dtype))
     server.start()
@@ -230,14 +233,14 @@ def _served_name(model: str) -> str:
 def stop(pid_file: Path | None) -> None:
     """Stop a server started with `serve --detach` (and its OpenAI-compatible frontend)."""
     from serving.openai_frontend import pid_file_for, stop_recorded
-    from serving.triton_launcher import stop_from_pid_file
+    from serving.triton_launcher import foreign_pid, stop_from_pid_file
 
     pid_file = pid_file or _default_pid_file()
     frontend_stopped = stop_recorded(pid_file_for(pid_file))
     stopped = stop_from_pid_file(pid_file)
-    if not stopped and pid_file.exists():  # it names a live process of another program
-        raise click.ClickException(f"{pid_file} records a live process that is not a Triton server: left as it is "
-                                   "(if it is a stale record of a server of ours, delete it)")
+    if not stopped and (pid := foreign_pid(pid_file)) is not None:
+        raise click.ClickException(f"{pid_file} records a live process (pid {pid}) that is not a Triton server: left "
+                                   "as it is (if it is a stale record of a server of ours, delete it)")
     if not stopped and frontend_stopped:
         click.echo("stopped the OpenAI-compatible frontend (its Triton server was no longer running)")
     else:

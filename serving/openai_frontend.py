@@ -424,11 +424,14 @@ def stop_recorded(pid_file: Path, timeout_s: float = 10) -> bool:
         return False
     if "serving.openai_frontend" not in cmdline:
         return False
-    pid_file.unlink(missing_ok=True)
     try:
         os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    except ProcessLookupError:  # it ended meanwhile
+        pid_file.unlink(missing_ok=True)
         return False
+    except PermissionError:  # another user's frontend: not ours to stop, nor its record to drop
+        return False
+    pid_file.unlink(missing_ok=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.1)

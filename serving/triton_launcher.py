@@ -284,6 +284,15 @@ def running_from_pid_file(pid_file: Path) -> int | None:
     return pid if pid is not None and _is_running_server(pid) else None
 
 
+def foreign_pid(pid_file: Path) -> int | None:
+    """The PID a pid file records when it names a live process that is neither a Triton server nor a
+    crashed one's stubs: the file is another program's record (None otherwise)."""
+    pid = _recorded_pid(pid_file)
+    if pid is None or not _pid_alive(pid) or _is_tritonserver(pid) or any(map(_is_stub, _group_members(pid))):
+        return None
+    return pid
+
+
 def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
     """Stop the server whose PID the file holds; False if none was running (stale or missing file).
 

@@ -163,8 +163,14 @@ def test_stop_leaves_a_pid_file_that_records_another_live_program(tmp_path: Path
         import cli
 
         result = CliRunner().invoke(cli.cli, ["stop", "--pid-file", str(tmp_path / "other.pid")])
-        assert result.exit_code == 1 and "not a Triton server: left as it is" in result.output
+        assert result.exit_code == 1 and "that is not a Triton server: left as it is" in result.output
         assert (tmp_path / "other.pid").exists() and other.poll() is None
+        result = CliRunner().invoke(cli.cli, ["serve", "--detach", "--pid-file", str(tmp_path / "other.pid")])
+        assert result.exit_code == 1 and "give this server its own --pid-file" in result.output, result.output
+        assert (tmp_path / "other.pid").read_text() == f"{other.pid}\n"
+        (tmp_path / "garbage.pid").write_text("not a pid")  # unreadable: nothing was running, nothing refused
+        result = CliRunner().invoke(cli.cli, ["stop", "--pid-file", str(tmp_path / "garbage.pid")])
+        assert result.exit_code == 0 and "no server was running" in result.output, result.output
     finally:
         other.kill()
         other.wait()
