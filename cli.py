@@ -336,9 +336,8 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     import torch
 
     from export.drafter_export import cached_drafter_export, drafter_export_key, export_drafter
-    from export.onnx_export import META_FILE as ONNX_META_FILE
     from export.onnx_export import ONNX_FILE, cached_onnx, export_onnx
-    from export.output_dir import check_replaceable, write_replacing
+    from export.output_dir import EXPORT_MARKER, check_replaceable, write_replacing
     from export.repository import drafter_checkpoint
     from export.tensorrt_engine import build_engine, import_tensorrt, trt_profile
     from hub.fetch import default_drafter, fetch_model
@@ -357,7 +356,7 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
         raise click.BadParameter(f"{tap_layers!r}: expected comma-separated layer indices", param_hint="--tap-layers") from None
     if out:
         try:  # before the long work (write_replacing checks again when it moves the export into place)
-            check_replaceable(out.absolute(), ONNX_META_FILE, "`cli.py export`")
+            check_replaceable(out.resolve(), EXPORT_MARKER, "`cli.py export`")
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
     model_dir = fetch_model(model)
@@ -376,13 +375,14 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     if out:
         def write(tmp: Path) -> None:
             export_onnx(model_dir, tmp, dtype, taps)
+            (tmp / EXPORT_MARKER).write_text("written by cli.py export; export --out replaces this directory\n")
             if checkpoint is not None:
                 meta = {"source": checkpoint.name, "dtype": "float32",
                         "key": drafter_export_key(checkpoint, "float32", module.draft_vocab)}
                 export_drafter(module, tmp / "drafter", meta)
 
         try:
-            out = write_replacing(out, ONNX_META_FILE, "`cli.py export`", write)
+            out = write_replacing(out, EXPORT_MARKER, "`cli.py export`", write)
         except ValueError as exc:  # a directory that is not an export of ours
             raise click.ClickException(str(exc)) from None
         onnx_path, graphs = out / ONNX_FILE, out / "drafter"

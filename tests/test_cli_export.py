@@ -127,12 +127,18 @@ def test_export_out_replaces_only_an_export_of_its_own(tmp_path, smollm2_dir: Pa
     assert (mine / "raw" / "important.txt").read_text() == "precious"
     assert (mine / "model.onnx").read_text() == "my own graph"
 
+    (mine / "export.json").write_text("{}")  # a file of the export's name alone does not make it ours
+    result = CliRunner().invoke(cli.cli, ["export", "--out", str(mine)])
+    assert result.exit_code == 1 and "refusing to replace" in result.output, result.output
+
     out = tmp_path / "out"
-    for _ in range(2):  # the second run replaces the first run's export
-        result = CliRunner().invoke(cli.cli, ["export", "--out", str(out), "--drafter", "auto"])
+    (tmp_path / ".out.building-999999999").mkdir()  # a killed export's leftover
+    (tmp_path / "link").symlink_to(out, target_is_directory=True)
+    for target in (out, tmp_path / "link"):  # the second run replaces the first run's export, through a link
+        result = CliRunner().invoke(cli.cli, ["export", "--out", str(target), "--drafter", "auto"])
         assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} >= {"model.onnx", "export.json", "drafter"}
-    assert (out / "drafter" / "drafter_export.json").is_file()
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "export.json", ".dspark-export", "drafter"}
+    assert (out / "drafter" / "drafter_export.json").is_file() and (tmp_path / "link").is_symlink()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no half-written directory left behind"
 
 
