@@ -184,14 +184,14 @@ def _claim(shard: Path) -> Path | None:
     return None
 
 
-def _waiting_message(paths: list[Path]) -> str:
+def _waiting_message(paths: list[Path], waiting: bool = True) -> str:
     """Which shards a worker waits for, who holds them, and how to free a dead host's claim."""
     held = []
     for path in paths:
         claim = path.with_suffix(".claim")
         holder = _holder(claim)
         held.append(f"{path.stem} (claimed by {holder[0]} pid {holder[1]})" if holder else f"{path.stem} (claimed)")
-    return (f"waiting for {len(paths)} shard(s) other workers hold: {', '.join(held[:4])}"
+    return (f"{'waiting for' if waiting else 'leaving'} {len(paths)} shard(s) other workers hold: {', '.join(held[:4])}"
             f"{' ...' if len(held) > 4 else ''}; if such a worker is gone (another host cannot be checked from "
             f"here), delete {paths[0].with_suffix('.claim')} and the like")
 
@@ -250,12 +250,13 @@ def build_dataset(directory: Path, target: Transformer | None, encode: Callable[
                 torch.save([s.__dict__ for s in seqs], tmp)
                 tmp.replace(paths[i])
             finally:
-                claim.unlink(missing_ok=True)
+                if _holder(claim) == (socket.gethostname(), os.getpid()):  # not another's that took a stale one over
+                    claim.unlink(missing_ok=True)
             show_done()
         show_done()
         waiting = [i for i in pending if not paths[i].exists()]
         if waiting and waiting != told:  # say so, again whenever the set waited for changes
-            tqdm.write(_waiting_message([paths[i] for i in waiting]), file=sys.stderr)
+            tqdm.write(_waiting_message([paths[i] for i in waiting], wait), file=sys.stderr)
             told = waiting
         if waiting and not wait:
             break
