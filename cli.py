@@ -738,16 +738,17 @@ def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, toke
 
 
 @cli.command()
-@click.option("--url", default="localhost:8000", show_default=True, help="HTTP host:port.")
+@click.option("--url", default="localhost:8000", show_default=True, help="HTTP host:port or http://host:port.")
 @click.option("--metrics-url", default="http://localhost:8002/metrics", show_default=True)
 def status(url: str, metrics_url: str) -> None:
     """Server health, the engine's load and speculation counters, and what the scheduler reads."""
     import requests
 
+    from clients.generation import http_base
     from serving.load_monitor import parse_metrics
 
     try:
-        ready = requests.get(f"http://{url}/v2/health/ready", timeout=5).status_code == 200
+        ready = requests.get(f"{http_base(url)}/v2/health/ready", timeout=5).status_code == 200
     except requests.RequestException as exc:
         raise click.ClickException(f"server not reachable at {url}: {exc}") from exc
     click.echo(f"ready: {ready}")
@@ -1119,11 +1120,15 @@ def _require_ready(url: str, protocol: str, alternative: str = "") -> None:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
+    from clients.generation import http_base
+
     try:
         if protocol == "grpc":
             ready = grpcclient.InferenceServerClient(url).is_server_ready(client_timeout=5)
-        else:
-            ready = httpclient.InferenceServerClient(url, connection_timeout=5).is_server_ready()
+        else:  # tritonclient takes host:port, and https as a flag
+            base = http_base(url)
+            ready = httpclient.InferenceServerClient(base.split("://", 1)[1], connection_timeout=5,
+                                                     ssl=base.startswith("https://")).is_server_ready()
     except Exception as exc:  # refused, unreachable, another protocol, malformed address
         raise click.ClickException(f"no Triton server answers {'gRPC' if protocol == 'grpc' else 'HTTP'} at {url} ({str(exc).splitlines()[0]}): "
                                    f"start one (`cli.py serve --detach`), point --url at it"

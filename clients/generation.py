@@ -152,13 +152,14 @@ def stream_grpc(
     **params: Any,
 ) -> Iterator[GenerationChunk]:
     """Streams chunks over gRPC. Closing the iterator early cancels the request on the server."""
+    inputs = _grpc_inputs(prompt, stop, params)  # a bad input is the caller's, not a missing server
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     finished = False
     try:
         try:
-            client.async_stream_infer(model, _grpc_inputs(prompt, stop, params), enable_empty_final_response=True)
+            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
         except InferenceServerException as exc:  # the stream failed at once (no server): its reason is in the callback
             try:
                 _, error = responses.get(timeout=5)

@@ -96,7 +96,7 @@ def cache_name(name_or_path: str) -> str:
     name and a hash of where it lives (an absolute path joined onto the cache would replace it)."""
     if name_or_path in KNOWN_MODELS:
         return name_or_path
-    path = Path(name_or_path).resolve()
+    path = Path(name_or_path).expanduser().resolve()
     return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 

@@ -14,6 +14,14 @@ from models.config import TransformerConfig, eos_token_ids
 from models.transformer import Transformer
 
 
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would, for every thread)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    return 0o022
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file whole or not at all (beside it, then renamed), with the mode any new file
     gets here (safetensors alone leaves 0600, and a rewrite would narrow a shipped file's mode)."""
@@ -21,9 +29,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

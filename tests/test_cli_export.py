@@ -54,9 +54,12 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
         assert "Error: unknown model 'nosuch'" in result.output, args
     result = CliRunner().invoke(cli.cli, ["generate", "--protocol", "http", "--url", "localhost:1", "hi"])
     assert result.exit_code == 1 and "no HTTP answer from a Triton server at localhost:1" in result.output
-    for backend, protocol in (("tensorrtllm", "gRPC"), ("generate", "HTTP")):  # before genai-perf's own traceback
-        result = CliRunner().invoke(cli.cli, ["genai-perf", "--backend", backend, "--url", "localhost:1"])
-        assert result.exit_code == 1 and f"no Triton server answers {protocol} at localhost:1" in result.output
+    for backend, url, protocol in (("tensorrtllm", "localhost:1", "gRPC"), ("generate", "localhost:1", "HTTP"),
+                                   ("generate", "http://localhost:1", "HTTP")):  # before genai-perf's own traceback
+        result = CliRunner().invoke(cli.cli, ["genai-perf", "--backend", backend, "--url", url])
+        assert result.exit_code == 1 and f"no Triton server answers {protocol} at {url} (" in result.output
+    result = CliRunner().invoke(cli.cli, ["status", "--url", "http://localhost:1"])
+    assert result.exit_code == 1 and "server not reachable at http://localhost:1" in result.output
     for _ in range(5):  # the stream fails either in the call or in its callback: a race, tried a few times
         result = CliRunner().invoke(cli.cli, ["generate", "--url", "localhost:1", "hi"])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output

@@ -74,7 +74,9 @@ def save_drafter(drafter: nn.Module, directory: str | Path, dtype: torch.dtype |
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
              for k, v in drafter.state_dict().items()}
     save_safetensors(state, directory / "model.safetensors")
-    (directory / "config.json").write_text(drafter.config.to_json() + "\n")
+    tmp = directory / ".config.json.tmp"  # whole or not at all, like the weights
+    tmp.write_text(drafter.config.to_json() + "\n")
+    tmp.replace(directory / "config.json")
     vocab_file = directory / DRAFT_VOCAB_FILE
     if drafter.draft_vocab is not None:
         save_safetensors({"token_ids": drafter.draft_vocab.contiguous()}, vocab_file)
