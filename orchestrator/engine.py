@@ -200,7 +200,8 @@ class Engine:
     ) -> int:
         """Queues a request; raises InvalidRequestError at once for bad input."""
         params.validate(self.config.max_tokens_limit)
-        spec = spec or self.config.default_spec
+        if spec is None:  # the server's default; without a drafter (serve --drafter none) that is plain decoding
+            spec = self.config.default_spec if self.drafter is not None else SpeculationParams("off")
         spec.validate()
         if spec.mode != "off" and self.drafter is None:
             raise InvalidRequestError(f"spec_mode {spec.mode!r} needs a drafter; this server has none (use 'off')")

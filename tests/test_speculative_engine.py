@@ -239,6 +239,11 @@ def test_spec_params_are_validated(target, encoder):
         engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("turbo", 3))
     with pytest.raises(InvalidRequestError, match="num_draft_tokens"):
         engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("off", 99))
+    # a server without a drafter whose configured default speculates serves requests that do not choose plainly
+    plain = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, 256, 64, default_spec=SpeculationParams("dspark", 7)))
+    plain.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None)
+    with pytest.raises(InvalidRequestError, match="needs a drafter"):
+        plain.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("dspark", 7))
 
 
 def test_drafting_is_priced_per_number_of_drafting_sequences(target, encoder):
