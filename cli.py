@@ -88,18 +88,27 @@ def served_model(model: str | None, model_repository: Path | None) -> str:
 
 def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,
                    model_repository: Path | None = None, drafter: str | None = None, dtype: str | None = None):
-    from export.repository import check_drafter_setting
+    from export.repository import check_drafter_setting, read_parameters
     from hub.fetch import cache_dir, fetch_model
+    from models.hardware import resolve_dtype
+    from runtimes.protocol import check_runtime_dtype
     from serving.triton_launcher import ServerConfig
 
     model_dir = fetch_model(model)
+    repository = model_repository or PROJECT_ROOT / "model_repository"
+    runtime = read_parameters((repository / "dspark" / "config.pbtxt").read_text()).get("runtime", "torch")
+    if dtype:
+        try:
+            check_runtime_dtype(runtime, resolve_dtype(dtype))  # auto: what the server would pick on this CPU
+        except ValueError as exc:
+            raise click.ClickException(f"--dtype: {exc}") from None
     if drafter:  # refused here in a second, not by the model's load in a Triton log
         try:
             check_drafter_setting(drafter, model_dir)
         except ValueError as exc:
             raise click.ClickException(f"--drafter: {exc}") from None
     return ServerConfig(
-        model_repository=model_repository or PROJECT_ROOT / "model_repository",
+        model_repository=repository,
         http_port=http_port,
         grpc_port=grpc_port,
         metrics_port=metrics_port,
@@ -194,33 +203,45 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
                                    "give this server its own --pid-file")
     server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file, model_repository,
                                          drafter, dtype))
-    server.start()
-    click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  (pid {server.pid})")
-    click.echo(f"server log: {server.log_file}")
-    frontend = None
-    if openai_port is not None:
-        try:
-            frontend = start_frontend(server.url_grpc, fetch_model(model), _served_name(model), openai_port,
-                                      cache_dir() / "triton" / f"openai-{openai_port}.log")
-        except BaseException as exc:  # nothing of this command may be left running
-            server.stop()
-            if isinstance(exc, RuntimeError):
-                raise click.ClickException(str(exc)) from exc
-            raise
-        pid_file_for(pid_file).write_text(str(frontend.pid))
-        click.echo(f"OpenAI API ready: http://127.0.0.1:{openai_port}/v1  model {_served_name(model)!r}  "
-                   f"(pid {frontend.pid})")
-    if detach:
-        return
-    click.echo("Ctrl-C to stop.")
+    # SIGTERM, like Ctrl-C, ends this command through the cleanup below (its default would kill only this
+    # process, leaving Triton, in its own session, running); while starting too.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    frontend, keep_running = None, False
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        if frontend is not None:
-            frontend.terminate()
-            frontend.wait(timeout=30)
-            pid_file_for(pid_file).unlink(missing_ok=True)
-        server.stop()
+        server.start()
+        click.echo(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}  "
+                   f"(pid {server.pid})")
+        click.echo(f"server log: {server.log_file}")
+        if openai_port is not None:
+            try:
+                frontend = start_frontend(server.url_grpc, fetch_model(model), _served_name(model), openai_port,
+                                          cache_dir() / "triton" / f"openai-{openai_port}.log")
+            except RuntimeError as exc:
+                raise click.ClickException(str(exc)) from exc
+            pid_file_for(pid_file).write_text(str(frontend.pid))
+            click.echo(f"OpenAI API ready: http://127.0.0.1:{openai_port}/v1  model {_served_name(model)!r}  "
+                       f"(pid {frontend.pid})")
+        if detach:
+            keep_running = True
+            return
+        click.echo("Ctrl-C to stop.")
+        try:
+            while True:
+                signal.pause()
+        except KeyboardInterrupt:
+            pass
+    finally:  # nothing of this command is left running unless it was asked to detach
+        signal.signal(signal.SIGTERM, previous)
+        if not keep_running:
+            if frontend is not None:
+                frontend.terminate()
+                frontend.wait(timeout=30)
+                pid_file_for(pid_file).unlink(missing_ok=True)
+            server.stop()
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _served_name(model: str) -> str:
@@ -713,7 +734,7 @@ def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, toke
 
     cores = usable_cores()
     threads = _positive_ints("--threads", thread_counts) if thread_counts else sorted({1, cores})
-    token_counts = _positive_ints("--tokens", tokens)
+    token_counts = sorted(set(_positive_ints("--tokens", tokens)) | {1})  # every cost is relative to N=1
     context_lengths = _positive_ints("--contexts", contexts, largest=8192)  # longer: caches of many GB
     model_dir = fetch_model(model)
     names = list(dict.fromkeys(resolve_dtype(d) for d in (dtypes or ("float32", "bfloat16"))))

@@ -24,7 +24,7 @@ from models.drafters import BlockDrafter, DrafterConfig, load_drafter
 from models.config import TransformerConfig
 from models.loading import load_config, load_transformer
 from orchestrator.drafting import LOOKUP_FIRST_SUFFIX, check_drafter_fits, split_lookup_first
-from runtimes.protocol import RUNTIMES
+from runtimes.protocol import RUNTIMES, check_runtime_dtype
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODEL = "dspark"
@@ -65,6 +65,7 @@ def build_repository(out_dir: Path, runtime: str, model: str, model_dir: Path, d
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     source = source or PROJECT_ROOT / "model_repository"
     dtype = dtype or DEFAULT_DTYPE[runtime]
+    check_runtime_dtype(runtime, dtype)  # a repository that could never load is refused before it is written
     if Path(out_dir).resolve() == source.resolve():
         raise ValueError("the output directory must differ from the source repository")
     return write_replacing(out_dir, BUILD_MARKER, "`cli.py build`",

@@ -104,6 +104,17 @@ def _is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def _checked_hf_dir(path: Path) -> Path:
+    """A user's model directory, refused by name when it lacks what serving and training read."""
+    missing = [name for name, present in (("tokenizer.json", (path / "tokenizer.json").is_file()),
+                                          ("*.safetensors weights", any(path.glob("*.safetensors"))))
+               if not present]
+    if missing:
+        raise UnknownModelError(f"{path} is not a complete Hugging Face model directory: it has no "
+                                f"{' and no '.join(missing)}")
+    return path
+
+
 def _source(name: str) -> ModelSource:
     try:
         return KNOWN_MODELS[name]
@@ -270,7 +281,7 @@ def fetch_model(name_or_path: str, progress: bool = True) -> Path:
     """A Hugging Face model directory for a local path or a known model name (built once, then cached)."""
     path = Path(name_or_path).expanduser()
     if _is_hf_dir(path):
-        return path
+        return _checked_hf_dir(path)
     source = _source(name_or_path)
     target = cache_dir() / "models" / name_or_path
     if (target / COMPLETE_MARKER).is_file():

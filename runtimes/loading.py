@@ -13,7 +13,7 @@ from models.loading import load_config, load_transformer
 from runtimes.drafter_runner import OnnxRuntimeBlockDrafter
 from runtimes.graph import _GraphRunner
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner
-from runtimes.protocol import RUNTIMES, ModelRunner
+from runtimes.protocol import RUNTIMES, ModelRunner, check_runtime_dtype
 from runtimes.tensorrt_runner import TensorRTRunner
 from runtimes.torch_runner import cached_kernel_plan
 
@@ -40,8 +40,7 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
         if model.device.type == "cpu":
             model.use_kernel_plan(cached_kernel_plan(model, model_dir))
         return model
-    if runtime == "onnxruntime" and dtype != "float32":
-        raise ValueError("the onnxruntime runtime runs float32 (ONNX Runtime's CPU kernels lack bf16/fp16 matmuls)")
+    check_runtime_dtype(runtime, dtype)
     if runtime == "tensorrt":
         import_tensorrt()  # fail before a long export when TensorRT is absent
     path = Path(onnx_path) if onnx_path is not None else cached_onnx(model_dir, dtype, tap_layers)

@@ -27,3 +27,10 @@ class ModelRunner(Protocol):
                  logits_indices: torch.Tensor | None = None, tap_layers: Sequence[int] = ()) -> ForwardOutput: ...
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache: ...
+
+
+def check_runtime_dtype(runtime: str, dtype: str) -> None:
+    """ValueError for a dtype a runtime cannot run: ONNX Runtime's CPU kernels lack bf16/fp16 matmuls."""
+    if runtime == "onnxruntime" and dtype != "float32":
+        raise ValueError(f"the onnxruntime runtime runs float32, not {dtype} (ONNX Runtime's CPU kernels lack "
+                         "bf16/fp16 matmuls)")

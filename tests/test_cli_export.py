@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -54,6 +55,23 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
         assert "Error: unknown model 'nosuch'" in result.output, args
     result = CliRunner().invoke(cli.cli, ["generate", "--protocol", "http", "--url", "localhost:1", "hi"])
     assert result.exit_code == 1 and "no HTTP answer from a Triton server at localhost:1" in result.output
+    half = tmp_path / "half"  # a model directory with its config alone: named, not a Triton log dump
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    for args in (["fetch", str(half)], ["serve", "--model", str(half), "--http-port", "1"]):
+        result = CliRunner().invoke(cli.cli, args)
+        assert result.exit_code == 1 and "has no tokenizer.json and no *.safetensors weights" in result.output, args
+    # a dtype the repository's runtime cannot run: refused before a repository is written or Triton starts
+    result = CliRunner().invoke(cli.cli, ["build", "--runtime", "onnxruntime", "--dtype", "bfloat16",
+                                          "--out", str(tmp_path / "ort")])
+    assert result.exit_code == 1 and "the onnxruntime runtime runs float32, not bfloat16" in result.output
+    assert not (tmp_path / "ort").exists()
+    repo = tmp_path / "ort_repo"
+    (repo / "dspark").mkdir(parents=True)
+    (repo / "dspark" / "config.pbtxt").write_text('parameters { key: "runtime" value: { string_value: "onnxruntime" } }\n')
+    result = CliRunner().invoke(cli.cli, ["serve", "--model-repository", str(repo), "--dtype", "bfloat16",
+                                          "--http-port", "1"])
+    assert result.exit_code == 1 and "--dtype: the onnxruntime runtime runs float32" in result.output, result.output
     for backend, url, protocol in (("tensorrtllm", "localhost:1", "gRPC"), ("generate", "localhost:1", "HTTP"),
                                    ("generate", "http://localhost:1", "HTTP")):  # before genai-perf's own traceback
         result = CliRunner().invoke(cli.cli, ["genai-perf", "--backend", backend, "--url", url])
@@ -113,6 +131,9 @@ def test_bench_mistakes_end_with_a_message_before_the_long_work(tmp_path, smollm
         result = CliRunner().invoke(cli.cli, ["bench", *args])
         assert result.exit_code == code and message in result.output, (args, result.output)
         assert isinstance(result.exception, SystemExit), (args, result.exception)
+    result = CliRunner().invoke(cli.cli, ["profile", "--dtype", "float32", "--threads", "1", "--tokens", "4",
+                                          "--contexts", "16", "--repeats", "1", "--no-save"])
+    assert result.exit_code == 0 and re.search(r"N=1 ms .* N=4 +\(cost / cost at N=1\)", result.output), result.output
     result = CliRunner().invoke(cli.cli, ["bench", "decode", "--new-tokens", "3", "--prompts", "code",
                                           "--config", "prompt_lookup:2", "--threads", "1"])
     assert result.exit_code == 0 and "prompt_lookup:2" in result.output, result.output

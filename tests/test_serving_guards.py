@@ -209,3 +209,40 @@ def test_drafter_settings_a_server_could_not_load_are_refused_from_their_configs
             check_drafter_setting(setting, smollm2_dir)
     with pytest.raises(DrafterMismatchError, match="trained for qwen2.5-coder-1.5b-instruct.*vocabulary 151936 != 49152"):
         check_drafter_setting("checkpoint:models/checkpoints/qwen2.5-coder-1.5b-instruct-dspark", smollm2_dir)
+
+
+@pytest.mark.server
+def test_a_foreground_serve_ended_by_sigterm_stops_its_server(smollm2_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM (a supervisor's stop) ends `serve` through its cleanup, as Ctrl-C does: no Triton, which runs in
+    its own session, is left behind, nor its pid file."""
+    import signal
+    import socket
+    import subprocess
+
+    from serving.triton_launcher import running_from_pid_file, stop_from_pid_file
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    pid_file = tmp_path / "fg.pid"
+    cmd = [sys.executable, "cli.py", "serve", "--drafter", "prompt_lookup", "--pid-file", str(pid_file),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    serve = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in serve.stdout:
+            if "Ctrl-C to stop." in line:
+                break
+        pid = running_from_pid_file(pid_file)
+        assert pid is not None
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists() and not pid_file.exists()
+    finally:
+        serve.kill()
+        stop_from_pid_file(pid_file)
