@@ -88,7 +88,7 @@ def served_model(model: str | None, model_repository: Path | None) -> str:
 
 def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,
                    model_repository: Path | None = None, drafter: str | None = None, dtype: str | None = None):
-    from export.repository import check_drafter_setting, read_parameters
+    from export.repository import check_drafter_setting, check_graph_source, read_parameters
     from hub.fetch import cache_dir, fetch_model
     from models.hardware import resolve_dtype
     from runtimes.protocol import check_runtime_dtype
@@ -96,7 +96,13 @@ def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int
 
     model_dir = fetch_model(model)
     repository = model_repository or PROJECT_ROOT / "model_repository"
-    runtime = read_parameters((repository / "dspark" / "config.pbtxt").read_text()).get("runtime", "torch")
+    parameters = read_parameters((repository / "dspark" / "config.pbtxt").read_text())
+    runtime = parameters.get("runtime", "torch")
+    if onnx_model := parameters.get("onnx_model"):  # a built repository's graph is of one model
+        try:
+            check_graph_source(repository / "dspark" / "1" / onnx_model, model_dir)
+        except ValueError as exc:
+            raise click.ClickException(f"--model: {exc}") from None
     if dtype:
         try:
             check_runtime_dtype(runtime, resolve_dtype(dtype))  # auto: what the server would pick on this CPU

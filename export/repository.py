@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from export.drafter_export import cached_drafter_export
-from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx
+from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx, read_metadata
 from export.output_dir import write_replacing
 from hub.fetch import KNOWN_MODELS, default_drafter, model_dir_if_cached, model_name
 from models.drafters import BlockDrafter, DrafterConfig, load_drafter
@@ -108,9 +108,19 @@ def resolve_drafter(setting: str, model_dir: Path) -> tuple[str, bool]:
     if base == "auto":  # the target's default, itself possibly lookup-first
         base, default_lookup_first = split_lookup_first(default_drafter(model_dir))
         lookup_first = lookup_first or default_lookup_first
-    elif lookup_first and base in ("none", "prompt_lookup"):
-        raise ValueError(f"drafter '{setting}': {LOOKUP_FIRST_SUFFIX} goes after auto, model:<name> or checkpoint:<dir>")
+    elif lookup_first and (base in ("none", "prompt_lookup") or split_lookup_first(base)[1]):
+        raise ValueError(f"drafter '{setting}': {LOOKUP_FIRST_SUFFIX} goes after auto, model:<name> or "
+                         "checkpoint:<dir>, once")
     return base, lookup_first and base not in ("none", "prompt_lookup")
+
+
+def check_graph_source(onnx_path: Path, model_dir: Path) -> None:
+    """ValueError for a shipped graph exported from another model than the one a server loads."""
+    source = read_metadata(onnx_path).get("source")
+    if source and source != model_dir.name:
+        raise ValueError(f"{onnx_path} was exported from {source}, but this server loads {model_dir.name}: serve the "
+                         f"model the repository was built for (cli.py serve --model {source}), or build one for "
+                         f"{model_dir.name}")
 
 
 DRAFTER_SETTINGS = ("auto | none | prompt_lookup | model:<name or dir> | checkpoint:<dir>; auto, model: and checkpoint: "

@@ -189,7 +189,7 @@ def test_drafter_settings_resolve_auto_and_lookup_first(smollm2_dir, tmp_path):
     assert resolve_drafter(shipped, smollm2_dir) == (shipped, False)
     assert resolve_drafter(shipped + "+prompt_lookup", smollm2_dir) == (shipped, True)
     assert resolve_drafter("auto+prompt_lookup", tmp_path) == ("prompt_lookup", False)
-    for bad in ("prompt_lookup+prompt_lookup", "none+prompt_lookup"):
+    for bad in ("prompt_lookup+prompt_lookup", "none+prompt_lookup", shipped + "+prompt_lookup+prompt_lookup"):
         with pytest.raises(ValueError, match=re.escape(f"drafter '{bad}': +prompt_lookup goes after auto")):
             resolve_drafter(bad, smollm2_dir)
 

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from clients.generation import collect, stream_grpc
 from export.onnx_export import read_metadata
@@ -148,3 +149,8 @@ def test_a_graph_exported_from_another_model_stops_the_server_at_start(ort_repos
         server.start()
     message = (tmp_path / "server.log").read_text() + str(error.value)
     assert "was exported from smollm2-135m-instruct, but this server loads another-model" in message
+    import cli  # `serve` says so before Triton starts
+
+    result = CliRunner().invoke(cli.cli, ["serve", "--model-repository", str(ort_repository), "--model", str(other),
+                                          "--http-port", "1"])
+    assert result.exit_code == 1 and "--model: " in result.output and "this server loads another-model" in result.output

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.onnx_export import read_metadata
-from export.repository import check_drafter_setting, drafter_checkpoint, drafter_tap_layers
+from export.repository import check_drafter_setting, check_graph_source, drafter_checkpoint, drafter_tap_layers
 from hub.fetch import cache_dir, model_dir_if_cached
 from models.hardware import resolve_dtype, usable_cores
 from orchestrator.draft_vocab import cached_draft_vocab
@@ -180,15 +179,6 @@ def _resolve_model_dir(name: str) -> Path:
     return model_dir
 
 
-def _check_graph_source(onnx_path: Path, model_dir: Path) -> None:
-    """Refuses a shipped graph exported from another model than the one this server loads."""
-    source = read_metadata(onnx_path).get("source")
-    if source and source != model_dir.name:
-        raise pb_utils.TritonModelException(
-            f"{onnx_path} was exported from {source}, but this server loads {model_dir.name}: serve the model the "
-            f"repository was built for (cli.py serve --model {source}), or build one for {model_dir.name}")
-
-
 def _make_drafter(choice: str, dtype: str, config: EngineConfig, target, runtime: str, drafter_onnx: Path | None):
     """none | prompt_lookup | model:<name or dir> | checkpoint:<trained drafter dir>, as check_drafter_setting
     accepted it -> a drafter (or None).
@@ -227,7 +217,10 @@ class TritonPythonModel:
         # An export made here outputs the hidden states the drafter taps.
         onnx_model = params.get("onnx_model", "")
         if onnx_model:
-            _check_graph_source(Path(args["model_repository"]) / args["model_version"] / onnx_model, model_dir)
+            try:
+                check_graph_source(Path(args["model_repository"]) / args["model_version"] / onnx_model, model_dir)
+            except ValueError as exc:
+                raise pb_utils.TritonModelException(str(exc)) from None
         try:  # refused from configuration files alone, before any weights load
             drafter_choice, lookup_first = check_drafter_setting(os.environ.get("DSPARK_DRAFTER") or params["drafter"],
                                                                  model_dir)
