@@ -17,6 +17,7 @@ from orchestrator.policies import MAX_DRAFT_TOKENS, SPEC_MODES
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
+PROTOCOL_NAMES = {"grpc": "gRPC", "http": "HTTP"}  # as messages spell them
 DEFAULT_PROMPT = "Explain in two sentences why speculative decoding makes LLM inference faster."
 # The shipped drafter's training data and draft vocabulary (cli.py train defaults):
 # prompts per source (training/sources.py; a source gives at most what its split holds).
@@ -88,7 +89,7 @@ def served_model(model: str | None, model_repository: Path | None) -> str:
 
 def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int, pid_file: Path | None,
                    model_repository: Path | None = None, drafter: str | None = None, dtype: str | None = None):
-    from export.repository import check_drafter_setting, check_graph_source, read_parameters
+    from export.repository import ENGINE_MODEL, check_drafter_setting, check_graph_source, read_parameters
     from hub.fetch import cache_dir, fetch_model
     from models.hardware import resolve_dtype
     from runtimes.protocol import check_runtime_dtype
@@ -96,11 +97,11 @@ def _server_config(model: str, http_port: int, grpc_port: int, metrics_port: int
 
     model_dir = fetch_model(model)
     repository = model_repository or PROJECT_ROOT / "model_repository"
-    parameters = read_parameters((repository / "dspark" / "config.pbtxt").read_text())
+    parameters = read_parameters((repository / ENGINE_MODEL / "config.pbtxt").read_text())
     runtime = parameters.get("runtime", "torch")
-    if onnx_model := parameters.get("onnx_model"):  # a built repository's graph is of one model
+    if onnx_model := parameters.get("onnx_model"):  # a built repository's graph is of one model (version 1, as built)
         try:
-            check_graph_source(repository / "dspark" / "1" / onnx_model, model_dir)
+            check_graph_source(repository / ENGINE_MODEL / "1" / onnx_model, model_dir)
         except ValueError as exc:
             raise click.ClickException(f"--model: {exc}") from None
     if dtype:
@@ -310,7 +311,7 @@ def _stream_to_terminal(protocol: str, url: str, prompt: str, stop_strings, raw:
     except GenerationError as exc:
         raise click.ClickException(str(exc)) from exc
     except (OSError, http.client.HTTPException) as exc:  # nothing there, or not this protocol's server
-        raise click.ClickException(f"no {protocol.upper()} answer from a Triton server at {url}: "
+        raise click.ClickException(f"no {PROTOCOL_NAMES[protocol]} answer from a Triton server at {url}: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
@@ -1157,7 +1158,7 @@ def _require_ready(url: str, protocol: str, alternative: str = "") -> None:
             ready = httpclient.InferenceServerClient(base.split("://", 1)[1], connection_timeout=5,
                                                      ssl=base.startswith("https://")).is_server_ready()
     except Exception as exc:  # refused, unreachable, another protocol, malformed address
-        raise click.ClickException(f"no Triton server answers {'gRPC' if protocol == 'grpc' else 'HTTP'} at {url} ({str(exc).splitlines()[0]}): "
+        raise click.ClickException(f"no Triton server answers {PROTOCOL_NAMES[protocol]} at {url} ({str(exc).splitlines()[0]}): "
                                    f"start one (`cli.py serve --detach`), point --url at it"
                                    f"{', or ' + alternative if alternative else ''}") from None
     if not ready:
