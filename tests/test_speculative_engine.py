@@ -229,7 +229,7 @@ def test_cancelling_a_speculating_request_leaves_others_unchanged(target, encode
     assert engine.cache.num_free() == SLOTS
 
 
-def test_spec_params_are_validated(target, encoder):
+def test_spec_params_are_validated(target, encoder, reference):
     from orchestrator.errors import InvalidRequestError
 
     engine = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, 256, 64))
@@ -241,7 +241,11 @@ def test_spec_params_are_validated(target, encoder):
         engine.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("off", 99))
     # a server without a drafter whose configured default speculates serves requests that do not choose plainly
     plain = Engine(target, encoder.tokenizer, EngineConfig(SLOTS, 256, 64, default_spec=SpeculationParams("dspark", 7)))
-    plain.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None)
+    chunks: list = []
+    plain.submit(encoder.encode(PROMPTS[0], True), SamplingParams(max_tokens=NEW_TOKENS), chunks.append)
+    while plain.step():
+        pass
+    assert [t for c in chunks for t in c.token_ids] == reference[0] and chunks[-1].finish_reason is not None
     with pytest.raises(InvalidRequestError, match="needs a drafter"):
         plain.submit([1, 2], SamplingParams(max_tokens=8), lambda c: None, spec=SpeculationParams("dspark", 7))
 
