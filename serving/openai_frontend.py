@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API in front of Triton: /v1/models, /v1/chat/completions, /v1/completions.
+"""OpenAI-compatible HTTP API in front of Triton: /v1/models, /v1/chat/completions, /v1/completions, /health.
 
 A thin FastAPI app. Each request becomes one gRPC stream to the `dspark` model, not the ensemble:
 Triton cancels a `dspark` stream when its gRPC call is cancelled, so a client that goes away mid-answer
@@ -356,6 +356,18 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 while Triton serves the engine model, else 503: the probe for a load balancer or an
+        orchestrator (/v1/models lists the model whether or not Triton answers, as vLLM's does)."""
+        try:
+            ready = await state["client"].is_model_ready(ENGINE_MODEL, client_timeout=5)
+        except InferenceServerException as exc:
+            raise OpenAIError(503, f"the Triton server behind this API is unavailable: {exc.message()}") from exc
+        if not ready:
+            raise OpenAIError(503, f"the Triton server behind this API is unavailable: {ENGINE_MODEL} is not ready")
+        return JSONResponse({})
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
@@ -391,17 +403,21 @@ def start_frontend(triton_grpc: str, model_dir: Path, served_model_name: str, po
             [sys.executable, "-m", "serving.openai_frontend", "--triton-grpc", triton_grpc, "--model-dir",
              str(model_dir), "--served-model-name", served_model_name, "--host", host, "--port", str(port)],
             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the OpenAI frontend exited (rc {process.returncode}); see {log_file}")
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=2):
-                return process
-        except (OSError, http.client.HTTPException):
-            time.sleep(0.3)
-    process.terminate()
-    raise RuntimeError(f"the OpenAI frontend did not answer within {ready_timeout_s} s; see {log_file}")
+    try:  # whatever ends the wait (timeout, Ctrl-C, SIGTERM) stops the frontend: it has its own session
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the OpenAI frontend exited (rc {process.returncode}); see {log_file}")
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=2):
+                    return process
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.3)
+        raise RuntimeError(f"the OpenAI frontend did not answer within {ready_timeout_s} s; see {log_file}")
+    except BaseException:
+        process.terminate()
+        process.wait(timeout=30)
+        raise
 
 
 def pid_file_for(triton_pid_file: Path) -> Path:

@@ -35,6 +35,11 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL]
 
 
+def test_health_is_200_while_the_engine_model_is_ready(openai_url):
+    with urllib.request.urlopen(openai_url.removesuffix("/v1") + "/health", timeout=30) as response:
+        assert response.status == 200
+
+
 def test_chat_completion_equals_the_native_answer(client, triton):
     native = collect(stream_grpc(triton.grpc, PROMPT, max_tokens=16, temperature=0.0))
     reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": PROMPT}],
@@ -139,6 +144,11 @@ def test_triton_gone_is_a_503_that_says_so(tmp_path) -> None:
 
     frontend = start_frontend("127.0.0.1:1", fetch_model(DEFAULT_MODEL), DEFAULT_MODEL, 19871, tmp_path / "f.log")
     try:
+        # a load balancer's probe learns it too: /v1/models lists the model regardless, as vLLM's does
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen("http://127.0.0.1:19871/health", timeout=60)
+        error = json.loads(info.value.read())["error"]
+        assert info.value.code == 503 and error["message"].startswith("the Triton server behind this API is unavailable: ")
         body = json.dumps({"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 2}).encode()
         request = urllib.request.Request("http://127.0.0.1:19871/v1/completions", data=body,
                                          headers={"content-type": "application/json"})
@@ -151,6 +161,33 @@ def test_triton_gone_is_a_503_that_says_so(tmp_path) -> None:
     finally:
         frontend.terminate()
         frontend.wait(30)
+
+
+def test_frontend_interrupted_while_starting_is_stopped(monkeypatch, tmp_path) -> None:
+    """Ctrl-C (or SIGTERM, which `serve` turns into it) while the frontend starts leaves no frontend
+    running: it has its own session, so nothing else would stop it."""
+    import subprocess
+
+    from hub.fetch import fetch_model
+    from serving import openai_frontend
+    from tests.conftest import _free_port
+
+    model_dir = fetch_model(DEFAULT_MODEL)
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(openai_frontend.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(openai_frontend.urllib.request, "urlopen", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        openai_frontend.start_frontend("127.0.0.1:1", model_dir, DEFAULT_MODEL, _free_port(), tmp_path / "f.log")
+    assert len(started) == 1 and started[0].poll() is not None
 
 
 def test_client_leaving_mid_stream_cancels_the_request_on_triton(client, triton):
