@@ -632,7 +632,6 @@ class Engine:
         result = self._verify(request, draft, logits)
         self._roll_back(request, len(draft.tokens), result.num_accepted)
         observed.append((request, tokens[: 1 + result.num_accepted], first_packed))
-        request.spec_stats.record(len(draft.tokens), result.num_accepted)
         self._acceptance.record(len(draft.tokens), result.num_accepted)
         self._source_acceptance(draft.source).record(len(draft.tokens), result.num_accepted)
         if draft.confidences:
@@ -640,8 +639,8 @@ class Engine:
         request.adaptive_length = next_adaptive_length(
             request.adaptive_length, len(draft.tokens), result.num_accepted, MAX_DRAFT_TOKENS
         )
-        self.stats.speculation.record(len(draft.tokens), result.num_accepted)
-        self._append_tokens(request, result.tokens)
+        self.stats.speculation.record(len(draft.tokens), result.num_accepted)  # the drafter's record
+        self._append_tokens(request, result.tokens, len(draft.tokens), result.num_accepted)
 
     def _observe(self, observed: list[tuple[_Request, list[int], int]], hidden: dict[int, torch.Tensor]) -> None:
         """Hands the drafter the target's hidden states of the tokens this forward committed: one batched call.
@@ -684,9 +683,10 @@ class Engine:
             self.cache.truncate(request.slot, committed)
         self.drafter.commit(request.request_id, committed)
 
-    def _append_tokens(self, request: _Request, tokens: list[int]) -> None:
+    def _append_tokens(self, request: _Request, tokens: list[int], num_drafted: int = 0, num_accepted: int = 0) -> None:
         """Streams accepted tokens to the client, one at a time through the rule that ends a generation,
-        so a block of accepted tokens ends exactly where one-token steps would."""
+        so a block of accepted tokens ends exactly where one-token steps would. ``tokens`` are the
+        ``num_accepted`` accepted draft tokens (of ``num_drafted``) and the target's own next one."""
         reason = None
         emitted: list[int] = []
         text = ""
@@ -701,6 +701,8 @@ class Engine:
             if reason is not None:
                 break
         self.stats.tokens_generated += len(emitted)
+        # the request's counters (its usage) count the accepted drafts its answer kept: an end inside the block cuts it
+        request.spec_stats.record(num_drafted, min(num_accepted, len(emitted)))
         if reason is None:
             self._send(request, GenerationChunk(emitted, text))
             return

@@ -227,3 +227,27 @@ def test_a_stop_string_completed_by_the_final_flush_ends_with_stop(smollm2_fp32,
     drafter = None if spec.mode == "off" else PromptLookupDrafter()
     got = generate(smollm2_fp32, tokenizer, [prompt], [SamplingParams(max_tokens=j + 1, stop=(stop,))], spec, drafter)[0]
     assert got == Outcome(ids[:j + 1], before[:-2], "stop", len(prompt), j + 1)
+
+
+@pytest.mark.parametrize("end", ["stop string", "end_id"])
+def test_a_request_counts_only_the_accepted_drafts_its_answer_keeps(smollm2_fp32, smollm2_encoder, prompts, reference,
+                                                                     end):
+    """A drafter that is always right drafts 7 tokens a round and all are accepted; the answer ends at its
+    3rd token, inside the first round's block. Its counters (what OpenAI's usage reports) count the 2
+    drafted tokens the answer kept, not the 7 accepted (the server's metrics measure the drafter)."""
+    ids, _ = reference
+    out = ids[0]
+    decode = smollm2_encoder.tokenizer.decode
+    assert out[3] not in out[:3] and decode(out[2:3]) not in decode(out[:2]), "the end must be the 3rd token's"
+    params = {"stop string": SamplingParams(max_tokens=REFERENCE_TOKENS, stop=(decode(out[2:3]),)),
+              "end_id": SamplingParams(max_tokens=REFERENCE_TOKENS, end_ids=(out[3],))}[end]
+    engine = Engine(smollm2_fp32, smollm2_encoder.tokenizer, EngineConfig(1, 512, 256),
+                    OracleDrafter(prompts[:1], ids[:1], miss=0.0), FLAT_COST)
+    chunks: list[GenerationChunk] = []
+    engine.submit(prompts[0], params, chunks.append, spec=SpeculationParams("static", 7))
+    while engine.step():
+        pass
+    last = chunks[-1]
+    assert (last.finish_reason, last.num_output_tokens) == ("stop", 3)
+    assert (last.num_draft_rounds, last.num_draft_tokens, last.num_accepted_tokens) == (1, 7, 2)
+    assert (engine.stats.speculation.drafted, engine.stats.speculation.accepted) == (7, 7)
