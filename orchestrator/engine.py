@@ -229,7 +229,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop=StopStringMatcher(params.stop),
             end_ids=self.eos_token_ids if params.end_ids is None else frozenset(params.end_ids),
-            adaptive_length=max(spec.num_draft_tokens, 1),
+            adaptive_length=spec.num_draft_tokens,
         )
         with self._lock:
             if self._stopping:  # shutdown has answered the queue already; nobody would answer this one
@@ -637,7 +637,7 @@ class Engine:
         if draft.confidences:
             self._calibration[request.params.greedy].record(draft.confidences, result.num_accepted)
         request.adaptive_length = next_adaptive_length(
-            request.adaptive_length, len(draft.tokens), result.num_accepted, MAX_DRAFT_TOKENS
+            request.adaptive_length, len(draft.tokens), result.num_accepted, request.spec.num_draft_tokens
         )
         self.stats.speculation.record(len(draft.tokens), result.num_accepted)  # the drafter's record
         self._append_tokens(request, result.tokens, len(draft.tokens), result.num_accepted)

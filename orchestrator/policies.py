@@ -4,7 +4,7 @@ Interchangeable per request (`spec_mode`), so they can be compared in one server
 - off: plain autoregressive decoding;
 - static: always K;
 - batch_limited: K while the batch is small, none above a batch-size threshold (vLLM's rule);
-- adaptive: per request, +2 after a fully accepted draft, -1 otherwise (Hugging Face's heuristic);
+- adaptive: per request, +2 after a fully accepted draft, -1 otherwise, up to K (Hugging Face's heuristic);
 - dspark: draft K, then the load-aware scheduler picks how many to verify across all requests.
 """
 from __future__ import annotations
@@ -40,14 +40,15 @@ def draft_length(spec: SpeculationParams, adaptive_length: int, batch_size: int,
     if spec.mode == "batch_limited" and batch_size > batch_limit:
         return 0
     if spec.mode == "adaptive":
-        return adaptive_length
+        return min(adaptive_length, spec.num_draft_tokens)
     return spec.num_draft_tokens
 
 
 def next_adaptive_length(length: int, num_drafted: int, num_accepted: int, max_length: int) -> int:
-    """Hugging Face's schedule: grow by 2 after a fully accepted draft, shrink by 1 otherwise."""
+    """Hugging Face's schedule: grow by 2 after a fully accepted draft, shrink by 1 otherwise; within
+    [1, max_length] (the request's num_draft_tokens)."""
     if num_drafted == 0:
         return length
     if num_accepted == num_drafted:
         return min(length + 2, max_length)
-    return max(length - 1, 1)
+    return min(max(length - 1, 1), max_length)

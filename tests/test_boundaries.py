@@ -251,3 +251,20 @@ def test_a_request_counts_only_the_accepted_drafts_its_answer_keeps(smollm2_fp32
     assert (last.finish_reason, last.num_output_tokens) == ("stop", 3)
     assert (last.num_draft_rounds, last.num_draft_tokens, last.num_accepted_tokens) == (1, 7, 2)
     assert (engine.stats.speculation.drafted, engine.stats.speculation.accepted) == (7, 7)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_adaptive_mode_drafts_at_most_num_draft_tokens(smollm2_fp32, smollm2_encoder, prompts, reference, k):
+    """`num_draft_tokens` is the adaptive schedule's ceiling (0: no drafts), even when every draft is
+    accepted and the schedule would grow."""
+    ids, _ = reference
+    engine = Engine(smollm2_fp32, smollm2_encoder.tokenizer, EngineConfig(1, 512, 256),
+                    OracleDrafter(prompts[:1], ids[:1], miss=0.0), FLAT_COST)
+    chunks: list[GenerationChunk] = []
+    engine.submit(prompts[0], SamplingParams(max_tokens=REFERENCE_TOKENS), chunks.append,
+                  spec=SpeculationParams("adaptive", k))
+    while engine.step():
+        pass
+    drafted_at = engine.stats.speculation.drafted_at
+    assert [t for c in chunks for t in c.token_ids] == ids[0]
+    assert sum(drafted_at[k:]) == 0 and (k == 0 or drafted_at[k - 1] > 1)

@@ -95,6 +95,8 @@ def test_baseline_policies():
     assert next_adaptive_length(3, 3, 1, 16) == 2
     assert next_adaptive_length(1, 1, 0, 16) == 1
     assert next_adaptive_length(15, 15, 15, 16) == 16
+    assert draft_length(SpeculationParams("adaptive", 0), 3, 1, 4) == 0
+    assert next_adaptive_length(2, 2, 2, 2) == 2
 
 
 class FixedDrafter:
