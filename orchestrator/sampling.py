@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +25,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _tupled(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What a client may ask for; ``validate`` guards every field before the engine sees it."""
@@ -37,6 +42,13 @@ class SamplingParams:
     min_tokens: int = 0  # no end-of-generation id before this many output tokens
     end_ids: tuple[int, ...] | None = None  # ids that end the generation; None = the model's own
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences the output must never contain
+
+    def __post_init__(self) -> None:
+        # lists (as JSON gives them) become the tuples the rules compare with; other types are left to validate
+        object.__setattr__(self, "stop", _tupled(self.stop))
+        object.__setattr__(self, "end_ids", _tupled(self.end_ids))
+        if isinstance(self.bad_words, (list, tuple)):
+            object.__setattr__(self, "bad_words", tuple(_tupled(word) for word in self.bad_words))
 
     @property
     def greedy(self) -> bool:

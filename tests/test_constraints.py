@@ -138,6 +138,13 @@ def test_banned_tokens_follow_the_history():
     assert sorted(banned_tokens(params, [0], [1, 7], num_output=2)) == [5, 8]
 
 
+def test_sequences_given_as_lists_work_as_tuples():
+    """The in-process API takes lists where it documents tuples (as JSON gives them): the same rules."""
+    listed = SamplingParams(max_tokens=8, stop=["x"], end_ids=[3], bad_words=[[5], [7, 8]])
+    assert listed == SamplingParams(max_tokens=8, stop=("x",), end_ids=(3,), bad_words=((5,), (7, 8)))
+    assert sorted(banned_tokens(listed, [0], [1, 7], num_output=2)) == [5, 8]
+
+
 @pytest.mark.parametrize(("params", "message"), [
     (SamplingParams(max_tokens=4, min_tokens=5), r"min_tokens \(min_length\) must be an integer in \[0, max_tokens=4\]"),
     (SamplingParams(max_tokens=4, end_ids=(10**7,)), "end_id must be in"),
