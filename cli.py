@@ -644,9 +644,10 @@ def train_data(target: str, train_prompts: tuple[str, ...], calib_prompts: str, 
               help="Train on the answer shards generated so far (a fair sample of the mix) instead of finishing them.")
 @click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start a new run from this drafter's weights, shape and draft vocabulary (e.g. one trained on a GPU "
-                   "host with other data); the shape options are then unused, except --qk-norm.")
+                   "host with other data); the shape options are then unused, except --qk-norm and a larger "
+                   "--markov-rank, which widens its Markov head (it starts computing what it did).")
 def train(kind: str, target: str, steps: int | None, max_minutes: float | None, batch_size: int, anchors: int, lr: float,
-          ce_weight: float, layers: int, intermediate_size: int, markov_rank: int, block_size: int, rope: str,
+          ce_weight: float, layers: int, intermediate_size: int, markov_rank: int | None, block_size: int, rope: str,
           qk_norm: bool | None, layers_from_target: bool,
           train_prompts: tuple[str, ...],
           calib_prompts: str,
@@ -661,9 +662,11 @@ def train(kind: str, target: str, steps: int | None, max_minutes: float | None, 
     from training.pipeline import TrainSetupError, run_training
     from training.train import TrainConfig
 
-    if kind == "eagle3" and layers != 1 and (click.get_current_context().get_parameter_source("layers")
-                                              == click.core.ParameterSource.COMMANDLINE):
+    given = click.get_current_context().get_parameter_source
+    if kind == "eagle3" and layers != 1 and given("layers") == click.core.ParameterSource.COMMANDLINE:
         raise click.BadParameter(f"an EAGLE-3-style drafter has one layer, not {layers}", param_hint="--layers")
+    if init_dir is not None and given("markov_rank") != click.core.ParameterSource.COMMANDLINE:
+        markov_rank = None  # --init's own
     if threads:
         torch.set_num_threads(threads)
     out = out or cache_dir() / "drafters" / f"{cache_name(target)}-{kind}"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from models.drafters import build_drafter, default_config, load_drafter
 from training.calibration import cumulative_survival, expected_calibration_error, sequential_calibration
 from training.data import AnswerSpec, Sequence, build_dataset, generate_answers, generate_with_features
-from training.layer_init import check_layers_fit, init_layers_from_target, qk_norm_gains
+from training.layer_init import check_layers_fit, init_layers_from_target, qk_norm_gains, widened_markov
 from training.losses import LossWeights, drafter_loss, subset_total_variation
 from training.sources import BENCHMARK_SOURCES, build_prompts, domain_prompts, source_items, split_of
 from training.train import (
@@ -453,6 +453,54 @@ def test_qk_norms_added_to_a_trained_drafter_start_close_to_its_attention() -> N
     assert error(gains) < 0.4 * error(ones)  # 0.29 here
     with pytest.raises(ValueError, match="already has q/k norms"):
         qk_norm_gains(normed, batches)
+
+
+def test_a_widened_markov_head_starts_where_the_drafter_was_and_learns() -> None:
+    """Rank 8 -> 24: the same logits and confidences at the start, and the new columns get gradients."""
+    target = tiny_target()
+    config = default_config("dspark", target, num_layers=1, intermediate_size=48, markov_rank=8)
+    torch.manual_seed(0)
+    narrow = build_drafter(config, target).eval()
+    with torch.no_grad():
+        narrow.markov_w2.weight.normal_(std=0.5)  # a trained head is not zero
+        narrow.confidence_head.weight.normal_(std=0.5)
+    wide = build_drafter(replace(config, markov_rank=24), target).eval()
+    wide.load_state_dict(widened_markov(narrow.state_dict(), 24))
+    batch = heldout_batches(_tiny_data(target, config.tap_layers, 4, 1), TrainConfig(batch_size=4, anchors=6, max_len=64),
+                            config.block_size)[0]
+    with torch.no_grad():
+        for got, want in zip(wide.train_forward(batch.features, batch.tokens, batch.anchors),
+                             narrow.train_forward(batch.features, batch.tokens, batch.anchors)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    logits, conf = wide.train_forward(batch.features, batch.tokens, batch.anchors)
+    (logits.square().mean() + conf.square().mean()).backward()
+    assert wide.markov_w2.weight.grad[:, 8:].abs().sum() > 0 and wide.confidence_head.weight.grad[:, -16:].abs().sum() > 0
+    with pytest.raises(ValueError, match="rank 8 cannot be narrowed to 4"):
+        widened_markov(narrow.state_dict(), 4)
+
+
+def test_train_init_with_a_larger_markov_rank_widens_the_head(tmp_path, smollm2_dir) -> None:
+    from click.testing import CliRunner
+
+    import cli
+    from models.drafters import save_drafter
+    from models.loading import load_transformer
+
+    target = load_transformer(smollm2_dir)
+    save_drafter(build_drafter(default_config("dspark", target, "smollm2-135m-instruct", num_layers=1, intermediate_size=32,
+                                              markov_rank=4, draft_vocab_size=0), target), tmp_path / "r4")
+    small = ["--train-prompts", "chat_tmpl=2", "--calib-prompts", "chat_tmpl=2", "--max-new-tokens", "16",
+             "--answer-temperatures", "0", "--eval-every", "0", "--threads", "1", "--steps", "1", "--init", str(tmp_path / "r4")]
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--markov-rank", "12", "--out", str(tmp_path / "r12")]
+                           + small)
+    assert result.exit_code == 0, result.output
+    assert load_drafter(tmp_path / "r12", target).config.markov_rank == 12
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--markov-rank", "2", "--out", str(tmp_path / "r2")]
+                           + small)
+    assert result.exit_code == 1 and "Markov head of rank 4 cannot be narrowed to 2" in result.output, result.output
+    result = runner.invoke(cli.cli, ["train", "--drafter", "dspark", "--out", str(tmp_path / "same")] + small)
+    assert result.exit_code == 0 and load_drafter(tmp_path / "same", target).config.markov_rank == 4, result.output
 
 
 def test_train_refuses_target_layers_it_cannot_take_with_a_one_line_error(tmp_path, smollm2_dir) -> None:

@@ -7,6 +7,8 @@ residual stream).
 
 From a trained drafter without per-head q/k norms: the same weights with the norms added, their
 gains fitted so that the normed queries and keys (and so the attention) start close to the old ones.
+
+From a trained DSpark drafter with a narrower Markov head: the same function, the head widened.
 """
 from __future__ import annotations
 
@@ -103,3 +105,19 @@ def qk_norm_gains(plain: BlockDrafter, batches: Iterable[_Inputs]) -> dict[str, 
     if not seen:
         raise ValueError("no batches to fit the q/k norm gains on")
     return {name: num / den.clamp_min(1e-12) for name, (num, den) in sums.items()}
+
+
+def widened_markov(state: dict[str, torch.Tensor], rank: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """A DSpark drafter's weights ``state`` with its Markov head widened to ``rank`` (ValueError when
+    narrower). The new columns of W1 [vocab, rank] are random as a fresh head's, those of W2
+    [draft vocab, rank] and of the confidence head's weights on W1[x] are zero: the drafter computes
+    what it did, and W2's new columns get gradients from the first step."""
+    w1, w2, conf = state["markov_w1.weight"], state["markov_w2.weight"], state["confidence_head.weight"]
+    old = w1.shape[1]
+    if rank < old:
+        raise ValueError(f"a Markov head of rank {old} cannot be narrowed to {rank}")
+    extra = rank - old
+    return {**state,
+            "markov_w1.weight": torch.cat([w1, torch.randn(w1.shape[0], extra, dtype=w1.dtype) * std], dim=1),
+            "markov_w2.weight": torch.cat([w2, w2.new_zeros(w2.shape[0], extra)], dim=1),
+            "confidence_head.weight": torch.cat([conf, conf.new_zeros(conf.shape[0], extra)], dim=1)}

@@ -16,7 +16,7 @@ from models.loading import load_transformer
 from orchestrator.errors import InvalidRequestError
 from orchestrator.prompting import PromptEncoder
 from training.data import AnswerSpec, Sequence, build_dataset, generated_prompts
-from training.layer_init import check_layers_fit, qk_norm_gains
+from training.layer_init import check_layers_fit, qk_norm_gains, widened_markov
 from training.sources import Prompt, build_prompts
 from training.train import (RUN_MARKER, STATE_FILE, TrainConfig, calibrate_confidence, make_batch, run_record,
                             saved_run, train_drafter, usable)
@@ -104,7 +104,7 @@ def saved_drafter_config(directory: Path, option: str) -> DrafterConfig:
 
 def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, train_data: list[SplitData],
                  calib_data: SplitData, export_dtype: torch.dtype | None = None, draft_vocab_size: int = 0,
-                 num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int = 32, block_size: int = 7,
+                 num_layers: int = 2, intermediate_size: int = 1024, markov_rank: int | None = 32, block_size: int = 7,
                  generate: bool = True, init_dir: Path | None = None, rope: str = "standard",
                  layers_from_target: bool = False, qk_norm: bool | None = None) -> dict:
     """Train one drafter kind on the shared dataset, inside a draft vocabulary of the target's
@@ -116,7 +116,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     draft vocabulary it started with. Missing data is generated on ``cfg.device``. With ``init_dir``
     (a saved drafter, say one trained on a GPU host) the run starts from its weights, configuration
     and draft vocabulary, and ``rope`` is unused; ``qk_norm`` True adds q/k norms to a drafter saved
-    without them, their gains fitted so that it starts close to where it was; without it,
+    without them, their gains fitted so that it starts close to where it was, and a ``markov_rank`` above
+    its own widens its Markov head (``training.layer_init.widened_markov``; None keeps it, 32 without ``init_dir``); without it,
     ``layers_from_target`` starts the layers from the target's top layers (``training.layer_init``).
     ``qk_norm`` None: on, except for layers taken from a target without q/k norms."""
     # Training reads only the target's embeddings, LM head, norms and (optionally) top layers, in bf16 as
@@ -141,9 +142,14 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
             raise TrainSetupError(f"{init_dir} holds a drafter with q/k norms: they cannot be taken out")
         if qk_norm and not config.qk_norm:
             config = replace(config, qk_norm=True)
+        if markov_rank is not None and markov_rank != config.markov_rank and kind == "dspark":
+            if markov_rank < config.markov_rank:
+                raise TrainSetupError(f"--init {init_dir}: its Markov head of rank {config.markov_rank} cannot be "
+                                      f"narrowed to {markov_rank}")
+            config = replace(config, markov_rank=markov_rank)
     else:
         config = default_config(kind, target, target_name, block_size=block_size, num_layers=num_layers,
-                                 intermediate_size=intermediate_size, markov_rank=markov_rank,
+                                 intermediate_size=intermediate_size, markov_rank=32 if markov_rank is None else markov_rank,
                                  draft_vocab_size=draft_vocab_size, rope=rope,
                                  qk_norm=not layers_from_target if qk_norm is None else qk_norm)
         if layers_from_target:  # checked before any data loads
@@ -174,6 +180,8 @@ def run_training(kind: str, target_name: str, out_dir: Path, cfg: TrainConfig, t
     init = load_file(str(Path(init_dir) / "model.safetensors")) if init_dir is not None else None
     if init is not None and config.qk_norm and not init_config.qk_norm and saved is None:
         init = {**init, **_fitted_qk_norms(target, Path(init_dir), train, cfg)}
+    if init is not None and config.markov_rank != init_config.markov_rank:
+        init = widened_markov(init, config.markov_rank)
     result = train_drafter(target, config, train, out_dir, cfg, draft_vocab=vocab, heldout=calib, init=init,
                            layers_from_target=layers_from_target, run=run)
     if init_dir is not None:
