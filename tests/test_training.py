@@ -297,19 +297,24 @@ def test_training_raises_heldout_acceptance_and_resume_continues_the_same_run(tm
     assert saved["elapsed"] > 0 and [h["step"] for h in saved["history"]] == list(range(1, 31))
     assert load_drafter(tmp_path / "d", target).config == config
 
-    # Ctrl-C ends the run at a step boundary with every step done saved (no checkpoint was due)
+    # Ctrl-C ends the run at a step boundary with every step done saved (no checkpoint was due). Python's own
+    # handler first: a suite started in the background inherits SIGINT ignored, which a run keeps ignored.
     import os
     import signal
     import threading
 
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
-    long = TrainConfig(**{**short.__dict__, "steps": 100_000})
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        train_drafter(target, config, train, tmp_path / "e", long, draft_vocab=vocab, progress=False)
-    timer.join()
-    done = torch.load(tmp_path / "e" / STATE_FILE, weights_only=False)["step"]
-    assert 0 < done < 100_000 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+        long = TrainConfig(**{**short.__dict__, "steps": None, "max_minutes": 1.0})  # a run Ctrl-C missed ends, and fails
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            train_drafter(target, config, train, tmp_path / "e", long, draft_vocab=vocab, progress=False)
+        timer.join()
+        done = torch.load(tmp_path / "e" / STATE_FILE, weights_only=False)["step"]
+        assert done > 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_a_run_can_start_from_another_drafters_weights(tmp_path) -> None:
