@@ -45,10 +45,10 @@ def draft_length(spec: SpeculationParams, adaptive_length: int, batch_size: int,
 
 
 def next_adaptive_length(length: int, num_drafted: int, num_accepted: int, max_length: int) -> int:
-    """Hugging Face's schedule: grow by 2 after a fully accepted draft, shrink by 1 otherwise; within
-    [1, max_length] (the request's num_draft_tokens)."""
+    """Hugging Face's schedule: grow by 2 after a fully accepted draft, up to ``max_length`` (the request's
+    num_draft_tokens), shrink by 1 otherwise."""
     if num_drafted == 0:
         return length
     if num_accepted == num_drafted:
         return min(length + 2, max_length)
-    return min(max(length - 1, 1), max_length)
+    return max(length - 1, 1)
