@@ -64,6 +64,11 @@ class OpenAIError(Exception):
 _OPENAI_FIELDS = {**{name: name for name in INPUT_DTYPES}, "text_input": "prompt", "input_ids": "messages"}
 
 
+def triton_unavailable(detail: str) -> OpenAIError:
+    """503 for a Triton that does not answer or does not serve the engine model."""
+    return OpenAIError(503, f"the Triton server behind this API is unavailable: {detail}")
+
+
 def error_from_triton(message: str) -> OpenAIError:
     """The engine says "internal error" for its own faults; everything else it refuses is the client's input,
     named by the OpenAI field it came from where the message starts with the native one."""
@@ -220,7 +225,7 @@ class EngineStream:
         except Exception as exc:  # the connection, not the request: Triton went away or never answered
             self._finished = True
             detail = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-            raise OpenAIError(503, f"the Triton server behind this API is unavailable: {detail}") from exc
+            raise triton_unavailable(detail) from exc
         if error is not None:
             self._finished = True
             raise error_from_triton(error.message() if isinstance(error, InferenceServerException) else str(error))
@@ -363,9 +368,9 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
         try:
             ready = await state["client"].is_model_ready(ENGINE_MODEL, client_timeout=5)
         except InferenceServerException as exc:
-            raise OpenAIError(503, f"the Triton server behind this API is unavailable: {exc.message()}") from exc
+            raise triton_unavailable(exc.message()) from exc
         if not ready:
-            raise OpenAIError(503, f"the Triton server behind this API is unavailable: {ENGINE_MODEL} is not ready")
+            raise triton_unavailable(f"{ENGINE_MODEL} is not ready")
         return JSONResponse({})
 
     @app.get("/v1/models")
