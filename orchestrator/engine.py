@@ -696,7 +696,7 @@ class Engine:
                 break
             emitted.append(token)
             request.output_ids.append(token)
-            text += request.stop.feed(request.detokenizer.push([token]))
+            text += request.stop.feed(request.detokenizer.push([token]), self._stops_count(request))
             reason = self._end_reason(request)
             if reason is not None:
                 break
@@ -707,11 +707,16 @@ class Engine:
             self._send(request, GenerationChunk(emitted, text))
             return
         if not request.stop.stopped:  # the text held back (an unfinished character) may still complete a stop string
-            text += request.stop.feed(request.detokenizer.flush())
+            text += request.stop.feed(request.detokenizer.flush(), self._stops_count(request))
             if request.stop.stopped:
                 reason = "stop"
             text += request.stop.flush()
         self._finish(request, reason, token_ids=emitted, text=text)
+
+    @staticmethod
+    def _stops_count(request: _Request) -> bool:
+        """Whether a stop string ending in the latest token's text ends the answer: not before min_tokens."""
+        return len(request.output_ids) >= request.params.min_tokens
 
     def _end_reason(self, request: _Request) -> str | None:
         """Whether the request ends after its latest token: a stop string, max_tokens, or a full context."""

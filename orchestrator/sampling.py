@@ -39,7 +39,7 @@ class SamplingParams:
     top_k: int = 0  # 0 => off
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    min_tokens: int = 0  # no end-of-generation id before this many output tokens
+    min_tokens: int = 0  # no end-of-generation id, and no stop string ending, before this many output tokens
     end_ids: tuple[int, ...] | None = None  # ids that end the generation; None = the model's own
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences the output must never contain
 

@@ -10,23 +10,30 @@ class StopStringMatcher:
     def __init__(self, stop: Sequence[str]) -> None:
         self._stop = tuple(s for s in stop if s)
         self._held = ""
+        self._inert = 0  # the held text's first characters came before stops counted: no stop string ends in them
         self.stopped = False
 
-    def feed(self, delta: str) -> str:
-        """Returns the text safe to emit now. Sets `stopped` once a stop string appears (it is not emitted)."""
+    def feed(self, delta: str, can_stop: bool = True) -> str:
+        """Returns the text safe to emit now. Sets `stopped` once a stop string ends in text fed with
+        ``can_stop`` (the stop string is not emitted; it may begin in earlier text still held back).
+        Before a request's min_tokens, ``can_stop`` is False: stop strings ending there do not count,
+        as vLLM's ``min_tokens`` rule has it."""
         if self.stopped:
             return ""
         if not self._stop:
             return delta
         self._held += delta
-        cut = min((i for i in (self._held.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            released, self._held = self._held[:cut], ""
-            return released
+        if can_stop:
+            cut = min((i for i in (self._held.find(s, max(self._inert - len(s) + 1, 0)) for s in self._stop) if i >= 0),
+                      default=-1)
+            if cut >= 0:
+                self.stopped = True
+                released, self._held = self._held[:cut], ""
+                return released
         keep = self._longest_partial_suffix()
         released = self._held[: len(self._held) - keep]
         self._held = self._held[len(self._held) - keep:]
+        self._inert = 0 if can_stop else len(self._held)
         return released
 
     def flush(self) -> str:

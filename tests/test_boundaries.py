@@ -268,3 +268,35 @@ def test_adaptive_mode_drafts_at_most_num_draft_tokens(smollm2_fp32, smollm2_enc
     drafted_at = engine.stats.speculation.drafted_at
     assert [t for c in chunks for t in c.token_ids] == ids[0]
     assert sum(drafted_at[k:]) == 0 and (k == 0 or drafted_at[k - 1] > 1)
+
+
+def stop_rule(decode, out: list[int], stop: str, min_tokens: int) -> tuple[list[int], str, str]:
+    """Where plain decoding of ``out`` ends under the rule written out directly: the first token k >=
+    min_tokens whose text completes ``stop`` after the text of the first min_tokens - 1 tokens."""
+    inert = len(decode(out[:max(min_tokens - 1, 0)]))
+    for k in range(max(min_tokens, 1), len(out) + 1):
+        text = decode(out[:k])
+        i = text.find(stop, max(inert - len(stop) + 1, 0))
+        if i >= 0:
+            return out[:k], text[:i], "stop"
+    return out, decode(out), "length"
+
+
+@pytest.mark.parametrize("spec", [SpeculationParams("off"), SpeculationParams("static", 3),
+                                  SpeculationParams("dspark", 7)], ids=["off", "static-3", "dspark-7"])
+def test_a_stop_string_ends_the_answer_only_once_min_tokens_are_out(smollm2_fp32, smollm2_encoder, prompts, reference,
+                                                                   spec):
+    """vLLM's min_tokens rule: a stop string that ends before the answer holds min_tokens tokens does not
+    end it; its next occurrence does. A 2-character stop string that occurs twice in the reference."""
+    ids, texts = reference
+    decode = smollm2_encoder.tokenizer.decode
+    out, text = ids[0], texts[0]
+    stop = next(text[i:i + 2] for i in range(len(text) - 2) if text.count(text[i:i + 2]) >= 2 and text[i:i + 2].strip())
+    first_end = text.find(stop) + 2
+    min_tokens = next(k for k in range(1, len(out) + 1) if len(decode(out[:k])) >= first_end) + 1  # just past it
+    want = stop_rule(decode, out, stop, min_tokens)
+    assert want[2] == "stop" and len(want[0]) > min_tokens - 1 and want != stop_rule(decode, out, stop, 0)
+    drafter = None if spec.mode == "off" else OracleDrafter(prompts[:1], ids[:1])
+    got = generate(smollm2_fp32, smollm2_encoder.tokenizer, prompts[:1],
+                   [SamplingParams(max_tokens=REFERENCE_TOKENS, stop=(stop,), min_tokens=min_tokens)], spec, drafter)[0]
+    assert (got.ids, got.text, got.finish) == want

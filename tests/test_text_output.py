@@ -68,6 +68,20 @@ def test_earliest_of_several_stop_strings_wins():
     assert matcher.feed("One. Two\n\n") == "One"
 
 
+def test_stop_strings_ending_before_stops_count_do_not_stop():
+    # the first "." ends in text fed before stops count (min_tokens); ".\n" begins there but ends after
+    matcher = StopStringMatcher([".", ".\n"])
+    assert matcher.feed("One. Two.", can_stop=False) == "One. Two"
+    assert matcher.feed("\nThree.") == "" and matcher.stopped
+
+
+def test_stop_string_wholly_held_before_stops_count_is_skipped_once_they_do():
+    # "ab" lies inside held-back text (a prefix of "xabz") when stops start to count: it ended too early
+    matcher = StopStringMatcher(["ab", "xabz"])
+    assert matcher.feed("1 xab", can_stop=False) == "1 "
+    assert matcher.feed("c ab") == "xabc " and matcher.stopped
+
+
 def test_prompt_ending_inside_a_character_streams_the_decode_of_the_output(tokenizer):
     rocket = tokenizer.encode("🚀", add_special_tokens=False).ids
     prompt = tokenizer.encode("Say it: ", add_special_tokens=False).ids + rocket[:1]
