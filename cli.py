@@ -769,15 +769,27 @@ def profile(model: str, dtypes: tuple[str, ...], thread_counts: str | None, toke
 
 
 @cli.command()
-@click.option("--url", default="localhost:8000", show_default=True, help="HTTP host:port or http://host:port.")
-@click.option("--metrics-url", default="http://localhost:8002/metrics", show_default=True)
-def status(url: str, metrics_url: str) -> None:
+@click.option("--url", default=None, help="HTTP host:port or http://host:port. Default: the HTTP port of the server "
+                                          "--pid-file records, else localhost:8000.")
+@click.option("--metrics-url", default=None, help="Default: the metrics port of the server --pid-file records when "
+                                                  "--url is that server, else port 8002 of --url's host.")
+@click.option("--pid-file", type=click.Path(path_type=Path), default=None, help="The record `serve` wrote.")
+def status(url: str | None, metrics_url: str | None, pid_file: Path | None) -> None:
     """Server health, the engine's load and speculation counters, and what the scheduler reads."""
+    from urllib.parse import urlsplit
+
     import requests
 
     from clients.generation import http_base
     from serving.load_monitor import parse_metrics
+    from serving.triton_launcher import recorded_ports
 
+    ports = recorded_ports(pid_file or _default_pid_file())
+    url = url or f"localhost:{ports.get('http', 8000)}"
+    base = urlsplit(http_base(url))
+    if metrics_url is None:  # the metrics have a port of their own, which --url does not say
+        recorded = "metrics" in ports and base.hostname in ("localhost", "127.0.0.1") and base.port == ports.get("http")
+        metrics_url = f"http://{base.hostname}:{ports['metrics'] if recorded else 8002}/metrics"
     try:
         ready = requests.get(f"{http_base(url)}/v2/health/ready", timeout=5).status_code == 200
     except requests.RequestException as exc:
@@ -785,7 +797,7 @@ def status(url: str, metrics_url: str) -> None:
     click.echo(f"ready: {ready}")
     try:
         text = requests.get(metrics_url, timeout=5).text
-    except requests.RequestException as exc:  # its own port, which --url does not say
+    except requests.RequestException as exc:
         raise click.ClickException(f"metrics not reachable at {metrics_url} (the server's --metrics-port; "
                                    f"pass --metrics-url): {exc}") from exc
     reading = parse_metrics(text, "dspark")

@@ -284,6 +284,22 @@ def running_from_pid_file(pid_file: Path) -> int | None:
     return pid if pid is not None and _is_running_server(pid) else None
 
 
+def recorded_ports(pid_file: Path) -> dict[str, int]:
+    """The ports ("http", "grpc", "metrics") of the live tritonserver the pid file records, read from
+    its command line; empty when none runs."""
+    pid = running_from_pid_file(pid_file)
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0") if pid is not None else []
+    except OSError:
+        return {}
+    ports = {}
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name in ("--http-port", "--grpc-port", "--metrics-port") and value.isdigit():
+            ports[name[2:-5]] = int(value)
+    return ports
+
+
 def foreign_pid(pid_file: Path) -> int | None:
     """The PID a pid file records when it names a live process that is neither a Triton server nor a
     crashed one's stubs: the file is another program's record (None otherwise)."""

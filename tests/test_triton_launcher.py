@@ -96,6 +96,11 @@ def test_serve_infer_stop(repo: Path, tmp_path: Path) -> None:
         result = client.infer("add_one", [inp])
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
         assert server.url_metrics.endswith("/metrics")
+        # `status` finds this server's ports (none of them the defaults) from its pid file
+        import cli
+        result = CliRunner().invoke(cli.cli, ["status", "--pid-file", str(pid_file)])
+        assert result.exit_code == 0 and "ready: True" in result.output, result.output
+        assert "pending dspark requests: 0" in result.output  # read from its metrics port
     assert not Path(f"/proc/{pid}").exists()
     assert not pid_file.exists()
     assert all(port_is_free(p) for p in (http, grpc, metrics))
