@@ -345,8 +345,9 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
 @cli.command("export")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Known model name or a local HF model directory.")
 @click.option("--to", "target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Default: float32 for onnx, float16 for tensorrt.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "int8"]), default=None,
+              help="Default: float32 for onnx, float16 for tensorrt. int8 (onnx): float32 with int8 matmul weights, "
+                   "for ONNX Runtime's CPU kernels.")
 @click.option("--tap-layers", default="", help="Comma-separated layer indices whose hidden states become outputs.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for model.onnx (and drafter/): new, empty or an earlier export, which is replaced "
@@ -378,6 +379,9 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from exc
     dtype = dtype or ("float16" if target == "tensorrt" else "float32")
+    if target == "tensorrt" and dtype == "int8":
+        raise click.BadParameter("int8 weights are ONNX Runtime's (MatMulNBits); TensorRT builds float16 or float32",
+                                 param_hint="--dtype")
     try:
         taps = [int(t) for t in tap_layers.split(",") if t.strip()]
     except ValueError:
@@ -431,8 +435,9 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
 @cli.command()
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Default: float32 (torch, onnxruntime), float16 (tensorrt).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "int8"]), default=None,
+              help="Default: float32 (torch, onnxruntime), float16 (tensorrt). int8: onnxruntime with int8 matmul "
+                   "weights (float32 otherwise).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output repository (replaced). Default: build/model_repository_<runtime>.")
 def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None:
@@ -828,8 +833,9 @@ def _prompt_set(spec: str) -> list[str]:
 
 @bench.command("decode")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True, help="Target model (name or HF dir).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="auto: the server's choice for this CPU (bf16 where it is native).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default="auto", show_default=True,
+              help="auto: the server's choice for this CPU (bf16 where it is native); on onnxruntime float32, or int8 "
+                   "matmul weights.")
 @click.option("--config", "configs", multiple=True,
               help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K] (repeatable; "
                    "AR is always the baseline). K = dspark[=MAX]: the server's dspark mode, verifying what the "
@@ -841,7 +847,7 @@ def _prompt_set(spec: str) -> list[str]:
 @click.option("--raw", is_flag=True, help="Prompts as is, without the chat template.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
-              help="Where the target (and a trained block drafter) run; onnxruntime runs float32.")
+              help="Where the target (and a trained block drafter) run; onnxruntime runs float32 (or int8 weights).")
 @_device_option("Where the torch runtime runs (cpu, cuda).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
               help="Also write the results here as JSON.")
@@ -852,6 +858,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     from benchmarks.spec_decode import (checkpoint_of, format_table, needs_step_cost, parse_configs,
                                         run_spec_decode_benchmark, summarize)
+    from export.onnx_export import compute_dtype
     from hub.fetch import cache_dir, fetch_model
     from models.drafters import DrafterConfig
     from models.hardware import cpu_flags, resolve_dtype
@@ -864,7 +871,12 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     if threads:
         torch.set_num_threads(threads)
     prompt_texts = _prompt_set(prompts)  # a bad set fails before the model loads
-    dtype = "float32" if runtime == "onnxruntime" else resolve_dtype(dtype)
+    if runtime == "onnxruntime":
+        dtype = "int8" if dtype == "int8" else "float32"
+    elif dtype == "int8":
+        raise click.BadParameter("int8 weights run on --runtime onnxruntime", param_hint="--dtype")
+    else:
+        dtype = resolve_dtype(dtype)
     target_dir = fetch_model(target)
     try:  # a mistyped column fails before any model loads
         checkpoints = [d for d in map(checkpoint_of, configs) if d is not None]
@@ -880,11 +892,11 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(target_dir if name is None else fetch_model(name),
-                                                    dtype=getattr(torch, dtype)).eval()
+                                                    dtype=getattr(torch, compute_dtype(dtype))).eval()
 
     def model_drafter(name: str):
         drafter_dir = fetch_model(name)
-        drafter = load_runner(drafter_dir, "torch", dtype, device=device)
+        drafter = load_runner(drafter_dir, "torch", compute_dtype(dtype), device=device)
         check_drafter_fits(name, drafter.config, target, model.config)
         vocab = cached_draft_vocab(cache_dir(), drafter_dir, drafter.config.vocab_size,
                                    always=drafter.config.eos_token_ids)
@@ -985,9 +997,9 @@ def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: s
     pairs = [(spec.partition("/")[0], spec.partition("/")[2] or ("float32" if spec.startswith("onnx") else "auto"))
              for spec in (runtimes or ("torch/auto", "onnxruntime/float32"))]
     for spec, (rt, dt) in zip(runtimes, pairs):
-        if rt not in ("torch", "onnxruntime", "tensorrt") or dt not in ("auto", "float32", "float16", "bfloat16"):
+        if rt not in ("torch", "onnxruntime", "tensorrt") or dt not in ("auto", "float32", "float16", "bfloat16", "int8"):
             raise click.BadParameter(f"{spec!r}: expected RUNTIME[/DTYPE], RUNTIME one of torch, onnxruntime, tensorrt "
-                                     "and DTYPE one of auto, float32, float16, bfloat16", param_hint="--runtime")
+                                     "and DTYPE one of auto, float32, float16, bfloat16, int8", param_hint="--runtime")
     model_dir = fetch_model(model)
     setting = default_drafter(model_dir) if drafter == "auto" else drafter
     checkpoint = drafter_checkpoint(setting) or Path(setting)

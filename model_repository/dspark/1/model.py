@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from export.onnx_export import compute_dtype
 from export.repository import check_drafter_setting, check_graph_source, drafter_checkpoint, drafter_tap_layers
 from hub.fetch import cache_dir, model_dir_if_cached
 from models.hardware import resolve_dtype, usable_cores
@@ -191,7 +192,7 @@ def _make_drafter(choice: str, dtype: str, config: EngineConfig, target, runtime
         return PromptLookupDrafter()
     if choice.startswith("model:"):
         drafter_dir = _resolve_model_dir(choice[len("model:"):])
-        model = load_runner(drafter_dir, "torch", dtype)
+        model = load_runner(drafter_dir, "torch", compute_dtype(dtype))  # an int8 target's drafter: float32
         vocab = cached_draft_vocab(cache_dir(), drafter_dir, model.config.vocab_size, always=model.config.eos_token_ids)
         return ModelDrafter(model, config.max_batch_size, config.max_context, vocab)
     module = load_feature_drafter(drafter_checkpoint(choice), target, runtime, drafter_onnx)
