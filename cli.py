@@ -971,6 +971,37 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
         json_out.write_text(json.dumps(result, indent=2))
 
 
+@bench.command("precision")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--runtime", "runtimes", multiple=True,
+              help="RUNTIME/DTYPE, repeatable; the first is the reference (default: torch/float32, torch/bfloat16, "
+                   "onnxruntime/float32, onnxruntime/int8).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per text.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
+              help="Also write the results here as JSON.")
+def bench_precision(model: str, runtimes: tuple[str, ...], max_tokens: int, threads: int | None,
+                    json_out: Path | None) -> None:
+    """What each runtime/dtype costs in quality: perplexity and argmax agreement on Python's own sources and docs."""
+    from benchmarks.precision import format_precision_table, reference_texts, run_precision_benchmark
+    from hub.fetch import fetch_model
+    from runtimes.protocol import check_runtime_dtype
+
+    specs = [tuple(spec.split("/", 1)) for spec in
+             (runtimes or ("torch/float32", "torch/bfloat16", "onnxruntime/float32", "onnxruntime/int8"))]
+    for spec, pair in zip(runtimes, specs):
+        try:
+            if len(pair) != 2:
+                raise ValueError("expected RUNTIME/DTYPE")
+            check_runtime_dtype(*pair)
+        except ValueError as exc:
+            raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--runtime") from None
+    result = run_precision_benchmark(fetch_model(model), specs, reference_texts(), max_tokens, threads)
+    click.echo(format_precision_table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
 @bench.command("steps")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--drafter", default="auto", show_default=True,
