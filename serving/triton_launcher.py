@@ -201,6 +201,12 @@ def _mapped_regions(pids: list[int]) -> set[Path]:
 
 
 STUB_EXIT_GRACE_S = 2.0  # after the server exits, how long its python-backend stubs get to follow it
+DRAIN_S = 1.0  # after the stubs are signalled: the engine finishes its step and ends every request
+EXIT_TIMEOUT_S = 5  # Triton's wait for in-flight requests and model unloads after SIGTERM
+# After that Triton gives up ("Exiting immediately"), or waits on a client's open gRPC stream (2.51 shuts its
+# gRPC server down only once every stream has closed): killing it then loses nothing, its models being unloaded
+# or past waiting for.
+STOP_TIMEOUT_S = EXIT_TIMEOUT_S + 5
 
 
 def _group_alive(pgid: int) -> bool:
@@ -230,6 +236,14 @@ def _terminate(pid: int, timeout_s: float, popen: subprocess.Popen | None, known
     """SIGTERM, wait, SIGKILL the process group as a last resort; returns True if it exited cleanly."""
     regions = known_regions | shm_regions(pid)
     clean = True
+    stubs = [p for p in _group_members(pid) if _is_stub(p)]
+    for stub in stubs:  # the engine model ends its requests (serving.stop_signal); the other stubs ignore it
+        try:
+            os.kill(stub, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    if stubs:
+        time.sleep(DRAIN_S)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -309,7 +323,7 @@ def foreign_pid(pid_file: Path) -> int | None:
     return pid
 
 
-def stop_from_pid_file(pid_file: Path, timeout_s: float = 30) -> bool:
+def stop_from_pid_file(pid_file: Path, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     """Stop the server whose PID the file holds; False if none was running (stale or missing file).
 
     A file naming a live process that is neither a Triton server nor a crashed one's stubs records
@@ -377,7 +391,7 @@ class TritonServer:
             "--allow-metrics=true", "--allow-cpu-metrics=true", "--allow-gpu-metrics=false",
             "--metrics-interval-ms=1000",
             "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
-            "--exit-timeout-secs=5",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={c.log_verbose}",
             *c.extra_args,
         ]
@@ -444,7 +458,7 @@ class TritonServer:
             self.config.pid_file.unlink(missing_ok=True)
         self._proc = None
 
-    def stop(self, timeout_s: float = 30) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM, then SIGKILL after `timeout_s`; removes shm leftovers only if it died uncleanly."""
         if self._proc is not None:
             _terminate(self._proc.pid, timeout_s, self._proc, self._regions)

@@ -116,6 +116,8 @@ def test_k8s_deployment_replicas_probes_gpu_and_scraping() -> None:
     assert container["readinessProbe"]["httpGet"]["port"] in ports
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]  # the stubs end their streams first
+    assert hook[:2] == ["sh", "-c"] and "pkill -TERM -f '[t]riton_python_backend_stub'" in hook[2]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"

@@ -36,6 +36,7 @@ from orchestrator.request_inputs import (
 from orchestrator.step_cost import load_or_measure, profile_path
 from runtimes.loading import load_feature_drafter, load_runner
 from serving.load_monitor import LoadMonitor
+from serving.stop_signal import on_sigterm
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 log = logging.getLogger("dspark")
@@ -252,6 +253,8 @@ class TritonPythonModel:
         step_cost = load_or_measure(profile_path(cache_dir(), model_dir, runtime, dtype, threads), runner)
         self.engine = Engine(runner, self.encoder.tokenizer, config, drafter, step_cost)
         self.engine.start()
+        if not on_sigterm(self.engine.shutdown):  # `cli.py stop` signals this stub before the server
+            pb_utils.Logger.log_warn("dspark: not on the stub's main thread; a stop will wait for Triton's exit timeout")
         self.metrics = _EngineMetrics(self.engine)
         self.load_monitor = None
         if os.environ.get("DSPARK_METRICS_URL"):
