@@ -183,6 +183,25 @@ def test_wrong_tensor_type_is_rejected(triton):
     assert "max_tokens" in errors[0].message() and "FP32" in errors[0].message()
 
 
+def test_an_ensemble_request_without_a_prompt_is_refused_by_name(triton):
+    """Seen: without text_input, Triton 2.51 never ran the ensemble's first step and never answered (a gRPC
+    stream waited for ever; HTTP said 200 with another error). The ensemble declares it optional so that
+    preprocessing runs and refuses it."""
+    import queue
+
+    client = grpcclient.InferenceServerClient(triton.grpc)
+    max_tokens = grpcclient.InferInput("max_tokens", [1], "INT32")
+    max_tokens.set_data_from_numpy(np.array([4], dtype=np.int32))
+    events: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put(error))
+    client.async_stream_infer("ensemble", [max_tokens])
+    error = events.get(timeout=30)
+    client.stop_stream()
+    assert error is not None and "text_input is required" in error.message()
+    r = requests.post(f"http://{triton.http}/v2/models/ensemble/generate", json={"max_tokens": 4}, timeout=30)
+    assert r.status_code == 400 and "text_input is required" in r.json()["error"]
+
+
 def test_http_wrong_json_type_is_rejected(triton):
     # Triton's HTTP frontend converts JSON to tensors itself and answers 500 for a type it cannot convert.
     r = requests.post(f"http://{triton.http}/v2/models/ensemble/generate",
