@@ -31,7 +31,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.utils import InferenceServerException
 
@@ -90,6 +90,28 @@ def _whole_number(value: Any) -> Any:
 Integer = Annotated[int, BeforeValidator(_whole_number)]  # strict otherwise: no booleans, no strings
 
 
+def _unicode(text: str) -> str:
+    """JSON's escapes can spell a lone UTF-16 surrogate ("\\udc80"), which is no Unicode text and encodes to
+    nothing the engine could read: refused here, by field, rather than failing later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}, "
+                         "which is not Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+_TYPE_TAGS = {"str", "int", "float", "bool"}  # pydantic names a union's branch in an error's location
+
+
+def _field_path(loc: tuple) -> str | None:
+    """A validation error's location as the client's field path ("messages.0.content"), without pydantic's
+    union branches ("str", "list[str]", "function-after[...]") and the "body" root; None for the body itself."""
+    parts = [str(p) for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS | {"body"})]
+    return ".".join(parts) or None
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
@@ -104,22 +126,22 @@ class _GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
+    model: Text
     max_tokens: Integer | None = None
     temperature: float = 1.0  # OpenAI's default
     top_p: float = 1.0
     seed: Integer | None = Field(default=None, ge=0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: Integer = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None   # passed on: the engine refuses anything but 0 by name
     frequency_penalty: float | None = None
-    user: str | None = None  # accepted, unused
+    user: Text | None = None  # accepted, unused
     # DSpark's own inputs
     top_k: Integer | None = None
     min_tokens: Integer | None = None
-    spec_mode: str | None = None
+    spec_mode: Text | None = None
     num_draft_tokens: Integer | None = None
 
     def engine_inputs(self) -> dict[str, Any]:
@@ -142,15 +164,15 @@ class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_template_message(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
@@ -170,7 +192,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: Literal[False] = False
     logprobs: None = None
 
@@ -275,13 +297,15 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
+        # of a union's branches, the one that got furthest into the value says what is wrong with it
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
         if first["type"] == "json_invalid":
             error = OpenAIError(400, f"the request body is not valid JSON (at character {first['loc'][-1]})")
         else:
-            param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+            param = _field_path(first["loc"])
             message = "unsupported parameter" if first["type"] == "extra_forbidden" else first["msg"]
-            error = OpenAIError(400, f"{param}: {message}", param=param)
+            error = OpenAIError(400, f"{param or 'the request body'}: {message.removeprefix('Value error, ')}",
+                                param=param)
         return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -132,6 +132,17 @@ def test_malformed_requests_get_openai_errors(openai_url):
     assert status == 400 and body["error"]["message"] == "prompt is empty" and body["error"]["param"] == "prompt"
     status, body = post("/completions", json.dumps({"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 10**5}).encode())
     assert status == 400 and body["error"]["message"].startswith("max_tokens must be") and body["error"]["param"] == "max_tokens"
+    # JSON can spell a lone surrogate, which is no text: refused by field, not an internal error (it was a 500)
+    for path, fields, param in (
+            ("/completions", {"prompt": "a\udc80b"}, "prompt"),
+            ("/chat/completions", {"messages": [{"role": "user", "content": "a\udc80b"}]}, "messages.0.content"),
+            ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud83d"]}, "stop.0")):
+        status, body = post(path, json.dumps({"model": DEFAULT_MODEL, "max_tokens": 4} | fields).encode())
+        assert status == 400 and body["error"]["param"] == param, body
+        assert body["error"]["message"].startswith(f"{param}: holds a lone surrogate"), body
+    status, body = post("/completions", b"[1, 2]")  # the body itself, named as such
+    assert status == 400 and body["error"]["message"].startswith("the request body: Input should be a valid dict")
+    assert body["error"]["param"] is None
 
 
 def test_triton_gone_is_a_503_that_says_so(tmp_path) -> None:
