@@ -6,7 +6,9 @@ class InvalidRequestError(ValueError):
     """A client error: the message is sent back to that client verbatim."""
 
 
-def prompt_too_long(tokens: int, limit: int) -> InvalidRequestError:
+def prompt_too_long(tokens: int, limit: int, at_least: bool = False) -> InvalidRequestError:
     """The one wording of an over-long prompt, whichever layer counts it (text, chat, or ids); `limit`
-    is the longest prompt that fits (a server's: its context less one generated token)."""
-    return InvalidRequestError(f"prompt is {tokens} tokens; at most {limit} fit, leaving room for the answer")
+    is the longest prompt that fits (a server's: its context less one generated token). ``at_least``:
+    ``tokens`` is a bound from the text's length, the text too long to be worth tokenizing."""
+    return InvalidRequestError(f"prompt is {'at least ' if at_least else ''}{tokens} tokens; at most {limit} fit, "
+                               "leaving room for the answer")

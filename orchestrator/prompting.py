@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import jinja2
@@ -75,11 +76,24 @@ class PromptEncoder:
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids of a conversation, as `encode` gives them for a single user turn."""
-        if not messages or not any(m.get("content", "").strip() for m in messages):
+        if not messages or not any(m.get("content") for m in messages):
             raise InvalidRequestError("messages are empty: no message has any content")
-        return self._checked(self.tokenizer.encode(self.render_messages(messages), add_special_tokens=False).ids)
+        return self._tokenize(self.render_messages(messages), add_special_tokens=False)
 
-    def _checked(self, ids: list[int]) -> list[int]:
+    @cached_property
+    def _max_token_bytes(self) -> int:
+        """The most bytes of normalized text one token can stand for: no token's text is longer (a byte-level
+        token's characters are one byte each, a byte-fallback token stands for one byte)."""
+        return max(len(text.encode("utf-8")) for text in self.tokenizer.get_vocab(with_added_tokens=True))
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of a prompt that fits; an over-long one is refused, one that is sure to be too long
+        before it is tokenized (megabytes of text would hold the server's process for seconds)."""
+        normalizer = self.tokenizer.normalizer
+        size = len((normalizer.normalize_str(text) if normalizer is not None else text).encode("utf-8"))
+        if (least := -(-size // self._max_token_bytes)) > self.max_prompt_tokens:
+            raise prompt_too_long(least, self.max_prompt_tokens, at_least=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         if len(ids) > self.max_prompt_tokens:
             raise prompt_too_long(len(ids), self.max_prompt_tokens)
         return ids
@@ -91,11 +105,11 @@ class PromptEncoder:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InvalidRequestError(f"text_input is not valid UTF-8 (byte {exc.start})") from exc
-        if not text.strip():
+        if not text:  # whitespace is text: a raw completion may start from a newline, as vLLM allows
             raise InvalidRequestError("text_input is empty")
         if apply_chat_template:
             text = self.render_chat(text)
-        return self._checked(self.tokenizer.encode(text, add_special_tokens=not apply_chat_template).ids)
+        return self._tokenize(text, add_special_tokens=not apply_chat_template)
 
     def encode_request(self, inputs: Mapping[str, np.ndarray]) -> list[int]:
         """Prompt ids from a request's `text_input` and optional `apply_chat_template` (default on)."""
