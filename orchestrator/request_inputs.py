@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from orchestrator.errors import InvalidRequestError
+from orchestrator.errors import InvalidRequestError, brief
 from orchestrator.policies import SpeculationParams
 from orchestrator.sampling import SamplingParams
 
@@ -90,12 +90,12 @@ def _coerce(name: str, value: object, kind: type) -> object:
         except OverflowError:  # an integer literal beyond float64
             number = math.inf
     except (TypeError, ValueError):
-        raise InvalidRequestError(f"sampling_parameters: {name} must be a number, got {value!r}") from None
+        raise InvalidRequestError(f"sampling_parameters: {name} must be a number, got {brief(value)}") from None
     if not math.isfinite(number):
-        raise InvalidRequestError(f"sampling_parameters: {name} must be a finite number, got {number!r}")
+        raise InvalidRequestError(f"sampling_parameters: {name} must be a finite number, got {brief(number)}")
     if kind is int:
         if number != int(number):
-            raise InvalidRequestError(f"sampling_parameters: {name} must be an integer, got {value!r}")
+            raise InvalidRequestError(f"sampling_parameters: {name} must be an integer, got {brief(value)}")
         return value if isinstance(value, int) else int(number)
     return number
 
@@ -126,10 +126,13 @@ def _vllm_sampling(inputs: Mapping[str, np.ndarray]) -> dict[str, object]:
             out["stop"] = tuple(stops)
         elif key in _VLLM_NEUTRAL:
             neutral = _VLLM_NEUTRAL[key]
-            if value is not None and value != neutral and not (neutral is not None and str(value) == str(neutral)):
-                raise InvalidRequestError(f"sampling_parameters: {key}={value!r} is not supported (only {neutral!r})")
+            # numbers and booleans may come as strings, as vLLM allows ("0", "true" or "True")
+            if value is not None and value != neutral and not (neutral is not None
+                                                               and str(value).lower() == str(neutral).lower()):
+                raise InvalidRequestError(f"sampling_parameters: {key}={brief(value)} is not supported "
+                                          f"(only {neutral!r})")
         else:
-            raise InvalidRequestError(f"sampling_parameters: {key!r} is not supported")
+            raise InvalidRequestError(f"sampling_parameters: {brief(key)} is not supported")
     if out.get("top_k") == -1:  # vLLM's "off"
         out["top_k"] = 0
     return out
@@ -140,7 +143,7 @@ def _check_neutral(inputs: Mapping[str, np.ndarray]) -> None:
         kind = "b" if isinstance(neutral, bool) else "f" if isinstance(neutral, float) else "i"
         value = _scalar(inputs, name, kind)
         if value is not None and value != neutral:
-            raise InvalidRequestError(f"{message}, got {value!r}")
+            raise InvalidRequestError(f"{message}, got {brief(value)}")
     for name in ALWAYS_RETURNED:
         _scalar(inputs, name, "b")
 

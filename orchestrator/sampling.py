@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.errors import InvalidRequestError
+from orchestrator.errors import InvalidRequestError, brief
 
 MAX_STOP_STRINGS = 16
 MAX_BAD_WORDS = 64
@@ -59,7 +59,7 @@ class SamplingParams:
         """Raise InvalidRequestError naming the first bad parameter and its allowed range."""
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= max_tokens_limit:
             raise InvalidRequestError(
-                f"max_tokens must be an integer in [1, {max_tokens_limit}], got {self.max_tokens!r}"
+                f"max_tokens must be an integer in [1, {max_tokens_limit}], got {brief(self.max_tokens)}"
             )
         if (
             isinstance(self.temperature, bool)
@@ -68,36 +68,37 @@ class SamplingParams:
             or self.temperature < 0
         ):
             raise InvalidRequestError(
-                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+                f"temperature must be a finite number >= 0 (0 = greedy), got {brief(self.temperature)}"
             )
         if (
             isinstance(self.top_p, bool)
             or not isinstance(self.top_p, (int, float))
             or not 0.0 < self.top_p <= 1.0
         ):
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {brief(self.top_p)}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise InvalidRequestError(
-                f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"
+                f"top_k must be an integer >= 0 (0 = off), got {brief(self.top_k)}"
             )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(
-                f"seed must be an integer in [0, 2**64 - 1] or unset, got {self.seed!r}"
+                f"seed must be an integer in [0, 2**64 - 1] or unset, got {brief(self.seed)}"
             )
         if not isinstance(self.stop, (tuple, list)) or len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(
-                f"stop must be a list of at most {MAX_STOP_STRINGS} strings, got {self.stop!r}"
+                f"stop must be a list of at most {MAX_STOP_STRINGS} strings, got "
+                + (f"{len(self.stop)}" if isinstance(self.stop, (tuple, list)) else brief(self.stop))
             )
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise InvalidRequestError(f"stop strings must be non-empty strings, got {s!r}")
+                raise InvalidRequestError(f"stop strings must be non-empty strings, got {brief(s)}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens (min_length) must be an integer in [0, max_tokens={self.max_tokens}], "
-                f"got {self.min_tokens!r}"
+                f"got {brief(self.min_tokens)}"
             )
         if self.end_ids is not None and (not self.end_ids or not all(_is_int(t) for t in self.end_ids)):
-            raise InvalidRequestError(f"end_id must be a token id, got {self.end_ids!r}")
+            raise InvalidRequestError(f"end_id must be a token id, got {brief(self.end_ids)}")
         if len(self.bad_words) > MAX_BAD_WORDS:
             raise InvalidRequestError(f"bad_words holds at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}")
         if any(not word or not all(_is_int(t) for t in word) for word in self.bad_words):

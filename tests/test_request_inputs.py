@@ -65,7 +65,8 @@ def test_tensorrt_llm_inputs_take_effect():
 def test_vllm_sampling_parameters_take_effect():
     params = parse_sampling_params({
         "sampling_parameters": _str('{"max_tokens": "12", "min_tokens": "12", "temperature": 0.5, "top_k": -1, '
-                                    '"top_p": "0.9", "seed": 4, "stop": "###", "n": 1}'),
+                                    '"top_p": "0.9", "seed": 4, "stop": "###", "n": 1, '
+                                    '"skip_special_tokens": "true", "ignore_eos": "False"}'),  # neutral, as strings
         "exclude_input_in_output": np.array([True]), "return_num_output_tokens": np.array([True]),
     })
     assert (params.max_tokens, params.min_tokens, params.top_k, params.seed, params.stop) == (12, 12, 0, 4, ("###",))
@@ -96,6 +97,18 @@ def test_vllm_sampling_parameters_take_effect():
 def test_other_conventions_refuse_by_name(inputs, message):
     with pytest.raises(InvalidRequestError, match=message):
         parse_sampling_params(inputs)
+
+
+def test_refusals_quote_values_briefly():
+    """A refusal quoted every stop string it refused (5 MB for 17 long ones) and float32 artefacts."""
+    with pytest.raises(InvalidRequestError) as info:
+        parse_sampling_params({"stop": np.array([b"s" * 300_000] * 17, dtype=object)}).validate(2048)
+    assert str(info.value) == "stop must be a list of at most 16 strings, got 17"
+    with pytest.raises(InvalidRequestError, match=r"^top_p must be in \(0, 1\], got -0.1$"):
+        parse_sampling_params({"top_p": np.array([-0.1], np.float32)}).validate(2048)
+    with pytest.raises(InvalidRequestError) as info:
+        parse_sampling_params({"sampling_parameters": _str('{"%s": 1}' % ("k" * 1000))})
+    assert len(str(info.value)) < 150
 
 
 @pytest.mark.parametrize("seed", ["9007199254740993", "18446744073709551615", " 7 "])
