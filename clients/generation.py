@@ -106,15 +106,25 @@ def _checked(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _wire(text: str | bytes, name: str) -> bytes:
+    """A string input's bytes: a command line's undecodable bytes (Python's surrogate escapes) go as they
+    came, for the server to refuse by name; other lone surrogates are no text to send."""
+    if isinstance(text, bytes):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise GenerationError(f"{name} holds a lone surrogate at character {exc.start}, which is not text") from None
+
+
 def _grpc_inputs(prompt: str | bytes, stop: list[str] | None, params: dict[str, Any]) -> list[grpcclient.InferInput]:
-    text = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8")
-    arrays = {"text_input": np.array([text], dtype=np.object_), "stream": np.array([True])}
+    arrays = {"text_input": np.array([_wire(prompt, "text_input")], dtype=np.object_), "stream": np.array([True])}
     for name, value in _checked(params).items():
         if value is not None:
-            value = value.encode() if isinstance(value, str) else value
+            value = _wire(value, name) if isinstance(value, str) else value
             arrays[name] = np.array([value], dtype=INPUT_DTYPES[name])
     if stop:
-        arrays["stop"] = np.array([s.encode("utf-8") for s in stop], dtype=np.object_)
+        arrays["stop"] = np.array([_wire(s, "stop") for s in stop], dtype=np.object_)
     return infer_inputs(arrays)
 
 

@@ -169,6 +169,20 @@ def test_invalid_utf8_prompt_is_rejected(triton):
             collect(stream_grpc(triton.grpc, b"caf\xc3(", model=model, max_tokens=4))
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_command_line_that_is_not_utf8_is_refused_by_the_server_in_one_line(triton, protocol):
+    """Undecodable command-line bytes reach Python as surrogate escapes; over gRPC they raised a traceback."""
+    from click.testing import CliRunner
+
+    import cli
+
+    url = triton.grpc if protocol == "grpc" else triton.http
+    for args, message in ((["abc\udcff"], "text_input is not valid UTF-8 (byte 3)"),
+                          (["--stop", "\udcff", "hi"], "stop is not valid UTF-8")):
+        result = CliRunner().invoke(cli.cli, ["generate", "--protocol", protocol, "--url", url, "--max-tokens", "4", *args])
+        assert result.exit_code == 1 and message in result.output and result.output.startswith("Error: "), result.output
+
+
 def test_invalid_utf8_in_http_body_is_rejected(triton):
     body = b'{"text_input": "caf\xc3(", "max_tokens": 4}'
     r = requests.post(f"http://{triton.http}/v2/models/ensemble/generate", data=body,
