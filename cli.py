@@ -199,7 +199,7 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
 
     from hub.fetch import cache_dir, fetch_model
     from serving.openai_frontend import pid_file_for, start_frontend
-    from serving.triton_launcher import TritonServer, foreign_pid, running_from_pid_file
+    from serving.triton_launcher import TritonServer, foreign_pid, port_is_free, running_from_pid_file
 
     pid_file = pid_file or _default_pid_file()
     if (running := running_from_pid_file(pid_file)) is not None:  # its record would be lost, and `stop` with it
@@ -208,6 +208,12 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
     if (other := foreign_pid(pid_file)) is not None:  # never overwrite another program's record
         raise click.ClickException(f"{pid_file} records a live process (pid {other}) that is not a Triton server: "
                                    "give this server its own --pid-file")
+    if openai_port is not None:  # before Triton's minute of loading, as its own ports are
+        if openai_port in (http_port, grpc_port, metrics_port):
+            raise click.ClickException(f"--openai-port {openai_port} is one of Triton's ports; choose another")
+        if not port_is_free(openai_port):
+            raise click.ClickException(f"cannot serve the OpenAI API on 127.0.0.1:{openai_port}: the port is in use; "
+                                       "choose another port")
     server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file, model_repository,
                                          drafter, dtype))
     # SIGTERM, like Ctrl-C, ends this command through the cleanup below (its default would kill only this
@@ -790,6 +796,8 @@ def status(url: str | None, metrics_url: str | None, pid_file: Path | None) -> N
     from serving.triton_launcher import recorded_ports
 
     ports = recorded_ports(pid_file or _default_pid_file())
+    if pid_file is not None and not ports and url is None:  # not the default ports' server under its name
+        raise click.ClickException(f"no server recorded in {pid_file} is running (pass --url for another one)")
     url = url or f"localhost:{ports.get('http', 8000)}"
     base = urlsplit(http_base(url))
     if metrics_url is None:  # the metrics have a port of their own, which --url does not say

@@ -101,6 +101,8 @@ def test_serve_infer_stop(repo: Path, tmp_path: Path) -> None:
         result = CliRunner().invoke(cli.cli, ["status", "--pid-file", str(pid_file)])
         assert result.exit_code == 0 and "ready: True" in result.output, result.output
         assert "pending dspark requests: 0" in result.output  # read from its metrics port
+    result = CliRunner().invoke(cli.cli, ["status", "--pid-file", str(pid_file)])  # not the default ports' server
+    assert result.exit_code == 1 and f"no server recorded in {pid_file} is running" in result.output
     assert not Path(f"/proc/{pid}").exists()
     assert not pid_file.exists()
     assert all(port_is_free(p) for p in (http, grpc, metrics))
@@ -344,3 +346,25 @@ def test_openai_frontend_refuses_a_taken_port_before_starting() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"cannot serve the OpenAI API on 127.0.0.1:{port}"):
             start_frontend("127.0.0.1:1", Path("unused"), "m", port, Path("unused.log"))
+
+
+def test_serve_refuses_an_openai_port_it_cannot_use_before_starting_triton(tmp_path: Path) -> None:
+    """Seen: a clash of --openai-port with a Triton port (or a taken one) was found only after Triton had
+    loaded (7 s here, minutes for a large model)."""
+    import time
+
+    import cli
+
+    http, grpc, metrics = free_ports(3)
+    args = ["serve", "--detach", "--pid-file", str(tmp_path / "s.pid"), "--http-port", str(http), "--grpc-port",
+            str(grpc), "--metrics-port", str(metrics)]
+    started = time.monotonic()
+    result = CliRunner().invoke(cli.cli, args + ["--openai-port", str(http)])
+    assert result.exit_code == 1 and f"--openai-port {http} is one of Triton's ports" in result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli.cli, args + ["--openai-port", str(port)])
+    assert result.exit_code == 1 and f"cannot serve the OpenAI API on 127.0.0.1:{port}" in result.output
+    assert time.monotonic() - started < 5 and not (tmp_path / "s.pid").exists()  # Triton never started
