@@ -31,7 +31,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.utils import InferenceServerException
 
@@ -113,7 +113,7 @@ def _field_path(loc: tuple) -> str | None:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False  # a last chunk with the request's usage
     continuous_usage_stats: bool = False  # vLLM's extension: every chunk carries the usage so far
@@ -147,6 +147,8 @@ class _GenerationRequest(BaseModel):
     def engine_inputs(self) -> dict[str, Any]:
         if self.n != 1:
             raise OpenAIError(400, f"n must be 1 (one choice per request), got {self.n}", param="n")
+        if self.stream_options is not None and not self.stream:  # as OpenAI refuses it
+            raise OpenAIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         values = {
             "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
@@ -161,18 +163,27 @@ class _GenerationRequest(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text"]
     text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True)
+    # Unknown fields are refused by name, as at the top level, unless empty: a client that sends back the
+    # assistant message it got (with refusal, tool_calls, audio ... at null) is not asking for anything.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+
+    @model_validator(mode="after")
+    def _no_unknown_values(self) -> "ChatMessage":
+        for key, value in (self.model_extra or {}).items():
+            if value not in (None, [], {}, ""):
+                raise ValueError(f"{key} is not supported")
+        return self
 
     def as_template_message(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
@@ -397,10 +408,16 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
             raise triton_unavailable(f"{ENGINE_MODEL} is not ready")
         return JSONResponse({})
 
+    model_card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "dspark-triton"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
-                                            "owned_by": "dspark-triton"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):

@@ -35,6 +35,12 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL]
 
 
+def test_a_model_is_retrieved_by_name(client):
+    assert client.models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
+
+
 def test_health_is_200_while_the_engine_model_is_ready(openai_url):
     with urllib.request.urlopen(openai_url.removesuffix("/v1") + "/health", timeout=30) as response:
         assert response.status == 200
@@ -140,6 +146,18 @@ def test_malformed_requests_get_openai_errors(openai_url):
         status, body = post(path, json.dumps({"model": DEFAULT_MODEL, "max_tokens": 4} | fields).encode())
         assert status == 400 and body["error"]["param"] == param, body
         assert body["error"]["message"].startswith(f"{param}: holds a lone surrogate"), body
+    hi = {"role": "user", "content": "hi"}
+    status, body = post("/chat/completions", json.dumps({"model": DEFAULT_MODEL, "max_tokens": 2, "stream_options": {
+        "include_usage": True}, "messages": [hi]}).encode())
+    assert status == 400 and body["error"]["message"] == "stream_options is only allowed when stream is true"
+    status, body = post("/chat/completions", json.dumps({"model": DEFAULT_MODEL, "max_tokens": 2,
+                                                         "messages": [hi | {"foo": 1}]}).encode())
+    assert status == 400 and body["error"]["message"] == "messages.0: foo is not supported", body
+    # an assistant message sent back as the client got it, its empty fields included, is fine
+    answer = {"role": "assistant", "content": "Hello!", "refusal": None, "tool_calls": None, "audio": None}
+    status, body = post("/chat/completions", json.dumps({"model": DEFAULT_MODEL, "max_tokens": 2,
+                                                         "messages": [hi, answer, hi]}).encode())
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
     status, body = post("/completions", b"[1, 2]")  # the body itself, named as such
     assert status == 400 and body["error"]["message"].startswith("the request body: Input should be a valid dict")
     assert body["error"]["param"] is None
