@@ -18,6 +18,7 @@ from export.onnx_export import PAGE_SIZE
 from models.drafters import BlockDrafter
 from models.drafters.common import DraftBlock, DrafterState, SampleFn, fused_features, packed_positions
 from runtimes.graph import page_rows, paged_views, pages_read, whole_pages
+from runtimes.onnxruntime_runner import session_options
 
 
 class OnnxRuntimeBlockDrafter:
@@ -35,10 +36,7 @@ class OnnxRuntimeBlockDrafter:
         self.config = module.config
         self.export_dir = Path(export_dir)
         self.embed = embed  # the target's table: the anchor's row is the block graph's input
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = num_threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
+        options = session_options(num_threads)
         self.sessions = {name: ort.InferenceSession(str(Path(export_dir) / f"{name}.onnx"), options,
                                                     providers=["CPUExecutionProvider"])
                          for name in GRAPHS if (Path(export_dir) / f"{name}.onnx").is_file()}

@@ -91,6 +91,9 @@ def test_drafter_inside_a_draft_vocabulary_proposes_from_it(tmp_path) -> None:
     drafter.set_draft_vocab(torch.arange(3, 63, 4))
     runner = OnnxRuntimeBlockDrafter(drafter, export_drafter(drafter, tmp_path), target.embed, 1)
     _compare(target, drafter, runner, [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], [1, 0])
+    # its threads sleep between runs, as the target's do (runtimes.onnxruntime_runner.session_options)
+    assert {session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for session in runner.sessions.values()} == {"0"}
 
 
 def test_eagle3_is_not_exported(tmp_path) -> None:

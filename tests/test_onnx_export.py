@@ -158,6 +158,8 @@ def test_tiny_families_varlen_and_taps_match_torch(tmp_path, family) -> None:
 def test_unexported_tap_and_bad_runtime_raise(tmp_path) -> None:
     model = _tiny_model()
     runner = OnnxRuntimeRunner(export_transformer(model, tmp_path), model.config, num_threads=1)
+    # threads that spin after a run starved a server's other work (runtimes.onnxruntime_runner.session_options)
+    assert runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     cache = runner.new_cache(1, 8)
     with pytest.raises(ValueError, match="were not exported"):
         runner(torch.tensor([1, 2]), [cache.allocate()], [2], cache, tap_layers=(1,))
