@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,19 +12,9 @@ import requests
 import tritonclient.grpc as grpcclient
 
 from serving.triton_launcher import STOP_TIMEOUT_S, ServerConfig, TritonServer, _group_members
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, _free_port
 
 LONG = {"text_input": "Write a long story.", "max_tokens": 2000, "min_length": 1900, "stream": True}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _grpc_inputs() -> list[grpcclient.InferInput]:
@@ -47,7 +36,7 @@ def test_stop_ends_long_streams_with_shutting_down_and_the_server_within_a_bound
     timeout for it, aborted on a corrupted heap and hung until killed 30 s later; the client only saw its
     connection drop. Now the engine ends every stream with "server is shutting down" first (an HTTP stream's
     server then exits cleanly), and a server still held by a client's open gRPC stream is killed at the bound."""
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = _free_port(), _free_port(), _free_port()
     config = ServerConfig(PROJECT_ROOT / "model_repository", http, grpc, metrics, log_file=tmp_path / "triton.log",
                           extra_env={"DSPARK_MODEL": str(smollm2_dir), "DSPARK_DTYPE": "float32",
                                      "DSPARK_DRAFTER": "prompt_lookup"})
