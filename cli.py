@@ -198,8 +198,8 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
     model = served_model(model, model_repository)
 
     from hub.fetch import cache_dir, fetch_model
-    from serving.openai_frontend import pid_file_for, start_frontend
-    from serving.triton_launcher import TritonServer, foreign_pid, port_is_free, running_from_pid_file
+    from serving.openai_frontend import check_frontend_port, pid_file_for, start_frontend
+    from serving.triton_launcher import TritonServer, foreign_pid, running_from_pid_file
 
     pid_file = pid_file or _default_pid_file()
     if (running := running_from_pid_file(pid_file)) is not None:  # its record would be lost, and `stop` with it
@@ -211,9 +211,10 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
     if openai_port is not None:  # before Triton's minute of loading, as its own ports are
         if openai_port in (http_port, grpc_port, metrics_port):
             raise click.ClickException(f"--openai-port {openai_port} is one of Triton's ports; choose another")
-        if not port_is_free(openai_port):
-            raise click.ClickException(f"cannot serve the OpenAI API on 127.0.0.1:{openai_port}: the port is in use; "
-                                       "choose another port")
+        try:
+            check_frontend_port(openai_port)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
     server = TritonServer(_server_config(model, http_port, grpc_port, metrics_port, pid_file, model_repository,
                                          drafter, dtype))
     # SIGTERM, like Ctrl-C, ends this command through the cleanup below (its default would kill only this
@@ -378,6 +379,7 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
     from hub.fetch import default_drafter, fetch_model
     from models.drafters import BlockDrafter, load_drafter
     from models.loading import load_transformer
+    from runtimes.protocol import check_runtime_dtype
 
     if target == "tensorrt":
         try:
@@ -385,9 +387,11 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from exc
     dtype = dtype or ("float16" if target == "tensorrt" else "float32")
-    if target == "tensorrt" and dtype == "int8":
-        raise click.BadParameter("int8 weights are ONNX Runtime's (MatMulNBits); TensorRT builds float16 or float32",
-                                 param_hint="--dtype")
+    if target == "tensorrt":
+        try:
+            check_runtime_dtype("tensorrt", dtype)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dtype") from None
     try:
         taps = [int(t) for t in tap_layers.split(",") if t.strip()]
     except ValueError:
@@ -875,16 +879,16 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     from orchestrator.prompting import PromptEncoder
     from orchestrator.step_cost import load_or_measure, profile_path
     from runtimes.loading import load_runner
+    from runtimes.protocol import check_runtime_dtype
 
     if threads:
         torch.set_num_threads(threads)
     prompt_texts = _prompt_set(prompts)  # a bad set fails before the model loads
-    if runtime == "onnxruntime":
-        dtype = "int8" if dtype == "int8" else "float32"
-    elif dtype == "int8":
-        raise click.BadParameter("int8 weights run on --runtime onnxruntime", param_hint="--dtype")
-    else:
-        dtype = resolve_dtype(dtype)
+    dtype = ("int8" if dtype == "int8" else "float32") if runtime == "onnxruntime" else resolve_dtype(dtype)
+    try:
+        check_runtime_dtype(runtime, dtype)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dtype") from None
     target_dir = fetch_model(target)
     try:  # a mistyped column fails before any model loads
         checkpoints = [d for d in map(checkpoint_of, configs) if d is not None]

@@ -436,13 +436,18 @@ def create_app(triton_url: str, model_dir: Path, served_model_name: str) -> Fast
     return app
 
 
+def check_frontend_port(port: int, host: str = "127.0.0.1") -> None:
+    """RuntimeError when the frontend could not listen on host:port (something else holds it)."""
+    if not port_is_free(port, host):
+        raise RuntimeError(f"cannot serve the OpenAI API on {host}:{port}: the port is in use; choose another port")
+
+
 def start_frontend(triton_grpc: str, model_dir: Path, served_model_name: str, port: int, log_file: Path,
                    host: str = "127.0.0.1", ready_timeout_s: float = 60) -> subprocess.Popen:
     """Starts the frontend in its own process and returns once /v1/models answers. RuntimeError when the
     port is taken (checked first: another server there, Triton's metrics one included, would answer the
     readiness probe in its place) or the frontend exits or stays silent."""
-    if not port_is_free(port, host):
-        raise RuntimeError(f"cannot serve the OpenAI API on {host}:{port}: the port is in use; choose another port")
+    check_frontend_port(port, host)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
