@@ -62,10 +62,18 @@ WEIGHT_ONLY = {"int8": "float32"}
 QUANT_BLOCK = 32  # weights per int8 scale, along the input dimension
 
 
+GROUP_INPUTS = ("rows", "mask", "cache_pages")
+
+
+def check_dtype(dtype: str) -> None:
+    """ValueError for a dtype no graph or model of ours has."""
+    if dtype not in DTYPES and dtype not in WEIGHT_ONLY:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(WEIGHT_ONLY)}, got {dtype!r}")
+
+
 def compute_dtype(dtype: str) -> str:
     """The dtype of a graph's activations and KV cache: ``int8`` weights compute in float32."""
     return WEIGHT_ONLY.get(dtype, dtype)
-GROUP_INPUTS = ("rows", "mask", "cache_pages")
 
 
 def io_names(num_layers: int, tap_layers: Sequence[int]) -> tuple[list[str], list[str]]:
@@ -318,8 +326,7 @@ def export_key(model_dir: Path, dtype: str, tap_layers: Sequence[int]) -> str:
 def export_onnx(model_dir: Path, out_dir: Path, dtype: str = "float32", tap_layers: Sequence[int] = ()) -> Path:
     """Load an HF model directory and export it; returns the path of model.onnx. ``int8``: a float32
     graph whose matmul weights are then quantized (`quantize_weights`)."""
-    if dtype not in DTYPES and dtype not in WEIGHT_ONLY:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(WEIGHT_ONLY)}, got {dtype!r}")
+    check_dtype(dtype)
     compute = compute_dtype(dtype)
     model = load_transformer(model_dir, DTYPES[compute])
     meta = {"model_type": model.config.model_type, "dtype": compute, "source": Path(model_dir).name}

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 from export.drafter_export import cached_drafter_export, exported_for
-from export.onnx_export import DTYPES, ONNX_FILE, WEIGHT_ONLY, cached_onnx, read_metadata
+from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx, check_dtype, read_metadata
 from export.tensorrt_engine import import_tensorrt
 from models.drafters import BlockDrafter, Drafter, load_drafter
 from models.hardware import resolve_dtype
@@ -33,8 +33,7 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
     dtype = resolve_dtype(dtype)
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    if dtype not in DTYPES and dtype not in WEIGHT_ONLY:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(WEIGHT_ONLY)}, got {dtype!r}")
+    check_dtype(dtype)
     check_runtime_dtype(runtime, dtype)
     if runtime == "torch":
         model = load_transformer(model_dir, DTYPES[dtype]).to(device)
