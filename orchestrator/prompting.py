@@ -89,9 +89,11 @@ class PromptEncoder:
     def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of a prompt that fits; an over-long one is refused, one that is sure to be too long
         before it is tokenized (megabytes of text would hold the server's process for seconds)."""
+        least = -(-len(text.encode("utf-8")) // self._max_token_bytes)
         normalizer = self.tokenizer.normalizer
-        size = len((normalizer.normalize_str(text) if normalizer is not None else text).encode("utf-8"))
-        if (least := -(-size // self._max_token_bytes)) > self.max_prompt_tokens:
+        if least > self.max_prompt_tokens and normalizer is not None:  # the bound holds for the normalized text
+            least = -(-len(normalizer.normalize_str(text).encode("utf-8")) // self._max_token_bytes)
+        if least > self.max_prompt_tokens:
             raise prompt_too_long(least, self.max_prompt_tokens, at_least=True)
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         if len(ids) > self.max_prompt_tokens:
