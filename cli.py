@@ -352,9 +352,9 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
 @cli.command("export")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Known model name or a local HF model directory.")
 @click.option("--to", "target", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "int8"]), default=None,
-              help="Default: float32 for onnx, float16 for tensorrt. int8 (onnx): float32 with int8 matmul weights, "
-                   "for ONNX Runtime's CPU kernels.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "int8", "w8a8"]), default=None,
+              help="Default: float32 for onnx, float16 for tensorrt. For ONNX Runtime's CPU kernels (onnx): int8, "
+                   "int8 matmul weights; w8a8, int8 weights and activations (SmoothQuant).")
 @click.option("--tap-layers", default="", help="Comma-separated layer indices whose hidden states become outputs.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for model.onnx (and drafter/): new, empty or an earlier export, which is replaced "
@@ -445,9 +445,9 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
 @cli.command()
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "int8"]), default=None,
-              help="Default: float32 (torch, onnxruntime), float16 (tensorrt). int8: onnxruntime with int8 matmul "
-                   "weights (float32 otherwise).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "int8", "w8a8"]), default=None,
+              help="Default: float32 (torch, onnxruntime), float16 (tensorrt). onnxruntime only: int8, int8 matmul "
+                   "weights; w8a8, int8 weights and activations (SmoothQuant).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output repository (replaced). Default: build/model_repository_<runtime>.")
 def build(runtime: str, model: str, dtype: str | None, out: Path | None) -> None:
@@ -845,9 +845,9 @@ def _prompt_set(spec: str) -> list[str]:
 
 @bench.command("decode")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True, help="Target model (name or HF dir).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default="auto", show_default=True,
-              help="auto: the server's choice for this CPU (bf16 where it is native); on onnxruntime float32, or int8 "
-                   "matmul weights.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "int8", "w8a8"]), default="auto",
+              show_default=True, help="auto: the server's choice for this CPU (bf16 where it is native); on "
+                                      "onnxruntime float32, or int8 (matmul weights) or w8a8 (weights and activations).")
 @click.option("--config", "configs", multiple=True,
               help="off | prompt_lookup:K | model=NAME:K | checkpoint=DIR:K | hf_assisted=NAME[:K] (repeatable; "
                    "AR is always the baseline). K = dspark[=MAX]: the server's dspark mode, verifying what the "
@@ -859,7 +859,7 @@ def _prompt_set(spec: str) -> list[str]:
 @click.option("--raw", is_flag=True, help="Prompts as is, without the chat template.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
-              help="Where the target (and a trained block drafter) run; onnxruntime runs float32 (or int8 weights).")
+              help="Where the target (and a trained block drafter) run; onnxruntime runs float32, int8 or w8a8.")
 @_device_option("Where the torch runtime runs (cpu, cuda).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
               help="Also write the results here as JSON.")
@@ -884,7 +884,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     if threads:
         torch.set_num_threads(threads)
     prompt_texts = _prompt_set(prompts)  # a bad set fails before the model loads
-    dtype = ("int8" if dtype == "int8" else "float32") if runtime == "onnxruntime" else resolve_dtype(dtype)
+    dtype = (dtype if dtype in ("int8", "w8a8") else "float32") if runtime == "onnxruntime" else resolve_dtype(dtype)
     try:
         check_runtime_dtype(runtime, dtype)
     except ValueError as exc:
@@ -987,7 +987,7 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--runtime", "runtimes", multiple=True,
               help="RUNTIME/DTYPE, repeatable; the first is the reference (default: torch/float32, torch/bfloat16, "
-                   "onnxruntime/float32, onnxruntime/int8).")
+                   "onnxruntime/float32, onnxruntime/int8, onnxruntime/w8a8).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per text.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
@@ -1000,7 +1000,8 @@ def bench_precision(model: str, runtimes: tuple[str, ...], max_tokens: int, thre
     from runtimes.protocol import check_runtime_dtype
 
     specs = [tuple(spec.split("/", 1)) for spec in
-             (runtimes or ("torch/float32", "torch/bfloat16", "onnxruntime/float32", "onnxruntime/int8"))]
+             (runtimes or ("torch/float32", "torch/bfloat16", "onnxruntime/float32", "onnxruntime/int8",
+                           "onnxruntime/w8a8"))]
     for spec, pair in zip(runtimes, specs):
         try:
             if len(pair) != 2:
@@ -1040,9 +1041,10 @@ def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: s
     pairs = [(spec.partition("/")[0], spec.partition("/")[2] or ("float32" if spec.startswith("onnx") else "auto"))
              for spec in (runtimes or ("torch/auto", "onnxruntime/float32"))]
     for spec, (rt, dt) in zip(runtimes, pairs):
-        if rt not in ("torch", "onnxruntime", "tensorrt") or dt not in ("auto", "float32", "float16", "bfloat16", "int8"):
+        if rt not in ("torch", "onnxruntime", "tensorrt") or dt not in ("auto", "float32", "float16", "bfloat16", "int8",
+                                                                        "w8a8"):
             raise click.BadParameter(f"{spec!r}: expected RUNTIME[/DTYPE], RUNTIME one of torch, onnxruntime, tensorrt "
-                                     "and DTYPE one of auto, float32, float16, bfloat16, int8", param_hint="--runtime")
+                                     "and DTYPE one of auto, float32, float16, bfloat16, int8, w8a8", param_hint="--runtime")
     model_dir = fetch_model(model)
     setting = default_drafter(model_dir) if drafter == "auto" else drafter
     checkpoint = drafter_checkpoint(setting) or Path(setting)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.quantize import calibration_ids, quantize_w8a8, quantize_weights, recipe
 from models.config import TransformerConfig
 from models.loading import load_transformer
 from models.transformer import Transformer
@@ -57,9 +57,8 @@ ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 META_FILE = "export.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Weight-only quantized graphs: their weights' type -> the dtype of everything else (activations, KV cache).
-WEIGHT_ONLY = {"int8": "float32"}
-QUANT_BLOCK = 32  # weights per int8 scale, along the input dimension
+# int8 graphs (export.quantize) -> the dtype of what stays float (KV cache, attention, norms; the drafter).
+QUANTIZED = {"int8": "float32", "w8a8": "float32"}
 
 
 GROUP_INPUTS = ("rows", "mask", "cache_pages")
@@ -67,13 +66,13 @@ GROUP_INPUTS = ("rows", "mask", "cache_pages")
 
 def check_dtype(dtype: str) -> None:
     """ValueError for a dtype no graph or model of ours has."""
-    if dtype not in DTYPES and dtype not in WEIGHT_ONLY:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(WEIGHT_ONLY)}, got {dtype!r}")
+    if dtype not in DTYPES and dtype not in QUANTIZED:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES) + sorted(QUANTIZED)}, got {dtype!r}")
 
 
 def compute_dtype(dtype: str) -> str:
-    """The dtype of a graph's activations and KV cache: ``int8`` weights compute in float32."""
-    return WEIGHT_ONLY.get(dtype, dtype)
+    """The dtype of a graph's KV cache and unquantized maths: int8 graphs keep float32 there."""
+    return QUANTIZED.get(dtype, dtype)
 
 
 def io_names(num_layers: int, tap_layers: Sequence[int]) -> tuple[list[str], list[str]]:
@@ -315,8 +314,11 @@ def _hash_file(digest: "hashlib._Hash", path: Path) -> None:
 def export_key(model_dir: Path, dtype: str, tap_layers: Sequence[int]) -> str:
     """Content hash of the weights, the config and the export settings: the cache key of an export."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"graph": GRAPH_VERSION, "opset": OPSET, "dtype": dtype,
-                              "taps": sorted(set(tap_layers)), "torch": torch.__version__}).encode())
+    settings = {"graph": GRAPH_VERSION, "opset": OPSET, "dtype": dtype, "taps": sorted(set(tap_layers)),
+                "torch": torch.__version__}
+    if quantized := recipe(dtype):
+        settings["quantized"] = quantized
+    digest.update(json.dumps(settings).encode())
     for path in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
         digest.update(path.name.encode())
         _hash_file(digest, path)
@@ -324,42 +326,20 @@ def export_key(model_dir: Path, dtype: str, tap_layers: Sequence[int]) -> str:
 
 
 def export_onnx(model_dir: Path, out_dir: Path, dtype: str = "float32", tap_layers: Sequence[int] = ()) -> Path:
-    """Load an HF model directory and export it; returns the path of model.onnx. ``int8``: a float32
-    graph whose matmul weights are then quantized (`quantize_weights`)."""
+    """Load an HF model directory and export it; returns the path of model.onnx. ``int8`` and ``w8a8``: a
+    float32 graph then rewritten by export.quantize."""
     check_dtype(dtype)
     compute = compute_dtype(dtype)
     model = load_transformer(model_dir, DTYPES[compute])
     meta = {"model_type": model.config.model_type, "dtype": compute, "source": Path(model_dir).name}
-    if dtype in WEIGHT_ONLY:
+    if dtype in QUANTIZED:
         meta["weights"] = dtype
     path = export_transformer(model, out_dir, tap_layers, meta)
-    if dtype in WEIGHT_ONLY:
+    if dtype == "int8":
         quantize_weights(path)
+    elif dtype == "w8a8":
+        quantize_w8a8(path, model.config, calibration_ids(Path(model_dir) / "tokenizer.json"))
     return path
-
-
-def quantize_weights(path: Path) -> None:
-    """Rewrite an exported graph in place with int8 weights: every matmul by a weight becomes ONNX Runtime's
-    MatMulNBits (symmetric, one scale per QUANT_BLOCK weights, int8 arithmetic on AVX-VNNI/AMX). Decoding
-    streams the weights once per step, so a quarter of float32's bytes; perplexity and greedy agreement
-    against float32 are in the README."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = onnx.load(str(path))
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=4)
-    log = logging.getLogger(MatMulNBitsQuantizer.__module__)
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs a line per matmul
-    try:
-        quantizer.process()
-    finally:
-        log.setLevel(level)
-    quantizer.model.topological_sort()
-    (path.parent / ONNX_DATA_FILE).unlink()  # the float32 weights, loaded above: the quantized ones replace them
-    onnx.save_model(quantizer.model.model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=ONNX_DATA_FILE, size_threshold=1024)
-    onnx.checker.check_model(str(path), full_check=True)
 
 
 def cached_onnx(model_dir: Path, dtype: str = "float32", tap_layers: Sequence[int] = ()) -> Path:

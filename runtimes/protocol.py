@@ -31,9 +31,9 @@ class ModelRunner(Protocol):
 
 def check_runtime_dtype(runtime: str, dtype: str) -> None:
     """ValueError for a dtype a runtime cannot run: ONNX Runtime's CPU kernels lack bf16/fp16 matmuls, and
-    int8 weights (float32 otherwise) are an ONNX Runtime graph's."""
-    if runtime == "onnxruntime" and dtype not in ("float32", "int8"):
-        raise ValueError(f"the onnxruntime runtime runs float32 or int8 weights, not {dtype} (ONNX Runtime's CPU "
+    the int8 graphs (export.quantize) use ONNX Runtime's operators."""
+    if runtime == "onnxruntime" and dtype not in ("float32", "int8", "w8a8"):
+        raise ValueError(f"the onnxruntime runtime runs float32, int8 or w8a8, not {dtype} (ONNX Runtime's CPU "
                          "kernels lack bf16/fp16 matmuls)")
-    if runtime != "onnxruntime" and dtype == "int8":
-        raise ValueError(f"int8 weights are for the onnxruntime runtime (ONNX Runtime's MatMulNBits), not {runtime}")
+    if runtime != "onnxruntime" and dtype in ("int8", "w8a8"):
+        raise ValueError(f"{dtype} graphs are for the onnxruntime runtime (ONNX Runtime's int8 matmuls), not {runtime}")

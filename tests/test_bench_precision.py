@@ -27,6 +27,6 @@ def test_a_runtime_that_cannot_run_a_dtype_is_refused_by_name() -> None:
     import cli
 
     result = CliRunner().invoke(cli.cli, ["bench", "precision", "--runtime", "torch/int8"])
-    assert result.exit_code == 2 and "'torch/int8': int8 weights are for the onnxruntime runtime" in result.output
+    assert result.exit_code == 2 and "'torch/int8': int8 graphs are for the onnxruntime runtime" in result.output
     result = CliRunner().invoke(cli.cli, ["bench", "precision", "--runtime", "torch"])
     assert result.exit_code == 2 and "'torch': expected RUNTIME/DTYPE" in result.output

@@ -64,7 +64,7 @@ def test_user_mistakes_end_with_a_message_not_a_traceback(tmp_path, smollm2_dir:
     # a dtype the repository's runtime cannot run: refused before a repository is written or Triton starts
     result = CliRunner().invoke(cli.cli, ["build", "--runtime", "onnxruntime", "--dtype", "bfloat16",
                                           "--out", str(tmp_path / "ort")])
-    assert result.exit_code == 1 and "the onnxruntime runtime runs float32 or int8 weights, not bfloat16" in result.output
+    assert result.exit_code == 1 and "the onnxruntime runtime runs float32, int8 or w8a8, not bfloat16" in result.output
     assert not (tmp_path / "ort").exists()
     repo = tmp_path / "ort_repo"
     (repo / "dspark").mkdir(parents=True)

@@ -168,8 +168,47 @@ def test_unexported_tap_and_bad_runtime_raise(tmp_path) -> None:
     with pytest.raises(ValueError, match="float32"):
         load_runner(tmp_path, "onnxruntime", "bfloat16")
     for runtime in ("torch", "tensorrt"):
-        with pytest.raises(ValueError, match=f"int8 weights are for the onnxruntime runtime .*, not {runtime}"):
-            load_runner(tmp_path, runtime, "int8")
+        for dtype in ("int8", "w8a8"):
+            with pytest.raises(ValueError, match=f"{dtype} graphs are for the onnxruntime runtime .*, not {runtime}"):
+                load_runner(tmp_path, runtime, dtype)
+
+
+def _weight_matmul_ops(path: Path) -> list[str]:
+    """Op types of the nodes that read a 2-D weight initializer."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer if len(i.dims) == 2}
+    return [n.op_type for n in graph.node if any(i in weights for i in n.input)]
+
+
+def test_w8a8_quantizes_every_projection_and_each_row_alone(tmp_path) -> None:
+    """Every weight matmul (q/k/v, o, gate-up, down; the LM head) runs as MatMulInteger; logits stay near
+    float32's; and a sequence's logits do not depend on what shares its batch (each row gets its own
+    activation scale: a per-batch scale moves them by ~1e-2 here)."""
+    from export.quantize import quantize_w8a8
+
+    model = _tiny_model()
+    reference = OnnxRuntimeRunner(export_transformer(model, tmp_path / "f32"), model.config, num_threads=1)
+    path = export_transformer(model, tmp_path / "w8a8")
+    gen = torch.Generator().manual_seed(3)
+    quantize_w8a8(path, model.config, [torch.randint(0, 96, (40,), generator=gen).tolist() for _ in range(4)])
+    ops = _weight_matmul_ops(path)
+    assert ops.count("MatMulInteger") == 2 * 4 + 1 and "MatMul" not in ops, ops
+    runner = OnnxRuntimeRunner(path, model.config, num_threads=1)
+
+    def prefill(r, seqs: list[torch.Tensor]) -> torch.Tensor:
+        cache = r.new_cache(len(seqs), 32)
+        return r(torch.cat(seqs), [cache.allocate() for _ in seqs], [len(q) for q in seqs], cache).logits
+
+    quiet = torch.randint(0, 96, (9,), generator=gen)
+    loud = torch.randint(0, 96, (13,), generator=gen)
+    alone = prefill(runner, [quiet])
+    together = prefill(runner, [quiet, loud * 0 + loud.flip(0)])[:9]
+    assert_logits_close(together, alone, 1e-5)
+    expected = prefill(reference, [quiet])
+    assert (alone - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert (alone.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
 
 
 # ------------------------------------------------------------------ SmolLM2 on ONNX Runtime
@@ -253,6 +292,28 @@ def test_smollm2_int8_weights_agree_with_float32(smollm2_dir: Path, smol, smol_p
     ours = _prefill_logits(runner, smol_prompts).argmax(-1)
     ref = _prefill_logits(smol, smol_prompts).argmax(-1)
     assert (ours == ref).float().mean().item() >= 0.95
+
+
+def test_smollm2_w8a8_agrees_with_float32_and_speculates_exactly_but_at_near_ties(smollm2_dir: Path, smol,
+                                                                                    smol_prompts) -> None:
+    """w8a8 departs from float32 more than int8 weights do (measured: +0.9% perplexity, 94.5% argmax agreement on
+    Python source and docs; int8 +0.4%, 96.7%). Each row is quantized alone, so greedy speculative decoding
+    reproduces one-token decoding up to float32 rounding in attention, which a rounding to int8 can amplify
+    (to ~1e-3 of a logit): like bf16, the two may part only where the top two logits nearly tie."""
+    runner = load_runner(smollm2_dir, "onnxruntime", "w8a8")
+    path = cached_onnx(smollm2_dir, "w8a8")
+    ops = _weight_matmul_ops(path)
+    assert ops.count("MatMulInteger") == 4 * smol.config.num_layers + 1 and "MatMul" not in ops
+    ours = _prefill_logits(runner, smol_prompts).argmax(-1)
+    ref = _prefill_logits(smol, smol_prompts).argmax(-1)
+    assert (ours == ref).float().mean().item() >= 0.9
+    speculative = _mixed_schedule(runner, smol_prompts)
+    plain = _batched_greedy(runner, smol_prompts, max(map(len, speculative)))
+    for prompt, spec, base in zip(smol_prompts, speculative, plain):
+        parted = next((j for j, (a, b) in enumerate(zip(spec, base)) if a != b), None)
+        if parted is not None:
+            top2 = _prefill_logits(runner, [prompt + base[:parted]])[-1].topk(2).values
+            assert top2[0] - top2[1] < 0.01, (parted, top2)
 
 
 def test_smollm2_varlen_step_matches_torch(smol, smol_ort) -> None:

@@ -1,0 +1,194 @@
+"""int8 rewrites of an exported float32 step graph, for ONNX Runtime's CPU provider.
+
+Two schemes, chosen by the export dtype:
+
+- ``int8`` (weight-only): every matmul by a weight becomes ``MatMulNBits`` (symmetric, one scale
+  per QUANT_BLOCK weights). Closest to float32, but its kernels are fast for a few rows only.
+- ``w8a8`` (weights and activations, SmoothQuant): every matmul by a weight becomes
+  ``MatMulInteger`` on uint8 activations and int8 weights, which ONNX Runtime's MLAS runs on
+  AVX-VNNI/AMX at any row count. Activations are quantized per row at run time (symmetric,
+  scale max|x| / 127, shifted by 128 into uint8 against a constant zero point of 128), so a row's
+  result never depends on the other rows of its batch; weights per output column. Before that,
+  each input channel is divided by s_j = max|X_j|^a / max|W_j|^(1-a), and the weight's row j
+  multiplied by it (SmoothQuant, Xiao et al. 2023, a = SMOOTHING_ALPHA): the few channels with
+  large activations no longer set every row's scale. max|X_j| comes from a float32 run over
+  calibration_texts(), none of which `cli.py bench precision` scores.
+
+The README has perplexity and step times of both against float32 and torch bf16.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from models.config import TransformerConfig
+
+QUANT_BLOCK = 32  # int8 weight-only: weights per scale, along the input dimension
+SMOOTHING_ALPHA = 0.5  # measured here: 0.5 +0.9% perplexity, 0.65 +1.2%, none +4.4%
+CALIBRATION_MODULES = ("collections", "inspect", "email.message", "logging", "pathlib", "string")
+CALIBRATION_TOPICS = ("if", "while", "with", "class", "try", "lambda")
+CALIBRATION_CHARS = 5000
+CALIBRATION_TOKENS = 1024
+
+
+def recipe(dtype: str) -> dict:
+    """The settings a graph of ``dtype`` is quantized with (part of its export's cache key); {} for float."""
+    if dtype == "int8":
+        return {"block": QUANT_BLOCK}
+    if dtype == "w8a8":
+        return {"alpha": SMOOTHING_ALPHA, "modules": CALIBRATION_MODULES, "topics": CALIBRATION_TOPICS,
+                "chars": CALIBRATION_CHARS, "tokens": CALIBRATION_TOKENS}
+    return {}
+
+
+def calibration_texts() -> list[str]:
+    """Slices of standard-library sources and reference-documentation topics (disjoint from those
+    `benchmarks.precision` scores): every machine with Python has them."""
+    import pydoc_data.topics
+
+    texts = []
+    for name in CALIBRATION_MODULES:
+        source = inspect.getsource(importlib.import_module(name))
+        texts.append(source[len(source) // 2:len(source) // 2 + CALIBRATION_CHARS])
+    texts += [pydoc_data.topics.topics[t][:CALIBRATION_CHARS] for t in CALIBRATION_TOPICS]
+    return texts
+
+
+def _weight_matmuls(graph) -> list:
+    """Nodes that multiply by a float 2-D weight initializer (projections and the LM head)."""
+    weights = {i.name for i in graph.initializer if len(i.dims) == 2}
+    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def quantize_weights(path: Path) -> None:
+    """``int8``: rewrite an exported graph in place, every matmul by a weight as ONNX Runtime's
+    MatMulNBits (symmetric, one scale per QUANT_BLOCK weights, int8 arithmetic)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(path))
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=QUANT_BLOCK, is_symmetric=True, accuracy_level=4)
+    log = logging.getLogger(MatMulNBitsQuantizer.__module__)
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs a line per matmul
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    quantizer.model.topological_sort()
+    _save(quantizer.model.model, path)
+
+
+def activation_ranges(path: Path, config: "TransformerConfig", token_ids: list[list[int]]) -> dict[str, np.ndarray]:
+    """max |x| per input channel of every weight matmul's input, over the sequences ``token_ids``
+    prefilled one at a time through the float32 graph at ``path``: {node name: float32 [in_features]}."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import io_names, read_metadata
+    from models.kv_cache import KVCache
+    from runtimes.graph import pack_batch, paged_views, whole_pages
+    from runtimes.onnxruntime_runner import session_options
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = _weight_matmuls(model.graph)
+    for node in nodes:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+    inputs, _ = io_names(config.num_layers, read_metadata(path).get("tap_layers", []))
+    ranges: dict[str, np.ndarray] = {}
+    probe = path.parent / "calibration-probe.onnx"  # beside the weights' file, which it names relative to its folder
+    onnx.save_model(model, str(probe))
+    try:
+        session = ort.InferenceSession(str(probe), session_options(None), providers=["CPUExecutionProvider"])
+        for ids in token_ids:
+            cache = KVCache(config, 1, whole_pages(len(ids) + 1), dtype=torch.float32)
+            batch = pack_batch(torch.tensor(ids), [cache.allocate()], [len(ids)], cache, None)
+            tensors = batch.inputs() + paged_views(cache.k, cache.v, config.head_dim)
+            outs = session.run([n.input[0] for n in nodes], {k: t.numpy() for k, t in zip(inputs, tensors)})
+            for node, x in zip(nodes, outs):
+                peak = np.abs(x.reshape(-1, x.shape[-1])).max(0)
+                ranges[node.name] = np.maximum(ranges[node.name], peak) if node.name in ranges else peak
+    finally:
+        probe.unlink()
+    return ranges
+
+
+def calibration_ids(tokenizer_file: Path) -> list[list[int]]:
+    """calibration_texts() tokenized, each cut to CALIBRATION_TOKENS."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return [tokenizer.encode(t).ids[:CALIBRATION_TOKENS] for t in calibration_texts()]
+
+
+def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[int]]) -> None:
+    """``w8a8``: rewrite an exported float32 graph in place, every matmul by a weight as a smoothed,
+    per-row dynamically quantized MatMulInteger (module docstring), its smoothing calibrated on the
+    sequences ``token_ids`` (calibration_ids for a real model)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    ranges = activation_ranges(path, config, token_ids)
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    quantized = {n.name for n in _weight_matmuls(graph)}
+    consts = {"w8a8_inv127": np.float32(1 / 127), "w8a8_tiny": np.float32(1e-30), "w8a8_offset": np.float32(128),
+              "w8a8_zero_point": np.uint8(128)}
+    nodes, new_weights = [], []
+    for node in graph.node:
+        if node.name not in quantized:
+            nodes.append(node)
+            continue
+        x, w_name = node.input
+        prefix = node.name.strip("/").replace("/", "_") + "_w8a8"
+        name = lambda part: f"{prefix}_{part}"  # noqa: E731
+        w = numpy_helper.to_array(weights[w_name]).astype(np.float32)  # [in, out]
+        x_peak = np.maximum(ranges[node.name], 1e-5)
+        smooth = x_peak ** SMOOTHING_ALPHA / np.maximum(np.abs(w).max(1), 1e-5) ** (1 - SMOOTHING_ALPHA)
+        w = w * smooth[:, None]
+        w_scale = np.maximum(np.abs(w).max(0), 1e-30) / 127
+        new_weights += [numpy_helper.from_array((1 / smooth).astype(np.float32), name("smooth")),
+                        numpy_helper.from_array(np.round(w / w_scale).astype(np.int8), name("weight")),
+                        numpy_helper.from_array(w_scale.astype(np.float32), name("weight_scale"))]
+        op = lambda kind, ins, out, **kw: helper.make_node(kind, ins, [out], name=out, **kw)  # noqa: E731
+        nodes += [
+            op("Mul", [x, name("smooth")], name("x")),
+            op("Abs", [name("x")], name("abs")),
+            op("ReduceMax", [name("abs")], name("peak"), axes=[-1], keepdims=1),
+            op("Mul", [name("peak"), "w8a8_inv127"], name("scale0")),
+            op("Max", [name("scale0"), "w8a8_tiny"], name("scale")),  # an all-zero row: 0 / tiny = 0
+            op("Div", [name("x"), name("scale")], name("scaled")),
+            op("Round", [name("scaled")], name("rounded")),
+            op("Add", [name("rounded"), "w8a8_offset"], name("shifted")),
+            op("Cast", [name("shifted")], name("x_uint8"), to=TensorProto.UINT8),
+            op("MatMulInteger", [name("x_uint8"), name("weight"), "w8a8_zero_point"], name("int32")),
+            op("Cast", [name("int32")], name("float"), to=TensorProto.FLOAT),
+            op("Mul", [name("float"), name("weight_scale")], name("columns")),
+            helper.make_node("Mul", [name("columns"), name("scale")], [node.output[0]], name=name("out")),
+        ]
+    read = {name for node in nodes for name in node.input}
+    kept = [i for i in graph.initializer if i.name in read]  # a float weight only its matmul read is gone
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_weights + [numpy_helper.from_array(np.array(v), k) for k, v in consts.items()])
+    _save(model, path)
+
+
+def _save(model, path: Path) -> None:
+    """Replace the graph at ``path`` and its weights' file with ``model`` (all in memory), then check it."""
+    import onnx
+
+    data = path.parent / f"{path.name}.data"
+    data.unlink()  # the float32 weights, loaded above: the quantized ones replace them
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    onnx.checker.check_model(str(path), full_check=True)
