@@ -3,6 +3,7 @@ their images, expose Triton's three ports, reserve a GPU, probe readiness, and a
 and with the Triton version our client pins."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -57,6 +58,11 @@ def test_dockerfile_is_pinned_to_the_server_our_client_matches() -> None:
     assert any(k == "HEALTHCHECK" and "/v2/health/ready" in args for k, args in instructions)
     cmd = [args for k, args in instructions if k == "CMD"][-1]
     assert cmd.startswith("[") and "--model-repository=/models" in cmd, "CMD in exec form, serving /models"
+    # `docker stop` signals PID 1: the entrypoint (tests/test_server_stop.py runs it), executable, in exec form
+    workdir = [args for k, args in instructions if k == "WORKDIR"][-1]
+    assert [args for k, args in instructions if k == "ENTRYPOINT"][-1] == f'["{workdir}/entrypoint.sh"]'
+    assert any(k == "COPY" and "docker/entrypoint.sh" in args.split()[:-1] for k, args in instructions)
+    assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
     for k, args in instructions:  # every COPY source exists in the build context (the repository root)
         if k == "COPY" and not args.startswith("--from"):
             for src in args.split()[:-1]:
@@ -67,6 +73,8 @@ def test_dockerignore_keeps_local_artifacts_out() -> None:
     ignored = (DOCKER / "Dockerfile.dockerignore").read_text().split()
     for pattern in (".venv", ".git", "**/*.onnx.data", "**/*.safetensors"):
         assert pattern in ignored
+    # docker/ stays out but the entrypoint the Dockerfile copies from it (a later ! line re-includes)
+    assert ignored.index("!docker/entrypoint.sh") > ignored.index("docker")
 
 
 def test_compose_serves_three_ports_with_gpu_and_shm() -> None:
@@ -116,8 +124,8 @@ def test_k8s_deployment_replicas_probes_gpu_and_scraping() -> None:
     assert container["readinessProbe"]["httpGet"]["port"] in ports
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
-    hook = container["lifecycle"]["preStop"]["exec"]["command"]  # the stubs end their streams first
-    assert hook[:2] == ["sh", "-c"] and "pkill -TERM -f '[t]riton_python_backend_stub'" in hook[2]
+    # no `command`: the image's entrypoint takes the kubelet's SIGTERM and drains the engine before Triton stops
+    assert "command" not in container and container["args"][0] == "tritonserver"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,7 +14,9 @@ import numpy as np
 import requests
 import tritonclient.grpc as grpcclient
 
-from serving.triton_launcher import STOP_TIMEOUT_S, ServerConfig, TritonServer, _group_members
+from hub.fetch import cache_dir
+from serving.triton_launcher import (STOP_TIMEOUT_S, ServerConfig, TritonServer, _group_members, prepare_backend_dir,
+                                     server_env)
 from tests.conftest import PROJECT_ROOT, _free_port
 
 LONG = {"text_input": "Write a long story.", "max_tokens": 2000, "min_length": 1900, "stream": True}
@@ -72,3 +77,43 @@ def test_stop_ends_long_streams_with_shutting_down_and_the_server_within_a_bound
     assert errors[0].message() == "server is shutting down"
     assert all("GOAWAY" in e.message() for e in errors[1:])
     assert stopped_in < STOP_TIMEOUT_S + 3 and not _group_members(pid), stopped_in
+
+
+def test_container_entrypoint_drains_the_engine_before_stopping_triton(smollm2_dir: Path, tmp_path: Path) -> None:
+    """`docker stop` sends SIGTERM to the image's PID 1, docker/entrypoint.sh, which runs Triton: a client streaming
+    a long answer hears "server is shutting down", and the server and its stubs are gone within the bound (Triton
+    alone would wait out its exit timeout, then abort). The stubs of other servers on the machine are not touched."""
+    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    server = TritonServer(ServerConfig(PROJECT_ROOT / "model_repository", http, grpc, metrics))
+    env = server_env({"DSPARK_METRICS_URL": server.url_metrics, "DSPARK_MODEL": str(smollm2_dir),
+                      "DSPARK_DTYPE": "float32", "DSPARK_DRAFTER": "prompt_lookup"})
+    command = server.command(prepare_backend_dir(cache_dir() / "triton" / "backends"))
+    with open(tmp_path / "triton.log", "wb") as log:
+        entry = subprocess.Popen(["sh", str(PROJECT_ROOT / "docker" / "entrypoint.sh"), *command], env=env,
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not server._ready():
+            assert entry.poll() is None and time.monotonic() < deadline, (tmp_path / "triton.log").read_text()
+            time.sleep(0.2)
+
+        def stream() -> None:
+            with requests.post(f"http://{server.url_http}/v2/models/dspark/generate_stream", json=LONG, stream=True,
+                               timeout=120) as response:
+                lines.extend(line.decode() for line in response.iter_lines() if line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        os.kill(entry.pid, signal.SIGTERM)
+        entry.wait(timeout=STOP_TIMEOUT_S + 5)
+        stopped_in = time.monotonic() - started
+        reader.join(timeout=30)
+    finally:
+        if entry.poll() is None:
+            os.killpg(entry.pid, signal.SIGKILL)
+    assert json.loads(lines[-1].removeprefix("data: ")) == {"error": "server is shutting down"}
+    assert entry.returncode == 0 and stopped_in < STOP_TIMEOUT_S and not _group_members(entry.pid), stopped_in
