@@ -35,6 +35,18 @@ def _grpc_inputs() -> list[grpcclient.InferInput]:
     return inputs
 
 
+def _http_stream(url_http: str, lines: list[str]) -> threading.Thread:
+    """A started thread streaming LONG from the engine over HTTP, appending each SSE line to ``lines``."""
+    def run() -> None:
+        with requests.post(f"http://{url_http}/v2/models/dspark/generate_stream", json=LONG, stream=True,
+                           timeout=120) as response:
+            lines.extend(line.decode() for line in response.iter_lines() if line)
+
+    reader = threading.Thread(target=run)
+    reader.start()
+    return reader
+
+
 def test_stop_ends_long_streams_with_shutting_down_and_the_server_within_a_bound(smollm2_dir: Path,
                                                                                  tmp_path: Path) -> None:
     """Seen: a stop during a 2,000-token gRPC stream let the answer go on for 8 s, Triton waited out its exit
@@ -51,14 +63,7 @@ def test_stop_ends_long_streams_with_shutting_down_and_the_server_within_a_bound
         client = grpcclient.InferenceServerClient(server.url_grpc)
         client.start_stream(callback=lambda result, error: grpc_events.put(error))
         client.async_stream_infer("dspark", _grpc_inputs())
-
-        def http_stream() -> None:
-            with requests.post(f"http://{server.url_http}/v2/models/dspark/generate_stream", json=LONG, stream=True,
-                               timeout=120) as response:
-                http_lines.extend(line.decode() for line in response.iter_lines() if line)
-
-        reader = threading.Thread(target=http_stream)
-        reader.start()
+        reader = _http_stream(server.url_http, http_lines)
         assert grpc_events.get(timeout=120) is None  # both streaming
         deadline = time.monotonic() + 60
         while not http_lines and time.monotonic() < deadline:
@@ -97,14 +102,7 @@ def test_container_entrypoint_drains_the_engine_before_stopping_triton(smollm2_d
         while not server._ready():
             assert entry.poll() is None and time.monotonic() < deadline, (tmp_path / "triton.log").read_text()
             time.sleep(0.2)
-
-        def stream() -> None:
-            with requests.post(f"http://{server.url_http}/v2/models/dspark/generate_stream", json=LONG, stream=True,
-                               timeout=120) as response:
-                lines.extend(line.decode() for line in response.iter_lines() if line)
-
-        reader = threading.Thread(target=stream)
-        reader.start()
+        reader = _http_stream(server.url_http, lines)
         while not lines and time.monotonic() < deadline:
             time.sleep(0.05)
         started = time.monotonic()
