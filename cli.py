@@ -870,7 +870,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
 
     from benchmarks.spec_decode import (checkpoint_of, format_table, needs_step_cost, parse_configs,
                                         run_spec_decode_benchmark, summarize)
-    from export.onnx_export import compute_dtype
+    from export.onnx_export import QUANTIZED, compute_dtype
     from hub.fetch import cache_dir, fetch_model
     from models.drafters import DrafterConfig
     from models.hardware import cpu_flags, resolve_dtype
@@ -884,7 +884,7 @@ def bench_decode(target: str, dtype: str, configs: tuple[str, ...], prompts: str
     if threads:
         torch.set_num_threads(threads)
     prompt_texts = _prompt_set(prompts)  # a bad set fails before the model loads
-    dtype = (dtype if dtype in ("int8", "w8a8") else "float32") if runtime == "onnxruntime" else resolve_dtype(dtype)
+    dtype = (dtype if dtype in QUANTIZED else "float32") if runtime == "onnxruntime" else resolve_dtype(dtype)
     try:
         check_runtime_dtype(runtime, dtype)
     except ValueError as exc:
@@ -1033,18 +1033,20 @@ def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: s
                 repeats: int, threads: int | None, device: str, json_out: Path | None) -> None:
     """Target decode/verify and drafter extend/draft step times vs context length, per runtime, side by side."""
     from benchmarks.step_time import format_table, run_step_time_benchmark
+    from export.onnx_export import DTYPES, QUANTIZED
     from export.repository import drafter_checkpoint
     from hub.fetch import default_drafter, fetch_model
     from models.hardware import cpu_flags, resolve_dtype
+    from runtimes.protocol import RUNTIMES
 
     context_list = _positive_ints("--context", contexts, largest=8192)
     pairs = [(spec.partition("/")[0], spec.partition("/")[2] or ("float32" if spec.startswith("onnx") else "auto"))
              for spec in (runtimes or ("torch/auto", "onnxruntime/float32"))]
+    dtypes = ("auto", *DTYPES, *QUANTIZED)
     for spec, (rt, dt) in zip(runtimes, pairs):
-        if rt not in ("torch", "onnxruntime", "tensorrt") or dt not in ("auto", "float32", "float16", "bfloat16", "int8",
-                                                                        "w8a8"):
-            raise click.BadParameter(f"{spec!r}: expected RUNTIME[/DTYPE], RUNTIME one of torch, onnxruntime, tensorrt "
-                                     "and DTYPE one of auto, float32, float16, bfloat16, int8, w8a8", param_hint="--runtime")
+        if rt not in RUNTIMES or dt not in dtypes:
+            raise click.BadParameter(f"{spec!r}: expected RUNTIME[/DTYPE], RUNTIME one of {', '.join(RUNTIMES)} "
+                                     f"and DTYPE one of {', '.join(dtypes)}", param_hint="--runtime")
     model_dir = fetch_model(model)
     setting = default_drafter(model_dir) if drafter == "auto" else drafter
     checkpoint = drafter_checkpoint(setting) or Path(setting)

@@ -11,6 +11,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from export.onnx_export import QUANTIZED
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
@@ -32,8 +33,8 @@ class ModelRunner(Protocol):
 def check_runtime_dtype(runtime: str, dtype: str) -> None:
     """ValueError for a dtype a runtime cannot run: ONNX Runtime's CPU kernels lack bf16/fp16 matmuls, and
     the int8 graphs (export.quantize) use ONNX Runtime's operators."""
-    if runtime == "onnxruntime" and dtype not in ("float32", "int8", "w8a8"):
-        raise ValueError(f"the onnxruntime runtime runs float32, int8 or w8a8, not {dtype} (ONNX Runtime's CPU "
-                         "kernels lack bf16/fp16 matmuls)")
-    if runtime != "onnxruntime" and dtype in ("int8", "w8a8"):
+    if runtime == "onnxruntime" and dtype != "float32" and dtype not in QUANTIZED:
+        raise ValueError(f"the onnxruntime runtime runs float32, {' or '.join(QUANTIZED)}, not {dtype} (ONNX "
+                         "Runtime's CPU kernels lack bf16/fp16 matmuls)")
+    if runtime != "onnxruntime" and dtype in QUANTIZED:
         raise ValueError(f"{dtype} graphs are for the onnxruntime runtime (ONNX Runtime's int8 matmuls), not {runtime}")
