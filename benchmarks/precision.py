@@ -9,7 +9,6 @@ by scoring its own output.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.ar_decode import _num_threads
+from export.quantize import python_texts
 from runtimes.loading import load_runner
 
 SOURCE_MODULES = ("argparse", "textwrap", "json.decoder", "dataclasses")
@@ -28,17 +28,7 @@ TEXT_CHARS = 6000  # per text: ~1,500 tokens, cut to max_tokens
 
 def reference_texts() -> list[str]:
     """Four slices of standard-library source and four documentation topics."""
-    import importlib
-
-    import pydoc_data.topics
-
-    texts = []
-    for name in SOURCE_MODULES:
-        source = inspect.getsource(importlib.import_module(name))
-        start = len(source) // 3  # past the licence header and imports
-        texts.append(source[start:start + TEXT_CHARS])
-    texts += [pydoc_data.topics.topics[t][:TEXT_CHARS] for t in DOC_TOPICS]
-    return texts
+    return python_texts(SOURCE_MODULES, DOC_TOPICS, TEXT_CHARS, skip=3)
 
 
 def run_precision_benchmark(model_dir: Path, specs: Sequence[tuple[str, str]], texts: Sequence[str],

@@ -22,7 +22,7 @@ import importlib
 import inspect
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -47,17 +47,23 @@ def recipe(dtype: str) -> dict:
     return {}
 
 
-def calibration_texts() -> list[str]:
-    """Slices of standard-library sources and reference-documentation topics (disjoint from those
-    `benchmarks.precision` scores): every machine with Python has them."""
+def python_texts(modules: Sequence[str], topics: Sequence[str], chars: int, skip: int) -> list[str]:
+    """Human-written text every machine with Python has: a slice of ``chars`` characters of each module's
+    source, from 1/``skip`` of the way in (past licence headers and imports), then the first ``chars`` of
+    each reference-documentation topic (``pydoc_data``)."""
     import pydoc_data.topics
 
     texts = []
-    for name in CALIBRATION_MODULES:
+    for name in modules:
         source = inspect.getsource(importlib.import_module(name))
-        texts.append(source[len(source) // 2:len(source) // 2 + CALIBRATION_CHARS])
-    texts += [pydoc_data.topics.topics[t][:CALIBRATION_CHARS] for t in CALIBRATION_TOPICS]
-    return texts
+        first = len(source) // skip
+        texts.append(source[first:first + chars])
+    return texts + [pydoc_data.topics.topics[t][:chars] for t in topics]
+
+
+def calibration_texts() -> list[str]:
+    """What w8a8's smoothing is calibrated on (disjoint from what `benchmarks.precision` scores)."""
+    return python_texts(CALIBRATION_MODULES, CALIBRATION_TOPICS, CALIBRATION_CHARS, skip=2)
 
 
 def _weight_matmuls(graph) -> list:

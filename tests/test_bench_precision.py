@@ -7,6 +7,13 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks.precision import reference_texts, run_precision_benchmark
+from export.quantize import calibration_texts
+
+
+def test_w8a8_calibrates_on_text_the_benchmark_does_not_score() -> None:
+    scored, calibration = reference_texts(), calibration_texts()
+    assert len(calibration) == 12 and all(len(t) > 500 for t in calibration)
+    assert not any(a in b or b in a for a in scored for b in calibration)
 
 
 def test_float32_agrees_with_itself_and_bf16_costs_little(smollm2_dir) -> None:
