@@ -1031,7 +1031,7 @@ def bench_precision(model: str, runtimes: tuple[str, ...], max_tokens: int, thre
               help="Also write the results here as JSON.")
 def bench_steps(model: str, drafter: str, runtimes: tuple[str, ...], contexts: str, batch: int, verify_tokens: int,
                 repeats: int, threads: int | None, device: str, json_out: Path | None) -> None:
-    """Target decode/verify and drafter extend/draft step times vs context length, per runtime, side by side."""
+    """Target prefill/decode/verify and drafter extend/draft step times vs context length, per runtime, side by side."""
     from benchmarks.step_time import format_table, run_step_time_benchmark
     from export.onnx_export import DTYPES, QUANTIZED
     from export.repository import drafter_checkpoint

@@ -2,9 +2,10 @@
 
 What a serving step costs once B requests each hold C tokens of context: a decode step (one
 token each), a verify step (k tokens each), the drafter's context extension (one committed
-token each) and one drafted block. Caches are filled by setting lengths over finite values, not
-by prefilling (the cost of a step depends on how much it reads, not on what): a 2048-token
-context for 16 requests would otherwise take minutes to prefill per runtime. Runtimes take turns
+token each) and one drafted block; and the prefill of B prompts of C tokens in one step (what
+B requests arriving together cost before their first token). Caches are filled by setting
+lengths over finite values, not by prefilling (the cost of a step depends on how much it reads,
+not on what). Runtimes take turns
 per measurement so machine noise falls on all alike; each figure is the median of ``repeats``.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from benchmarks.ar_decode import _num_threads
 from models.drafters.common import DrafterConfig, greedy_sample
 from runtimes.loading import load_feature_drafter, load_runner
 
-PHASES = ("decode", "verify", "extend", "draft")
+PHASES = ("prefill", "decode", "verify", "extend", "draft")
 
 
 def _timed(fn, device: str) -> float:
@@ -70,6 +71,12 @@ def run_step_time_benchmark(model_dir: Path, checkpoint: Path, runtimes: Sequenc
                     state.lengths[slots] = context
                     ids = torch.randint(0, 1000, (batch * verify_tokens,), generator=gen)
                     dev = str(cache.k_all.device)
+                    cache.lengths[slots] = 0
+                    prompts = torch.randint(0, 1000, (batch * context,), generator=gen)
+                    times["prefill", label].append(_timed(lambda: target(
+                        prompts, slots, [context] * batch, cache, logits_indices=torch.arange(1, batch + 1) * context - 1,
+                        tap_layers=taps), dev))
+                    cache.lengths[slots] = context
                     times["decode", label].append(_timed(lambda: target(
                         ids[:batch], slots, [1] * batch, cache, logits_indices=torch.arange(batch), tap_layers=taps), dev))
                     cache.lengths[slots] = context

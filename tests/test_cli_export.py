@@ -38,7 +38,7 @@ def test_bench_steps_times_every_phase_on_each_runtime(tmp_path, smollm2_dir: Pa
     data = json.loads(out.read_text())
     assert data["runtimes"][1] == "onnxruntime/float32"
     assert [(r["context"], r["phase"]) for r in data["rows"]] == [
-        (c, p) for c in (20, 40) for p in ("decode", "verify", "extend", "draft")]
+        (c, p) for c in (20, 40) for p in ("prefill", "decode", "verify", "extend", "draft")]
     assert all(r[label] > 0 for r in data["rows"] for label in data["runtimes"])
 
 
