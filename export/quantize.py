@@ -4,15 +4,17 @@ Two schemes, chosen by the export dtype:
 
 - ``int8`` (weight-only): every matmul by a weight becomes ``MatMulNBits`` (symmetric, one scale
   per QUANT_BLOCK weights). Closest to float32, but its kernels are fast for a few rows only.
-- ``w8a8`` (weights and activations, SmoothQuant): every matmul by a weight becomes
-  ``MatMulInteger`` on uint8 activations and int8 weights, which ONNX Runtime's MLAS runs on
+- ``w8a8`` (weights and activations, SmoothQuant): every matmul by a weight becomes an integer
+  matmul (``MatMulIntegerToFloat``, ONNX Runtime's MatMulInteger with the weight scales applied in
+  its output pass) on uint8 activations and int8 weights, which ONNX Runtime's MLAS runs on
   AVX-VNNI/AMX at any row count. Activations are quantized per row at run time (symmetric,
   scale max|x| / 127, shifted by 128 into uint8 against a constant zero point of 128), so a row's
   result never depends on the other rows of its batch; weights per output column. Before that,
   each input channel is divided by s_j = max|X_j|^a / max|W_j|^(1-a), and the weight's row j
   multiplied by it (SmoothQuant, Xiao et al. 2023, a = SMOOTHING_ALPHA): the few channels with
   large activations no longer set every row's scale. max|X_j| comes from a float32 run over
-  calibration_texts(), none of which `cli.py bench precision` scores.
+  calibration_texts(), none of which `cli.py bench precision` scores. The graph's KV cache is int8
+  as well (export.onnx_export exports w8a8 graphs with it).
 
 The README has perplexity and step times of both against float32 and torch bf16.
 """
@@ -43,7 +45,7 @@ def recipe(dtype: str) -> dict:
         return {"block": QUANT_BLOCK}
     if dtype == "w8a8":
         return {"alpha": SMOOTHING_ALPHA, "modules": CALIBRATION_MODULES, "topics": CALIBRATION_TOPICS,
-                "chars": CALIBRATION_CHARS, "tokens": CALIBRATION_TOKENS}
+                "chars": CALIBRATION_CHARS, "tokens": CALIBRATION_TOKENS, "kv_cache": "int8"}
     return {}
 
 
@@ -100,23 +102,25 @@ def activation_ranges(path: Path, config: "TransformerConfig", token_ids: list[l
 
     from export.onnx_export import io_names, read_metadata
     from models.kv_cache import KVCache
-    from runtimes.graph import pack_batch, paged_views, whole_pages
+    from runtimes.graph import cache_views, pack_batch, whole_pages
     from runtimes.onnxruntime_runner import session_options
 
     model = onnx.load(str(path), load_external_data=False)
     nodes = _weight_matmuls(model.graph)
     for node in nodes:
         model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
-    inputs, _ = io_names(config.num_layers, read_metadata(path).get("tap_layers", []))
+    meta = read_metadata(path)
+    int8_kv = meta.get("kv_cache") == "int8"
+    inputs, _ = io_names(config.num_layers, meta.get("tap_layers", []), int8_kv)
     ranges: dict[str, np.ndarray] = {}
     probe = path.parent / "calibration-probe.onnx"  # beside the weights' file, which it names relative to its folder
     onnx.save_model(model, str(probe))
     try:
         session = ort.InferenceSession(str(probe), session_options(None), providers=["CPUExecutionProvider"])
         for ids in token_ids:
-            cache = KVCache(config, 1, whole_pages(len(ids) + 1), dtype=torch.float32)
+            cache = KVCache(config, 1, whole_pages(len(ids) + 1), dtype=torch.int8 if int8_kv else torch.float32)
             batch = pack_batch(torch.tensor(ids), [cache.allocate()], [len(ids)], cache, None)
-            tensors = batch.inputs() + paged_views(cache.k, cache.v, config.head_dim)
+            tensors = batch.inputs() + cache_views(cache)
             outs = session.run([n.input[0] for n in nodes], {k: t.numpy() for k, t in zip(inputs, tensors)})
             for node, x in zip(nodes, outs):
                 peak = np.abs(x.reshape(-1, x.shape[-1])).max(0)
@@ -146,7 +150,7 @@ def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
     quantized = {n.name for n in _weight_matmuls(graph)}
-    consts = {"w8a8_inv127": np.float32(1 / 127), "w8a8_tiny": np.float32(1e-30), "w8a8_offset": np.float32(128),
+    consts = {"w8a8_inv127": np.float32(1 / 127), "w8a8_tiny": np.float32(1e-30), "w8a8_one": np.float32(1),
               "w8a8_zero_point": np.uint8(128)}
     nodes, new_weights = [], []
     for node in graph.node:
@@ -172,12 +176,11 @@ def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[
             op("Mul", [name("peak"), "w8a8_inv127"], name("scale0")),
             op("Max", [name("scale0"), "w8a8_tiny"], name("scale")),  # an all-zero row: 0 / tiny = 0
             op("Div", [name("x"), name("scale")], name("scaled")),
-            op("Round", [name("scaled")], name("rounded")),
-            op("Add", [name("rounded"), "w8a8_offset"], name("shifted")),
-            op("Cast", [name("shifted")], name("x_uint8"), to=TensorProto.UINT8),
-            op("MatMulInteger", [name("x_uint8"), name("weight"), "w8a8_zero_point"], name("int32")),
-            op("Cast", [name("int32")], name("float"), to=TensorProto.FLOAT),
-            op("Mul", [name("float"), name("weight_scale")], name("columns")),
+            # round half to even, + 128, saturate to uint8: one pass
+            op("QuantizeLinear", [name("scaled"), "w8a8_one", "w8a8_zero_point"], name("x_uint8")),
+            # the int32 product times each weight column's scale, in the GEMM's own output pass
+            op("MatMulIntegerToFloat", [name("x_uint8"), name("weight"), "w8a8_one", name("weight_scale"),
+                                        "w8a8_zero_point"], name("columns"), domain="com.microsoft"),
             helper.make_node("Mul", [name("columns"), name("scale")], [node.output[0]], name=name("out")),
         ]
     read = {name for node in nodes for name in node.input}
@@ -186,15 +189,21 @@ def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + new_weights + [numpy_helper.from_array(np.array(v), k) for k, v in consts.items()])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _save(model, path)
 
 
 def _save(model, path: Path) -> None:
-    """Replace the graph at ``path`` and its weights' file with ``model`` (all in memory), then check it."""
+    """Replace the graph at ``path`` and its weights' file with ``model`` (all in memory), check it, and
+    derive its one-group graph again (export.onnx_export.one_group_graph)."""
     import onnx
+
+    from export.onnx_export import one_group_graph
 
     data = path.parent / f"{path.name}.data"
     data.unlink()  # the float32 weights, loaded above: the quantized ones replace them
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     onnx.checker.check_model(str(path), full_check=True)
+    one_group_graph(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from export.drafter_export import cached_drafter_export
-from export.onnx_export import META_FILE, ONNX_DATA_FILE, ONNX_FILE, cached_onnx, read_metadata
+from export.onnx_export import EXPORT_FILES, ONNX_FILE, cached_onnx, read_metadata
 from export.output_dir import write_replacing
 from hub.fetch import KNOWN_MODELS, default_drafter, model_dir_if_cached, model_name
 from models.drafters import BlockDrafter, DrafterConfig, load_drafter
@@ -88,7 +88,7 @@ def _write_repository(out_dir: Path, source: Path, runtime: str, model: str, mod
         exported = cached_onnx(model_dir, dtype, drafter_tap_layers(drafter))
         target = out_dir / ENGINE_MODEL / "1" / ONNX_SUBDIR
         target.mkdir(parents=True)
-        for name in (ONNX_FILE, ONNX_DATA_FILE, META_FILE):
+        for name in EXPORT_FILES:
             _link_or_copy(exported.parent / name, target / name)
         values["onnx_model"] = f"{ONNX_SUBDIR}/{ONNX_FILE}"
         if runtime == "onnxruntime" and (graphs := _drafter_graphs(drafter, model_dir)) is not None:

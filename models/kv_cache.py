@@ -9,6 +9,10 @@ from models.config import TransformerConfig
 class KVCache:
     """Preallocated static cache: per-layer K/V tensors [num_slots, num_kv_heads, max_len, head_dim].
 
+    An int8 cache (the w8a8 graphs' one, see export.onnx_export) also keeps each cached key and
+    value vector's float32 scale: ``k_scale[layer]`` / ``v_scale[layer]`` [num_slots, num_kv_heads,
+    max_len], the vector being ``k[layer][s, h, t] * k_scale[layer][s, h, t]``.
+
     ``k[layer]`` / ``v[layer]`` are views into one tensor per K and V. A slot holds one sequence;
     ``lengths[slot]`` counts its cached tokens (positions 0 .. length-1 are valid, anything after
     is stale and masked out by the model). ``lengths`` always lives on the CPU so that schedulers
@@ -38,6 +42,11 @@ class KVCache:
             self.v_all = torch.zeros(shape, dtype=dtype, device=self.device)
             self.k: list[torch.Tensor] = list(self.k_all.unbind(0))
             self.v: list[torch.Tensor] = list(self.v_all.unbind(0))
+            self.k_scale: list[torch.Tensor] = []
+            self.v_scale: list[torch.Tensor] = []
+            if dtype == torch.int8:
+                scales = torch.zeros(2, *shape[:-1], dtype=torch.float32, device=self.device)
+                self.k_scale, self.v_scale = list(scales[0].unbind(0)), list(scales[1].unbind(0))
             self.lengths = torch.zeros(self.num_slots, dtype=torch.int64)
         self._free: list[int] = list(range(self.num_slots))
         self._in_use: set[int] = set()

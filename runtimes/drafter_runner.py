@@ -18,7 +18,7 @@ from export.onnx_export import PAGE_SIZE
 from models.drafters import BlockDrafter
 from models.drafters.common import DraftBlock, DrafterState, SampleFn, fused_features, packed_positions
 from runtimes.graph import page_rows, paged_views, pages_read, whole_pages
-from runtimes.onnxruntime_runner import session_options
+from runtimes.onnxruntime_runner import run_session, session_options
 
 
 class OnnxRuntimeBlockDrafter:
@@ -62,7 +62,7 @@ class OnnxRuntimeBlockDrafter:
 
     def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         session = self.sessions[name]
-        outputs = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        outputs = run_session(session, None, {k: v.numpy() for k, v in feeds.items()})
         return [torch.from_numpy(o) for o in outputs]
 
     @torch.no_grad()

@@ -1,9 +1,10 @@
 """What the graph runtimes share: a packed engine call laid out for the exported packed step graph.
 
 The ONNX Runtime and TensorRT runners run the exported graph (see export.onnx_export): around
-each call they split the sequences into the graph's attention groups, point the graph at the
-cached keys it may read, and write the new K/V rows it returns into the cache, so every runtime
-shares our KVCache and the engine cannot tell them apart.
+each call they split the sequences into the graph's attention groups (ONNX Runtime: one call of the
+one-group graph per group), point the graph at the cached keys it may read, and write the new K/V
+rows it returns into the cache, so every runtime shares our KVCache and the engine cannot tell
+them apart.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class AttentionGroup:
     rows: torch.Tensor  # int64 [B, L] packed row of each query (padding repeats the sequence's last)
     mask: torch.Tensor  # bool [B, L, C + L] cached keys first, then the group's new keys
     cache_pages: torch.Tensor  # int64 [B, kv_heads, C / PAGE_SIZE] pages of the cache each sequence reads
+    dummy: bool = False  # no sequence: one masked query whose output no token reads
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.rows, self.mask, self.cache_pages
@@ -45,11 +47,13 @@ class PackedBatch:
     num_new: torch.Tensor  # int64 [B]
     tok_slots: torch.Tensor  # int64 [T]
 
-    def inputs(self) -> list[torch.Tensor]:
-        """The graph's leading inputs, in io_names order (the caches follow)."""
+    def inputs(self, skip_dummy: bool = False) -> list[torch.Tensor]:
+        """The graph's leading inputs, in io_names order (the caches follow); ``skip_dummy``: without the
+        dummy groups' (for the one-group graph)."""
         out = [self.input_ids, self.positions, self.logit_rows, self.token_rows]
         for group in self.groups:
-            out += group.tensors()
+            if not (skip_dummy and group.dummy):
+                out += group.tensors()
         return out
 
 
@@ -77,6 +81,16 @@ def paged_views(k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], head_dim: 
     return [t.view(-1, row) for pair in zip(k, v) for t in pair]
 
 
+def cache_views(cache: KVCache) -> list[torch.Tensor]:
+    """A KVCache as a graph reads it, in io_names order: per layer K and V as paged_views, then for an
+    int8 cache their scales as [pages, PAGE_SIZE] views (no copy)."""
+    kv = paged_views(cache.k, cache.v, cache.config.head_dim)
+    if cache.dtype != torch.int8:
+        return kv
+    scales = paged_views(cache.k_scale, cache.v_scale, 1)
+    return [t for i in range(cache.config.num_layers) for t in (*kv[2 * i:2 * i + 2], *scales[2 * i:2 * i + 2])]
+
+
 def _attention_cost(new: list[int], past: list[int]) -> int:
     """Score entries of one group's padded attention: B * L * (C + L)."""
     L, C = max(new), pages_read(max(past)) * PAGE_SIZE
@@ -101,15 +115,11 @@ def split_groups(num_new: list[int], starts: list[int]) -> list[list[int]]:
     return [order[:best_cut], order[best_cut:]]
 
 
-def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
-               logits_indices: torch.Tensor | None) -> PackedBatch:
-    """Check a packed call like the Transformer does and lay it out for the packed graph.
-
-    An attention group reads at least one page of cached keys (masked when the sequences are
-    new) and an empty group is a one-query dummy whose output no token reads: TensorRT profiles
-    and some kernels dislike zero-sized dimensions, and one masked page costs nothing. The cache's
-    max_len must be a multiple of PAGE_SIZE (the graph runners' new_cache rounds it up).
-    """
+def check_call(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int],
+               cache: KVCache) -> tuple[list[int], list[int], list[int]]:
+    """Check a packed call like the Transformer does (ValueError naming what is wrong); returns the
+    slots, new-token counts and cached lengths as lists. The cache's max_len must be a multiple of
+    PAGE_SIZE (the graph runners' new_cache rounds it up)."""
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be 1-D packed tokens, got shape {tuple(input_ids.shape)}")
     B = len(slots)
@@ -123,29 +133,44 @@ def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[
     T = int(input_ids.shape[0])
     if sum(new_l) != T:
         raise ValueError(f"input_ids has {T} tokens but sum(num_new) = {sum(new_l)}")
-    slots_t = torch.tensor(slots_l, dtype=torch.int64)
-    new_t = torch.tensor(new_l, dtype=torch.int64)
-    starts = cache.lengths.index_select(0, slots_t)
-    starts_l = starts.tolist()
+    starts_l = cache.lengths[slots_l].tolist()
     if max(s + n for s, n in zip(starts_l, new_l)) > cache.max_len:
         raise ValueError(f"sequence would reach {max(s + n for s, n in zip(starts_l, new_l))} tokens; "
                          f"cache max_len is {cache.max_len}")
+    if cache.max_len % PAGE_SIZE:
+        raise ValueError(f"the graph reads the cache in pages of {PAGE_SIZE}; max_len {cache.max_len} is not a multiple")
+    return slots_l, new_l, starts_l
+
+
+def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
+               logits_indices: torch.Tensor | None, one_group: bool = False) -> PackedBatch:
+    """Check a packed call (check_call) and lay it out for the packed graph: its sequences in the
+    attention groups split_groups chooses, or all in the first with ``one_group``.
+
+    An attention group reads at least one page of cached keys (masked when the sequences are
+    new) and an empty group is a one-query dummy whose output no token reads: TensorRT profiles
+    and some kernels dislike zero-sized dimensions, and one masked page costs nothing.
+    """
+    slots_l, new_l, starts_l = check_call(input_ids, slots, num_new, cache)
+    B, T = len(slots_l), int(input_ids.shape[0])
+    slots_t = torch.tensor(slots_l, dtype=torch.int64)
+    new_t = torch.tensor(new_l, dtype=torch.int64)
+    starts = torch.tensor(starts_l, dtype=torch.int64)
     first = torch.cumsum(new_t, 0) - new_t
     batch_of_tok = torch.arange(B).repeat_interleave(new_t)
     offset = torch.arange(T) - first[batch_of_tok]
-    if cache.max_len % PAGE_SIZE:
-        raise ValueError(f"the graph reads the cache in pages of {PAGE_SIZE}; max_len {cache.max_len} is not a multiple")
     hkv = cache.config.num_kv_heads
 
     groups: list[AttentionGroup] = []
     token_rows = torch.empty(T, dtype=torch.int64)
     base = 0
-    for members in split_groups(new_l, starts_l):
+    for members in [list(range(B)), []] if one_group else split_groups(new_l, starts_l):
         if not members:  # dummy: one query over the first cached page of slot 0, read by no token
             mask = torch.zeros(1, 1, PAGE_SIZE + 1, dtype=torch.bool)
             mask[0, 0, 0] = True
             groups.append(AttentionGroup(rows=torch.zeros(1, 1, dtype=torch.int64), mask=mask,
-                                         cache_pages=page_rows(torch.zeros(1, dtype=torch.int64), hkv, cache.max_len, 1)))
+                                         cache_pages=page_rows(torch.zeros(1, dtype=torch.int64), hkv, cache.max_len, 1),
+                                         dummy=True))
             base += 1
             continue
         idx = torch.tensor(members, dtype=torch.int64)
@@ -183,6 +208,7 @@ class _GraphRunner:
 
     config: TransformerConfig
     dtype: torch.dtype
+    kv_dtype: torch.dtype  # the KV cache's: dtype, or int8 for graphs exported with an int8 cache
     device: torch.device
     tap_layers: tuple[int, ...]
     model_dir: Path | None = None  # set by load_runner; where the shared token matrices are read from
@@ -207,23 +233,21 @@ class _GraphRunner:
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         """A KVCache whose max_len is rounded up to whole pages (the graph reads it in pages)."""
-        return KVCache(self.config, num_slots, whole_pages(max_len), dtype=self.dtype, device=self.device)
+        return KVCache(self.config, num_slots, whole_pages(max_len), dtype=self.kv_dtype, device=self.device)
 
     def last_token_indices(self, num_new: Sequence[int]) -> torch.Tensor:
         """Packed row of each sequence's last new token (as Transformer.last_token_indices)."""
         return torch.tensor(num_new, dtype=torch.int64).cumsum(0) - 1
 
-    def _caches(self, cache: KVCache) -> list[torch.Tensor]:
-        """Each layer's K and V as the graph reads them (paged_views of the cache)."""
-        return paged_views(cache.k, cache.v, self.config.head_dim)
-
     def _finish(self, cache: KVCache, batch: PackedBatch, logits: torch.Tensor, new_kv: Sequence[torch.Tensor],
                 hidden: dict[int, torch.Tensor], taps: list[int]) -> ForwardOutput:
-        """Write the new K/V rows into the cache, advance lengths, return logits and taps [T, hidden]."""
+        """Write the new K/V rows (and an int8 cache's scales: new_kv in io_names order) into the cache,
+        advance lengths, return logits and taps [T, hidden]."""
         tok_slots = batch.tok_slots.to(self.device)
         tok_pos = batch.positions.to(self.device)
+        stores = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if cache.dtype == torch.int8 else [])
         for layer in range(self.config.num_layers):
-            for store, new in ((cache.k[layer], new_kv[2 * layer]), (cache.v[layer], new_kv[2 * layer + 1])):
-                store[tok_slots, :, tok_pos] = new.to(store.dtype)
+            for j, store in enumerate(stores):
+                store[layer][tok_slots, :, tok_pos] = new_kv[len(stores) * layer + j].to(store[layer].dtype)
         cache.lengths.index_add_(0, batch.slots, batch.num_new)
         return ForwardOutput(logits=logits.float(), hidden_states={t: hidden[t] for t in taps})

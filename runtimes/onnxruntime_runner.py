@@ -6,18 +6,21 @@ from typing import Sequence
 
 import torch
 
-from export.onnx_export import DTYPES, io_names, read_metadata
+from export.onnx_export import ATTENTION_GROUPS, DTYPES, ONE_GROUP_FILE, io_names, read_metadata
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
-from runtimes.graph import _check_taps, _GraphRunner, pack_batch
+from runtimes.graph import _check_taps, _GraphRunner, cache_views, check_call, pack_batch, split_groups
 
 
 def session_options(num_threads: int | None) -> "onnxruntime.SessionOptions":
     """Every session of ours: full graph optimization, ``num_threads`` intra-op threads (default torch's),
-    and threads that sleep between runs. ONNX Runtime's spin after each run by default, which in a server
-    sharing its cores with Triton, the drafter's sessions and the clients starves them all: through
-    Triton here, int8 weights decoded 44 tokens/s per user at one client with spinning, 87 without."""
+    threads that sleep between runs, and float32 denormals flushed to zero (run_session does it for the
+    calling thread, which computes a share of every run). ONNX Runtime's threads spin after each run by
+    default, which in a server sharing its cores with Triton, the drafter's sessions and the clients
+    starves them all: through Triton here, int8 weights decoded 44 tokens/s per user at one client with
+    spinning, 87 without. Denormals: a softmax over masked scores makes many, and a 16-prompt w8a8
+    prefill ran 14-18% faster without them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -25,14 +28,30 @@ def session_options(num_threads: int | None) -> "onnxruntime.SessionOptions":
     options.intra_op_num_threads = num_threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return options
+
+
+def run_session(session: "onnxruntime.InferenceSession", names: Sequence[str] | None,
+                feeds: dict) -> list:
+    """``session.run`` with this thread's float32 denormals flushed to zero, as the session's own threads
+    have them (session_options): the thread that runs a step need not be the one that made the session."""
+    torch.set_flush_denormal(True)
+    return session.run(names, feeds)
 
 
 class OnnxRuntimeRunner(_GraphRunner):
     """The exported graph on ONNX Runtime (CPU by default), with our KVCache on the CPU.
 
     The cache goes in as numpy views of its own memory, which ONNX Runtime's CPU provider reads
-    in place: a step copies only the rows attention reads, and the new K/V rows come back.
+    in place: a step copies only the rows attention reads, and the new K/V rows come back. A w8a8
+    graph's cache is int8 with a scale per vector (``kv_dtype``; export.onnx_export).
+
+    It runs the graph's one-group copy (export.onnx_export.one_group_graph), once per attention
+    group: a step that split_groups cuts in two (a prompt's prefill beside decodes) makes two
+    calls, every other step one call without the empty group's dummy attention. On a CPU the
+    dummy cost more (3.1 ms of a 13.9 ms batch-1 decode step of SmolLM2 w8a8) than the second
+    call does on the few steps that need it, and one session holds the weights once.
     """
 
     def __init__(self, onnx_path: Path, config: TransformerConfig, num_threads: int | None = None,
@@ -42,18 +61,54 @@ class OnnxRuntimeRunner(_GraphRunner):
         meta = read_metadata(onnx_path)
         self.config = config
         self.dtype = DTYPES[meta.get("dtype", "float32")]
+        self.kv_dtype = torch.int8 if meta.get("kv_cache") == "int8" else self.dtype
         self.device = torch.device("cpu")
         self.tap_layers = tuple(meta.get("tap_layers", ()))
-        self.session = ort.InferenceSession(str(onnx_path), session_options(num_threads), providers=list(providers))
-        self.input_names, self.output_names = io_names(config.num_layers, self.tap_layers)
+        one_group = Path(onnx_path).parent / ONE_GROUP_FILE
+        if not one_group.is_file():
+            raise FileNotFoundError(f"{one_group} is missing beside {Path(onnx_path).name}: export the graph again "
+                                    "(cli.py export, or cli.py build for a model repository)")
+        self.session = ort.InferenceSession(str(one_group), session_options(num_threads), providers=list(providers))
+        inputs, self.output_names = io_names(config.num_layers, self.tap_layers, self.kv_dtype == torch.int8)
+        last = f"group{ATTENTION_GROUPS - 1}_"
+        self.input_names = [name for name in inputs if not name.startswith(last)]
 
     def __call__(self, input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
                  logits_indices: torch.Tensor | None = None, tap_layers: Sequence[int] = ()) -> ForwardOutput:
         taps = _check_taps(tap_layers, self.tap_layers)
-        batch = pack_batch(input_ids, slots, num_new, cache, logits_indices)
-        tensors = batch.inputs() + self._caches(cache)
+        slots_l, new_l, starts_l = check_call(input_ids, slots, num_new, cache)
+        parts = [part for part in split_groups(new_l, starts_l) if part]
+        if len(parts) == 1:
+            return self._run(input_ids, slots_l, new_l, cache, logits_indices, taps)
+        # One call per group; each output row goes back where the whole call would have put it.
+        new_t = torch.tensor(new_l)
+        first = (torch.cumsum(new_t, 0) - new_t).tolist()
+        T = int(input_ids.shape[0])
+        rows = torch.arange(T) if logits_indices is None else logits_indices.cpu().to(torch.int64)
+        logits, hidden = None, {t: None for t in taps}
+        for part in parts:
+            tokens = torch.cat([torch.arange(first[b], first[b] + new_l[b]) for b in part])
+            row_in_part = torch.full((T,), -1, dtype=torch.int64)
+            row_in_part[tokens] = torch.arange(len(tokens))
+            mine = (row_in_part[rows] >= 0).nonzero().squeeze(1)
+            out = self._run(input_ids[tokens], [slots_l[b] for b in part], [new_l[b] for b in part], cache,
+                            row_in_part[rows[mine]], taps)
+            if logits is None:
+                logits = out.logits.new_empty(len(rows), out.logits.shape[1])
+            logits[mine] = out.logits
+            for t in taps:
+                if hidden[t] is None:
+                    hidden[t] = out.hidden_states[t].new_empty(T, out.hidden_states[t].shape[1])
+                hidden[t][tokens] = out.hidden_states[t]
+        return ForwardOutput(logits=logits, hidden_states=hidden)
+
+    def _run(self, input_ids: torch.Tensor, slots: list[int], num_new: list[int], cache: KVCache,
+             logits_indices: torch.Tensor | None, taps: list[int]) -> ForwardOutput:
+        """One call of the one-group graph over sequences that all go in its group."""
+        batch = pack_batch(input_ids, slots, num_new, cache, logits_indices, one_group=True)
+        tensors = batch.inputs(skip_dummy=True) + cache_views(cache)
         feeds = {name: t.numpy() for name, t in zip(self.input_names, tensors)}
-        outs = [torch.from_numpy(o) for o in self.session.run(self.output_names, feeds)]
-        n = 2 * self.config.num_layers
+        outs = [torch.from_numpy(o) for o in run_session(self.session, self.output_names, feeds)]
+        n = (4 if self.kv_dtype == torch.int8 else 2) * self.config.num_layers
         hidden = dict(zip(self.tap_layers, outs[1 + n:]))
         return self._finish(cache, batch, outs[0], outs[1:1 + n], hidden, taps)

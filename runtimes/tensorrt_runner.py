@@ -11,7 +11,7 @@ from export.tensorrt_engine import TensorRTUnavailableError, build_engine, impor
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
-from runtimes.graph import PackedBatch, _check_taps, _GraphRunner, pack_batch
+from runtimes.graph import PackedBatch, _check_taps, _GraphRunner, cache_views, pack_batch
 
 
 class TensorRTRunner(_GraphRunner):
@@ -31,7 +31,7 @@ class TensorRTRunner(_GraphRunner):
             raise TensorRTUnavailableError("the tensorrt runtime needs a CUDA GPU; none is visible to torch")
         meta = read_metadata(onnx_path)
         self.config = config
-        self.dtype = DTYPES[meta.get("dtype", "float16")]
+        self.dtype = self.kv_dtype = DTYPES[meta.get("dtype", "float16")]  # w8a8 (int8 cache) is ONNX Runtime's
         self.device = torch.device("cuda")
         self.tap_layers = tuple(meta.get("tap_layers", ()))
         self.profile = trt_profile(max_batch, max_new, max_context, config.num_kv_heads)
@@ -63,7 +63,7 @@ class TensorRTRunner(_GraphRunner):
         batch = pack_batch(input_ids, slots, num_new, cache, logits_indices)
         self._check_profile(batch, cache)
         with torch.cuda.stream(self.stream):
-            inputs = [t.to(self.device, non_blocking=True) for t in batch.inputs()] + self._caches(cache)
+            inputs = [t.to(self.device, non_blocking=True) for t in batch.inputs()] + cache_views(cache)
             for name, tensor in zip(self.input_names, inputs):
                 self.context.set_input_shape(name, tuple(tensor.shape))
                 self.context.set_tensor_address(name, tensor.data_ptr())

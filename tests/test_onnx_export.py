@@ -11,17 +11,18 @@ elsewhere, saying which of the two is missing.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from export.onnx_export import cached_onnx, check_onnx, export_transformer, read_metadata
+from export.onnx_export import ONE_GROUP_FILE, cached_onnx, check_onnx, export_transformer, read_metadata
 from models.loading import load_config, load_transformer
 from models.transformer import Transformer
 from runtimes.loading import load_runner
-from runtimes.graph import split_groups
+from runtimes.graph import cache_views, split_groups
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner
 from test_transformer import PROMPTS, assert_logits_close, tiny_config
 
@@ -109,10 +110,64 @@ def test_graph_reads_the_cache_in_place(tmp_path) -> None:
     runner = OnnxRuntimeRunner(export_transformer(model, tmp_path), model.config, num_threads=1)
     cache = runner.new_cache(3, 40)
     assert cache.max_len % 16 == 0 and cache.max_len >= 40
-    views = runner._caches(cache)
+    views = cache_views(cache)
     assert len(views) == 2 * model.config.num_layers
     assert all(np.shares_memory(v.numpy(), cache.k_all.numpy() if i % 2 == 0 else cache.v_all.numpy())
                for i, v in enumerate(views))
+
+
+def test_onnx_runtime_runs_the_one_group_graph_once_per_attention_group(tmp_path) -> None:
+    """ONNX Runtime runs the graph's one-group copy (no dummy attention for an empty group): a step that
+    split_groups cuts in two makes two calls, each output row where one call would have put it; the
+    two-group graph (TensorRT's) computes the same."""
+    import onnx
+
+    model = _tiny_model()
+    path = export_transformer(model, tmp_path, tap_layers=(1,))
+    full, one = (onnx.load(str(p), load_external_data=False).graph for p in (path, tmp_path / ONE_GROUP_FILE))
+    assert {i.name for i in full.input} - {i.name for i in one.input} == {"group1_rows", "group1_mask", "group1_cache_pages"}
+    assert len(one.node) < len(full.node)
+    runner = OnnxRuntimeRunner(path, model.config, num_threads=1)
+    runs = []
+    session = runner.session
+
+    class Counting:
+        def run(self, names, feeds):
+            runs.append(len(feeds["input_ids"]))
+            return session.run(names, feeds)
+
+    runner.session = Counting()
+    *ours, cache = _run_varlen(runner, model.config.vocab_size, taps=(1,))
+    ours.append(runner(torch.tensor([5, 6, 7]), [3, 1, 2], [1, 1, 1], cache, tap_layers=(1,)))
+    # the prefill (5, 3, 7 new tokens) and the mixed step (1, 4, 2 over 3-7 cached) each split in two; the decode not
+    assert len(runs) == 5 and sum(runs[:2]) == 15 and sum(runs[2:4]) == 7 and runs[4] == 3
+    *theirs, cache = _run_varlen(model, model.config.vocab_size, taps=(1,))
+    theirs.append(model(torch.tensor([5, 6, 7]), [3, 1, 2], [1, 1, 1], cache, tap_layers=(1,)))
+    for a, b in zip(ours, theirs):
+        assert_logits_close(a.logits, b.logits, REL_TOL)
+        assert_logits_close(a.hidden_states[1], b.hidden_states[1], REL_TOL)
+
+
+def test_int8_kv_cache_is_read_in_place_and_near_a_float32_cache(tmp_path) -> None:
+    """w8a8's int8 KV cache: int8 K/V and a float32 scale per cached vector, all read in place, the cached
+    ones attended by integer matmuls. Rounding K/V to int8 moves logits by ~0.5% of their scale here; a
+    prefill and one-token steps over the same tokens then differ by ~0.1% (a step's own keys are attended in
+    float32, cached ones with int8 probabilities), where a float32 cache agrees to ~2e-7."""
+    model = _tiny_model()
+    runner = OnnxRuntimeRunner(export_transformer(model, tmp_path / "kv8", int8_kv=True), model.config, num_threads=1)
+    layers = model.config.num_layers
+    cache = runner.new_cache(3, 40)
+    assert cache.k_all.dtype == torch.int8 and len(cache.k_scale) == len(cache.v_scale) == layers
+    views = cache_views(cache)
+    owners = [t for i in range(layers) for t in (cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i])]
+    assert len(views) == len(owners) and all(np.shares_memory(v.numpy(), o.numpy()) for v, o in zip(views, owners))
+    assert _attention_ops(tmp_path / "kv8" / "model.onnx").count("MatMulInteger") == 2 * 2 * layers
+    prompt = torch.randint(0, 96, (11,), generator=torch.Generator().manual_seed(0)).tolist()
+    steps, prefill = _steps_vs_prefill(runner, prompt, 24)
+    assert (steps - prefill).abs().max() <= 0.003 * prefill.abs().max()
+    reference = OnnxRuntimeRunner(export_transformer(model, tmp_path / "f32"), model.config, num_threads=1)
+    expected = _prefill_logits(reference, [prompt + steps.argmax(-1).tolist()[:-1]])[len(prompt) - 1:]
+    assert 0 < (prefill - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -159,7 +214,24 @@ def test_unexported_tap_and_bad_runtime_raise(tmp_path) -> None:
     model = _tiny_model()
     runner = OnnxRuntimeRunner(export_transformer(model, tmp_path), model.config, num_threads=1)
     # threads that spin after a run starved a server's other work (runtimes.onnxruntime_runner.session_options)
-    assert runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    options = runner.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"  # 14-18% of a w8a8 prefill
+    cache = runner.new_cache(1, 8)
+    # ... and so does the thread that runs a step, which need not be the one that made the session
+    results = []
+
+    def step_elsewhere() -> None:
+        torch.set_flush_denormal(False)
+        tiny = torch.tensor([1e-39])  # a float32 denormal
+        before = (tiny * 1.0).item()
+        runner(torch.tensor([1]), [cache.allocate()], [1], cache)
+        results.extend([before, (tiny * 1.0).item()])
+
+    worker = threading.Thread(target=step_elsewhere)
+    worker.start()
+    worker.join()
+    assert results[0] > 0 and results[1] == 0
     cache = runner.new_cache(1, 8)
     with pytest.raises(ValueError, match="were not exported"):
         runner(torch.tensor([1, 2]), [cache.allocate()], [2], cache, tap_layers=(1,))
@@ -173,6 +245,15 @@ def test_unexported_tap_and_bad_runtime_raise(tmp_path) -> None:
                 load_runner(tmp_path, runtime, dtype)
 
 
+def _attention_ops(path: Path) -> list[str]:
+    """Op types of the nodes that read no 2-D weight initializer."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer if len(i.dims) == 2}
+    return [n.op_type for n in graph.node if not any(i in weights for i in n.input)]
+
+
 def _weight_matmul_ops(path: Path) -> list[str]:
     """Op types of the nodes that read a 2-D weight initializer."""
     import onnx
@@ -183,18 +264,18 @@ def _weight_matmul_ops(path: Path) -> list[str]:
 
 
 def test_w8a8_quantizes_every_projection_and_each_row_alone(tmp_path) -> None:
-    """Every weight matmul (q/k/v, o, gate-up, down; the LM head) runs as MatMulInteger; logits stay near
+    """Every weight matmul (q/k/v, o, gate-up, down; the LM head) runs as an integer matmul; logits stay near
     float32's; and a sequence's logits do not depend on what shares its batch (each row gets its own
     activation scale: a per-batch scale moves them by ~1e-2 here)."""
     from export.quantize import quantize_w8a8
 
     model = _tiny_model()
     reference = OnnxRuntimeRunner(export_transformer(model, tmp_path / "f32"), model.config, num_threads=1)
-    path = export_transformer(model, tmp_path / "w8a8")
+    path = export_transformer(model, tmp_path / "w8a8", int8_kv=True)
     gen = torch.Generator().manual_seed(3)
     quantize_w8a8(path, model.config, [torch.randint(0, 96, (40,), generator=gen).tolist() for _ in range(4)])
     ops = _weight_matmul_ops(path)
-    assert ops.count("MatMulInteger") == 2 * 4 + 1 and "MatMul" not in ops, ops
+    assert ops.count("MatMulIntegerToFloat") == 2 * 4 + 1 and "MatMul" not in ops, ops
     runner = OnnxRuntimeRunner(path, model.config, num_threads=1)
 
     def prefill(r, seqs: list[torch.Tensor]) -> torch.Tensor:
@@ -314,22 +395,23 @@ def test_smollm2_float32_graph_steps_equal_its_prefill(smol_ort, smol_prompts) -
 
 
 def test_smollm2_w8a8_agrees_with_float32_and_with_itself_to_rounding(smollm2_dir: Path, smol, smol_prompts) -> None:
-    """w8a8 departs from float32 more than int8 weights do (measured: +0.9% perplexity, 94.5% argmax agreement on
+    """w8a8 departs from float32 more than int8 weights do (measured: +1.3% perplexity, 94.5% argmax agreement on
     Python source and docs; int8 +0.4%, 96.7%). One-token steps and one prefill of the same tokens are the same
     model up to rounding, which int8 amplifies: a float32 difference of one ulp in an activation on a rounding
-    boundary moves it a whole quantization step, and that spreads downstream (measured: up to 2.7 apart, 94-100%
-    argmax agreement; int8 weights alike, float32 identical). So greedy tokens of a verify block and of one-token
-    steps can part wherever the top two logits are within about a logit of each other."""
+    boundary moves it a whole quantization step, and that spreads downstream; and a step attends its own keys in
+    float32, the cached ones with int8 probabilities (measured on these 96 positions: up to 3.8 apart, 92.7% argmax
+    agreement; int8 weights 2.0 and 96.9%, float32 identical). So greedy tokens of a verify block and of one-token
+    steps can part wherever the top two logits are within a logit or two of each other."""
     runner = load_runner(smollm2_dir, "onnxruntime", "w8a8")
     ops = _weight_matmul_ops(cached_onnx(smollm2_dir, "w8a8"))
-    assert ops.count("MatMulInteger") == 4 * smol.config.num_layers + 1 and "MatMul" not in ops
+    assert ops.count("MatMulIntegerToFloat") == 4 * smol.config.num_layers + 1 and "MatMul" not in ops
     ours = _prefill_logits(runner, smol_prompts).argmax(-1)
     ref = _prefill_logits(smol, smol_prompts).argmax(-1)
     assert (ours == ref).float().mean().item() >= 0.9
     pairs = [_steps_vs_prefill(runner, prompt, 32) for prompt in smol_prompts]
     steps, prefill = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
-    assert (steps - prefill).abs().max() <= 4.0
-    assert (steps.argmax(-1) == prefill.argmax(-1)).float().mean() >= 0.9
+    assert (steps - prefill).abs().max() <= 5.0
+    assert (steps.argmax(-1) == prefill.argmax(-1)).float().mean() >= 0.88
 
 
 def test_smollm2_varlen_step_matches_torch(smol, smol_ort) -> None:
