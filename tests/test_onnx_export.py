@@ -27,6 +27,7 @@ from runtimes.onnxruntime_runner import OnnxRuntimeRunner
 from test_transformer import PROMPTS, assert_logits_close, tiny_config
 
 REL_TOL = 1e-4
+FAMILIES = {"llama": {}, "qwen3": {"model_type": "qwen3", "qk_norm": True, "num_heads": 6, "num_kv_heads": 2}}
 GREEDY_STEPS = 32
 MIXED_STEPS = 40
 
@@ -148,12 +149,13 @@ def test_onnx_runtime_runs_the_one_group_graph_once_per_attention_group(tmp_path
         assert_logits_close(a.hidden_states[1], b.hidden_states[1], REL_TOL)
 
 
-def test_int8_kv_cache_is_read_in_place_and_near_a_float32_cache(tmp_path) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_int8_kv_cache_is_read_in_place_and_near_a_float32_cache(tmp_path, family) -> None:
     """w8a8's int8 KV cache: int8 K/V and a float32 scale per cached vector, all read in place, the cached
     ones attended by integer matmuls. Rounding K/V to int8 moves logits by ~0.5% of their scale here; a
     prefill and one-token steps over the same tokens then differ by ~0.1% (a step's own keys are attended in
     float32, cached ones with int8 probabilities), where a float32 cache agrees to ~2e-7."""
-    model = _tiny_model()
+    model = _tiny_model(**FAMILIES[family])
     runner = OnnxRuntimeRunner(export_transformer(model, tmp_path / "kv8", int8_kv=True), model.config, num_threads=1)
     layers = model.config.num_layers
     cache = runner.new_cache(3, 40)
@@ -172,8 +174,7 @@ def test_int8_kv_cache_is_read_in_place_and_near_a_float32_cache(tmp_path) -> No
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_mixed_prefill_and_verification_greedy_matches_torch(tmp_path, family) -> None:
-    extra = {"qwen3": {"model_type": "qwen3", "qk_norm": True, "num_heads": 6, "num_kv_heads": 2}}.get(family, {})
-    model = _tiny_model(**extra)
+    model = _tiny_model(**FAMILIES[family])
     runner = OnnxRuntimeRunner(export_transformer(model, tmp_path), model.config, num_threads=1)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 17, 2, 33)]
