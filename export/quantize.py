@@ -45,7 +45,7 @@ def recipe(dtype: str) -> dict:
         return {"block": QUANT_BLOCK}
     if dtype == "w8a8":
         return {"alpha": SMOOTHING_ALPHA, "modules": CALIBRATION_MODULES, "topics": CALIBRATION_TOPICS,
-                "chars": CALIBRATION_CHARS, "tokens": CALIBRATION_TOKENS, "kv_cache": "int8"}
+                "chars": CALIBRATION_CHARS, "tokens": CALIBRATION_TOKENS}
     return {}
 
 
