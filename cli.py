@@ -989,11 +989,14 @@ def bench_runtimes(model: str, runtimes: tuple[str, ...], dtype: str, new_tokens
               help="RUNTIME/DTYPE, repeatable; the first is the reference (default: torch/float32, torch/bfloat16, "
                    "onnxruntime/float32, onnxruntime/int8, onnxruntime/w8a8).")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per text.")
+@click.option("--step-tokens", type=click.IntRange(min=1), default=None,
+              help="Feed each text this many tokens per step over the cache (1: one-token steps, as serving "
+                   "decodes) instead of one prefill.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, callback=_writable_file,
               help="Also write the results here as JSON.")
-def bench_precision(model: str, runtimes: tuple[str, ...], max_tokens: int, threads: int | None,
-                    json_out: Path | None) -> None:
+def bench_precision(model: str, runtimes: tuple[str, ...], max_tokens: int, step_tokens: int | None,
+                    threads: int | None, json_out: Path | None) -> None:
     """What each runtime/dtype costs in quality: perplexity and argmax agreement on Python's own sources and docs."""
     from benchmarks.precision import format_precision_table, reference_texts, run_precision_benchmark
     from hub.fetch import fetch_model
@@ -1009,7 +1012,7 @@ def bench_precision(model: str, runtimes: tuple[str, ...], max_tokens: int, thre
             check_runtime_dtype(*pair)
         except ValueError as exc:
             raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--runtime") from None
-    result = run_precision_benchmark(fetch_model(model), specs, reference_texts(), max_tokens, threads)
+    result = run_precision_benchmark(fetch_model(model), specs, reference_texts(), max_tokens, threads, step_tokens)
     click.echo(format_precision_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

@@ -31,11 +31,26 @@ def reference_texts() -> list[str]:
     return python_texts(SOURCE_MODULES, DOC_TOPICS, TEXT_CHARS, skip=3)
 
 
+def _text_logits(runner, ids: torch.Tensor, step_tokens: int | None) -> torch.Tensor:
+    """float32 logits [len(ids) - 1, vocab] of each position but the last: the text in one prefill, or fed
+    ``step_tokens`` at a time over the cache (1: one-token steps, as serving decodes)."""
+    cache = runner.new_cache(1, len(ids) + 1)
+    slot = cache.allocate()
+    with torch.inference_mode():
+        if step_tokens is None:
+            return runner(ids, [slot], [len(ids)], cache, logits_indices=torch.arange(len(ids) - 1)).logits.float()
+        fed = ids[:-1]
+        return torch.cat([runner(chunk, [slot], [len(chunk)], cache).logits.float()
+                          for chunk in fed.split(step_tokens)])
+
+
 def run_precision_benchmark(model_dir: Path, specs: Sequence[tuple[str, str]], texts: Sequence[str],
-                            max_tokens: int = 1024, threads: int | None = None) -> dict:
+                            max_tokens: int = 1024, threads: int | None = None, step_tokens: int | None = None) -> dict:
     """{"rows": [{"runtime", "dtype", "nll", "perplexity", "agreement"}], "tokens": scored positions}.
 
     specs: (runtime, dtype) pairs; the first is the reference for agreement. ValueError without one.
+    step_tokens: feed each text that many tokens per step instead of one prefill: what a cache read
+    back costs (an int8 KV cache is attended differently once cached).
     """
     from tokenizers import Tokenizer
 
@@ -48,11 +63,8 @@ def run_precision_benchmark(model_dir: Path, specs: Sequence[tuple[str, str]], t
         for runtime, dtype in tqdm(specs, desc="runtimes", unit="runtime"):
             runner = load_runner(model_dir, runtime, dtype, num_threads=n_threads)
             nll, argmax = 0.0, []
-            for ids in encoded:
-                cache = runner.new_cache(1, len(ids) + 1)
-                with torch.inference_mode():
-                    logits = runner(ids, [cache.allocate()], [len(ids)], cache,
-                                    logits_indices=torch.arange(len(ids) - 1)).logits.float()
+            for ids in tqdm(encoded, desc=f"{runtime}/{dtype}", unit="text", leave=False):
+                logits = _text_logits(runner, ids, step_tokens)
                 nll += F.cross_entropy(logits, ids[1:], reduction="sum").item()
                 argmax.append(logits.argmax(-1))
             argmax_all = torch.cat(argmax)
@@ -61,12 +73,13 @@ def run_precision_benchmark(model_dir: Path, specs: Sequence[tuple[str, str]], t
             rows.append({"runtime": runtime, "dtype": dtype, "nll": nll / n, "perplexity": math.exp(nll / n),
                          "agreement": (argmax_all == reference).float().mean().item()})
             del runner
-    return {"rows": rows, "tokens": n, "texts": len(encoded), "threads": n_threads}
+    return {"rows": rows, "tokens": n, "texts": len(encoded), "threads": n_threads, "step_tokens": step_tokens}
 
 
 def format_precision_table(result: dict) -> str:
     ref = result["rows"][0]
-    lines = [f"{result['tokens']} positions of {result['texts']} texts (Python sources and docs), teacher-forced; "
+    fed = "in one prefill each" if result.get("step_tokens") is None else f"{result['step_tokens']} token(s) per step"
+    lines = [f"{result['tokens']} positions of {result['texts']} texts (Python sources and docs, {fed}), teacher-forced; "
              f"agreement: argmax equal to {ref['runtime']}/{ref['dtype']}'s",
              f"{'runtime/dtype':<22} {'nll/token':>10} {'perplexity':>11} {'vs ref':>8} {'agreement':>10}"]
     for row in result["rows"]:

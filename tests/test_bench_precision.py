@@ -37,3 +37,14 @@ def test_a_runtime_that_cannot_run_a_dtype_is_refused_by_name() -> None:
     assert result.exit_code == 2 and "'torch/int8': int8 graphs are for the onnxruntime runtime" in result.output
     result = CliRunner().invoke(cli.cli, ["bench", "precision", "--runtime", "torch"])
     assert result.exit_code == 2 and "'torch': expected RUNTIME/DTYPE" in result.output
+
+
+def test_texts_fed_in_steps_score_what_one_prefill_does_in_float32(smollm2_dir) -> None:
+    """--step-tokens reads each text back through the cache (what decoding does); in float32 that is the same
+    model as one prefill, so the scores agree to rounding."""
+    texts = reference_texts()[::4]
+    runs = [run_precision_benchmark(smollm2_dir, [("torch", "float32")], texts, max_tokens=48, threads=1,
+                                    step_tokens=step) for step in (None, 1, 5)]
+    assert [r["tokens"] for r in runs] == [2 * 47] * 3 and [r["step_tokens"] for r in runs] == [None, 1, 5]
+    prefill, steps, blocks = (r["rows"][0]["nll"] for r in runs)
+    assert steps == pytest.approx(prefill, abs=1e-4) and blocks == pytest.approx(prefill, abs=1e-4)
