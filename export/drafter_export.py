@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.onnx_export import OPSET, PAGE_SIZE, check_onnx, rms_norm
+from export.onnx_export import OPSET, PAGE_SIZE, check_onnx, rms_norm, save_graph
 from models.drafters import BlockDrafter
 
 DRAFTER_GRAPH_VERSION = 2
@@ -200,8 +200,7 @@ def export_drafter(drafter: BlockDrafter, out_dir: Path, metadata: dict | None =
                               dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
         proto = onnx.load(str(raw))
         path = out_dir / f"{name}.onnx"
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{name}.onnx.data", size_threshold=1024)
+        save_graph(proto, path)
         raw.unlink()
         shapes[name] = check_onnx(path)
     meta = {"graph_version": DRAFTER_GRAPH_VERSION, "kind": drafter.config.kind, "outputs": shapes,

@@ -66,7 +66,7 @@ ATTENTION_GROUPS = 2
 PAGE_SIZE = 16  # cached positions per gathered row; cache lengths are rounded up to it
 ONNX_FILE = "model.onnx"
 ONE_GROUP_FILE = "model_one_group.onnx"  # the same graph without its last attention group (one_group_graph)
-ONNX_DATA_FILE = "model.onnx.data"
+ONNX_DATA_FILE = f"{ONNX_FILE}.data"  # save_graph's name for the weights' file
 META_FILE = "export.json"
 EXPORT_FILES = (ONNX_FILE, ONE_GROUP_FILE, ONNX_DATA_FILE, META_FILE)  # what an export directory holds
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -345,6 +345,19 @@ def _dynamic_axes(num_layers: int, tap_layers: Sequence[int], int8_kv: bool) -> 
     return axes
 
 
+def save_graph(proto, path: Path) -> None:
+    """Write ``path`` with its weights in one ``<name>.data`` file beside it (none when every tensor is
+    under 1 KiB), readable as the graph is (onnx writes the weights' file owner-only; a server running
+    as another user must read both)."""
+    import onnx
+
+    data = path.parent / f"{path.name}.data"
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    if data.exists():
+        shutil.copymode(path, data)
+
+
 def export_transformer(model: Transformer, out_dir: Path, tap_layers: Sequence[int] = (),
                        metadata: dict | None = None, int8_kv: bool = False) -> Path:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data`` with the weights) and check it; ``int8_kv``:
@@ -379,8 +392,7 @@ def export_transformer(model: Transformer, out_dir: Path, tap_layers: Sequence[i
     for key, value in {"graph_version": GRAPH_VERSION, "tap_layers": list(step.tap_layers), **metadata}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    onnx.save_model(proto, str(out_dir / ONNX_FILE), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=ONNX_DATA_FILE, size_threshold=1024)
+    save_graph(proto, out_dir / ONNX_FILE)
     del proto
     shutil.rmtree(raw)
     shapes = check_onnx(out_dir / ONNX_FILE)

@@ -199,11 +199,9 @@ def _save(model, path: Path) -> None:
     derive its one-group graph again (export.onnx_export.one_group_graph)."""
     import onnx
 
-    from export.onnx_export import one_group_graph
+    from export.onnx_export import one_group_graph, save_graph
 
-    data = path.parent / f"{path.name}.data"
-    data.unlink()  # the float32 weights, loaded above: the quantized ones replace them
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    (path.parent / f"{path.name}.data").unlink()  # the float32 weights, loaded above: the quantized ones replace them
+    save_graph(model, path)
     onnx.checker.check_model(str(path), full_check=True)
     one_group_graph(path)

@@ -117,6 +117,19 @@ def test_graph_reads_the_cache_in_place(tmp_path) -> None:
                for i, v in enumerate(views))
 
 
+def test_an_exports_weights_are_as_readable_as_its_graphs(tmp_path) -> None:
+    """A server running as another user reads the weights' file as it reads the graphs (onnx writes it
+    owner-only), quantized or not."""
+    from export.quantize import quantize_weights
+
+    model = _tiny_model()
+    for path in (export_transformer(model, tmp_path / "f32"), export_transformer(model, tmp_path / "int8")):
+        if path.parent.name == "int8":
+            quantize_weights(path)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()}
+        assert modes["model.onnx.data"] == modes["model.onnx"] == modes[ONE_GROUP_FILE], modes
+
+
 def test_onnx_runtime_runs_the_one_group_graph_once_per_attention_group(tmp_path) -> None:
     """ONNX Runtime runs the graph's one-group copy (no dummy attention for an empty group): a step that
     split_groups cuts in two makes two calls, each output row where one call would have put it; the
