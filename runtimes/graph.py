@@ -143,15 +143,22 @@ def check_call(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[
 
 
 def pack_batch(input_ids: torch.Tensor, slots: Sequence[int], num_new: Sequence[int], cache: KVCache,
-               logits_indices: torch.Tensor | None, one_group: bool = False) -> PackedBatch:
-    """Check a packed call (check_call) and lay it out for the packed graph: its sequences in the
-    attention groups split_groups chooses, or all in the first with ``one_group``.
+               logits_indices: torch.Tensor | None) -> PackedBatch:
+    """Check a packed call (check_call) and lay it out for the packed graph (layout_batch), its
+    sequences in the attention groups split_groups chooses."""
+    return layout_batch(input_ids, *check_call(input_ids, slots, num_new, cache), cache, logits_indices)
+
+
+def layout_batch(input_ids: torch.Tensor, slots_l: list[int], new_l: list[int], starts_l: list[int], cache: KVCache,
+                 logits_indices: torch.Tensor | None, one_group: bool = False) -> PackedBatch:
+    """A call that check_call passed (its slots, new-token counts and cached lengths) laid out for the
+    packed graph: its sequences in the attention groups split_groups chooses, or all in the first with
+    ``one_group``.
 
     An attention group reads at least one page of cached keys (masked when the sequences are
     new) and an empty group is a one-query dummy whose output no token reads: TensorRT profiles
     and some kernels dislike zero-sized dimensions, and one masked page costs nothing.
     """
-    slots_l, new_l, starts_l = check_call(input_ids, slots, num_new, cache)
     B, T = len(slots_l), int(input_ids.shape[0])
     slots_t = torch.tensor(slots_l, dtype=torch.int64)
     new_t = torch.tensor(new_l, dtype=torch.int64)

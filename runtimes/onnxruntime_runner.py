@@ -10,7 +10,7 @@ from export.onnx_export import ATTENTION_GROUPS, DTYPES, ONE_GROUP_FILE, io_name
 from models.config import TransformerConfig
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
-from runtimes.graph import _check_taps, _GraphRunner, cache_views, check_call, pack_batch, split_groups
+from runtimes.graph import _check_taps, _GraphRunner, cache_views, check_call, layout_batch, split_groups
 
 
 def session_options(num_threads: int | None) -> "onnxruntime.SessionOptions":
@@ -80,7 +80,7 @@ class OnnxRuntimeRunner(_GraphRunner):
         slots_l, new_l, starts_l = check_call(input_ids, slots, num_new, cache)
         parts = [part for part in split_groups(new_l, starts_l) if part]
         if len(parts) == 1:
-            return self._run(input_ids, slots_l, new_l, cache, logits_indices, taps)
+            return self._run(input_ids, slots_l, new_l, starts_l, cache, logits_indices, taps)
         # One call per group; each output row goes back where the whole call would have put it.
         new_t = torch.tensor(new_l)
         first = (torch.cumsum(new_t, 0) - new_t).tolist()
@@ -92,8 +92,8 @@ class OnnxRuntimeRunner(_GraphRunner):
             row_in_part = torch.full((T,), -1, dtype=torch.int64)
             row_in_part[tokens] = torch.arange(len(tokens))
             mine = (row_in_part[rows] >= 0).nonzero().squeeze(1)
-            out = self._run(input_ids[tokens], [slots_l[b] for b in part], [new_l[b] for b in part], cache,
-                            row_in_part[rows[mine]], taps)
+            out = self._run(input_ids[tokens], [slots_l[b] for b in part], [new_l[b] for b in part],
+                            [starts_l[b] for b in part], cache, row_in_part[rows[mine]], taps)
             if logits is None:
                 logits = out.logits.new_empty(len(rows), out.logits.shape[1])
             logits[mine] = out.logits
@@ -103,13 +103,13 @@ class OnnxRuntimeRunner(_GraphRunner):
                 hidden[t][tokens] = out.hidden_states[t]
         return ForwardOutput(logits=logits, hidden_states=hidden)
 
-    def _run(self, input_ids: torch.Tensor, slots: list[int], num_new: list[int], cache: KVCache,
+    def _run(self, input_ids: torch.Tensor, slots: list[int], num_new: list[int], starts: list[int], cache: KVCache,
              logits_indices: torch.Tensor | None, taps: list[int]) -> ForwardOutput:
-        """One call of the one-group graph over sequences that all go in its group."""
-        batch = pack_batch(input_ids, slots, num_new, cache, logits_indices, one_group=True)
-        tensors = batch.inputs(skip_dummy=True) + cache_views(cache)
-        feeds = {name: t.numpy() for name, t in zip(self.input_names, tensors)}
+        """One call of the one-group graph over checked sequences (check_call) that all go in its group."""
+        batch = layout_batch(input_ids, slots, num_new, starts, cache, logits_indices, one_group=True)
+        views = cache_views(cache)
+        feeds = {name: t.numpy() for name, t in zip(self.input_names, batch.inputs(skip_dummy=True) + views)}
         outs = [torch.from_numpy(o) for o in run_session(self.session, self.output_names, feeds)]
-        n = (4 if self.kv_dtype == torch.int8 else 2) * self.config.num_layers
+        n = len(views)  # the new tokens' entries come back one per cache view
         hidden = dict(zip(self.tap_layers, outs[1 + n:]))
         return self._finish(cache, batch, outs[0], outs[1:1 + n], hidden, taps)
