@@ -66,7 +66,7 @@ ATTENTION_GROUPS = 2
 PAGE_SIZE = 16  # cached positions per gathered row; cache lengths are rounded up to it
 ONNX_FILE = "model.onnx"
 ONE_GROUP_FILE = "model_one_group.onnx"  # the same graph without its last attention group (one_group_graph)
-ONNX_DATA_FILE = f"{ONNX_FILE}.data"  # save_graph's name for the weights' file
+ONNX_DATA_FILE = f"{ONNX_FILE}.data"  # weights_file(ONNX_FILE)
 META_FILE = "export.json"
 EXPORT_FILES = (ONNX_FILE, ONE_GROUP_FILE, ONNX_DATA_FILE, META_FILE)  # what an export directory holds
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -345,13 +345,18 @@ def _dynamic_axes(num_layers: int, tap_layers: Sequence[int], int8_kv: bool) -> 
     return axes
 
 
+def weights_file(path: Path) -> Path:
+    """Where save_graph puts the weights of the graph at ``path``."""
+    return path.parent / f"{path.name}.data"
+
+
 def save_graph(proto, path: Path) -> None:
     """Write ``path`` with its weights in one ``<name>.data`` file beside it (none when every tensor is
     under 1 KiB), readable as the graph is (onnx writes the weights' file owner-only; a server running
     as another user must read both)."""
     import onnx
 
-    data = path.parent / f"{path.name}.data"
+    data = weights_file(path)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     if data.exists():

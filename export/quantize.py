@@ -199,9 +199,9 @@ def _save(model, path: Path) -> None:
     derive its one-group graph again (export.onnx_export.one_group_graph)."""
     import onnx
 
-    from export.onnx_export import one_group_graph, save_graph
+    from export.onnx_export import one_group_graph, save_graph, weights_file
 
-    (path.parent / f"{path.name}.data").unlink()  # the float32 weights, loaded above: the quantized ones replace them
+    weights_file(path).unlink()  # the float32 weights, loaded above: the quantized ones replace them
     save_graph(model, path)
     onnx.checker.check_model(str(path), full_check=True)
     one_group_graph(path)

@@ -65,9 +65,11 @@ def _input_shapes(name: str, shape: tuple[int, ...], profile: dict[str, tuple[in
 
 def engine_key(onnx_path: Path, profile: dict[str, tuple[int, int, int]]) -> str:
     """Content hash of everything an engine depends on: ONNX bytes, profile, TensorRT version, GPU."""
+    from export.onnx_export import weights_file
+
     trt = import_tensorrt()
     digest = hashlib.sha256()
-    for path in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+    for path in (onnx_path, weights_file(onnx_path)):
         if path.is_file():
             with open(path, "rb") as f:
                 while chunk := f.read(8 << 20):
