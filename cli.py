@@ -363,15 +363,15 @@ def demo(prompt: str, model: str, http_port: int, grpc_port: int, metrics_port: 
 @click.option("--max-context", default=2048, show_default=True, help="TensorRT profile: longest sequence.")
 @click.option("--drafter", default="",
               help="Also export a trained block drafter (DSpark, DFlash-style): its checkpoint directory, or "
-                   "'auto' for the target's default. Its taps become target outputs. Its graphs are float32 "
-                   "whatever --dtype says (--dtype is the target's). ONNX graphs only: on tensorrt the drafter "
+                   "'auto' for the target's default. Its taps become target outputs. Its graphs are w8a8 "
+                   "beside a w8a8 target, else float32. ONNX graphs only: on tensorrt the drafter "
                    "runs in torch on the GPU.")
 def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out: Path | None,
                max_batch_size: int, max_context: int, drafter: str) -> None:
     """Export the target (and a drafter) to ONNX (checked), and for --to tensorrt build the target's engine on this GPU."""
     import torch
 
-    from export.drafter_export import cached_drafter_export, drafter_export_key, export_drafter
+    from export.drafter_export import cached_drafter_export, drafter_dtype, drafter_export_key, export_drafter
     from export.onnx_export import ONNX_FILE, cached_onnx, export_onnx
     from export.output_dir import EXPORT_MARKER, check_replaceable, write_replacing
     from export.repository import drafter_checkpoint
@@ -414,14 +414,14 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
             raise click.ClickException(f"{module.config.kind} drafters draft through their own layer "
                                        "autoregressively and are not exported; they run as torch modules beside any runtime")
         taps = sorted(set(taps) | set(module.tap_layers))
+    graphs_dtype = drafter_dtype(dtype)
     if out:
         def write(tmp: Path) -> None:
             export_onnx(model_dir, tmp, dtype, taps)
             (tmp / EXPORT_MARKER).write_text("written by cli.py export; export --out replaces this directory\n")
             if checkpoint is not None:
-                meta = {"source": checkpoint.name, "dtype": "float32",
-                        "key": drafter_export_key(checkpoint, "float32", module.draft_vocab)}
-                export_drafter(module, tmp / "drafter", meta)
+                meta = {"source": checkpoint.name, "key": drafter_export_key(checkpoint, graphs_dtype, module.draft_vocab)}
+                export_drafter(module, tmp / "drafter", meta, graphs_dtype)
 
         try:
             out = write_replacing(out, EXPORT_MARKER, "`cli.py export`", write)
@@ -430,10 +430,10 @@ def export_cmd(model: str, target: str, dtype: str | None, tap_layers: str, out:
         onnx_path, graphs = out / ONNX_FILE, out / "drafter"
     else:
         onnx_path = cached_onnx(model_dir, dtype, taps)
-        graphs = cached_drafter_export(module, checkpoint) if checkpoint is not None else None
+        graphs = cached_drafter_export(module, checkpoint, graphs_dtype) if checkpoint is not None else None
     click.echo(f"onnx: {onnx_path}")
     if checkpoint is not None:
-        click.echo(f"drafter onnx (float32): {graphs}")
+        click.echo(f"drafter onnx ({graphs_dtype}): {graphs}")
     if target == "tensorrt":
         from models.loading import load_config
 

@@ -143,10 +143,52 @@ def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[
     per-row dynamically quantized MatMulInteger (module docstring), its smoothing calibrated on the
     sequences ``token_ids`` (calibration_ids for a real model)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     ranges = activation_ranges(path, config, token_ids)
     model = onnx.load(str(path))
+    rewrite_w8a8(model, ranges)
+    _save(model, path)
+
+
+def quantize_drafter_w8a8(path: Path) -> None:
+    """``w8a8`` for a drafter's graph (export.drafter_export): its weight matmuls rewritten as the
+    target's are, without smoothing (a drafter's rounding costs acceptance, never correctness: the
+    target verifies every drafted token)."""
+    import onnx
+
+    from export.onnx_export import save_graph, weights_file
+
+    model = onnx.load(str(path))
+    _constant_weights(model.graph)
+    rewrite_w8a8(model, None)
+    weights_file(path).unlink(missing_ok=True)
+    save_graph(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _constant_weights(graph) -> None:
+    """2-D float Constant nodes a MatMul reads (a buffer the exporter folded, e.g. the drafter's
+    draft head) become initializers, so _weight_matmuls sees them as the weights they are."""
+    from onnx import TensorProto
+
+    matmul_inputs = {n.input[1] for n in graph.node if n.op_type == "MatMul"}
+    for node in list(graph.node):
+        if node.op_type != "Constant" or node.output[0] not in matmul_inputs or node.attribute[0].name != "value":
+            continue
+        tensor = node.attribute[0].t
+        if len(tensor.dims) == 2 and tensor.data_type == TensorProto.FLOAT:
+            weight = TensorProto()
+            weight.CopyFrom(tensor)
+            weight.name = node.output[0]
+            graph.initializer.append(weight)
+            graph.node.remove(node)
+
+
+def rewrite_w8a8(model, ranges: dict[str, np.ndarray] | None) -> None:
+    """Every weight matmul of ``model`` (in place) as a per-row dynamically quantized MatMulIntegerToFloat
+    with per-column weight scales; ``ranges`` (activation_ranges): each input channel smoothed first."""
+    from onnx import helper, numpy_helper
+
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
     quantized = {n.name for n in _weight_matmuls(graph)}
@@ -160,22 +202,24 @@ def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[
         x, w_name = node.input
         prefix = node.name.strip("/").replace("/", "_") + "_w8a8"
         name = lambda part: f"{prefix}_{part}"  # noqa: E731
-        w = numpy_helper.to_array(weights[w_name]).astype(np.float32)  # [in, out]
-        x_peak = np.maximum(ranges[node.name], 1e-5)
-        smooth = x_peak ** SMOOTHING_ALPHA / np.maximum(np.abs(w).max(1), 1e-5) ** (1 - SMOOTHING_ALPHA)
-        w = w * smooth[:, None]
-        w_scale = np.maximum(np.abs(w).max(0), 1e-30) / 127
-        new_weights += [numpy_helper.from_array((1 / smooth).astype(np.float32), name("smooth")),
-                        numpy_helper.from_array(np.round(w / w_scale).astype(np.int8), name("weight")),
-                        numpy_helper.from_array(w_scale.astype(np.float32), name("weight_scale"))]
         op = lambda kind, ins, out, **kw: helper.make_node(kind, ins, [out], name=out, **kw)  # noqa: E731
+        w = numpy_helper.to_array(weights[w_name]).astype(np.float32)  # [in, out]
+        if ranges is not None:
+            x_peak = np.maximum(ranges[node.name], 1e-5)
+            smooth = x_peak ** SMOOTHING_ALPHA / np.maximum(np.abs(w).max(1), 1e-5) ** (1 - SMOOTHING_ALPHA)
+            w = w * smooth[:, None]
+            new_weights.append(numpy_helper.from_array((1 / smooth).astype(np.float32), name("smooth")))
+            nodes.append(op("Mul", [x, name("smooth")], name("x")))
+            x = name("x")
+        w_scale = np.maximum(np.abs(w).max(0), 1e-30) / 127
+        new_weights += [numpy_helper.from_array(np.round(w / w_scale).astype(np.int8), name("weight")),
+                        numpy_helper.from_array(w_scale.astype(np.float32), name("weight_scale"))]
         nodes += [
-            op("Mul", [x, name("smooth")], name("x")),
-            op("Abs", [name("x")], name("abs")),
+            op("Abs", [x], name("abs")),
             op("ReduceMax", [name("abs")], name("peak"), axes=[-1], keepdims=1),
             op("Mul", [name("peak"), "w8a8_inv127"], name("scale0")),
             op("Max", [name("scale0"), "w8a8_tiny"], name("scale")),  # an all-zero row: 0 / tiny = 0
-            op("Div", [name("x"), name("scale")], name("scaled")),
+            op("Div", [x, name("scale")], name("scaled")),
             # round half to even, + 128, saturate to uint8: one pass
             op("QuantizeLinear", [name("scaled"), "w8a8_one", "w8a8_zero_point"], name("x_uint8")),
             # the int32 product times each weight column's scale, in the GEMM's own output pass
@@ -191,7 +235,6 @@ def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[
     graph.initializer.extend(kept + new_weights + [numpy_helper.from_array(np.array(v), k) for k, v in consts.items()])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _save(model, path)
 
 
 def _save(model, path: Path) -> None:

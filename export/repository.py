@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from export.drafter_export import cached_drafter_export
+from export.drafter_export import cached_drafter_export, drafter_dtype
 from export.onnx_export import EXPORT_FILES, ONNX_FILE, cached_onnx, read_metadata
 from export.output_dir import write_replacing
 from hub.fetch import KNOWN_MODELS, default_drafter, model_dir_if_cached, model_name
@@ -91,7 +91,7 @@ def _write_repository(out_dir: Path, source: Path, runtime: str, model: str, mod
         for name in EXPORT_FILES:
             _link_or_copy(exported.parent / name, target / name)
         values["onnx_model"] = f"{ONNX_SUBDIR}/{ONNX_FILE}"
-        if runtime == "onnxruntime" and (graphs := _drafter_graphs(drafter, model_dir)) is not None:
+        if runtime == "onnxruntime" and (graphs := _drafter_graphs(drafter, model_dir, dtype)) is not None:
             shipped = out_dir / ENGINE_MODEL / "1" / DRAFTER_SUBDIR
             shipped.mkdir()
             for path in graphs.iterdir():
@@ -161,13 +161,14 @@ def drafter_checkpoint(drafter: str) -> Path | None:
     return PROJECT_ROOT / drafter[len("checkpoint:"):] if drafter.startswith("checkpoint:") else None
 
 
-def _drafter_graphs(drafter: str, model_dir: Path) -> Path | None:
-    """The exported graphs of a server's trained block drafter (from or into the cache), else None."""
+def _drafter_graphs(drafter: str, model_dir: Path, dtype: str) -> Path | None:
+    """The exported graphs of a server's trained block drafter beside a ``dtype`` target (from or into
+    the cache), else None."""
     checkpoint = drafter_checkpoint(drafter)
     if checkpoint is None:
         return None
     module = load_drafter(checkpoint, load_transformer(model_dir, torch.float32))
-    return cached_drafter_export(module, checkpoint) if isinstance(module, BlockDrafter) else None
+    return cached_drafter_export(module, checkpoint, drafter_dtype(dtype)) if isinstance(module, BlockDrafter) else None
 
 
 def drafter_tap_layers(drafter: str) -> tuple[int, ...]:

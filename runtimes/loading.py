@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from export.drafter_export import cached_drafter_export, exported_for
+from export.drafter_export import cached_drafter_export, drafter_dtype, exported_for
 from export.onnx_export import DTYPES, ONNX_FILE, cached_onnx, check_dtype, read_metadata
 from export.tensorrt_engine import import_tensorrt
 from models.drafters import BlockDrafter, Drafter, load_drafter
@@ -64,12 +64,13 @@ def load_feature_drafter(checkpoint: Path, target: ModelRunner, runtime: str = "
 
     On onnxruntime a block drafter (DSpark, DFlash-style) runs from its exported graphs
     (``export_dir``, e.g. shipped in a built repository, when they were exported from this
-    checkpoint; else from or into the cache); on torch,
+    checkpoint; else from or into the cache), quantized as the target is (drafter_dtype); on torch,
     and for EAGLE-3-style drafters, it is the torch module (on tensorrt: on the target's GPU).
     """
     module = load_drafter(checkpoint, target)
     if runtime != "onnxruntime" or not isinstance(module, BlockDrafter):
         return module
-    if export_dir is None or not exported_for(export_dir, Path(checkpoint), module):
-        export_dir = cached_drafter_export(module, Path(checkpoint))  # shipped graphs of another drafter: not these
+    dtype = drafter_dtype(target.export_dtype) if isinstance(target, OnnxRuntimeRunner) else "float32"
+    if export_dir is None or not exported_for(export_dir, Path(checkpoint), module, dtype):
+        export_dir = cached_drafter_export(module, Path(checkpoint), dtype)  # shipped graphs of another drafter: not these
     return OnnxRuntimeBlockDrafter(module, export_dir, target.embed, num_threads)

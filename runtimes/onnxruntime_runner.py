@@ -62,6 +62,7 @@ class OnnxRuntimeRunner(_GraphRunner):
         meta = read_metadata(onnx_path)
         self.config = config
         self.dtype = DTYPES[meta.get("dtype", "float32")]
+        self.export_dtype: str = meta.get("weights", meta.get("dtype", "float32"))  # e.g. w8a8: what it was exported as
         self.kv_dtype = torch.int8 if meta.get("kv_cache") == "int8" else self.dtype
         self.device = torch.device("cpu")
         self.tap_layers = tuple(meta.get("tap_layers", ()))

@@ -7,17 +7,19 @@ Greedy drafts must be identical.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from export.drafter_export import cached_drafter_export, export_drafter, exported_for
+from export.drafter_export import META_FILE, cached_drafter_export, export_drafter, exported_for
 from models.drafters import build_drafter, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
 from runtimes.drafter_runner import OnnxRuntimeBlockDrafter
 from runtimes.loading import load_feature_drafter
 from test_drafters import drafter_for, tiny_target
+from test_onnx_export import _weight_matmul_ops
 
 ATOL = 1e-5
 
@@ -126,3 +128,59 @@ def test_graphs_shipped_for_another_drafter_are_not_used(tmp_path) -> None:
     assert runner.export_dir != graphs_a and exported_for(runner.export_dir, tmp_path / "b", b)
     assert not exported_for(graphs_a, tmp_path / "b", b)
     _compare(target, b, runner, [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], [1, 0])
+
+
+def _block_logits(drafter, target, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    """Each prompt's context, then one drafted position per prompt: its logits [B, Vd]."""
+    cache = target.new_cache(4, 96)
+    for _ in range(4):
+        cache.allocate()
+    state = drafter.new_state(4, 90)
+    ids = torch.tensor([t for p in prompts for t in p[:-1]])
+    out = target(ids, slots, [len(p) - 1 for p in prompts], cache, tap_layers=drafter.tap_layers)
+    drafter.extend_context(state, slots, [len(p) - 1 for p in prompts], out.hidden_states, ids)
+    rec = _Recorder()
+    drafter.draft(state, slots, torch.tensor([p[-1] for p in prompts]), 1, rec, greedy=True)
+    return rec.logits[0]
+
+
+def test_w8a8_drafter_graphs_run_every_projection_and_the_draft_head_as_integer_matmuls(tmp_path) -> None:
+    """Beside a w8a8 target the drafter's graphs are w8a8 too: its projections and draft head (most of a
+    float32 draft's time) run as integer matmuls. Rounding may cost acceptance, never output (the target
+    verifies every token), so the bound is loose: drafted logits within 5% of their scale of float32's."""
+    target = tiny_target()
+    drafter = drafter_for("dspark", target)
+    graphs = export_drafter(drafter, tmp_path, dtype="w8a8")
+    n = drafter.config.num_layers
+    context, block = (_weight_matmul_ops(graphs / f"{name}.onnx") for name in ("context", "block"))
+    assert context.count("MatMulIntegerToFloat") == 1 + 2 * n and "MatMul" not in context, context
+    assert block.count("MatMulIntegerToFloat") == 6 * n + 1 and "MatMul" not in block, block  # q k v o gate-up down; head
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (9, 20, 5)]
+    expected = _block_logits(drafter, target, prompts, [2, 0, 3])
+    ours = _block_logits(OnnxRuntimeBlockDrafter(drafter, graphs, target.embed, 1), target, prompts, [2, 0, 3])
+    assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
+    with pytest.raises(ValueError, match="exports in one of"):
+        export_drafter(drafter, tmp_path / "other", dtype="int8")
+
+
+def test_a_w8a8_target_drafts_with_w8a8_graphs(tmp_path) -> None:
+    """load_feature_drafter quantizes the drafter as the target graph beside it is, and a repository's
+    shipped float32 graphs are not taken for them."""
+    from export.onnx_export import export_transformer
+    from export.quantize import quantize_w8a8
+    from runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    target = tiny_target()
+    save_drafter(drafter_for("dspark", target), tmp_path / "ckpt")
+    module = load_drafter(tmp_path / "ckpt", target)
+    path = export_transformer(target, tmp_path / "target", module.tap_layers, {"weights": "w8a8"}, int8_kv=True)
+    quantize_w8a8(path, target.config, [list(range(3, 40))])
+    runner = OnnxRuntimeRunner(path, target.config, num_threads=1)
+    runner._token_matrices = (target.embed, target.embed)  # tied; load_runner reads them from a model directory
+    float_graphs = cached_drafter_export(module, tmp_path / "ckpt")
+    drafter = load_feature_drafter(tmp_path / "ckpt", runner, "onnxruntime", export_dir=float_graphs)
+    assert drafter.export_dir != float_graphs
+    assert json.loads((drafter.export_dir / META_FILE).read_text())["dtype"] == "w8a8"
+    assert exported_for(drafter.export_dir, tmp_path / "ckpt", module, "w8a8")
+    assert not exported_for(drafter.export_dir, tmp_path / "ckpt", module)

@@ -76,6 +76,25 @@ def test_build_replaces_only_a_repository_it_wrote(tmp_path, smollm2_dir: Path) 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no half-built directory left behind"
 
 
+def test_a_w8a8_build_ships_w8a8_drafter_graphs(tmp_path, smollm2_dir: Path) -> None:
+    """Beside a w8a8 target the drafter's graphs are w8a8 (export.drafter_export.drafter_dtype), and they are
+    the ones the server then loads (exported for this checkpoint in that dtype: nothing is exported again)."""
+    import json
+
+    from export.drafter_export import META_FILE, exported_for
+    from export.repository import drafter_checkpoint
+    from models.drafters import load_drafter
+    from models.loading import load_transformer
+
+    out = build_repository(tmp_path / "w8a8", "onnxruntime", "smollm2-135m-instruct", smollm2_dir, dtype="w8a8")
+    params = read_parameters((out / ENGINE_MODEL / "config.pbtxt").read_text())
+    graphs = out / ENGINE_MODEL / "1" / params["drafter_onnx"]
+    assert json.loads((graphs / META_FILE).read_text())["dtype"] == "w8a8"
+    checkpoint = drafter_checkpoint(params["drafter"])
+    module = load_drafter(checkpoint, load_transformer(smollm2_dir))
+    assert exported_for(graphs, checkpoint, module, "w8a8")
+
+
 @pytest.fixture(scope="module")
 def ort_repository(tmp_path_factory, smollm2_dir: Path) -> Path:
     out = build_repository(tmp_path_factory.mktemp("repo") / "ort", "onnxruntime", "smollm2-135m-instruct",
