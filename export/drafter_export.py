@@ -38,7 +38,7 @@ from torch import nn
 from export.onnx_export import OPSET, PAGE_SIZE, check_onnx, rms_norm, save_graph
 from models.drafters import BlockDrafter
 
-DRAFTER_GRAPH_VERSION = 2
+DRAFTER_GRAPH_VERSION = 3
 GRAPHS = ("context", "block", "markov", "confidence")
 DTYPES = ("float32", "w8a8")
 QUANTIZED_GRAPHS = ("context", "block")  # the others' matmuls are a rank-r bias and one output column
@@ -120,7 +120,8 @@ class BlockStep(nn.Module):
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
         o = torch.matmul(probs, values).reshape(B, Hkv, G, W, D).permute(0, 3, 1, 2, 4).reshape(B, W, H * D)
         x = x + F.linear(o, layer.o_proj.weight)
-        gate, up = F.linear(rms_norm(x, layer.mlp_norm, layer.eps), layer.gate_up.weight).chunk(2, dim=-1)
+        width = layer.down.weight.shape[1]  # sizes, not chunk(2): a Split whose parts the w8a8 rewrite can see
+        gate, up = F.linear(rms_norm(x, layer.mlp_norm, layer.eps), layer.gate_up.weight).split([width, width], dim=-1)
         return x + F.linear(F.silu(gate) * up, layer.down.weight)
 
 

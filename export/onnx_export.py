@@ -60,7 +60,7 @@ from models.loading import load_transformer
 from models.transformer import Transformer
 
 # Bump when the graph's inputs, outputs or maths change: it is part of every cache key.
-GRAPH_VERSION = 4
+GRAPH_VERSION = 5
 OPSET = 17
 ATTENTION_GROUPS = 2
 PAGE_SIZE = 16  # cached positions per gathered row; cache lengths are rounded up to it

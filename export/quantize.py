@@ -184,6 +184,72 @@ def _constant_weights(graph) -> None:
             graph.node.remove(node)
 
 
+def _ranks(model) -> dict[str, int]:
+    """The rank of every value ONNX shape inference can tell."""
+    import onnx
+
+    graph = model.graph
+    # the weights as typed inputs, not data: a model's proto over 2 GB cannot go through inference
+    weights = [onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in graph.initializer]
+    light = onnx.helper.make_model(onnx.helper.make_graph(graph.node, graph.name, list(graph.input) + weights,
+                                                          graph.output), opset_imports=model.opset_import)
+    inferred = onnx.shape_inference.infer_shapes(light).graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in list(inferred.value_info) + list(inferred.input)
+            if v.type.tensor_type.HasField("shape")}
+
+
+def _column_parts(graph, matmuls: set[str], ranks: dict[str, int]) -> dict[str, tuple[list, list[tuple[str, int, int]]]]:
+    """{matmul name: (the nodes that cut its output, [(part's output name, first column, end column)])} for
+    each of ``matmuls`` whose output is only read cut along its last axis (one Split, or Slices; constant
+    bounds) into parts at least as wide as the input, e.g. gate/up from one fused projection: those run
+    as one integer GEMM per part, so no pass copies the parts out of their joint product (measured on
+    SmolLM2: a 16-prompt prefill 12% faster). Narrower parts (q/k/v's k and v) stay joint: their copy
+    is cheap, and at one row a GEMM call more cost decoding 2-4%."""
+    from onnx import numpy_helper
+
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    shapes = {i.name: list(i.dims) for i in graph.initializer if len(i.dims) == 2}
+    known = {i.name: numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) <= 1}
+    known |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+
+    def ints(name: str) -> list[int] | None:
+        return [int(v) for v in np.ravel(known[name])] if name in known else None
+
+    def parts_of(cutters: list, last: set[int], columns: int) -> list[tuple[str, int, int]] | None:
+        if len(cutters) == 1 and cutters[0].op_type == "Split":
+            split = cutters[0]
+            sizes = ints(split.input[1]) if len(split.input) > 1 else None
+            if sizes is None or next((a.i for a in split.attribute if a.name == "axis"), 0) not in last:
+                return None
+            ends = np.cumsum(sizes).tolist()
+            return [(out, end - size, end) for out, size, end in zip(split.output, sizes, ends)]
+        parts = []
+        for cut in cutters:
+            if cut.op_type != "Slice" or len(cut.input) not in (4, 5):
+                return None
+            starts, stops, axes = (ints(name) for name in cut.input[1:4])
+            steps = ints(cut.input[4]) if len(cut.input) == 5 else [1]
+            if not (starts and stops and axes) or len(axes) != 1 or axes[0] not in last or steps != [1]:
+                return None
+            first, end = (v + columns if v < 0 else v for v in (starts[0], stops[0]))  # negative: from the end
+            parts.append((cut.output[0], max(0, min(first, columns)), max(0, min(end, columns))))
+        return parts
+
+    found = {}
+    for node in graph.node:
+        if node.name not in matmuls or not (cutters := readers.get(node.output[0])):
+            continue
+        width, columns = shapes[node.input[1]]
+        parts = parts_of(cutters, {-1, ranks.get(node.output[0], 0) - 1}, columns)
+        if parts and len(parts) > 1 and min(end - first for _, first, end in parts) >= width:
+            found[node.name] = (cutters, parts)
+    return found
+
+
 def rewrite_w8a8(model, ranges: dict[str, np.ndarray] | None) -> None:
     """Every weight matmul of ``model`` (in place) as a per-row dynamically quantized MatMulIntegerToFloat
     with per-column weight scales; ``ranges`` (activation_ranges): each input channel smoothed first."""
@@ -193,13 +259,19 @@ def rewrite_w8a8(model, ranges: dict[str, np.ndarray] | None) -> None:
     weights = {i.name: i for i in graph.initializer}
     quantized = {n.name for n in _weight_matmuls(graph)}
     consts = {"w8a8_inv127": np.float32(1 / 127), "w8a8_tiny": np.float32(1e-30), "w8a8_one": np.float32(1),
-              "w8a8_zero_point": np.uint8(128)}
+              "w8a8_zero_point": np.uint8(128), "w8a8_rows": np.array([-1], np.int64)}
+    ranks = _ranks(model)
+    cuts = _column_parts(graph, quantized, ranks)
+    absorbed = {id(cutter) for cutters, _ in cuts.values() for cutter in cutters}
     nodes, new_weights = [], []
     for node in graph.node:
+        if id(node) in absorbed:
+            continue
         if node.name not in quantized:
             nodes.append(node)
             continue
         x, w_name = node.input
+        rank = ranks.get(x)
         prefix = node.name.strip("/").replace("/", "_") + "_w8a8"
         name = lambda part: f"{prefix}_{part}"  # noqa: E731
         op = lambda kind, ins, out, **kw: helper.make_node(kind, ins, [out], name=out, **kw)  # noqa: E731
@@ -212,21 +284,40 @@ def rewrite_w8a8(model, ranges: dict[str, np.ndarray] | None) -> None:
             nodes.append(op("Mul", [x, name("smooth")], name("x")))
             x = name("x")
         w_scale = np.maximum(np.abs(w).max(0), 1e-30) / 127
-        new_weights += [numpy_helper.from_array(np.round(w / w_scale).astype(np.int8), name("weight")),
-                        numpy_helper.from_array(w_scale.astype(np.float32), name("weight_scale"))]
         nodes += [
             op("Abs", [x], name("abs")),
             op("ReduceMax", [name("abs")], name("peak"), axes=[-1], keepdims=1),
             op("Mul", [name("peak"), "w8a8_inv127"], name("scale0")),
             op("Max", [name("scale0"), "w8a8_tiny"], name("scale")),  # an all-zero row: 0 / tiny = 0
-            op("Div", [x, name("scale")], name("scaled")),
-            # round half to even, + 128, saturate to uint8: one pass
-            op("QuantizeLinear", [name("scaled"), "w8a8_one", "w8a8_zero_point"], name("x_uint8")),
-            # the int32 product times each weight column's scale, in the GEMM's own output pass
-            op("MatMulIntegerToFloat", [name("x_uint8"), name("weight"), "w8a8_one", name("weight_scale"),
-                                        "w8a8_zero_point"], name("columns"), domain="com.microsoft"),
-            helper.make_node("Mul", [name("columns"), name("scale")], [node.output[0]], name=name("out")),
+            # one scale (and zero point 128) per row along axis 0: QuantizeLinear divides, rounds half to even,
+            # shifts and saturates in one pass (a Div before it was a pass of its own: 30% of this chain)
+            op("Reshape", [name("scale"), "w8a8_rows"], name("row_scale")),
+            op("Shape", [name("row_scale")], name("rows")),
+            op("Expand", ["w8a8_zero_point", name("rows")], name("row_zero_point")),
         ]
+        if rank == 2:
+            nodes.append(op("QuantizeLinear", [x, name("row_scale"), name("row_zero_point")], name("x_uint8"), axis=0))
+        else:  # rows of any leading shape: quantized as a [rows, in] view, then viewed as x is
+            k = w.shape[0]
+            new_weights.append(numpy_helper.from_array(np.array([-1, k], np.int64), name("flat_shape")))
+            nodes += [op("Reshape", [x, name("flat_shape")], name("x_rows")),
+                      op("QuantizeLinear", [name("x_rows"), name("row_scale"), name("row_zero_point")], name("rows_uint8"),
+                         axis=0),
+                      op("Shape", [x], name("x_shape")),
+                      op("Reshape", [name("rows_uint8"), name("x_shape")], name("x_uint8"))]
+        split = node.name in cuts
+        parts = cuts[node.name][1] if split else [(node.output[0], 0, w.shape[1])]
+        for part, (output, first, end) in enumerate(parts):  # each part of a cut output: a GEMM of its own
+            cols = slice(first, end)
+            part_name = lambda what: name(f"{what}{part}" if split else what)  # noqa: E731
+            new_weights += [numpy_helper.from_array(np.round(w[:, cols] / w_scale[cols]).astype(np.int8), part_name("weight")),
+                            numpy_helper.from_array(w_scale[cols].astype(np.float32), part_name("weight_scale"))]
+            nodes += [
+                # the int32 product times each weight column's scale, in the GEMM's own output pass
+                op("MatMulIntegerToFloat", [name("x_uint8"), part_name("weight"), "w8a8_one", part_name("weight_scale"),
+                                            "w8a8_zero_point"], part_name("columns"), domain="com.microsoft"),
+                helper.make_node("Mul", [part_name("columns"), name("scale")], [output], name=part_name("out")),
+            ]
     read = {name for node in nodes for name in node.input}
     kept = [i for i in graph.initializer if i.name in read]  # a float weight only its matmul read is gone
     del graph.node[:]

@@ -154,7 +154,7 @@ def test_w8a8_drafter_graphs_run_every_projection_and_the_draft_head_as_integer_
     n = drafter.config.num_layers
     context, block = (_weight_matmul_ops(graphs / f"{name}.onnx") for name in ("context", "block"))
     assert context.count("MatMulIntegerToFloat") == 1 + 2 * n and "MatMul" not in context, context
-    assert block.count("MatMulIntegerToFloat") == 6 * n + 1 and "MatMul" not in block, block  # q k v o gate-up down; head
+    assert block.count("MatMulIntegerToFloat") == 7 * n + 1 and "MatMul" not in block, block  # q k v o gate up down; head
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (9, 20, 5)]
     expected = _block_logits(drafter, target, prompts, [2, 0, 3])

@@ -289,7 +289,11 @@ def test_w8a8_quantizes_every_projection_and_each_row_alone(tmp_path) -> None:
     gen = torch.Generator().manual_seed(3)
     quantize_w8a8(path, model.config, [torch.randint(0, 96, (40,), generator=gen).tolist() for _ in range(4)])
     ops = _weight_matmul_ops(path)
-    assert ops.count("MatMulIntegerToFloat") == 2 * 4 + 1 and "MatMul" not in ops, ops
+    # per layer q/k/v (one GEMM: k and v are narrower than the input), o, gate and up (one GEMM each), down
+    assert ops.count("MatMulIntegerToFloat") == 2 * 5 + 1 and "MatMul" not in ops, ops
+    import onnx
+
+    assert [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node].count("Split") == 2  # q/k/v
     runner = OnnxRuntimeRunner(path, model.config, num_threads=1)
 
     def prefill(r, seqs: list[torch.Tensor]) -> torch.Tensor:
@@ -422,7 +426,7 @@ def test_smollm2_w8a8_agrees_with_float32_and_with_itself_to_rounding(smollm2_di
     taps = drafter_tap_layers(default_drafter(smollm2_dir))  # the export a w8a8 build ships (one export for both)
     runner = load_runner(smollm2_dir, "onnxruntime", "w8a8", tap_layers=taps)
     ops = _weight_matmul_ops(cached_onnx(smollm2_dir, "w8a8", taps))
-    assert ops.count("MatMulIntegerToFloat") == 4 * smol.config.num_layers + 1 and "MatMul" not in ops
+    assert ops.count("MatMulIntegerToFloat") == 5 * smol.config.num_layers + 1 and "MatMul" not in ops
     ours = _prefill_logits(runner, smol_prompts).argmax(-1)
     ref = _prefill_logits(smol, smol_prompts).argmax(-1)
     assert (ours == ref).float().mean().item() >= 0.9
