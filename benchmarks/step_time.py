@@ -55,7 +55,7 @@ def run_step_time_benchmark(model_dir: Path, checkpoint: Path, runtimes: Sequenc
         for label, rt, dt in zip(labels, runtimes, dtypes):
             target = load_runner(model_dir, rt, dt, tap_layers=taps, num_threads=n_threads,
                                  device=device if rt == "torch" else "cpu")
-            drafter = load_feature_drafter(checkpoint, target, rt, num_threads=n_threads)
+            drafter = load_feature_drafter(checkpoint, target, rt)
             cache = target.new_cache(batch, max_len)
             slots = [cache.allocate() for _ in range(batch)]
             state = drafter.new_state(batch, max_len)

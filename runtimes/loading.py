@@ -58,8 +58,8 @@ def load_runner(model_dir: Path, runtime: str = "torch", dtype: str = "float32",
     return runner
 
 
-def load_feature_drafter(checkpoint: Path, target: ModelRunner, runtime: str = "torch", export_dir: Path | None = None,
-                         num_threads: int | None = None) -> Drafter | OnnxRuntimeBlockDrafter:
+def load_feature_drafter(checkpoint: Path, target: ModelRunner, runtime: str = "torch",
+                         export_dir: Path | None = None) -> Drafter | OnnxRuntimeBlockDrafter:
     """A trained drafter for a target on the target's runtime.
 
     On onnxruntime a block drafter (DSpark, DFlash-style) runs from its exported graphs
@@ -73,4 +73,4 @@ def load_feature_drafter(checkpoint: Path, target: ModelRunner, runtime: str = "
     dtype = drafter_dtype(target.export_dtype) if isinstance(target, OnnxRuntimeRunner) else "float32"
     if export_dir is None or not exported_for(export_dir, Path(checkpoint), module, dtype):
         export_dir = cached_drafter_export(module, Path(checkpoint), dtype)  # shipped graphs of another drafter: not these
-    return OnnxRuntimeBlockDrafter(module, export_dir, target.embed, num_threads)
+    return OnnxRuntimeBlockDrafter(module, export_dir, target.embed)

@@ -82,7 +82,7 @@ def test_tiny_block_drafter_graphs_match_torch(tmp_path, kind) -> None:
     assert {p.name for p in graphs.glob("*.onnx")} == expected
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (9, 20, 5)]  # 20: two cache pages
-    _compare(target, drafter, OnnxRuntimeBlockDrafter(drafter, graphs, target.embed, 1), prompts, [2, 0, 3])
+    _compare(target, drafter, OnnxRuntimeBlockDrafter(drafter, graphs, target.embed), prompts, [2, 0, 3])
 
 
 def test_drafter_inside_a_draft_vocabulary_proposes_from_it(tmp_path) -> None:
@@ -91,11 +91,13 @@ def test_drafter_inside_a_draft_vocabulary_proposes_from_it(tmp_path) -> None:
     drafter = build_drafter(default_config("dspark", target, intermediate_size=48, markov_rank=8, draft_vocab_size=15),
                             target).eval()
     drafter.set_draft_vocab(torch.arange(3, 63, 4))
-    runner = OnnxRuntimeBlockDrafter(drafter, export_drafter(drafter, tmp_path), target.embed, 1)
+    runner = OnnxRuntimeBlockDrafter(drafter, export_drafter(drafter, tmp_path), target.embed)
     _compare(target, drafter, runner, [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], [1, 0])
     # its threads sleep between runs, as the target's do (runtimes.onnxruntime_runner.session_options)
     assert {session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
             for session in runner.sessions.values()} == {"0"}
+    # ... and one thread each (a second drafted no faster, runtimes.drafter_runner)
+    assert {session.get_session_options().intra_op_num_threads for session in runner.sessions.values()} == {1}
 
 
 def test_eagle3_is_not_exported(tmp_path) -> None:
@@ -111,7 +113,7 @@ def test_shipped_smollm2_drafter_graphs_match_torch(tmp_path, smollm2_dir: Path)
     target = load_transformer(smollm2_dir, torch.float32)
     drafter = load_drafter(drafter_checkpoint(default_drafter(smollm2_dir)), target)
     drafter.use_kernel_plan(None)
-    runner = OnnxRuntimeBlockDrafter(drafter, export_drafter(drafter, tmp_path), target.embed, 1)
+    runner = OnnxRuntimeBlockDrafter(drafter, export_drafter(drafter, tmp_path), target.embed)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 5000, (n,), generator=gen).tolist() for n in (23, 8, 40)]
     _compare(target, drafter, runner, prompts, [3, 1, 2])
@@ -158,7 +160,7 @@ def test_w8a8_drafter_graphs_run_every_projection_and_the_draft_head_as_integer_
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (9, 20, 5)]
     expected = _block_logits(drafter, target, prompts, [2, 0, 3])
-    ours = _block_logits(OnnxRuntimeBlockDrafter(drafter, graphs, target.embed, 1), target, prompts, [2, 0, 3])
+    ours = _block_logits(OnnxRuntimeBlockDrafter(drafter, graphs, target.embed), target, prompts, [2, 0, 3])
     assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
     with pytest.raises(ValueError, match="exports in one of"):
         export_drafter(drafter, tmp_path / "other", dtype="int8")

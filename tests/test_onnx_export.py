@@ -23,7 +23,7 @@ from models.loading import load_config, load_transformer
 from models.transformer import Transformer
 from runtimes.loading import load_runner
 from runtimes.graph import cache_views, split_groups
-from runtimes.onnxruntime_runner import OnnxRuntimeRunner
+from runtimes.onnxruntime_runner import OnnxRuntimeRunner, parallel_parts
 from test_transformer import PROMPTS, assert_logits_close, tiny_config
 
 REL_TOL = 1e-4
@@ -160,6 +160,48 @@ def test_onnx_runtime_runs_the_one_group_graph_once_per_attention_group(tmp_path
     for a, b in zip(ours, theirs):
         assert_logits_close(a.logits, b.logits, REL_TOL)
         assert_logits_close(a.hidden_states[1], b.hidden_states[1], REL_TOL)
+
+
+def test_parallel_parts_cut_the_largest_group_while_the_step_is_large_enough() -> None:
+    halves = parallel_parts([1] * 16, [160] * 16, 2)
+    assert len(halves) == 2 and sorted(halves[0] + halves[1]) == list(range(16)) and len(halves[0]) == 8
+    assert parallel_parts([1] * 16, [160] * 16, 1) == [list(range(16))]  # one worker: one call
+    assert parallel_parts([1] * 4, [160] * 4, 2) == [[0, 1, 2, 3]]  # under MIN_PARALLEL_TOKENS: one call
+    # a prefill beside decodes: already two calls (split_groups), no more cut with two workers
+    assert parallel_parts([1] * 15 + [120], [160] * 15 + [0], 2) == [list(range(15)), [15]]
+    assert parallel_parts([200], [0], 2) == [[0]]  # one sequence is never cut
+    new = [9, 7, 6, 5, 3, 2]
+    a, b = parallel_parts(new, [0] * 6, 2)
+    assert sorted(a + b) == list(range(6)) and abs(sum(new[i] for i in a) - sum(new[i] for i in b)) <= 2
+
+
+def test_onnx_runtime_runs_a_steps_parts_concurrently_as_one_call_would(tmp_path) -> None:
+    """With two workers a large step's calls run on two threads; logits, taps and the cache come out as
+    from one call per step (float32: to rounding, the calls' GEMMs see fewer rows)."""
+    model = _tiny_model()
+    path = export_transformer(model, tmp_path, tap_layers=(1,))
+    serial = OnnxRuntimeRunner(path, model.config, num_threads=1)
+    parallel = OnnxRuntimeRunner(path, model.config, num_threads=2)
+    threads = set()
+    compute = parallel._compute
+    parallel._compute = lambda *args: threads.add(threading.current_thread().name) or compute(*args)
+    gen = torch.Generator().manual_seed(5)
+    results = []
+    for runner in (serial, parallel):
+        cache = runner.new_cache(5, 48)
+        slots = [cache.allocate() for _ in range(5)][::-1][:4]
+        prefill = runner(torch.randint(0, 96, (24,), generator=gen), slots, [9, 6, 5, 4], cache, tap_layers=(1,))
+        verify = runner(torch.randint(0, 96, (16,), generator=gen), slots[::-1], [4] * 4, cache, tap_layers=(1,),
+                        logits_indices=torch.tensor([0, 3, 5, 15]))
+        results.append((prefill, verify, cache))
+        gen.manual_seed(5)
+    assert len(threads) == 2 and parallel.session.get_session_options().intra_op_num_threads == 1
+    (a1, a2, cache_a), (b1, b2, cache_b) = results
+    for x, y in ((a1, b1), (a2, b2)):
+        assert_logits_close(y.logits, x.logits, REL_TOL)
+        assert_logits_close(y.hidden_states[1], x.hidden_states[1], REL_TOL)
+    assert torch.equal(cache_a.lengths, cache_b.lengths)
+    assert torch.allclose(cache_a.k_all, cache_b.k_all, atol=1e-5) and torch.allclose(cache_a.v_all, cache_b.v_all, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
