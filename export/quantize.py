@@ -151,19 +151,15 @@ def quantize_w8a8(path: Path, config: "TransformerConfig", token_ids: list[list[
 
 
 def quantize_drafter_w8a8(path: Path) -> None:
-    """``w8a8`` for a drafter's graph (export.drafter_export): its weight matmuls rewritten as the
-    target's are, without smoothing (a drafter's rounding costs acceptance, never correctness: the
-    target verifies every drafted token)."""
+    """``w8a8`` for a drafter's graph (export.drafter_export, which checks it): its weight matmuls
+    rewritten as the target's are, without smoothing (a drafter's rounding costs acceptance, never
+    correctness: the target verifies every drafted token)."""
     import onnx
-
-    from export.onnx_export import save_graph, weights_file
 
     model = onnx.load(str(path))
     _constant_weights(model.graph)
     rewrite_w8a8(model, None)
-    weights_file(path).unlink(missing_ok=True)
-    save_graph(model, path)
-    onnx.checker.check_model(str(path), full_check=True)
+    _replace(model, path)
 
 
 def _constant_weights(graph) -> None:
@@ -328,14 +324,21 @@ def rewrite_w8a8(model, ranges: dict[str, np.ndarray] | None) -> None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
+def _replace(model, path: Path) -> None:
+    """Replace the graph at ``path`` and its weights' file with ``model`` (all in memory)."""
+    from export.onnx_export import save_graph, weights_file
+
+    weights_file(path).unlink(missing_ok=True)  # the float32 weights, loaded: the quantized ones replace them
+    save_graph(model, path)
+
+
 def _save(model, path: Path) -> None:
-    """Replace the graph at ``path`` and its weights' file with ``model`` (all in memory), check it, and
-    derive its one-group graph again (export.onnx_export.one_group_graph)."""
+    """_replace a target's graph, check it, and derive its one-group graph again
+    (export.onnx_export.one_group_graph)."""
     import onnx
 
-    from export.onnx_export import one_group_graph, save_graph, weights_file
+    from export.onnx_export import one_group_graph
 
-    weights_file(path).unlink()  # the float32 weights, loaded above: the quantized ones replace them
-    save_graph(model, path)
+    _replace(model, path)
     onnx.checker.check_model(str(path), full_check=True)
     one_group_graph(path)

@@ -129,9 +129,11 @@ class OnnxRuntimeRunner(_GraphRunner):
             mine = (row_in_part[rows] >= 0).nonzero().squeeze(1)
             calls.append((tokens, mine, (input_ids[tokens], [slots_l[b] for b in part], [new_l[b] for b in part],
                                          [starts_l[b] for b in part], cache, row_in_part[rows[mine]])))
-        elsewhere = [self._pool.submit(self._compute, *args) for _, _, args in calls[1:]] if self._pool else []
-        computed = [self._compute(*calls[0][2])]
-        computed += [f.result() for f in elsewhere] if self._pool else [self._compute(*args) for _, _, args in calls[1:]]
+        if self._pool is None:
+            computed = [self._compute(*args) for _, _, args in calls]
+        else:  # this thread computes the first call while the pool computes the others
+            later = [self._pool.submit(self._compute, *args) for _, _, args in calls[1:]]
+            computed = [self._compute(*calls[0][2])] + [f.result() for f in later]
         logits, hidden = None, {t: None for t in taps}
         for (tokens, mine, _), result in zip(calls, computed):
             out = self._finish(cache, *result, taps)
