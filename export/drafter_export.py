@@ -38,7 +38,7 @@ from torch import nn
 from export.onnx_export import OPSET, PAGE_SIZE, check_onnx, rms_norm, save_graph
 from models.drafters import BlockDrafter
 
-DRAFTER_GRAPH_VERSION = 3
+DRAFTER_GRAPH_VERSION = 4
 GRAPHS = ("context", "block", "markov", "confidence")
 DTYPES = ("float32", "w8a8")
 QUANTIZED_GRAPHS = ("context", "block")  # the others' matmuls are a rank-r bias and one output column

@@ -314,8 +314,10 @@ def rewrite_w8a8(model, ranges: dict[str, np.ndarray] | None) -> None:
                                             "w8a8_zero_point"], part_name("columns"), domain="com.microsoft"),
                 helper.make_node("Mul", [part_name("columns"), name("scale")], [output], name=part_name("out")),
             ]
-    read = {name for node in nodes for name in node.input}
-    kept = [i for i in graph.initializer if i.name in read]  # a float weight only its matmul read is gone
+    read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+    # a cut's bounds (a Slice's Constants) and a float weight only its matmul read are gone
+    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in read]
+    kept = [i for i in graph.initializer if i.name in read]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]

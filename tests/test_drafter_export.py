@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -157,6 +158,10 @@ def test_w8a8_drafter_graphs_run_every_projection_and_the_draft_head_as_integer_
     context, block = (_weight_matmul_ops(graphs / f"{name}.onnx") for name in ("context", "block"))
     assert context.count("MatMulIntegerToFloat") == 1 + 2 * n and "MatMul" not in context, context
     assert block.count("MatMulIntegerToFloat") == 7 * n + 1 and "MatMul" not in block, block  # q k v o gate up down; head
+    for name in ("context", "block"):  # nothing the rewrite left unread (ONNX Runtime warns of each at load)
+        graph = onnx.load(str(graphs / f"{name}.onnx"), load_external_data=False).graph
+        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        assert [node.name for node in graph.node if not set(node.output) & read] == [], name
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (9, 20, 5)]
     expected = _block_logits(drafter, target, prompts, [2, 0, 3])
