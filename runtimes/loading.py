@@ -73,4 +73,5 @@ def load_feature_drafter(checkpoint: Path, target: ModelRunner, runtime: str = "
     dtype = drafter_dtype(target.export_dtype) if isinstance(target, OnnxRuntimeRunner) else "float32"
     if export_dir is None or not exported_for(export_dir, Path(checkpoint), module, dtype):
         export_dir = cached_drafter_export(module, Path(checkpoint), dtype)  # shipped graphs of another drafter: not these
-    return OnnxRuntimeBlockDrafter(module, export_dir, target.embed)
+    return OnnxRuntimeBlockDrafter(module, export_dir, target.embed,
+                                   target.workers if isinstance(target, OnnxRuntimeRunner) else None)

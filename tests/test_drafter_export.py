@@ -8,6 +8,7 @@ Greedy drafts must be identical.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import onnx
@@ -17,6 +18,7 @@ import torch
 from export.drafter_export import META_FILE, cached_drafter_export, export_drafter, exported_for
 from models.drafters import build_drafter, default_config, load_drafter, save_drafter
 from models.loading import load_transformer
+from runtimes import drafter_runner
 from runtimes.drafter_runner import OnnxRuntimeBlockDrafter
 from runtimes.loading import load_feature_drafter
 from test_drafters import drafter_for, tiny_target
@@ -71,8 +73,11 @@ def _compare(target, torch_drafter, graph_drafter, prompts: list[list[int]], slo
                 assert torch.allclose(a.confidences, b.confidences, atol=ATOL)
 
 
-@pytest.mark.parametrize("kind", ["dspark", "dflash"])
-def test_tiny_block_drafter_graphs_match_torch(tmp_path, kind) -> None:
+@pytest.mark.parametrize("kind,workers", [("dspark", 1), ("dspark", 2), ("dflash", 1)])
+def test_tiny_block_drafter_graphs_match_torch(tmp_path, monkeypatch, kind, workers) -> None:
+    """Two workers: a draft's block graph runs as two concurrent calls on halves of the batch (over any
+    context here, so the tiny prompts take that path)."""
+    monkeypatch.setattr(drafter_runner, "MIN_PARALLEL_CONTEXT", 1)
     target = tiny_target()
     drafter = drafter_for(kind, target)
     if kind == "dspark":  # calibrated, so the regimes differ
@@ -83,7 +88,14 @@ def test_tiny_block_drafter_graphs_match_torch(tmp_path, kind) -> None:
     assert {p.name for p in graphs.glob("*.onnx")} == expected
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (9, 20, 5)]  # 20: two cache pages
-    _compare(target, drafter, OnnxRuntimeBlockDrafter(drafter, graphs, target.embed), prompts, [2, 0, 3])
+    runner = OnnxRuntimeBlockDrafter(drafter, graphs, target.embed, num_threads=workers)
+    calls = []  # (thread, sequences) per block-graph call
+    block = runner._block
+    runner._block = lambda state, slots, *rest: calls.append((threading.current_thread().name, len(slots))) or \
+        block(state, slots, *rest)
+    _compare(target, drafter, runner, prompts, [2, 0, 3])
+    assert len({thread for thread, _ in calls}) == workers
+    assert sorted({n for _, n in calls}) == ([3] if workers == 1 else [1, 2])
 
 
 def test_drafter_inside_a_draft_vocabulary_proposes_from_it(tmp_path) -> None:
