@@ -315,8 +315,9 @@ def rewrite_w8a8(model, ranges: dict[str, np.ndarray] | None) -> None:
                 helper.make_node("Mul", [part_name("columns"), name("scale")], [output], name=part_name("out")),
             ]
     read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
-    # a cut's bounds (a Slice's Constants) and a float weight only its matmul read are gone
-    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in read]
+    # a float weight only its matmul read is gone, and so are the Constants only an absorbed cut read (its bounds)
+    bounds = {name for cutters, _ in cuts.values() for cutter in cutters for name in cutter.input} - read
+    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] not in bounds]
     kept = [i for i in graph.initializer if i.name in read]
     del graph.node[:]
     graph.node.extend(nodes)

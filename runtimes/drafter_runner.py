@@ -110,7 +110,7 @@ class OnnxRuntimeBlockDrafter:
         if self._pool is None or len(slot_t) < 2 or int(lengths.sum()) < MIN_PARALLEL_CONTEXT:
             hidden, base = self._block(state, slot_t, lengths, anchors)
         else:  # one call per share of the batch, this thread computing the first; outputs in batch order
-            shares = torch.arange(len(slot_t)).tensor_split(self.workers)
+            shares = torch.arange(len(slot_t)).tensor_split(min(self.workers, len(slot_t)))
             later = [self._pool.submit(self._block, state, slot_t[i], lengths[i], anchors[i]) for i in shares[1:]]
             parts = [self._block(state, slot_t[shares[0]], lengths[shares[0]], anchors[shares[0]])]
             parts += [f.result() for f in later]
