@@ -34,8 +34,8 @@ class OnnxRuntimeBlockDrafter:
     """The exported graphs of ``module`` (whose weights they hold) in ONNX Runtime sessions.
 
     ``module`` stays for what is not a forward: config, draft vocabulary maps, calibration.
-    ``num_threads`` (default torch's): how many block-graph calls a draft over a long context runs
-    concurrently (MIN_PARALLEL_CONTEXT).
+    ``num_threads`` (default torch's): at most how many block-graph calls a draft over a long context
+    runs concurrently (MIN_PARALLEL_CONTEXT), never more than its sequences.
     """
 
     runtime = "onnxruntime"

@@ -75,7 +75,7 @@ def _compare(target, torch_drafter, graph_drafter, prompts: list[list[int]], slo
 
 @pytest.mark.parametrize("kind,workers", [("dspark", 1), ("dspark", 2), ("dspark", 4), ("dflash", 1)])
 def test_tiny_block_drafter_graphs_match_torch(tmp_path, monkeypatch, kind, workers) -> None:
-    """Two workers: a draft's block graph runs as two concurrent calls on halves of the batch (over any
+    """Two workers: a draft's block graph runs as two concurrent calls on shares of the batch (over any
     context here, so the tiny prompts take that path); more workers than sequences: one call each."""
     monkeypatch.setattr(drafter_runner, "MIN_PARALLEL_CONTEXT", 1)
     target = tiny_target()
@@ -94,8 +94,11 @@ def test_tiny_block_drafter_graphs_match_torch(tmp_path, monkeypatch, kind, work
     runner._block = lambda state, slots, *rest: calls.append((threading.current_thread().name, len(slots))) or \
         block(state, slots, *rest)
     _compare(target, drafter, runner, prompts, [2, 0, 3])
-    threads, sizes = {1: (1, [3]), 2: (2, [1, 2]), 4: (3, [1])}[workers]  # the drafts are of 3 sequences
-    assert len({thread for thread, _ in calls}) == threads and sorted({n for _, n in calls}) == sizes
+    # four drafts of 3 sequences: per draft one call, shares of 1 and 2, or one call per sequence (which
+    # pool threads ran them is the pool's business; that more than one did is the point)
+    shares = {1: [3], 2: [1, 2], 4: [1, 1, 1]}[workers]
+    assert sorted(n for _, n in calls) == sorted(shares * 4)
+    assert (len({thread for thread, _ in calls}) > 1) == (workers > 1)
 
 
 def test_drafter_inside_a_draft_vocabulary_proposes_from_it(tmp_path) -> None:
