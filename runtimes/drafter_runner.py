@@ -19,7 +19,7 @@ from export.onnx_export import PAGE_SIZE
 from models.drafters import BlockDrafter
 from models.drafters.common import DraftBlock, DrafterState, SampleFn, fused_features, packed_positions
 from runtimes.graph import page_rows, paged_views, pages_read, whole_pages
-from runtimes.onnxruntime_runner import run_session, session_options
+from runtimes.onnxruntime_runner import run_concurrently, run_session, session_options
 
 
 # A draft whose sequences have this much committed context in all runs its block graph as one call per
@@ -109,11 +109,10 @@ class OnnxRuntimeBlockDrafter:
         anchors = anchor_tokens.to(torch.int64).cpu()
         if self._pool is None or len(slot_t) < 2 or int(lengths.sum()) < MIN_PARALLEL_CONTEXT:
             hidden, base = self._block(state, slot_t, lengths, anchors)
-        else:  # one call per share of the batch, this thread computing the first; outputs in batch order
+        else:  # one call per share of the batch, concurrently; outputs in batch order
             shares = torch.arange(len(slot_t)).tensor_split(min(self.workers, len(slot_t)))
-            later = [self._pool.submit(self._block, state, slot_t[i], lengths[i], anchors[i]) for i in shares[1:]]
-            parts = [self._block(state, slot_t[shares[0]], lengths[shares[0]], anchors[shares[0]])]
-            parts += [f.result() for f in later]
+            parts = run_concurrently(self._pool, self._block,
+                                     [(state, slot_t[i], lengths[i], anchors[i]) for i in shares])
             hidden, base = (torch.cat(outs) for outs in zip(*parts))
         hidden = hidden[:, :num_tokens].contiguous()
         markov = (lambda logits, prev: self._run("markov", {"logits": logits.contiguous(), "previous": prev})[0]) \

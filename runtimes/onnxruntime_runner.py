@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -40,6 +40,15 @@ def run_session(session: "onnxruntime.InferenceSession", names: Sequence[str] | 
     The thread keeps them flushed, as ONNX Runtime leaves the thread that makes a session."""
     torch.set_flush_denormal(True)
     return session.run(names, feeds)
+
+
+def run_concurrently(pool: ThreadPoolExecutor | None, fn: Callable[..., Any], calls: list[tuple]) -> list:
+    """``fn(*args)`` for each of ``calls``, results in order: this thread computes the first while ``pool``
+    computes the others (no pool: all on this thread)."""
+    if pool is None:
+        return [fn(*args) for args in calls]
+    later = [pool.submit(fn, *args) for args in calls[1:]]
+    return [fn(*calls[0])] + [f.result() for f in later]
 
 
 # A step with fewer new tokens runs as one call: two concurrent calls each read every weight, and
@@ -129,11 +138,7 @@ class OnnxRuntimeRunner(_GraphRunner):
             mine = (row_in_part[rows] >= 0).nonzero().squeeze(1)
             calls.append((tokens, mine, (input_ids[tokens], [slots_l[b] for b in part], [new_l[b] for b in part],
                                          [starts_l[b] for b in part], cache, row_in_part[rows[mine]])))
-        if self._pool is None:
-            computed = [self._compute(*args) for _, _, args in calls]
-        else:  # this thread computes the first call while the pool computes the others
-            later = [self._pool.submit(self._compute, *args) for _, _, args in calls[1:]]
-            computed = [self._compute(*calls[0][2])] + [f.result() for f in later]
+        computed = run_concurrently(self._pool, self._compute, [args for _, _, args in calls])
         logits, hidden = None, {t: None for t in taps}
         for (tokens, mine, _), result in zip(calls, computed):
             out = self._finish(cache, *result, taps)
