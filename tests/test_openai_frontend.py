@@ -157,7 +157,9 @@ def test_malformed_requests_get_openai_errors(openai_url):
     answer = {"role": "assistant", "content": "Hello!", "refusal": None, "tool_calls": None, "audio": None}
     status, body = post("/chat/completions", json.dumps({"model": DEFAULT_MODEL, "max_tokens": 2,
                                                          "messages": [hi, answer, hi]}).encode())
-    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    # two tokens, or fewer ending the answer (a clean-clone CI run once got one token here)
+    used, finish = body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]
+    assert status == 200 and ((used, finish) == (2, "length") or (used < 2 and finish == "stop")), body
     status, body = post("/completions", b"[1, 2]")  # the body itself, named as such
     assert status == 400 and body["error"]["message"].startswith("the request body: Input should be a valid dict")
     assert body["error"]["param"] is None
